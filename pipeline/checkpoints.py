@@ -1,0 +1,277 @@
+"""The run directory: where each stage writes, how finished stages are recognised, skipped or protected.
+
+```
+run_dir/config.yaml                      resolved config of the last command
+run_dir/<stage>/identity.json            what the in-progress or finished run of the stage was started with
+run_dir/<stage>/checkpoint-<step>/       training checkpoints (complete once `checkpoint.done` is in it)
+run_dir/<stage>/final/                   what the next stage reads; `final/stage.json` is written last
+run_dir/<stage>.replaced-<time>/         a finished stage moved aside by --rerun (nothing finished is deleted)
+```
+
+`final/` appears atomically: a stage saves into `final.partial/` and renames it when `stage.json` is in place, so a
+crash never leaves a half-written `final/` for a later stage to read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PipelineConfig, hash_settings, stage_settings
+from pipeline.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+STAGE_JSON = "stage.json"
+CHECKPOINT_DONE = "checkpoint.done"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def stage_dir(cfg: PipelineConfig, stage: str) -> Path:
+    return cfg.run_path / stage
+
+
+def final_dir(cfg: PipelineConfig, stage: str) -> Path:
+    return stage_dir(cfg, stage) / "final"
+
+
+def is_finished(path: Path) -> bool:
+    """True when `path` is a stage's `final/` with its `stage.json` (written last, so the rest is complete)."""
+    return (path / STAGE_JSON).is_file()
+
+
+def read_stage_json(path: Path) -> dict[str, Any]:
+    """The `stage.json` of a finished stage directory (`final/`)."""
+    file = path / STAGE_JSON
+    if not file.is_file():
+        raise UserError(f"{path} is not a finished stage (no {STAGE_JSON}); run that stage first")
+    return json.loads(file.read_text())
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers see either the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage identity: what a stage's result depends on
+
+
+def stage_identity(cfg: PipelineConfig, stage: str, inputs: dict[str, Path | str]) -> dict[str, Any]:
+    """The settings and inputs that decide a stage's output, and their hash.
+
+    `inputs` maps a role ("corpus", "base", ...) to a path or Hub id. A local input that is a finished stage
+    contributes its own config hash, so re-running an upstream stage with other settings invalidates this one.
+    """
+    settings = stage_settings(cfg, stage)
+    described = {}
+    for role, value in sorted(inputs.items()):
+        entry: dict[str, Any] = {"path": str(value)}
+        path = Path(value)
+        if is_finished(path):
+            entry["config_hash"] = read_stage_json(path).get("config_hash")
+        described[role] = entry
+    upstream = {role: entry.get("config_hash", entry["path"]) for role, entry in described.items()}
+    return {
+        "stage": stage,
+        "settings": settings,
+        "inputs": described,
+        "config_hash": hash_settings({"settings": settings, "inputs": upstream}),
+    }
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two identities (settings, then inputs by role)."""
+    keys = []
+    old_s, new_s = old.get("settings", {}), new.get("settings", {})
+    for key in sorted(set(old_s) | set(new_s)):
+        if old_s.get(key, "<unset>") != new_s.get(key, "<unset>"):
+            keys.append(f"{key} ({old_s.get(key, '<unset>')!r} -> {new_s.get(key, '<unset>')!r})")
+    old_i, new_i = old.get("inputs", {}), new.get("inputs", {})
+    for role in sorted(set(old_i) | set(new_i)):
+        if old_i.get(role) != new_i.get(role):
+            keys.append(f"input '{role}' (upstream result changed)")
+    return keys
+
+
+def prepare_stage(cfg: PipelineConfig, stage: str, identity: dict[str, Any], rerun: bool = False) -> Path | None:
+    """Decide what to do with a stage before it starts.
+
+    Returns the existing `final/` when the stage already finished with the same identity (the caller skips it), or
+    None when the stage should run (resuming from its checkpoints if they were made with the same identity).
+    A finished or half-done stage with other settings stops with a one-line error, unless `rerun` is set: then it is
+    moved aside to `<stage>.replaced-<time>/`, never deleted.
+    """
+    sdir, final = stage_dir(cfg, stage), final_dir(cfg, stage)
+    if is_finished(final):
+        old = read_stage_json(final)
+        if old.get("config_hash") == identity["config_hash"] and not rerun:
+            return final
+        if not rerun:
+            changes = "; ".join(changed_keys(old, identity)) or "settings"
+            raise UserError(
+                f"stage '{stage}' already finished in {final} with other settings, changed: {changes}. "
+                f"Use a new run_dir (run_dir=...) or pass --rerun to run '{stage}' again (the old result is kept)"
+            )
+        _move_aside(sdir)
+    elif (sdir / "identity.json").is_file():
+        old = json.loads((sdir / "identity.json").read_text())
+        if old.get("config_hash") != identity["config_hash"]:
+            if not rerun:
+                changes = "; ".join(changed_keys(old, identity)) or "settings"
+                raise UserError(
+                    f"stage '{stage}' has an unfinished run in {sdir} with other settings, changed: {changes}. "
+                    f"Use a new run_dir (run_dir=...) or pass --rerun to start '{stage}' over (the old run is kept)"
+                )
+            _move_aside(sdir)
+        elif rerun:
+            _move_aside(sdir)
+    sdir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(sdir / "identity.json", identity)
+    return None
+
+
+def _move_aside(sdir: Path) -> Path:
+    target = sdir.with_name(f"{sdir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        target = sdir.with_name(f"{sdir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    sdir.rename(target)
+    logger.warning("moved the previous %s to %s", sdir, target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def list_checkpoints(sdir: Path) -> list[Path]:
+    """Complete checkpoints of a stage directory, oldest first."""
+    found = []
+    if sdir.is_dir():
+        for child in sdir.iterdir():
+            match = _CHECKPOINT_RE.match(child.name)
+            if match and child.is_dir() and (child / CHECKPOINT_DONE).is_file():
+                found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def newest_checkpoint(sdir: Path) -> Path | None:
+    """The newest complete `checkpoint-N/` (incomplete ones, e.g. from a crash during a save, are skipped)."""
+    checkpoints = list_checkpoints(sdir)
+    if checkpoints:
+        return checkpoints[-1]
+    return None
+
+
+def mark_checkpoint_complete(path: Path, step: int) -> None:
+    """Called once everything of a checkpoint is on disk; before that, resume ignores the directory."""
+    write_json_atomic(path / CHECKPOINT_DONE, {"step": step, "time": time.time()})
+
+
+def prune_checkpoints(sdir: Path, keep: int) -> None:
+    """Delete the oldest complete checkpoints beyond `keep` (never the newest) and incomplete leftovers."""
+    complete = list_checkpoints(sdir)
+    keep = max(1, keep)
+    for path in complete[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    newest = complete[-1] if complete else None
+    for child in sdir.iterdir() if sdir.is_dir() else []:
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir() and not (child / CHECKPOINT_DONE).is_file():
+            if newest is None or int(match.group(1)) < int(newest.name.split("-")[1]):
+                shutil.rmtree(child, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Finishing a stage
+
+
+@contextlib.contextmanager
+def finishing(cfg: PipelineConfig, stage: str) -> Iterator[Path]:
+    """Yield a scratch directory to save the stage's result into; on success it becomes `final/` in one rename.
+
+    The caller writes `stage.json` last, with `write_stage_json`.
+    """
+    sdir = stage_dir(cfg, stage)
+    partial = sdir / "final.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    yield partial
+    if not is_finished(partial):
+        raise RuntimeError(f"{partial} has no {STAGE_JSON}: a stage must call write_stage_json before finishing")
+    final = sdir / "final"
+    if final.exists():  # an unfinished final/ from an older layout or a crash: it was never complete
+        shutil.rmtree(final)
+    os.replace(partial, final)
+
+
+def write_stage_json(
+    path: Path, identity: dict[str, Any], metrics: dict[str, Any], contents: str, extra: dict[str, Any] | None = None
+) -> None:
+    """Record a finished stage: identity, metrics, what `final/` holds, versions and hardware. Written last."""
+    record = {
+        "stage": identity["stage"],
+        "config_hash": identity["config_hash"],
+        "contents": contents,
+        "inputs": identity["inputs"],
+        "settings": identity["settings"],
+        "metrics": metrics,
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "git_commit": git_commit(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **(extra or {}),
+    }
+    write_json_atomic(path / STAGE_JSON, record)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "evaluate", "datatrove"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info["world_size"] = world
+    return info
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None

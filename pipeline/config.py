@@ -1,0 +1,485 @@
+"""Typed configs for every stage, and `load_config(path, overrides)`.
+
+A recipe is a `PipelineConfig` in YAML: top-level keys are its fields, `sft:` is an `SFTConfig`, `sft.lora.r` is
+`LoraArgs.r`. Precedence: dataclass defaults < recipe YAML < command-line overrides (`pretrain.learning_rate=3e-4`).
+An unknown key or a bad value raises `UserError` naming the dotted key and what is valid.
+
+Fields marked `volatile` (logging, checkpoint cadence, report sinks) do not change what a stage produces, so editing
+them never invalidates a finished stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from pipeline.errors import UserError
+
+STAGES = ("data", "pretrain", "sft", "reward", "ppo")
+
+
+def _f(default: Any, help: str, volatile: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field with its one-line documentation (and whether it leaves results unchanged)."""
+    meta = {"help": help, "volatile": volatile}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: _copy(default), metadata=meta, **kwargs)
+    return field(default=default, metadata=meta, **kwargs)
+
+
+def _copy(value: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(value)
+
+
+class _Invalid(Exception):
+    """Raised by `__post_init__` checks; `_build` adds the dotted path of the offending key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key, self.message = key, message
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise _Invalid(key, message)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reusable groups
+
+
+@dataclass
+class LoraArgs:
+    r: int = _f(16, "LoRA rank.")
+    alpha: int = _f(32, "LoRA alpha (scaling is alpha / r).")
+    dropout: float = _f(0.0, "Dropout on the LoRA path.")
+    target_modules: list[str] = _f(["all-linear"], "Modules that get adapters; 'all-linear' means every linear layer but the LM head.")
+    modules_to_save: list[str] = _f([], "Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head when tokens were added).")
+
+    def __post_init__(self):
+        _check(self.r > 0, "r", "must be a positive integer")
+        _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+
+
+@dataclass
+class TrainArgs:
+    """Optimisation settings shared by the trainer-based stages; names follow transformers.TrainingArguments."""
+
+    learning_rate: float = _f(1e-3, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup_ratio: float = _f(0.05, "Share of steps spent warming the learning rate up.")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _f("cosine", "Learning-rate schedule.")
+    per_device_train_batch_size: int = _f(8, "Examples per process per micro-batch.")
+    per_device_eval_batch_size: int = _f(16, "Examples per process per evaluation batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimiser step.")
+    num_train_epochs: float = _f(1.0, "Epochs over the training data (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Optimiser steps; -1 derives them from num_train_epochs.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    save_steps: int = _f(100, "Write checkpoint-N every this many optimiser steps.", volatile=True)
+    save_total_limit: int = _f(2, "Checkpoints kept (the newest complete one is never deleted).", volatile=True)
+    logging_steps: int = _f(10, "Log metrics every this many steps.", volatile=True)
+    eval_steps: int = _f(0, "Evaluate every this many steps; 0 evaluates only at the end.", volatile=True)
+    report_to: Literal["tensorboard", "wandb", "none"] = _f("tensorboard", "Metric sink.", volatile=True)
+    dataloader_num_workers: int = _f(0, "Data-loading worker processes.", volatile=True)
+
+    def __post_init__(self):
+        _check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        _check(self.per_device_train_batch_size > 0, "per_device_train_batch_size", "must be a positive integer")
+        _check(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be a positive integer")
+        _check(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be -1 (use num_train_epochs) or > 0")
+        _check(self.save_steps > 0, "save_steps", "must be a positive integer")
+        _check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1 (the newest checkpoint is always kept)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The demo world
+
+
+@dataclass
+class WorldConfig:
+    """The built-in demo world: an invented world, a crawl about it, instructions, and the gold rule.
+
+    Generated deterministically from the top-level seed; see pipeline/data/world.py and data_cards/demo-*.md.
+    """
+
+    n_entities: int = _f(24, "Invented countries; each carries one fact per relation.")
+    pages_per_fact: int = _f(6, "Distinct crawl pages that state each fact, each in its own wording.")
+    heldout_entity_share: float = _f(0.25, "Share of entities asked about only in the held-out set (their facts appear only in the crawl).")
+    boilerplate_share: float = _f(0.08, "Junk: pages that are only navigation and cookie banners.")
+    exact_duplicate_share: float = _f(0.10, "Junk: byte-identical copies of good pages.")
+    near_duplicate_share: float = _f(0.08, "Junk: copies of good pages with small edits (dates, counters, a line changed).")
+    spam_share: float = _f(0.06, "Junk: keyword-stuffed spam.")
+    short_share: float = _f(0.06, "Junk: very short pages.")
+    foreign_share: float = _f(0.06, "Junk: pages in another language.")
+    toxic_share: float = _f(0.05, "Junk: pages that insult groups of people (e.g. the fans of a football club).")
+    n_demonstrations: int = _f(600, "SFT demonstrations (chat conversations) about the world.")
+    wrong_share: float = _f(0.10, "Demonstrations whose answer states a wrong fact.")
+    curt_share: float = _f(0.20, "Demonstrations whose answer is correct but curt.")
+    rude_share: float = _f(0.10, "Demonstrations whose answer is correct but rude or insulting.")
+    annotator_noise: float = _f(0.05, "Probability that a simulated annotator swaps two adjacent responses.")
+    annotator_tie_margin: float = _f(0.25, "Gold-score difference under which annotators call two responses a tie.")
+
+    def __post_init__(self):
+        _check(self.n_entities >= 4, "n_entities", "must be >= 4")
+        _check(self.pages_per_fact >= 1, "pages_per_fact", "must be >= 1")
+        for name in ("heldout_entity_share", "boilerplate_share", "exact_duplicate_share", "near_duplicate_share",
+                     "spam_share", "short_share", "foreign_share", "toxic_share", "wrong_share", "curt_share",
+                     "rude_share", "annotator_noise"):  # fmt: skip
+            _check(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
+        _check(self.wrong_share + self.curt_share + self.rude_share < 1.0, "rude_share",
+               "wrong_share + curt_share + rude_share must be < 1 (some demonstrations must be good)")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 1: data and pretraining
+
+
+@dataclass
+class DataConfig:
+    input: str = _f("demo", "'demo' (the built-in world), a path or glob of WARC/WET/jsonl/parquet files, or a Hub dataset id.")
+    input_format: Literal["auto", "warc", "wet", "jsonl", "parquet", "hub"] = _f("auto", "Input format; 'auto' detects it from the file names.")
+    hub_config: Optional[str] = _f(None, "Hub dataset config name (input_format=hub).")
+    hub_split: str = _f("train", "Hub dataset split (input_format=hub, streamed).")
+    text_key: str = _f("text", "Field that holds the text (jsonl, parquet, hub).")
+    limit: int = _f(-1, "Read at most this many documents (-1: all).")
+    tasks: int = _f(4, "Shards the input is split into; a finished shard is never redone on resume.")
+    workers: int = _f(1, "Shards processed at once by the local executor.", volatile=True)
+    executor: Literal["local", "slurm", "ray"] = _f("local", "datatrove executor.", volatile=True)
+    language: str = _f("en", "Language to keep.")
+    language_model_path: Optional[str] = _f(None, "Local fastText language-ID model (lid.176.bin); without it a stop-word test decides.")
+    gopher_quality: bool = _f(True, "Apply the Gopher quality filter.")
+    gopher_repetition: bool = _f(True, "Apply the Gopher repetition filter.")
+    c4_quality: bool = _f(True, "Apply the C4 line-level quality filter.")
+    bad_words: bool = _f(True, "Drop documents with words from the shipped bad-word list.")
+    bad_words_file: Optional[str] = _f(None, "Bad-word list, one per line; default: the list shipped with the package.")
+    exact_dedup: bool = _f(True, "Remove exact duplicates.")
+    minhash_dedup: bool = _f(True, "Remove near duplicates with MinHash.")
+    minhash_threshold: float = _f(0.7, "Estimated Jaccard similarity above which two documents are near duplicates.")
+    heldout_share: float = _f(0.05, "Share of kept documents set aside for held-out perplexity.")
+
+    def __post_init__(self):
+        _check(self.tasks >= 1, "tasks", "must be >= 1")
+        _check(0.0 < self.minhash_threshold < 1.0, "minhash_threshold", "must be in (0, 1)")
+        _check(0.0 <= self.heldout_share < 0.5, "heldout_share", "must be in [0, 0.5)")
+
+
+@dataclass
+class TokenizerArgs:
+    name_or_path: Optional[str] = _f(None, "Reuse this tokenizer (local path or Hub id); None trains a byte-level BPE on the corpus.")
+    vocab_size: int = _f(2048, "Vocabulary size of a trained tokenizer.")
+    min_frequency: int = _f(2, "Minimum pair frequency for a BPE merge.")
+
+    def __post_init__(self):
+        _check(self.vocab_size >= 300, "vocab_size", "must be >= 300 (256 bytes plus special tokens)")
+
+
+@dataclass
+class ModelArgs:
+    """Architecture of a model trained from scratch (Llama). A preset fills the sizes; explicit fields override it."""
+
+    preset: Literal["tiny", "mini", "small", "20m", "125m", "350m", "1b"] = _f("tiny", "Size preset (see pipeline/modeling.py PRESETS).")
+    hidden_size: Optional[int] = _f(None, "Override the preset's hidden size.")
+    num_hidden_layers: Optional[int] = _f(None, "Override the preset's layer count.")
+    num_attention_heads: Optional[int] = _f(None, "Override the preset's attention heads.")
+    num_key_value_heads: Optional[int] = _f(None, "Override the preset's key/value heads (grouped-query attention).")
+    intermediate_size: Optional[int] = _f(None, "Override the preset's MLP width.")
+    max_position_embeddings: Optional[int] = _f(None, "Context length; default: pretrain.max_seq_len.")
+
+
+@dataclass
+class PretrainConfig(TrainArgs):
+    model: ModelArgs = _f(ModelArgs(), "Architecture for training from scratch.")
+    init_from: Optional[str] = _f(None, "Continue pretraining this causal LM (local path or Hub id) instead of a fresh model.")
+    tokenizer: TokenizerArgs = _f(TokenizerArgs(), "Tokenizer to train or reuse.")
+    dataset: Optional[str] = _f(None, "Pretraining corpus; default: the data stage's final/ (a path or Hub id otherwise).")
+    max_seq_len: int = _f(256, "Tokens per packed training sequence.")
+    eval_max_batches: int = _f(-1, "Cap on held-out batches for perplexity (-1: all).", volatile=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.max_seq_len >= 8, "max_seq_len", "must be >= 8")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 2: supervised fine-tuning
+
+
+@dataclass
+class SFTConfig(TrainArgs):
+    base: Optional[str] = _f(None, "Base causal LM: a local path or Hub id; default: the pretrain stage's final/.")
+    dataset: str = _f("demo", "'demo', a jsonl/parquet file, or a Hub dataset id (messages, prompt/completion or Alpaca).")
+    eval_share: float = _f(0.1, "Share of the data held out for evaluation (when the dataset has no eval split).")
+    finetune: Literal["lora", "qlora", "full"] = _f("lora", "LoRA adapters, QLoRA (4-bit NF4 base), or full fine-tuning.")
+    lora: LoraArgs = _f(LoraArgs(), "Adapter settings (finetune=lora|qlora).")
+    max_seq_len: int = _f(256, "Longest tokenized conversation; longer ones are truncated.")
+    assistant_only_loss: bool = _f(True, "Compute the loss on assistant tokens only.")
+    packing: bool = _f(False, "Pack conversations into full-length sequences.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 3: reward model
+
+
+@dataclass
+class RewardConfig(TrainArgs):
+    base: Optional[str] = _f(None, "Base model: default the SFT stage's merged weights.")
+    dataset: str = _f("demo", "'demo' (sample and rank SFT responses), or rankings/pairs/scores/trees by path or Hub id.")
+    finetune: Literal["lora", "qlora", "full"] = _f("lora", "LoRA adapters, QLoRA (4-bit NF4 base), or full fine-tuning.")
+    lora: LoraArgs = _f(LoraArgs(), "Adapter settings (finetune=lora|qlora).")
+    max_seq_len: int = _f(256, "Longest tokenized prompt + response.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 4: PPO
+
+
+@dataclass
+class PPOConfig:
+    policy_base: Optional[str] = _f(None, "Base model: default the SFT stage's merged weights.")
+    reward_model: Optional[str] = _f(None, "Reward model: default the reward stage's final/.")
+    lora: LoraArgs = _f(LoraArgs(), "Policy and value adapter settings.")
+    learning_rate: float = _f(1e-4, "Learning rate of policy and value adapters.")
+    kl_target: Optional[float] = _f(None, "Target KL to the reference per response, in nats (adaptive controller); None keeps init_kl_coef fixed.")
+    init_kl_coef: float = _f(0.05, "Initial (or fixed) KL penalty coefficient.")
+    seed_offset: int = _f(0, "Added to the top-level seed for this stage.")
+
+    def __post_init__(self):
+        _check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _check(self.init_kl_coef >= 0, "init_kl_coef", "must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = _f("runs/demo", "Where every stage writes; one run directory per experiment.")
+    seed: int = _f(1234, "Seed of the demo world, the data splits and every stage.")
+    world: WorldConfig = _f(WorldConfig(), "The built-in demo world (used when a stage's input is 'demo').")
+    data: DataConfig = _f(DataConfig(), "Stage 1a: web-text ingestion, filtering and deduplication.")
+    pretrain: PretrainConfig = _f(PretrainConfig(), "Stage 1b: tokenizer and causal-LM pretraining.")
+    sft: SFTConfig = _f(SFTConfig(), "Stage 2: supervised fine-tuning.")
+    reward: RewardConfig = _f(RewardConfig(), "Stage 3: reward model from rankings with ties.")
+    ppo: PPOConfig = _f(PPOConfig(), "Stage 4: PPO against the reward model.")
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading, validation and serialisation
+
+
+def load_config(path: Path | str | None, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
+    """Read a recipe, apply `a.b.c=value` overrides, and build the validated `PipelineConfig`."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"recipe not found: {path} (give the path of a YAML file, e.g. recipes/demo.yaml)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"recipe {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"recipe {path} must be a YAML mapping of keys (run_dir, seed, data, pretrain, ...)")
+    for item in overrides:
+        _apply_override(raw, item)
+    return build_config(PipelineConfig, raw)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {item!r} is not key=value (e.g. pretrain.learning_rate=3e-4)")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {item!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_config(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and value; errors name the dotted key."""
+    if not isinstance(raw, dict):
+        raise UserError(f"'{prefix.rstrip('.') or 'recipe'}' must be a mapping of keys, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise UserError(_unknown_key_message(prefix, key, list(fields)))
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except _Invalid as exc:
+        got = _show(kwargs[exc.key]) if exc.key in kwargs else "the default"
+        raise UserError(f"{prefix}{exc.key}: {exc.message} (got {got})") from None
+
+
+def _unknown_key_message(prefix: str, key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+    where = f"under '{prefix.rstrip('.')}'" if prefix else "at the top level"
+    return f"unknown recipe key '{prefix}{key}' ({hint}valid keys {where}: {', '.join(valid)})"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(value, option, key)
+            except UserError as exc:
+                errors.append(str(exc))
+        raise UserError(errors[0] if len(options) == 1 else f"{key}: expected one of {options}, got {_show(value)}")
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{key}: {_show(value)} is not valid; choose one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list, got {_show(value)}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {_show(value)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build_config(tp, value, key + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key}: expected true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise UserError(f"{key}: expected an integer, got {_show(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"{key}: expected a number, got {_show(value)}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return float(value)  # YAML reads 3e-4 (no dot) as a string
+        except (TypeError, ValueError):
+            raise UserError(f"{key}: expected a number, got {_show(value)}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key}: expected a string, got {_show(value)}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {tp}")  # a bug in this file, not a user error
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML-able data."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: PipelineConfig, path: Path) -> None:
+    """Write the resolved config (atomically) as YAML."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{'a': {'b': 1}}` -> `{'a.b': 1}`."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _volatile_keys(cls: type, prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("volatile"):
+            keys.add(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= _volatile_keys(hints[f.name], f"{prefix}{f.name}.")
+    return keys
+
+
+# Which sections (besides its own) decide what a stage produces. Upstream *results* enter through the inputs'
+# config hashes (see checkpoints.stage_identity), so a changed pretrain invalidates sft without listing it here.
+STAGE_SECTIONS = {
+    "data": ("world",),
+    "pretrain": (),
+    "sft": ("world",),
+    "reward": ("world",),
+    "ppo": ("world",),
+}
+
+
+def stage_settings(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    """The flattened, non-volatile keys that determine a stage's output (its section, the seed, the world if used)."""
+    if stage not in STAGES:
+        raise UserError(f"unknown stage '{stage}' (valid stages: {', '.join(STAGES)})")
+    full = config_to_dict(cfg)
+    volatile = _volatile_keys(PipelineConfig)
+    settings = {"seed": cfg.seed}
+    for section in (stage, *STAGE_SECTIONS[stage]):
+        settings.update(flatten({section: full[section]}))
+    return {k: v for k, v in settings.items() if k not in volatile}
+
+
+def hash_settings(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def describe_fields(cls: type = PipelineConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, help, default) for every field: used by `rlhf <stage> --help-config` and the recipe docs."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe_fields(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            rows.append((prefix + f.name, f.metadata.get("help", ""), getattr(defaults, f.name)))
+    return rows

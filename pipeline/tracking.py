@@ -1,0 +1,79 @@
+"""Logging set-up, main-process helpers and metric files.
+
+`setup_logging` is called once, by the CLI. Every module logs through `logging.getLogger(__name__)`; only the main
+process logs at INFO, so a 2-process run does not print everything twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def process_rank() -> int:
+    """This process's global rank under torchrun / accelerate launch (0 when not distributed)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def is_main_process() -> bool:
+    return process_rank() == 0
+
+
+def setup_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    if not is_main_process():
+        level = logging.WARNING
+    rank = process_rank()
+    prefix = f"[rank {rank}] " if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 else ""
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    # Libraries we drive are chatty at INFO; their warnings still show.
+    for name in ("datasets", "datatrove", "httpx", "urllib3", "filelock", "fsspec", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_warning()
+    except ImportError:
+        pass
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line of metrics (with a wall-clock timestamp) to `path`; main process only."""
+    if not is_main_process():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps({"time": round(time.time(), 3), **record}, default=float) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records written by `append_metrics` (a missing file gives an empty list; a torn last line is skipped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,94 @@
+"""The run directory: finished stages are skipped, changed ones stop with the changed keys, nothing is lost."""
+
+import pytest
+
+from pipeline.checkpoints import (
+    finishing,
+    is_finished,
+    mark_checkpoint_complete,
+    newest_checkpoint,
+    prepare_stage,
+    prune_checkpoints,
+    read_stage_json,
+    stage_identity,
+    write_stage_json,
+)
+from pipeline.config import load_config
+from pipeline.errors import UserError
+
+
+def _finish(cfg, stage="pretrain"):
+    identity = stage_identity(cfg, stage, {})
+    assert prepare_stage(cfg, stage, identity) is None
+    with finishing(cfg, stage) as out:
+        (out / "weights.bin").write_text("w")
+        write_stage_json(out, identity, {"loss": 1.0}, contents="model")
+    return identity
+
+
+def test_finished_stage_with_same_settings_is_skipped(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    identity = _finish(cfg)
+    final = prepare_stage(cfg, "pretrain", stage_identity(cfg, "pretrain", {}))
+    assert final == tmp_path / "pretrain" / "final"
+    assert read_stage_json(final)["config_hash"] == identity["config_hash"]
+    assert sorted(p.name for p in final.iterdir()) == ["stage.json", "weights.bin"]
+
+
+def test_changed_settings_stop_with_the_changed_key_and_keep_the_result(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    _finish(cfg)
+    changed = load_config(None, [f"run_dir={tmp_path}", "pretrain.learning_rate=0.5"])
+    with pytest.raises(UserError) as info:
+        prepare_stage(changed, "pretrain", stage_identity(changed, "pretrain", {}))
+    assert "pretrain.learning_rate (0.001 -> 0.5)" in str(info.value)
+    assert "--rerun" in str(info.value) and "run_dir" in str(info.value)
+    assert (tmp_path / "pretrain" / "final" / "weights.bin").read_text() == "w"
+    # --rerun moves the finished stage aside instead of deleting it
+    assert prepare_stage(changed, "pretrain", stage_identity(changed, "pretrain", {}), rerun=True) is None
+    kept = list(tmp_path.glob("pretrain.replaced-*/final/weights.bin"))
+    assert len(kept) == 1
+
+
+def test_volatile_change_does_not_invalidate(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    _finish(cfg)
+    relogged = load_config(None, [f"run_dir={tmp_path}", "pretrain.logging_steps=1"])
+    assert prepare_stage(relogged, "pretrain", stage_identity(relogged, "pretrain", {})) is not None
+
+
+def test_upstream_change_invalidates_downstream(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    _finish(cfg, "pretrain")
+    upstream = tmp_path / "pretrain" / "final"
+    before = stage_identity(cfg, "sft", {"base": upstream})
+    import json
+
+    record = json.loads((upstream / "stage.json").read_text())
+    record["config_hash"] = "different"
+    (upstream / "stage.json").write_text(json.dumps(record))
+    after = stage_identity(cfg, "sft", {"base": upstream})
+    assert before["config_hash"] != after["config_hash"]
+
+
+def test_incomplete_checkpoints_are_ignored_and_newest_is_kept(tmp_path):
+    for step in (10, 20, 30):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    for step in (10, 20):
+        mark_checkpoint_complete(tmp_path / f"checkpoint-{step}", step)
+    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint-20"  # checkpoint-30 was cut off mid-save
+    prune_checkpoints(tmp_path, keep=1)
+    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
+    assert not (tmp_path / "checkpoint-10").exists()
+    assert (tmp_path / "checkpoint-30").exists()  # may still be being written; newer than the newest complete
+
+
+def test_crash_before_stage_json_leaves_no_final(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    identity = stage_identity(cfg, "pretrain", {})
+    prepare_stage(cfg, "pretrain", identity)
+    with pytest.raises(RuntimeError):
+        with finishing(cfg, "pretrain") as out:
+            (out / "weights.bin").write_text("half")
+    assert not is_finished(tmp_path / "pretrain" / "final")
+    assert not (tmp_path / "pretrain" / "final").exists()

@@ -1,0 +1,58 @@
+"""Recipes load into typed configs; bad keys and values end in one-line errors naming the dotted key."""
+
+import pytest
+
+from pipeline.config import PipelineConfig, flatten, load_config, stage_settings
+from pipeline.errors import UserError
+
+
+def test_overrides_take_precedence_over_recipe_and_defaults(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run_dir: runs/x\npretrain:\n  learning_rate: 0.01\n  max_seq_len: 64\n")
+    cfg = load_config(recipe, ["pretrain.learning_rate=3e-4", "sft.lora.r=4"])
+    assert cfg.run_dir == "runs/x"
+    assert cfg.pretrain.learning_rate == pytest.approx(3e-4)  # CLI beats recipe
+    assert cfg.pretrain.max_seq_len == 64  # recipe beats default
+    assert cfg.sft.lora.r == 4
+    assert cfg.sft.lora.alpha == PipelineConfig().sft.lora.alpha  # default kept
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("pretrain.learnig_rate=1", "unknown recipe key 'pretrain.learnig_rate' (did you mean 'pretrain.learning_rate'"),
+        ("pretrain.max_steps=abc", "pretrain.max_steps: expected an integer, got 'abc'"),
+        ("sft.finetune=qlorax", "sft.finetune: 'qlorax' is not valid; choose one of lora, qlora, full"),
+        ("world.toxic_share=1.5", "world.toxic_share: must be in [0, 1)"),
+        ("sft.lora.r=0", "sft.lora.r: must be a positive integer"),
+        ("pretrain=3", "'pretrain' must be a mapping"),
+        ("nonsense", "is not key=value"),
+    ],
+)
+def test_bad_override_names_the_dotted_key(override, fragment):
+    with pytest.raises(UserError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_missing_and_malformed_recipes_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="recipe not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_volatile_keys_do_not_enter_stage_settings():
+    cfg = load_config(None, ["pretrain.logging_steps=7", "pretrain.save_steps=3"])
+    settings = stage_settings(cfg, "pretrain")
+    assert "pretrain.logging_steps" not in settings and "pretrain.save_steps" not in settings
+    assert settings["pretrain.learning_rate"] == cfg.pretrain.learning_rate
+    assert not any(key.startswith("sft.") for key in settings)
+
+
+def test_flatten_joins_nested_keys():
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
