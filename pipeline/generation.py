@@ -1,0 +1,201 @@
+"""Batched sampling from a causal LM: chat prompts rendered, left-padded, sampled with the KV cache, cut at EOS.
+
+Used by SFT evaluation, reward-data collection, chat, and PPO rollouts (which call `generate_ids` on token ids):
+
+    from pipeline.generation import SamplingArgs, generate
+    batch = generate(model, tokenizer, [[{"role": "user", "content": "Hi"}]], SamplingArgs(max_new_tokens=32))
+    batch.texts[0]
+
+Every sampling setting is passed to `model.generate` explicitly, so a `generation_config.json` saved with a model
+(a repetition penalty, a default top-k of 50) never changes the distribution that PPO assumes it sampled from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from pipeline.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+Prompt = list[dict] | str
+
+
+@dataclass
+class SamplingArgs:
+    """How to sample. top_k=0 and top_p=1.0 switch those filters off; do_sample=False is greedy decoding."""
+
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    do_sample: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.do_sample and self.temperature <= 0:
+            raise UserError(f"temperature must be > 0 when sampling (got {self.temperature}); use do_sample=False")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0 (0 switches it off; got {self.top_k})")
+
+
+@dataclass
+class GenerationBatch:
+    """Prompts and sampled responses, row i from prompt i.
+
+    `prompt_ids` are left-padded (`prompt_mask` marks real tokens); `response_ids` are right-padded with the pad id;
+    `response_mask` is 1 up to and including the first EOS and 0 after it; `ended` says whether EOS was emitted.
+    """
+
+    prompts: list[str]
+    texts: list[str]
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    ended: torch.Tensor
+
+
+def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]) -> list[str]:
+    """Chat messages rendered with the chat template and the generation prompt; plain strings returned as-is."""
+    rendered = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            rendered.append(prompt)
+        elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+            if not tokenizer.chat_template:
+                raise UserError(
+                    "the tokenizer has no chat template, so chat prompts cannot be rendered; give plain strings"
+                )
+            rendered.append(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False))
+        else:
+            raise UserError(
+                f"prompt {i} must be a string or a list of {{'role', 'content'}} messages, got {prompt!r:.80}"
+            )
+    return rendered
+
+
+def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt. Rendered chat already holds its special tokens, so none are added to it."""
+    ids = []
+    for prompt, text in zip(prompts, render_prompts(tokenizer, prompts), strict=True):
+        ids.append(tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"])
+    return ids
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of sequences padded on the left to the longest one."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if len(seq):
+            ids[i, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[i, width - len(seq) :] = 1
+    return ids, mask
+
+
+def mask_after_eos(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, ended): mask is 1 up to and including the first EOS of each row, 0 after it; ended marks rows with EOS.
+
+    Example: ids [5, EOS, 7] -> mask [1, 1, 0], ended True; ids [5, 6, 7] -> mask [1, 1, 1], ended False.
+    """
+    is_eos = response_ids == eos_id
+    # Number of EOS strictly before each position: a token is kept while none came before it.
+    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return (before == 0).long(), is_eos.any(dim=1)
+
+
+def _generation_config(sampling: SamplingArgs, eos_id: int, pad_id: int) -> GenerationConfig:
+    settings = dict(
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=sampling.do_sample,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        num_beams=1,
+        use_cache=True,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+    )
+    if sampling.do_sample:
+        settings.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+    return GenerationConfig(**settings)
+
+
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+    """(eos_id, pad_id); a tokenizer without EOS cannot stop a response, so it is refused."""
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no EOS token, so responses can never end; give it one (eos_token)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return tokenizer.eos_token_id, pad
+
+
+@torch.no_grad()
+def generate_ids(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    sampling: SamplingArgs,
+    eos_id: int,
+    pad_id: int,
+    batch_size: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample responses to tokenized prompts: (prompt_ids, prompt_mask, response_ids, response_mask, ended).
+
+    Prompts go through `model.generate` in chunks of `batch_size`, left-padded, with the KV cache; the chunks are
+    padded to one width afterwards. Sampling uses torch's global generator (seed it for reproducible samples).
+    """
+    if not prompt_ids:
+        raise ValueError("generate_ids needs at least one prompt")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise UserError("an empty prompt cannot be sampled from (it has no tokens)")
+    device = next(model.parameters()).device
+    config = _generation_config(sampling, eos_id, pad_id)
+    was_training = model.training
+    model.eval()
+    responses: list[torch.Tensor] = []
+    try:
+        for start in range(0, len(prompt_ids), batch_size):
+            ids, mask = left_pad(prompt_ids[start : start + batch_size], pad_id)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+            responses.extend(out[:, ids.shape[1] :].cpu())
+    finally:
+        model.train(was_training)
+    all_prompts, all_masks = left_pad(prompt_ids, pad_id)
+    width = max(r.shape[0] for r in responses)
+    response_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(responses):
+        response_ids[i, : r.shape[0]] = r
+    response_mask, ended = mask_after_eos(response_ids, eos_id)
+    response_ids = response_ids.masked_fill(response_mask == 0, pad_id)
+    return all_prompts, all_masks, response_ids, response_mask, ended
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    sampling: SamplingArgs | None = None,
+    batch_size: int = 16,
+) -> GenerationBatch:
+    """Sample one response per prompt (chat messages or plain strings); see `GenerationBatch`."""
+    sampling = sampling or SamplingArgs()
+    eos_id, pad_id = special_ids(tokenizer)
+    rendered = render_prompts(tokenizer, prompts)
+    ids = tokenize_prompts(tokenizer, prompts)
+    prompt_ids, prompt_mask, response_ids, response_mask, ended = generate_ids(
+        model, ids, sampling, eos_id, pad_id, batch_size
+    )
+    texts = [
+        tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True).strip()
+        for row, m in zip(response_ids, response_mask, strict=True)
+    ]
+    return GenerationBatch(rendered, texts, prompt_ids, prompt_mask, response_ids, response_mask, ended)
