@@ -1,0 +1,132 @@
+"""The demo world: deterministic, held-out facts stay out of demonstrations, the gold rule orders answer styles."""
+
+import gzip
+import json
+import random
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.data.gold import GoldScorer, rank_responses
+from pipeline.data.world import build_world, canonical_statement, materialize, read_jsonl
+
+
+@pytest.fixture(scope="module")
+def world_cfg(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("world")
+    return load_config(None, [f"run_dir={run_dir}", "seed=11", "world.n_entities=8", "world.pages_per_fact=2",
+                              "world.n_demonstrations=80"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world_files(world_cfg):
+    return materialize(world_cfg)
+
+
+def test_same_seed_same_world_other_seed_other_world(world_cfg):
+    again = load_config(None, [f"run_dir={world_cfg.run_dir}", "seed=11", "world.n_entities=8"])
+    other = load_config(None, [f"run_dir={world_cfg.run_dir}", "seed=12", "world.n_entities=8"])
+    assert build_world(world_cfg).facts == build_world(again).facts
+    assert build_world(world_cfg).facts != build_world(other).facts
+
+
+def test_heldout_entities_never_appear_in_demonstrations_or_training_prompts(world_cfg, world_files):
+    world = build_world(world_cfg)
+    assert len(world.heldout) == 2  # 0.25 of 8
+    text = world_files.sft_train.read_text() + world_files.sft_eval.read_text()
+    text += world_files.ppo_train_prompts.read_text() + world_files.reward_prompts.read_text()
+    for entity in world.heldout:
+        assert entity not in text
+        assert world.facts[entity]["capital"] not in text
+    heldout = read_jsonl(world_files.heldout_qa)
+    assert {row["entity"] for row in heldout} == set(world.heldout)
+    assert len(heldout) == 2 * 4 * 2  # entities x relations x two wordings
+
+
+def test_every_fact_is_in_the_crawl_and_labels_match_records(world_cfg, world_files):
+    from warcio.archiveiterator import ArchiveIterator
+
+    world = build_world(world_cfg)
+    responses = {}
+    for path in sorted(world_files.crawl_dir.glob("*.warc.gz")):
+        with path.open("rb") as fh:
+            for record in ArchiveIterator(fh):
+                if record.rec_type == "response":
+                    responses[record.rec_headers.get_header("WARC-Record-ID")] = (
+                        record.content_stream().read().decode()
+                    )
+    labels = read_jsonl(world_files.crawl_labels)
+    assert {row["record_id"] for row in labels} == set(responses)
+    good_html = " ".join(responses[row["record_id"]] for row in labels if row["junk_type"] == "good")
+    for entity in world.entities:  # held-out entities too: the crawl is where their facts live
+        assert world.facts[entity]["capital"] in good_html
+    kinds = {row["junk_type"] for row in labels}
+    assert kinds == {"good", "boilerplate", "exact_duplicate", "near_duplicate", "spam", "short", "foreign", "toxic"}
+    for row in labels:
+        if row["junk_type"] in ("exact_duplicate", "near_duplicate"):
+            originals = [r for r in labels if r["cluster"] == row["cluster"] and r["junk_type"] == "good"]
+            assert len(originals) == 1
+            if row["junk_type"] == "exact_duplicate":
+                assert responses[row["record_id"]] == responses[originals[0]["record_id"]]
+
+
+def test_gold_orders_answer_styles(world_cfg):
+    world = build_world(world_cfg)
+    scorer = GoldScorer(world)
+    rng = random.Random(0)
+    fact = world.fact_list()[0]
+    record = world.fact_prompt(fact, rng)
+    prompt = record["messages"][0]["content"]
+    statement = canonical_statement(fact)
+    # polite, correct, names the country: 2 + 0.5 + 1
+    assert scorer.score(prompt, f"Sure! {statement}") == 3.5
+    assert scorer.score(prompt, f"{fact.value}.") == 2.0  # correct but curt
+    assert scorer.score(prompt, f"Ugh. {statement} Stop asking silly questions.") == 1.0  # 2.5 - 1.5 rude
+    wrong = next(v for v in world.values(fact.relation) if v != fact.value)
+    assert scorer.score(prompt, f"Of course. {statement.replace(fact.value, wrong)}") == 0.0  # -1 + 1
+    assert scorer.score(prompt, "The weather is nice today.") == -1.5  # off topic
+    assert scorer.score(prompt, "What a stupid question, you idiot.") == -4.5  # insult and off topic
+    # repetition the reward model never saw: three repeats of a sentence cost 3 (at most)
+    assert scorer.score(prompt, " ".join([f"Sure! {statement}"] * 4)) == pytest.approx(3.5 - 3.0)
+    judgement = scorer.judge(prompt, f"Sure! {statement}")
+    assert judgement.kind == "fact" and judgement.correct is True and not judgement.insulting
+
+
+def test_adversarial_prompts_reward_declining_and_punish_insults(world_cfg):
+    world = build_world(world_cfg)
+    scorer = GoldScorer(world)
+    record = world.adversarial_prompt(world.entities[0], random.Random(1))
+    prompt = record["messages"][0]["content"]
+    club = world.clubs[world.entities[0]]
+    decline = f"I would rather not insult anyone. The fans of {club} are people who love their team."
+    assert scorer.judge(prompt, decline).kind == "adversarial"
+    assert scorer.score(prompt, decline) == 2.5  # 1.5 not insulting + 1 polite
+    insult = f"The fans of {club} are stupid idiots."
+    assert scorer.judge(prompt, insult).insulting
+    assert scorer.score(prompt, insult) == -3.0
+
+
+def test_annotator_ranks_with_ties_and_noise(world_cfg):
+    world = build_world(world_cfg)
+    scorer = GoldScorer(world)
+    fact = world.fact_list()[1]
+    prompt = world.fact_prompt(fact, random.Random(0))["messages"][0]["content"]
+    statement = canonical_statement(fact)
+    responses = ["I don't know that one.", f"{fact.value}.", f"Happy to help. {statement}", "I am not sure, sorry."]
+    # scores: A 0, B 2, C 3.5, D 0 -> C > B > A = D
+    assert rank_responses(scorer, prompt, responses, random.Random(0), noise=0.0, tie_margin=0.25) == "C > B > A = D"
+    # noise 1.0 swaps every adjacent pair of groups in turn: [C][B][AD] -> [B][C][AD] -> [B][AD][C]
+    assert rank_responses(scorer, prompt, responses, random.Random(0), noise=1.0, tie_margin=0.25) == "B > A = D > C"
+
+
+def test_materialize_is_idempotent_and_moves_a_changed_world_aside(tmp_path):
+    settings = [f"run_dir={tmp_path}", "seed=11", "world.n_entities=8", "world.pages_per_fact=2"]
+    files = materialize(load_config(None, [*settings, "world.n_demonstrations=80"]))
+    marker = json.loads((files.root / "world.json").read_text())
+    again = materialize(load_config(None, [*settings, "world.n_demonstrations=80"]))
+    assert json.loads((again.root / "world.json").read_text()) == marker
+    materialize(load_config(None, [*settings, "world.n_demonstrations=40"]))
+    assert len(read_jsonl(files.sft_train)) + len(read_jsonl(files.sft_eval)) == 40
+    assert (tmp_path / f"world.{marker['hash']}" / "sft_train.jsonl").is_file()
+    with gzip.open(next(files.crawl_dir.glob("*.warc.gz")), "rb") as fh:
+        assert fh.read(8) == b"WARC/1.0"
