@@ -21,7 +21,9 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,3 +277,83 @@ def git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pre-emption (SIGTERM from Slurm or a scheduler): save a checkpoint, then stop
+
+
+class Preempted(Exception):
+    """A stage stopped on SIGTERM after saving a checkpoint; running the same command again resumes it."""
+
+
+_preempted = threading.Event()
+
+
+def install_preemption_handler() -> None:
+    """On SIGTERM or SIGUSR1 (Slurm's `--signal`), ask the running stage to checkpoint and stop at the next step."""
+
+    def handler(signum: int, frame: Any) -> None:
+        logger.warning("received %s: saving a checkpoint and stopping", signal.Signals(signum).name)
+        _preempted.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGUSR1, handler)
+
+
+def preemption_requested() -> bool:
+    """True once any process of the run got a pre-emption signal (agreed across ranks when distributed)."""
+    import torch.distributed as dist
+
+    flag = _preempted.is_set()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        import torch
+
+        tensor = torch.tensor([1.0 if flag else 0.0])
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        flag = bool(tensor.item() > 0)
+        if flag:
+            _preempted.set()
+    return flag
+
+
+def raise_if_preempted(sdir: Path) -> None:
+    """Call after training returns: if it stopped for a pre-emption, end the stage without finishing it."""
+    if _preempted.is_set():
+        newest = newest_checkpoint(sdir)
+        raise Preempted(f"pre-empted; the newest complete checkpoint is {newest}. Run the same command to resume")
+
+
+def trainer_checkpoint_callback(sdir: Path, keep: int) -> Any:
+    """A transformers TrainerCallback for the Trainer-based stages.
+
+    It marks each checkpoint complete once every rank wrote its part (so a crash mid-save never breaks resume), keeps
+    the newest `keep` complete ones (the Trainer's own `save_total_limit` must be off: it rotates before a checkpoint
+    is complete), logs metrics to `sdir/metrics.jsonl`, and on pre-emption saves a checkpoint and stops training
+    (the stage then calls `raise_if_preempted`).
+    """
+    import transformers
+    from accelerate import PartialState
+
+    from pipeline.tracking import append_metrics
+
+    class TrainerCheckpointCallback(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if preemption_requested():
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_save(self, args, state, control, **kwargs):
+            PartialState().wait_for_everyone()  # each rank writes its own RNG state into the checkpoint
+            if state.is_world_process_zero:
+                mark_checkpoint_complete(sdir / f"checkpoint-{state.global_step}", state.global_step)
+                prune_checkpoints(sdir, keep)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                append_metrics(sdir / "metrics.jsonl", {"step": state.global_step, **logs})
+
+    return TrainerCheckpointCallback()

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_stage_command(args: argparse.Namespace) -> None:
-    from pipeline.checkpoints import final_dir, is_finished, newest_checkpoint, stage_dir
+    from pipeline.checkpoints import final_dir, install_preemption_handler, is_finished, newest_checkpoint, stage_dir
     from pipeline.config import load_config, save_config
     from pipeline.tracking import is_main_process
 
@@ -77,6 +77,7 @@ def run_stage_command(args: argparse.Namespace) -> None:
         return
     if is_main_process():
         save_config(cfg, cfg.run_path / "config.yaml")
+    install_preemption_handler()
     final = module.run(cfg, rerun=args.rerun)
     if is_main_process():
         print(f"{args.command} finished: {final}")
@@ -96,6 +97,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Exception as exc:
+        if type(exc).__name__ != "Preempted":
+            raise
+        print(f"stopped: {exc}", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, what schedulers expect of a pre-empted job
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
