@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pipeline.checkpoints import Preempted
 from pipeline.errors import UserError
 
 # Each stage module exposes `resolve_inputs(cfg) -> dict[str, str]` and `run(cfg, rerun=False) -> Path`.
@@ -97,9 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except Exception as exc:
-        if type(exc).__name__ != "Preempted":
-            raise
+    except Preempted as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         sys.exit(143)  # 128 + SIGTERM, what schedulers expect of a pre-empted job
     except KeyboardInterrupt:
