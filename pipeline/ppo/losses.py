@@ -1,0 +1,188 @@
+"""The maths of PPO for language models, as small pure tensor functions.
+
+Shapes: `[batch, response_len]` per-token tensors with a 0/1 `mask` of real response tokens (1 up to and including
+the first EOS, see `pipeline.generation.mask_after_eos`), and `[batch]` per-response scores.
+
+References: Schulman et al. 2017 (PPO: clipped objective), Schulman et al. 2016 (GAE), Ziegler et al. 2019
+("Fine-Tuning Language Models from Human Preferences": per-token KL penalty, score at the end, adaptive KL),
+Ouyang et al. 2022 (InstructGPT), Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"), and
+Schulman 2020, "Approximating KL divergence" (the k1/k3 estimators).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from pipeline.generation import mask_after_eos
+
+__all__ = [
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "gae_advantages",
+    "clipped_policy_loss",
+    "clipped_value_loss",
+    "kl_per_token",
+    "entropy_from_logits",
+    "logprobs_from_logits",
+    "mask_after_eos",
+    "apply_missing_eos_penalty",
+    "last_token_index",
+    "shape_rewards",
+    "explained_variance",
+]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` over positions where `mask` is 1 (over everything, or along `dim`)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked entries (with Bessel's correction when `unbiased` and more than one entry)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; `shift_mean=False` only rescales (keeps the mean, as for rewards).
+
+    Masked-out positions come back as 0.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(x.dtype)
+
+
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16): (advantages, returns).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, with V = 0 after the last real token;
+    A_t = delta_t + gamma * lam * A_{t+1}; returns R_t = A_t + V_t. Masked positions get 0 advantage and return.
+    """
+    mask = mask.to(values.dtype)
+    values, rewards = values * mask, rewards * mask
+    length = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) as a loss: (loss, clip fraction, approximate KL).
+
+    loss = mean over tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), ratio = exp(logp - logp_old).
+    The clip fraction is the share of tokens where the clipped term was chosen; the approximate KL(old || new) is the
+    k3 estimator mean((ratio - 1) - log ratio), always >= 0.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
+        approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
+    return loss, clip_fraction, approx_kl
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped value loss (as in OpenAI baselines ppo2): (loss, clip fraction).
+
+    V_clip = V_old + clip(V - V_old, -eps, eps); loss = 0.5 * mean over tokens of max((V - R)^2, (V_clip - R)^2).
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped_error > unclipped_error).to(values.dtype), mask)
+    return loss, clip_fraction
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: Literal["k1", "k3"]) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from log-probs of tokens sampled from the policy.
+
+    k1 = log p - log q (unbiased, can be negative); k3 = (q/p - 1) - log(q/p) (unbiased, always >= 0, lower variance).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (valid: k1, k3)")
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) at `tokens`: the log-probs of the distribution that was sampled from."""
+    logits = logits.float() / temperature
+    return torch.gather(logits.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) along the last axis: logsumexp(z) - sum softmax(z) * z."""
+    logits = logits.float()
+    probs = logits.softmax(-1)
+    return torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Subtract `penalty` from the score of every response that never emitted EOS (cut off at max_new_tokens)."""
+    return scores - penalty * (~ended.bool()).to(scores.dtype)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row of a right-padded 0/1 mask (0 for an empty row)."""
+    return (mask.sum(1) - 1).clamp(min=0).long()
+
+
+def shape_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards (Ziegler et al. 2019, eq. 2): (rewards, non-score part).
+
+    r_t = -kl_coef * kl_t on every real token, plus the sequence's score on its last real token.
+    """
+    mask = mask.to(kl.dtype)
+    non_score = -kl_coef * kl * mask
+    rewards = non_score.clone()
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_token_index(mask)] += scores.to(kl.dtype)
+    return rewards, non_score
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(target - predicted) / Var(target) over masked entries (1: perfect, 0: no better than the mean)."""
+    var_target = masked_var(target, mask)
+    return 1.0 - masked_var(target - predicted, mask) / var_target.clamp(min=1e-8)
