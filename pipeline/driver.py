@@ -1,0 +1,222 @@
+"""The driver: `rlhf run RECIPE` chains data -> pretrain -> sft -> reward -> ppo; `rlhf status RUN_DIR` shows where a run is.
+
+Each stage's `final/` feeds the next (the stages resolve their inputs from the run directory). A stage that finished
+with the same settings is skipped; one whose settings changed stops the run with the changed keys, unless `--rerun` is
+given: then it runs again, and so does every later stage (the old results are moved aside, never deleted). A stage
+that was interrupted (SIGKILL, pre-emption) resumes from its newest complete checkpoint.
+
+With `--accelerate-config FILE` each stage runs as its own `accelerate launch --config_file FILE -m pipeline <stage>`
+job, so one recipe runs on a CPU, one GPU, 8 GPUs or several nodes without edits.
+
+    rlhf run recipes/demo.yaml
+    rlhf run recipes/demo.yaml --from sft --accelerate-config accelerate_configs/cpu_ddp.yaml
+    rlhf status runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoints import (
+    final_dir,
+    is_finished,
+    newest_checkpoint,
+    read_stage_json,
+    stage_dir,
+    stage_identity,
+    write_json_atomic,
+)
+from pipeline.config import STAGES, PipelineConfig, build_config, load_config
+from pipeline.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Metrics `rlhf status` shows per stage, when the stage recorded them.
+KEY_METRICS = {
+    "data": ("documents_out", "f1", "precision", "recall"),
+    "pretrain": ("perplexity", "perplexity_ratio_unigram", "cloze_accuracy"),
+    "sft": ("eval_loss", "heldout_accuracy", "dispreferred_share"),
+    "reward": ("pairwise_accuracy", "pairwise_accuracy_sampled", "kendall_tau"),
+    "ppo": ("win_rate", "gold_score", "kl", "insult_rate"),
+}
+
+
+def select_stages(start: str | None, until: str | None, only: list[str] | None) -> list[str]:
+    """The stages to visit, in pipeline order."""
+    for name in [start, until, *(only or [])]:
+        if name is not None and name not in STAGES:
+            raise UserError(f"unknown stage '{name}' (valid stages: {', '.join(STAGES)})")
+    if only:
+        if start or until:
+            raise UserError("--only cannot be combined with --from/--until (use one or the other)")
+        return [s for s in STAGES if s in only]
+    first = STAGES.index(start) if start else 0
+    last = STAGES.index(until) if until else len(STAGES) - 1
+    if first > last:
+        raise UserError(f"--from {start} comes after --until {until}; nothing to run")
+    return list(STAGES[first : last + 1])
+
+
+def stage_state(cfg: PipelineConfig, stage: str) -> tuple[str, dict[str, Any]]:
+    """('finished' | 'changed' | 'interrupted' | 'new', identity) of a stage under this config."""
+    from pipeline.cli import stage_module
+
+    identity = stage_identity(cfg, stage, stage_module(stage).resolve_inputs(cfg))
+    final = final_dir(cfg, stage)
+    if is_finished(final):
+        same = read_stage_json(final).get("config_hash") == identity["config_hash"]
+        return ("finished" if same else "changed"), identity
+    if newest_checkpoint(stage_dir(cfg, stage)) or (stage_dir(cfg, stage) / "identity.json").is_file():
+        return "interrupted", identity
+    return "new", identity
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    stages: list[str],
+    rerun: bool = False,
+    recipe: str | None = None,
+    overrides: list[str] | None = None,
+    accelerate_config: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run `stages` in order; return what happened to each (action, seconds, final path)."""
+    from pipeline.cli import stage_module
+
+    summary: dict[str, dict[str, Any]] = {}
+    upstream_ran = False
+    for position, stage in enumerate(stages):
+        state, _ = stage_state(cfg, stage)
+        explicit = rerun and position == 0 and stages[0] != STAGES[0]  # `--from S --rerun` / `--only S --rerun`
+        force = upstream_ran or explicit or (rerun and state == "changed")
+        if state == "finished" and not force:
+            logger.info("%s: finished with the same settings, skipped", stage)
+            summary[stage] = {"action": "skipped", "seconds": 0.0, "final": str(final_dir(cfg, stage))}
+            continue
+        action = (
+            "rerun" if force and state in ("finished", "changed") else "resumed" if state == "interrupted" else "ran"
+        )
+        logger.info("%s: %s", stage, {"rerun": "running again", "resumed": "resuming", "ran": "running"}[action])
+        start = time.time()
+        if accelerate_config:
+            _launch(stage, recipe, overrides or [], force, accelerate_config)
+            final = final_dir(cfg, stage)
+        else:
+            final = stage_module(stage).run(cfg, rerun=force)
+        summary[stage] = {"action": action, "seconds": round(time.time() - start, 1), "final": str(final)}
+        upstream_ran = True
+    _record(cfg, summary)
+    return summary
+
+
+def _launch(stage: str, recipe: str | None, overrides: list[str], rerun: bool, accelerate_config: str) -> None:
+    """Run one stage as its own `accelerate launch` job; its failure ends the pipeline with its exit code."""
+    if recipe is None:
+        raise UserError("--accelerate-config needs the recipe path (run the driver from the command line)")
+    if not Path(accelerate_config).is_file():
+        raise UserError(f"accelerate config not found: {accelerate_config} (see accelerate_configs/)")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+               "-m", "pipeline", stage, recipe, *overrides]  # fmt: skip
+    if rerun:
+        command.append("--rerun")
+    logger.info("launching: %s", " ".join(command))
+    result = subprocess.run(command, env=os.environ.copy())
+    if result.returncode == 143:
+        from pipeline.checkpoints import Preempted
+
+        raise Preempted(f"stage {stage} was pre-empted; run the same command to resume")
+    if result.returncode != 0:
+        raise UserError(
+            f"stage {stage} failed under accelerate launch (exit code {result.returncode}); see its log above"
+        )
+
+
+def _record(cfg: PipelineConfig, summary: dict[str, dict[str, Any]]) -> None:
+    from pipeline.tracking import is_main_process
+
+    if not is_main_process() or not summary:
+        return
+    path = cfg.run_path / "driver.json"
+    history = json.loads(path.read_text()) if path.is_file() else []
+    history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": summary})
+    write_json_atomic(path, history)
+
+
+def status_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """One row per stage: state, key metrics, checkpoint step, time taken."""
+    rows = []
+    for stage in STAGES:
+        row: dict[str, Any] = {"stage": stage}
+        try:
+            row["state"], _ = stage_state(cfg, stage)
+        except UserError as exc:
+            row["state"] = f"blocked: {exc}"
+        final = final_dir(cfg, stage)
+        if is_finished(final):
+            record = read_stage_json(final)
+            metrics = record.get("metrics", {})
+            row["metrics"] = {k: metrics[k] for k in KEY_METRICS[stage] if k in metrics}
+            row["seconds"] = metrics.get("seconds") or metrics.get("train_seconds")
+        checkpoint = newest_checkpoint(stage_dir(cfg, stage))
+        if checkpoint and row["state"] == "interrupted":
+            row["checkpoint"] = checkpoint.name
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI entry points (registered in pipeline/cli.py)
+
+
+def main_run(args: argparse.Namespace) -> None:
+    from pipeline.checkpoints import install_preemption_handler
+    from pipeline.config import save_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    stages = select_stages(args.start, args.until, args.only)
+    if args.dry_run:
+        print(f"recipe {args.recipe} is valid; run directory {cfg.run_dir}")
+        for stage in stages:
+            state, identity = stage_state(cfg, stage)
+            inputs = ", ".join(f"{k}={v['path']}" for k, v in identity["inputs"].items()) or "-"
+            print(f"  {stage:9s} {state:12s} inputs: {inputs}")
+        return
+    save_config(cfg, cfg.run_path / "config.yaml")
+    install_preemption_handler()
+    summary = run_pipeline(cfg, stages, args.rerun, args.recipe, args.overrides, args.accelerate_config)
+    for stage, info in summary.items():
+        print(f"{stage:9s} {info['action']:8s} {info['seconds']:7.1f} s  {info['final']}")
+    if not args.no_report and stages[-1] == STAGES[-1]:
+        try:
+            from pipeline.report import write_report
+        except ImportError:
+            return
+        page = write_report(cfg.run_path)
+        print(f"report: {page}")
+
+
+def main_status(args: argparse.Namespace) -> None:
+    import yaml
+
+    run_dir = Path(args.run_dir)
+    resolved = run_dir / "config.yaml"
+    if not resolved.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml); start one with `rlhf run RECIPE`")
+    cfg = build_config(PipelineConfig, yaml.safe_load(resolved.read_text()))
+    cfg.run_dir = str(run_dir)
+    print(f"run directory {run_dir}")
+    for row in status_rows(cfg):
+        metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in row.get("metrics", {}).items())
+        extra = f" ({row['checkpoint']})" if "checkpoint" in row else ""
+        print(f"  {row['stage']:9s} {row['state']}{extra}  {metrics}")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
