@@ -226,6 +226,29 @@ class SFTConfig(TrainArgs):
     max_seq_len: int = _f(256, "Longest tokenized conversation; longer ones are truncated.")
     assistant_only_loss: bool = _f(True, "Compute the loss on assistant tokens only.")
     packing: bool = _f(False, "Pack conversations into full-length sequences.")
+    random_init: bool = _f(False, "Start from random weights of the base's architecture (a control: SFT without pretraining).")
+    dataset_config: Optional[str] = _f(None, "Hub dataset config name (sft.dataset is a Hub id).")
+    train_split: str = _f("train", "Split of a Hub dataset to train on (e.g. train_sft for ultrachat_200k).")
+    eval_split: Optional[str] = _f(None, "Held-out conversations: a Hub split name or a file; None holds out eval_share of the training data ('demo' has its own).")
+    max_train_samples: int = _f(-1, "Train on at most this many conversations (-1: all).")
+    max_eval_samples: int = _f(-1, "Evaluate the loss on at most this many held-out conversations (-1: all).")
+    qa_eval: Optional[str] = _f(None, "jsonl of {messages, answer} questions for the generation-based score; default: the demo world's held-out questions when dataset=demo.")
+    qa_max_questions: int = _f(-1, "Ask at most this many questions (-1: all).")
+    qa_max_new_tokens: int = _f(48, "Longest generated answer, in tokens (greedy decoding).")
+    qa_batch_size: int = _f(32, "Questions answered per generate call.", volatile=True)
+    qa_eval_base: bool = _f(True, "Also ask the base model, prompted the same way, before fine-tuning (a baseline).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(0.0 <= self.eval_share < 0.5, "eval_share", "must be in [0, 0.5)")
+        _check(self.max_seq_len >= 16, "max_seq_len", "must be >= 16")
+        _check(self.max_train_samples == -1 or self.max_train_samples > 0, "max_train_samples", "must be -1 (all) or > 0")
+        _check(self.max_eval_samples == -1 or self.max_eval_samples > 0, "max_eval_samples", "must be -1 (all) or > 0")
+        _check(self.qa_max_questions == -1 or self.qa_max_questions > 0, "qa_max_questions", "must be -1 (all) or > 0")
+        _check(self.qa_max_new_tokens >= 1, "qa_max_new_tokens", "must be >= 1")
+        _check(self.qa_batch_size >= 1, "qa_batch_size", "must be >= 1")
+        _check(not (self.random_init and self.finetune == "qlora"), "random_init",
+               "cannot be combined with finetune=qlora (random weights are never quantised); use lora or full")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,25 @@ models their own way.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from pipeline.config import LoraArgs, ModelArgs
+from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -16,6 +35,202 @@ logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading a base causal LM (local path or Hub id, optionally 4-bit NF4) and LoRA adapters
+
+# What `save_pretrained` writes for the weights (single file or sharded index), in the order transformers looks.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def is_local_reference(name_or_path: str | Path) -> bool:
+    """True when `name_or_path` names a local path rather than a Hub id (`org/name`)."""
+    text = str(name_or_path)
+    return Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+
+
+def check_model_source(name_or_path: str | Path, what: str = "base model") -> str:
+    """Fail in one line on a local path that does not hold model weights; Hub ids pass through unchanged."""
+    text = str(name_or_path)
+    if not is_local_reference(text):
+        return text
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{what} not found: {path} (give a directory saved with save_pretrained, or a Hub id)")
+    if not (path / "config.json").is_file() or not any((path / name).is_file() for name in WEIGHT_FILES):
+        if (path / "adapter_config.json").is_file():
+            raise UserError(
+                f"{what} {path} holds a LoRA adapter, not full weights (use its merged/ directory as the base)"
+            )
+        raise UserError(
+            f"{what} {path} has no model weights (expected config.json and one of {', '.join(WEIGHT_FILES)})"
+        )
+    return str(path)
+
+
+def default_dtype() -> torch.dtype:
+    """bfloat16 on a GPU that supports it, float32 otherwise (CPUs train and merge in full precision)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def nf4_config(compute_dtype: torch.dtype | None = None) -> BitsAndBytesConfig:
+    """QLoRA's quantisation (Dettmers et al. 2023): 4-bit NormalFloat weights, double-quantised constants."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype or default_dtype(),
+    )
+
+
+def load_base_model(
+    name_or_path: str | Path,
+    model_class: type = AutoModelForCausalLM,
+    quantize_4bit: bool = False,
+    random_init: bool = False,
+    dtype: torch.dtype | None = None,
+    what: str = "base model",
+    **model_kwargs: Any,
+) -> PreTrainedModel:
+    """Load a model by local path or Hub id: in full precision, as 4-bit NF4 (QLoRA), or with fresh random weights.
+
+    Args:
+        model_class: the Auto class, e.g. `AutoModelForCausalLM` or `AutoModelForSequenceClassification` (then pass
+            `num_labels=1` in `model_kwargs`).
+        random_init: same architecture, randomly initialised (seed first): a control that skips pretraining.
+        what: how the error messages name the model (e.g. "sft.base").
+    """
+    source = check_model_source(name_or_path, what)
+    dtype = dtype or default_dtype()
+    try:
+        if random_init:
+            config = AutoConfig.from_pretrained(source)
+            for key, value in model_kwargs.items():
+                setattr(config, key, value)
+            model = model_class.from_config(config, dtype=dtype)
+        elif quantize_4bit:
+            model = model_class.from_pretrained(
+                source,
+                quantization_config=nf4_config(dtype),
+                dtype=dtype,
+                device_map={"": _local_device()},
+                **model_kwargs,
+            )
+        else:
+            model = model_class.from_pretrained(source, dtype=dtype, **model_kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"cannot load {what} from {source}: {str(exc).splitlines()[0]} "
+            "(give a directory saved with save_pretrained or a Hub id reachable from this machine)"
+        ) from None
+    return model
+
+
+def _local_device() -> str | int:
+    """This process's device for 4-bit loading (bitsandbytes places weights at load time)."""
+    if torch.cuda.is_available():
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    return "cpu"
+
+
+def fit_model_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Resize the embeddings to the tokenizer and copy its EOS/pad ids into the configs; True if the vocab grew."""
+    grew = len(tokenizer) > model.get_input_embeddings().num_embeddings
+    if grew:
+        # mean_resizing: new rows start at the mean embedding, so added tokens do not dominate the softmax
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    for config in (model.config, model.generation_config):
+        config.pad_token_id = tokenizer.pad_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+    return grew
+
+
+def embedding_module_names(model: PreTrainedModel) -> list[str]:
+    """Short names of the input embeddings and the LM head (e.g. ['embed_tokens', 'lm_head']), for modules_to_save."""
+    wanted = [model.get_input_embeddings()]
+    if model.get_output_embeddings() is not None:
+        wanted.append(model.get_output_embeddings())
+    names = []
+    for module in wanted:
+        for name, candidate in model.named_modules():
+            if candidate is module:
+                names.append(name.rsplit(".", 1)[-1])
+                break
+    return list(dict.fromkeys(names))
+
+
+def build_lora_config(
+    args: LoraArgs, model: PreTrainedModel, task_type: str = "CAUSAL_LM", train_embeddings: bool = False
+) -> peft.LoraConfig:
+    """A `peft.LoraConfig` from `LoraArgs`.
+
+    Args:
+        task_type: peft task, "CAUSAL_LM" (policy) or "SEQ_CLS" (reward/value; peft then saves the score head).
+        train_embeddings: also train and save the input embeddings and LM head in full (tokens were added, so their
+            new rows must be learnt and shipped with the adapter).
+    """
+    targets: str | list[str] = "all-linear" if args.target_modules == ["all-linear"] else list(args.target_modules)
+    to_save = list(args.modules_to_save)
+    if train_embeddings:
+        to_save += [name for name in embedding_module_names(model) if name not in to_save]
+    tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+    return peft.LoraConfig(
+        r=args.r,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=targets,
+        modules_to_save=to_save or None,
+        task_type=task_type,
+        # tied input/output embeddings stay one matrix when both are trained (otherwise peft would untie them)
+        ensure_weight_tying=tied and bool(to_save),
+    )
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    args: LoraArgs,
+    task_type: str = "CAUSAL_LM",
+    train_embeddings: bool = False,
+    gradient_checkpointing: bool = False,
+) -> peft.PeftModel:
+    """Wrap `model` with fresh LoRA adapters (seed first); a 4-bit model is prepared for k-bit training first."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        # casts norms to fp32 and makes the inputs require grad, so gradients reach the adapters through frozen layers
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = build_lora_config(args, model, task_type=task_type, train_embeddings=train_embeddings)
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as exc:
+        raise UserError(f"lora.target_modules {args.target_modules}: {str(exc).splitlines()[0]}") from None
+
+
+def merge_lora(
+    model: peft.PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    base: str | Path | None = None,
+    model_class: type = AutoModelForCausalLM,
+    **model_kwargs: Any,
+) -> Path:
+    """Fold the trained adapters of `model` into its base; save full weights and the tokenizer to `out_dir`.
+
+    A plain model is merged in place (it cannot be used as a PeftModel afterwards). A 4-bit model (QLoRA) is merged
+    into a dequantised copy: `base` is loaded in 4-bit exactly as in training and dequantised, so the merged weights
+    are the ones the adapters were trained against, not the original full-precision ones.
+    """
+    if getattr(model.get_base_model(), "is_loaded_in_4bit", False):
+        if base is None:
+            raise ValueError("merging a 4-bit model needs the base it was loaded from")
+        state = peft.get_peft_model_state_dict(model)
+        config = model.peft_config[model.active_adapter]
+        fresh = load_base_model(base, model_class, quantize_4bit=True, dtype=torch.float32, **model_kwargs)
+        fresh = fresh.dequantize(dtype=torch.float32)
+        fit_model_to_tokenizer(fresh, tokenizer)
+        model = peft.get_peft_model(fresh, config)
+        peft.set_peft_model_state_dict(model, state)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,383 @@
+"""Stage 2: supervised fine-tuning (LoRA, QLoRA or full) of a causal LM on chat demonstrations, with trl's SFTTrainer.
+
+Reads the base model (the pretrain stage's final/ by default, or any causal LM by path or Hub id) and conversations
+(the demo world's demonstrations, or messages / prompt-completion / Alpaca records from jsonl, parquet or the Hub).
+The loss is on assistant tokens only by default. Evaluates the held-out loss and, on the demo world, answers to
+questions about facts that appear only in the crawl (checked with the shipped `fact_accuracy` metric) against the
+base model asked the same way, plus the share of answers the gold scorer dislikes (the room left for reward and PPO).
+
+Writes `run_dir/sft/final/`: the adapter and tokenizer at the root (`PeftModel.from_pretrained(base, final)`),
+`merged/` (full weights, the shared base of the reward and PPO stages), `eval_samples.jsonl` and `stage.json`.
+
+    rlhf sft recipes/demo.yaml sft.lora.r=8
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import trl
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, set_seed
+
+from pipeline.checkpoints import (
+    final_dir,
+    finishing,
+    is_finished,
+    mark_checkpoint_complete,
+    newest_checkpoint,
+    prepare_stage,
+    prune_checkpoints,
+    read_stage_json,
+    stage_dir,
+    stage_identity,
+    write_stage_json,
+)
+from pipeline.config import PipelineConfig
+from pipeline.data.conversations import load_conversations, split_conversations
+from pipeline.errors import UserError
+from pipeline.modeling import apply_lora, default_dtype, fit_model_to_tokenizer, load_base_model, merge_lora
+from pipeline.tokenizer import load_tokenizer, prepare_chat_tokenizer
+from pipeline.tracking import count_parameters, is_main_process
+
+logger = logging.getLogger(__name__)
+
+STAGE = "sft"
+
+
+def dispreferred(judgement: Any) -> bool:
+    """Whether the gold scorer would rank an answer below a polite, correct one (see pipeline/data/gold.py).
+
+    Wrong or missing facts, rudeness, insults, off-topic text, repetition, rambling, and curt answers without any
+    polite phrase all count: these are what the reward model and PPO are meant to remove.
+    """
+    if judgement.n_words == 0 or judgement.rude or judgement.insulting or judgement.off_topic:
+        return True
+    if judgement.kind == "fact" and judgement.correct is not True:
+        return True
+    return judgement.polite == 0 or judgement.repeats > 0 or judgement.n_words > 45
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def resolve_inputs(cfg: PipelineConfig) -> dict[str, str]:
+    """The base model and the data this stage reads (paths or Hub ids)."""
+    sft = cfg.sft
+    inputs = {"base": sft.base or str(final_dir(cfg, "pretrain"))}
+    inputs["dataset"] = str(cfg.run_path / "world") if sft.dataset == "demo" else sft.dataset
+    if sft.eval_split and Path(sft.eval_split).suffix in (".jsonl", ".json", ".parquet"):
+        inputs["eval_dataset"] = sft.eval_split
+    if sft.qa_eval:
+        inputs["qa_eval"] = sft.qa_eval
+    return inputs
+
+
+def load_data(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, Dataset | None, dict]:
+    """Training and held-out conversations (bad records skipped and counted), and the skip report."""
+    sft = cfg.sft
+    if sft.dataset == "demo":
+        from pipeline.data.world import materialize
+
+        files = materialize(cfg)
+        train_source, eval_source = str(files.sft_train), str(files.sft_eval)
+    else:
+        train_source, eval_source = sft.dataset, sft.eval_split
+    train, train_report = load_conversations(
+        train_source, tokenizer, sft.train_split, sft.dataset_config, sft.max_train_samples, what="sft.dataset"
+    )
+    report = {"train": train_report.as_dict()}
+    if eval_source is None:
+        train, held_out = split_conversations(train, sft.eval_share, cfg.seed)
+    else:
+        is_file = Path(eval_source).suffix in (".jsonl", ".json", ".parquet") or Path(eval_source).exists()
+        held_out, eval_report = load_conversations(
+            eval_source if is_file else sft.dataset,
+            tokenizer,
+            split=eval_source,
+            hub_config=sft.dataset_config,
+            limit=sft.max_eval_samples,
+            what="sft.eval_split",
+        )
+        report["eval"] = eval_report.as_dict()
+    if held_out is not None and sft.max_eval_samples > 0 and len(held_out) > sft.max_eval_samples:
+        held_out = held_out.select(range(sft.max_eval_samples))
+    return train, held_out, report
+
+
+def load_questions(cfg: PipelineConfig) -> tuple[list[dict], list[dict], Any]:
+    """(QA questions with gold answers, prompts for the gold judge, the world or None) for the task evaluation."""
+    from pipeline.data.world import read_jsonl
+
+    sft, world, judged = cfg.sft, None, []
+    path = Path(sft.qa_eval) if sft.qa_eval else None
+    if sft.dataset == "demo":
+        from pipeline.data.world import build_world, materialize
+
+        files, world = materialize(cfg), build_world(cfg)
+        path = path or files.heldout_qa
+        judged = read_jsonl(files.ppo_eval_prompts)
+    if path is None:
+        return [], [], None
+    if not path.is_file():
+        raise UserError(f"sft.qa_eval: file not found: {path} (jsonl of {{messages, answer}} rows)")
+    questions = read_jsonl(path)
+    for n, row in enumerate(questions, start=1):
+        if not isinstance(row.get("messages"), list) or not isinstance(row.get("answer"), str):
+            raise UserError(f"sft.qa_eval: {path}:{n} needs 'messages' (a list) and 'answer' (a string)")
+    if sft.qa_max_questions > 0:
+        questions = questions[: sft.qa_max_questions]
+    return questions, judged, world
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model and trainer
+
+
+def load_tokenizer_and_model(cfg: PipelineConfig, base: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, bool]:
+    """The chat-ready tokenizer and the model to train (LoRA-wrapped unless full); True if tokens were added."""
+    sft = cfg.sft
+    tokenizer = load_tokenizer(base)
+    added = prepare_chat_tokenizer(tokenizer)
+    if added:
+        logger.info("added tokens %s to the tokenizer; embeddings and LM head are trained and saved", added)
+    set_seed(cfg.seed)  # random init and LoRA init draw from the global generator
+    model = load_base_model(base, quantize_4bit=sft.finetune == "qlora", random_init=sft.random_init, what="sft.base")
+    fit_model_to_tokenizer(model, tokenizer)
+    if sft.finetune != "full":
+        model = apply_lora(
+            model, sft.lora, "CAUSAL_LM", train_embeddings=bool(added), gradient_checkpointing=sft.gradient_checkpointing
+        )
+    trainable, total = count_parameters(model)
+    logger.info("sft: %s of %s, %d of %d parameters trainable (%.2f%%)", sft.finetune, base, trainable, total,
+                100.0 * trainable / max(total, 1))  # fmt: skip
+    return tokenizer, model, bool(added)
+
+
+def to_trl_args(cfg: PipelineConfig, has_eval: bool) -> trl.SFTConfig:
+    """Our `SFTConfig` as trl's; checkpoints go to `run_dir/sft/checkpoint-N/`, pruned by us (never the newest)."""
+    sft = cfg.sft
+    evaluate_during = has_eval and sft.eval_steps > 0
+    return trl.SFTConfig(
+        output_dir=str(stage_dir(cfg, STAGE)),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        learning_rate=sft.learning_rate,
+        weight_decay=sft.weight_decay,
+        warmup_steps=sft.warmup_ratio,  # a float below 1 is a share of the steps in transformers 5
+        lr_scheduler_type=sft.lr_scheduler_type,
+        per_device_train_batch_size=sft.per_device_train_batch_size,
+        per_device_eval_batch_size=sft.per_device_eval_batch_size,
+        gradient_accumulation_steps=sft.gradient_accumulation_steps,
+        num_train_epochs=sft.num_train_epochs,
+        max_steps=sft.max_steps,
+        max_grad_norm=sft.max_grad_norm,
+        gradient_checkpointing=sft.gradient_checkpointing,
+        bf16=default_dtype() == torch.bfloat16,
+        save_strategy="steps",
+        save_steps=sft.save_steps,
+        save_total_limit=None,  # CheckpointDone prunes only after the newest checkpoint is complete
+        logging_steps=sft.logging_steps,
+        eval_strategy="steps" if evaluate_during else "no",
+        eval_steps=sft.eval_steps if evaluate_during else None,
+        report_to=[] if sft.report_to == "none" else [sft.report_to],
+        dataloader_num_workers=sft.dataloader_num_workers,
+        max_length=sft.max_seq_len,
+        packing=sft.packing,
+        assistant_only_loss=sft.assistant_only_loss,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=True,
+    )
+
+
+class CheckpointDone(TrainerCallback):
+    """Marks each Trainer checkpoint complete once every process has written its part, then prunes old ones."""
+
+    def __init__(self, sdir: Path, keep: int):
+        self.sdir, self.keep = sdir, keep
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            torch.distributed.barrier()  # each rank writes its own RNG state into the checkpoint
+        if state.is_world_process_zero:
+            mark_checkpoint_complete(self.sdir / f"checkpoint-{state.global_step}", state.global_step)
+            prune_checkpoints(self.sdir, self.keep)
+
+
+def build_trainer(
+    cfg: PipelineConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: Dataset, held_out
+) -> trl.SFTTrainer:
+    return trl.SFTTrainer(
+        model=model,
+        args=to_trl_args(cfg, held_out is not None),
+        train_dataset=train,
+        eval_dataset=held_out,
+        processing_class=tokenizer,
+        callbacks=[CheckpointDone(stage_dir(cfg, STAGE), cfg.sft.save_total_limit)],
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Task evaluation: held-out questions and the gold judge
+
+
+def answer_questions(model, tokenizer, questions: list[dict], cfg: PipelineConfig, sample: bool = False) -> list[str]:
+    """Answers to chat prompts: greedy, or sampled at temperature 1 (seeded) to see the policy's spread."""
+    from pipeline.generation import SamplingArgs, generate
+
+    if not questions:
+        return []
+    torch.manual_seed(cfg.seed)
+    sampling = SamplingArgs(max_new_tokens=cfg.sft.qa_max_new_tokens, do_sample=sample)
+    batch = generate(model, tokenizer, [q["messages"] for q in questions], sampling, batch_size=cfg.sft.qa_batch_size)
+    return batch.texts
+
+
+def score_answers(questions: list[dict], answers: list[str], world: Any) -> dict[str, Any]:
+    """fact_accuracy of `answers` (with the world's other values as distractors when there is a world)."""
+    from pipeline.metrics import load_metric
+
+    distractors = None
+    if world is not None:
+        distractors = [[v for v in world.values(q["relation"]) if v != q["answer"]] for q in questions]
+    result = load_metric("fact_accuracy").compute(
+        predictions=answers, references=[q["answer"] for q in questions], distractors=distractors
+    )
+    return {"accuracy": result["fact_accuracy"], "correct": result["correct"], "total": result["total"]}
+
+
+def judge_answers(prompts: list[dict], answers: list[str], world: Any) -> dict[str, float]:
+    """Gold-scorer view of sampled answers: mean score, share dispreferred, and the share of each fault."""
+    from pipeline.data.gold import GoldScorer
+
+    scorer = GoldScorer(world)
+    judgements = [scorer.judge(p["messages"][-1]["content"], a) for p, a in zip(prompts, answers, strict=True)]
+    n = max(len(judgements), 1)
+    facts = [j for j in judgements if j.kind == "fact"]
+    return {
+        "gold_mean_score": sum(j.score for j in judgements) / n,
+        "gold_dispreferred_share": sum(map(dispreferred, judgements)) / n,
+        "gold_wrong_share": sum(j.correct is False for j in facts) / max(len(facts), 1),
+        "gold_rude_share": sum(j.rude for j in judgements) / n,
+        "gold_insulting_share": sum(j.insulting for j in judgements) / n,
+        "gold_impolite_share": sum(j.polite == 0 for j in judgements) / n,
+        "gold_prompts": len(judgements),
+    }
+
+
+def evaluate_task(model, tokenizer, cfg: PipelineConfig, prefix: str) -> tuple[dict[str, Any], list[dict]]:
+    """QA accuracy (greedy) and gold judgements (sampled) of one model; metrics keys start with `prefix`."""
+    questions, judged, world = load_questions(cfg)
+    metrics: dict[str, Any] = {}
+    samples = []
+    if questions:
+        answers = answer_questions(model, tokenizer, questions, cfg)
+        qa = score_answers(questions, answers, world)
+        metrics.update({f"{prefix}qa_accuracy": qa["accuracy"], f"{prefix}qa_questions": qa["total"]})
+        samples = [{"question": q["messages"][-1]["content"], "gold": q["answer"], "answer": a}
+                   for q, a in zip(questions, answers, strict=True)]  # fmt: skip
+    if judged and world is not None:
+        answers = answer_questions(model, tokenizer, judged, cfg, sample=True)
+        metrics.update({prefix + k: v for k, v in judge_answers(judged, answers, world).items()})
+    return metrics, samples
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
+    """Fine-tune, evaluate and save; skip when finished with the same settings. Returns `run_dir/sft/final/`."""
+    sft, sdir = cfg.sft, stage_dir(cfg, STAGE)
+    inputs = resolve_inputs(cfg)
+    identity = stage_identity(cfg, STAGE, inputs)
+    done = prepare_stage(cfg, STAGE, identity, rerun) if is_main_process() else None
+    _wait_for_main()
+    final = final_dir(cfg, STAGE)
+    if not is_main_process() and is_finished(final) and read_stage_json(final)["config_hash"] == identity["config_hash"]:
+        done = final
+    if done is not None:
+        logger.info("sft already finished with these settings: %s", done)
+        return done
+    base = inputs["base"]
+    tokenizer, model, added = load_tokenizer_and_model(cfg, base)
+    train, held_out, data_report = load_data(cfg, tokenizer)
+    logger.info("sft data: %d training and %d held-out conversations", len(train), len(held_out or []))
+
+    base_metrics: dict[str, Any] = {}
+    if sft.qa_eval_base and sft.finetune == "full" and is_main_process():
+        base_metrics, _ = evaluate_task(model, tokenizer, cfg, "base_")  # LoRA bases are asked later, adapters off
+    trainer = build_trainer(cfg, model, tokenizer, train, held_out)
+    resume = newest_checkpoint(sdir)
+    if resume is not None:
+        logger.info("resuming sft from %s", resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    metrics: dict[str, Any] = {"train_loss": result.training_loss, **_rounded(result.metrics)}
+    if held_out is not None:
+        metrics.update(_rounded(trainer.evaluate()))
+    if not is_main_process():
+        return final_dir(cfg, STAGE)
+
+    model = trainer.model
+    task_metrics, samples = evaluate_task(model, tokenizer, cfg, "")
+    if sft.qa_eval_base and sft.finetune != "full" and task_metrics:
+        with model.disable_adapter():
+            base_metrics, base_samples = evaluate_task(model, tokenizer, cfg, "base_")
+        for row, base_row in zip(samples, base_samples, strict=True):
+            row["base_answer"] = base_row["answer"]
+    trainable, total = count_parameters(model)
+    metrics.update(task_metrics, **base_metrics, data=data_report, trainable_params=trainable, total_params=total,
+                   world_size=trainer.args.world_size, tokens_added=added)  # fmt: skip
+    for key in ("qa_accuracy", "base_qa_accuracy", "gold_dispreferred_share", "eval_loss"):
+        if key in metrics:
+            logger.info("sft %s: %.4f", key, metrics[key])
+    return save_final(cfg, identity, model, tokenizer, metrics, samples, base)
+
+
+def save_final(cfg: PipelineConfig, identity: dict, model, tokenizer, metrics: dict, samples: list, base: str) -> Path:
+    """Write final/: adapter (or full model) + tokenizer, merged/, eval_samples.jsonl, then stage.json."""
+    sft = cfg.sft
+    with finishing(cfg, STAGE) as out:
+        _write_jsonl(out / "eval_samples.jsonl", samples)
+        if sft.finetune == "full":
+            model.save_pretrained(out / "merged")
+            tokenizer.save_pretrained(out / "merged")
+            for file in (out / "merged").iterdir():  # the same model at the root: hard links, no second copy
+                os.link(file, out / file.name)
+            contents = "model+merged"
+        else:
+            model.save_pretrained(out)
+            (out / "README.md").unlink(missing_ok=True)  # peft's placeholder card; `rlhf publish` writes the real one
+            tokenizer.save_pretrained(out)
+            merge_lora(model, tokenizer, out / "merged", base=base)
+            contents = "adapter+merged"
+        write_stage_json(out, identity, metrics, contents=contents,
+                         extra={"finetune": sft.finetune, "random_init": sft.random_init})  # fmt: skip
+    final = final_dir(cfg, STAGE)
+    logger.info("sft finished: %s", final)
+    return final
+
+
+def _wait_for_main() -> None:
+    """Other ranks wait until the main process has prepared the stage directory."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
