@@ -180,9 +180,12 @@ class TokenizerArgs:
     name_or_path: Optional[str] = _f(None, "Reuse this tokenizer (local path or Hub id); None trains a byte-level BPE on the corpus.")
     vocab_size: int = _f(2048, "Vocabulary size of a trained tokenizer.")
     min_frequency: int = _f(2, "Minimum pair frequency for a BPE merge.")
+    max_documents: int = _f(200_000, "Train the tokenizer on at most this many corpus documents (-1: all).")
 
     def __post_init__(self):
         _check(self.vocab_size >= 300, "vocab_size", "must be >= 300 (256 bytes plus special tokens)")
+        _check(self.min_frequency >= 1, "min_frequency", "must be >= 1")
+        _check(self.max_documents == -1 or self.max_documents > 0, "max_documents", "must be -1 (all) or > 0")
 
 
 @dataclass
@@ -196,6 +199,15 @@ class ModelArgs:
     num_key_value_heads: Optional[int] = _f(None, "Override the preset's key/value heads (grouped-query attention).")
     intermediate_size: Optional[int] = _f(None, "Override the preset's MLP width.")
     max_position_embeddings: Optional[int] = _f(None, "Context length; default: pretrain.max_seq_len.")
+    tie_word_embeddings: Optional[bool] = _f(None, "Share input embeddings and LM head; default: the preset's choice.")
+    rope_theta: float = _f(10000.0, "RoPE base frequency.")
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "max_position_embeddings"):  # fmt: skip
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, "must be a positive integer (or null for the preset's)")
+        _check(self.rope_theta > 0, "rope_theta", "must be > 0")
 
 
 @dataclass
@@ -204,12 +216,22 @@ class PretrainConfig(TrainArgs):
     init_from: Optional[str] = _f(None, "Continue pretraining this causal LM (local path or Hub id) instead of a fresh model.")
     tokenizer: TokenizerArgs = _f(TokenizerArgs(), "Tokenizer to train or reuse.")
     dataset: Optional[str] = _f(None, "Pretraining corpus; default: the data stage's final/ (a path or Hub id otherwise).")
+    dataset_config: Optional[str] = _f(None, "Hub dataset config name (pretrain.dataset is a Hub id, streamed).")
+    text_key: str = _f("text", "Column that holds the documents.")
+    eval_documents: int = _f(200, "Documents held out for perplexity when the corpus has no validation split.")
     max_seq_len: int = _f(256, "Tokens per packed training sequence.")
     eval_max_batches: int = _f(-1, "Cap on held-out batches for perplexity (-1: all).", volatile=True)
+    baseline_max_tokens: int = _f(5_000_000, "Training tokens the unigram and 3-gram baselines count (-1: all).")
+    tokenize_num_proc: int = _f(1, "Processes that tokenize the corpus (datasets.map num_proc).", volatile=True)
 
     def __post_init__(self):
         super().__post_init__()
         _check(self.max_seq_len >= 8, "max_seq_len", "must be >= 8")
+        _check(self.eval_documents >= 1, "eval_documents", "must be >= 1")
+        _check(self.eval_max_batches == -1 or self.eval_max_batches > 0, "eval_max_batches", "must be -1 (all) or > 0")
+        _check(self.baseline_max_tokens == -1 or self.baseline_max_tokens > 0, "baseline_max_tokens",
+               "must be -1 (all) or > 0")  # fmt: skip
+        _check(self.tokenize_num_proc >= 1, "tokenize_num_proc", "must be >= 1")
 
 
 # --------------------------------------------------------------------------------------------------------------

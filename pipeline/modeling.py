@@ -32,6 +32,101 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------------------
 # Pretraining: Llama size presets and models built from a config
 
+# Sizes of the Llama models pretrained from scratch. The names count non-embedding parameters roughly (the
+# embeddings add vocab_size * hidden_size, twice when untied). tiny/mini/small are for CPUs; 125m follows GPT-3
+# Small's shape, 1b follows Llama-3.2-1B (grouped-query attention, tied embeddings).
+PRESETS: dict[str, dict[str, int | bool]] = {
+    "tiny": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6,
+                 intermediate_size=512, tie_word_embeddings=True),
+    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=768, tie_word_embeddings=True),
+    "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
+                  intermediate_size=1024, tie_word_embeddings=True),
+    "20m": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
+                intermediate_size=1536, tie_word_embeddings=False),
+    "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                 intermediate_size=2048, tie_word_embeddings=False),
+    "350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                 intermediate_size=2816, tie_word_embeddings=False),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, tie_word_embeddings=True),
+}  # fmt: skip
+
+
+def build_llama_config(args: ModelArgs, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> LlamaConfig:
+    """A Llama config from a size preset, the explicit overrides in `args`, and the tokenizer's special tokens."""
+    sizes = dict(PRESETS[args.preset])
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "tie_word_embeddings"):  # fmt: skip
+        if getattr(args, name) is not None:
+            sizes[name] = getattr(args, name)
+    if args.num_attention_heads is not None and args.num_key_value_heads is None:
+        sizes["num_key_value_heads"] = args.num_attention_heads
+    if sizes["hidden_size"] % sizes["num_attention_heads"]:
+        raise UserError(
+            f"pretrain.model: hidden_size {sizes['hidden_size']} is not divisible by num_attention_heads "
+            f"{sizes['num_attention_heads']} (choose sizes where it is)"
+        )
+    if sizes["num_attention_heads"] % sizes["num_key_value_heads"]:
+        raise UserError(
+            f"pretrain.model: num_attention_heads {sizes['num_attention_heads']} is not divisible by "
+            f"num_key_value_heads {sizes['num_key_value_heads']} (grouped-query attention needs it)"
+        )
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=args.max_position_embeddings or max_seq_len,
+        rope_theta=args.rope_theta,
+        attention_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        use_cache=False,  # training only; generation turns it back on
+        **sizes,
+    )
+
+
+def build_pretrain_model(
+    args: ModelArgs, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, init_from: str | None = None
+) -> PreTrainedModel:
+    """A fresh Llama from `args` (seed the RNG first), or the causal LM at `init_from` for continued pretraining.
+
+    The embeddings are resized when the tokenizer is larger than the model's vocabulary (tokens added by
+    `prepare_chat_tokenizer`). Generation settings (EOS, pad) come from the tokenizer.
+    """
+    if init_from is None:
+        model = LlamaForCausalLM(build_llama_config(args, tokenizer, max_seq_len))
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"pretrain.init_from: cannot load a causal LM from {init_from}: {str(exc).splitlines()[0]} "
+                "(give a directory saved with save_pretrained or a Hub id reachable from this machine)"
+            ) from None
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.config.use_cache = False
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N (forward and backward through N non-embedding weights) + attention scores.
+
+    As in the PaLM paper (Chowdhery et al. 2022, appendix B): 6 N + 12 L d T, with L layers, width d, sequence T.
+    """
+    d, layers = config.hidden_size, config.num_hidden_layers
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = d // heads
+    attn = d * d * 2 + d * kv_heads * head_dim * 2  # q, o and k, v projections
+    mlp = 3 * d * config.intermediate_size
+    n = layers * (attn + mlp) + d * config.vocab_size  # the LM head is a matmul too
+    return 6.0 * n + 12.0 * layers * d * seq_len
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading a base causal LM (local path or Hub id, optionally 4-bit NF4) and LoRA adapters
