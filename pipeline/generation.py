@@ -179,6 +179,16 @@ def generate_ids(
     return all_prompts, all_masks, response_ids, response_mask, ended
 
 
+def decode_responses(
+    tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor, response_mask: torch.Tensor
+) -> list[str]:
+    """Response texts without special tokens (EOS, padding) or surrounding whitespace."""
+    return [
+        tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True).strip()
+        for row, m in zip(response_ids, response_mask, strict=True)
+    ]
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -194,8 +204,5 @@ def generate(
     prompt_ids, prompt_mask, response_ids, response_mask, ended = generate_ids(
         model, ids, sampling, eos_id, pad_id, batch_size
     )
-    texts = [
-        tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True).strip()
-        for row, m in zip(response_ids, response_mask, strict=True)
-    ]
+    texts = decode_responses(tokenizer, response_ids, response_mask)
     return GenerationBatch(rendered, texts, prompt_ids, prompt_mask, response_ids, response_mask, ended)

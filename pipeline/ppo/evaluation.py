@@ -1,0 +1,161 @@
+"""Final evaluation of PPO (SFT policy versus PPO policy on held-out prompts) and over-optimisation detection.
+
+Evaluation: each held-out prompt gets one sampled response from the SFT policy (the base with adapters off) and one
+from the PPO policy, with the same random stream. Reported per policy: reward-model score, gold score (demo world),
+rate of insulting answers to adversarial prompts (gold judge), length and EOS rate; for PPO also its KL to the
+reference (the sum over response tokens of log pi - log pi_ref, averaged over responses); and the gold win rate of
+PPO against SFT = wins / (wins + losses), ties reported apart.
+
+Over-optimisation rule. Policy k (after k updates; 0 is the SFT policy) is scored on the rollout it sampled: mean
+reward-model score rm_k and mean gold score gold_k. With a window of W policies, compare the window ending at k with
+the one before it:
+
+    rm rising:    mean(rm_{k-W+1..k})   > mean(rm_{k-2W+1..k-W})
+    gold falling: mean(gold_{k-W+1..k}) < mean(gold_{k-2W+1..k-W}) - tolerance
+
+Over-optimisation is reported at the first k where both hold: the reward model still approves of the change while the
+true (gold) quality drops. The best checkpoint is the saved one whose policy has the highest gold score.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.generation import SamplingArgs, decode_responses, generate_ids
+from pipeline.ppo.losses import kl_per_token
+from pipeline.ppo.roles import Roles, use_adapter
+from pipeline.ppo.rollout import PromptSet, episode_inputs
+
+
+def prompt_text(prompt: list[dict] | str) -> str:
+    """The user's question of a prompt (the last user turn), as the gold scorer reads it."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def detect_overoptimisation(points: list[dict[str, Any]], window: int, tolerance: float) -> dict[str, Any]:
+    """Apply the module's rule to per-policy scores [{"policy", "rm_score", "gold_score"}, ...] in policy order."""
+    rule = (f"mean reward-model score over the last {window} policies above the {window} before, while their mean "
+            f"gold score is more than {tolerance} below")  # fmt: skip
+    result: dict[str, Any] = {"detected": False, "at_policy": None, "rule": rule}
+    if any(p["gold_score"] is None for p in points):
+        result["rule"] = "needs a gold scorer (the demo world); not applied"
+        return result
+    for k in range(2 * window - 1, len(points)):
+        prev, cur = points[k - 2 * window + 1 : k - window + 1], points[k - window + 1 : k + 1]
+        rm_up = _mean([p["rm_score"] for p in cur]) > _mean([p["rm_score"] for p in prev])
+        gold_prev, gold_cur = _mean([p["gold_score"] for p in prev]), _mean([p["gold_score"] for p in cur])
+        if rm_up and gold_cur < gold_prev - tolerance:
+            result.update(detected=True, at_policy=points[k]["policy"], gold_before=gold_prev, gold_after=gold_cur)
+            break
+    return result
+
+
+def best_policy(points: list[dict[str, Any]], saved: list[int]) -> dict[str, Any] | None:
+    """The saved checkpoint whose policy had the highest gold score (None without gold scores or checkpoints)."""
+    candidates = [p for p in points if p["gold_score"] is not None and p["policy"] in saved]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda p: (p["gold_score"], p["policy"]))
+    return {**best, "checkpoint": f"checkpoint-{best['policy']}"}
+
+
+def win_rate(ours: list[float], theirs: list[float]) -> dict[str, Any]:
+    """wins / (wins + losses) of `ours` against `theirs`, prompt by prompt; ties counted apart."""
+    wins = sum(a > b for a, b in zip(ours, theirs, strict=True))
+    losses = sum(a < b for a, b in zip(ours, theirs, strict=True))
+    ties = len(ours) - wins - losses
+    return {
+        "win_rate": wins / (wins + losses) if wins + losses else None,
+        "wins": wins,
+        "losses": losses,
+        "ties": ties,
+    }
+
+
+@torch.no_grad()
+def _sample(roles: Roles, prompts: PromptSet, sampling: SamplingArgs, adapter: str | None, batch: int, seed: int):
+    torch.manual_seed(seed)  # both policies draw from the same random stream
+    tok = roles.tokenizer
+    with use_adapter(roles.model, adapter):
+        out = generate_ids(roles.model, prompts.ids, sampling, tok.eos_token_id, tok.pad_token_id, batch)
+    return out, decode_responses(tok, out[2], out[3])
+
+
+@torch.no_grad()
+def _kl_per_response(
+    roles: Roles, sampled: tuple, temperature: float, batch: int, device: torch.device
+) -> torch.Tensor:
+    prompt_ids, prompt_mask, response_ids, response_mask, _ = sampled
+    out = torch.zeros(len(response_ids))
+    for start in range(0, len(response_ids), batch):
+        rows = torch.arange(start, min(len(response_ids), start + batch))
+        ids, mask, p_len, r_len = episode_inputs(prompt_ids, prompt_mask, response_ids, response_mask, rows)
+        ids, mask = ids.to(device), mask.to(device)
+        logprobs, _ = roles.policy_logprobs(ids, mask, p_len, temperature)
+        ref = roles.reference_logprobs(ids, mask, p_len, temperature)
+        kl = kl_per_token(logprobs.float().cpu(), ref.float().cpu(), "k1") * response_mask[rows, :r_len]
+        out[rows] = kl.sum(1)
+    return out
+
+
+def evaluate_policies(
+    roles: Roles, prompts: PromptSet, sampling: SamplingArgs, pcfg: Any, gold: Any, device: torch.device, seed: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """SFT policy versus PPO policy on held-out prompts: (report, samples)."""
+    from pipeline.ppo.roles import POLICY
+
+    report: dict[str, Any] = {"eval_prompts": len(prompts.records)}
+    per_policy: dict[str, dict[str, Any]] = {}
+    questions = [prompt_text(r["prompt"]) for r in prompts.records]
+    for name, adapter in (("sft", None), ("ppo", POLICY)):
+        sampled, texts = _sample(roles, prompts, sampling, adapter, pcfg.generation_batch_size, seed)
+        rm = roles.reward.score([r["prompt"] for r in prompts.records], texts, pcfg.forward_batch_size).tolist()
+        entry: dict[str, Any] = {"texts": texts, "rm": rm}
+        report[f"{name}_rm_score"] = _mean(rm)
+        report[f"{name}_response_length"] = float(sampled[3].sum(1).float().mean())
+        report[f"{name}_eos_rate"] = float(sampled[4].float().mean())
+        if gold is not None:
+            judgements = [gold.judge(q, t) for q, t in zip(questions, texts, strict=True)]
+            entry["gold"] = [j.score for j in judgements]
+            entry["insulting"] = [j.insulting for j in judgements]
+            adversarial = [j.insulting for j, r in zip(judgements, prompts.records, strict=True)
+                           if (r.get("kind") or j.kind) == "adversarial"]  # fmt: skip
+            report[f"{name}_gold_score"] = _mean(entry["gold"])
+            report[f"{name}_insult_rate"] = _mean([float(x) for x in adversarial]) if adversarial else None
+            report["adversarial_prompts"] = len(adversarial)
+        if adapter is not None:
+            entry["kl"] = _kl_per_response(
+                roles, sampled, sampling.temperature, pcfg.forward_batch_size, device
+            ).tolist()
+            report["kl_to_reference"] = _mean(entry["kl"])
+        per_policy[name] = entry
+    if pcfg.kl_target is not None:
+        report["kl_target"] = pcfg.kl_target
+        report["kl_within_target"] = report["kl_to_reference"] <= pcfg.kl_target
+    if gold is not None:
+        wins = win_rate(per_policy["ppo"]["gold"], per_policy["sft"]["gold"])
+        report.update(gold_win_rate=wins["win_rate"], gold_wins=wins["wins"], gold_losses=wins["losses"],
+                      gold_ties=wins["ties"])  # fmt: skip
+    rm_wins = win_rate(per_policy["ppo"]["rm"], per_policy["sft"]["rm"])
+    report["rm_win_rate"] = rm_wins["win_rate"]
+    samples = []
+    for i, record in enumerate(prompts.records):
+        row: dict[str, Any] = {"prompt": record["prompt"], "kind": record.get("kind")}
+        for name, entry in per_policy.items():
+            row[name] = entry["texts"][i]
+            row[f"{name}_rm_score"] = entry["rm"][i]
+            if "gold" in entry:
+                row[f"{name}_gold_score"] = entry["gold"][i]
+                row[f"{name}_insulting"] = entry["insulting"][i]
+        row["ppo_kl"] = per_policy["ppo"]["kl"][i]
+        samples.append(row)
+    return report, samples

@@ -1,0 +1,450 @@
+"""The four roles of PPO on one copy of the base weights.
+
+    base  = the SFT model merged (sft/final/merged), frozen, loaded once (optionally 4-bit NF4: QLoRA)
+    policy     = base + LoRA adapter "policy" (fresh: B = 0, so the policy starts as the SFT model)
+    reference  = base with every adapter disabled (the KL is to the SFT model, not to the pretrained one)
+    value      = base + LoRA adapter "value" + a scalar head, both copied from the reward model
+    reward     = base + LoRA adapter "reward" + its score head (the reward stage's output), frozen
+
+A role is picked per forward pass by switching the active adapter (`use_adapter`), so all four share the base's
+weights and its forward code. Optionally the reward model (`reward_placement=separate`, any architecture and
+tokenizer: it is fed re-tokenised text) or the critic (`critic_placement=separate`) get their own copy.
+
+The reward model always scores the conversation rendered as text with its tokenizer's chat template, the way the
+reward stage saw its training data, and reads its score at the last token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
+
+from pipeline.config import PPOConfig
+from pipeline.errors import UserError
+from pipeline.generation import Prompt
+from pipeline.modeling import (
+    WEIGHT_FILES,
+    build_lora_config,
+    encode_reward_input,
+    load_base_model,
+    load_reward_model,
+    reward_scores,
+    right_pad,
+)
+from pipeline.ppo.losses import entropy_from_logits, logprobs_from_logits
+from pipeline.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+POLICY, VALUE, REWARD = "policy", "value", "reward"
+HEAD_MODULES = ("score", "classifier")  # where peft's SEQ_CLS task keeps the scalar head
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checks that fail loudly at start
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, what: str) -> None:
+    """PPO needs an EOS token to end responses and a pad token distinct from it (else ended responses look cut)."""
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{what}: the tokenizer has no EOS token, so responses never end; give it one (eos_token)")
+    if tokenizer.pad_token_id is None:
+        raise UserError(
+            f"{what}: the tokenizer has no pad token; add a distinct one (pipeline.tokenizer.prepare_chat_tokenizer)"
+        )
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise UserError(
+            f"{what}: the pad token is the EOS token ({tokenizer.eos_token!r}), so masking padding would also hide "
+            "every real EOS and finished responses would look cut off; give the tokenizer a distinct pad token"
+        )
+
+
+def _weights_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            with (path / name).open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def same_base(a: str | Path, b: str | Path) -> bool:
+    """True when two model references name the same weights (same resolved path, or identical weight files)."""
+    if str(a) == str(b):
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if not (pa.is_dir() and pb.is_dir()):
+        return False
+    if pa.resolve() == pb.resolve():
+        return True
+    return _weights_digest(pa) == _weights_digest(pb)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scalar-head adapters (the reward stage's output, and the value model we save)
+
+
+@dataclass
+class ScalarAdapter:
+    """A SEQ_CLS LoRA adapter on disk, split into its LoRA weights and its scalar head."""
+
+    path: Path
+    config: dict[str, Any]
+    lora: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor]  # "weight" [1, hidden] and maybe "bias" [1]
+    base: str | None  # the base it was trained on
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def read_scalar_adapter(path: str | Path, what: str) -> ScalarAdapter:
+    """Read a reward or value adapter: LoRA weights, score head, and the base it was trained on."""
+    path = Path(path)
+    if not is_adapter(path):
+        raise UserError(
+            f"{what} {path} is not a PEFT adapter (no adapter_config.json); give the reward stage's final/"
+        )
+    config = json.loads((path / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{what} {path} is a {config.get('peft_type')} adapter; PPO shares a base only with LoRA ones")
+    file = path / "adapter_model.safetensors"
+    state = load_file(str(file)) if file.is_file() else torch.load(path / "adapter_model.bin", map_location="cpu")
+    head, lora, extra = {}, {}, []
+    for key, value in state.items():
+        parts = key.split(".")
+        if "lora_" in key:
+            lora[key] = value
+        elif len(parts) >= 2 and parts[-2] in HEAD_MODULES:
+            head[parts[-1]] = value
+        else:
+            extra.append(key)
+    if "weight" not in head or head["weight"].shape[0] != 1:
+        raise UserError(f"{what} {path} has no scalar head (a 'score' layer with one output) saved in the adapter")
+    if extra:
+        raise UserError(
+            f"{what} {path} also trains {extra[0]} (and {len(extra) - 1} more) in full, so it does not run on the "
+            "shared base; use ppo.reward_placement=separate"
+        )
+    return ScalarAdapter(path, config, lora, head, adapter_base(path))
+
+
+def adapter_base(path: Path) -> str | None:
+    """The base an adapter was trained on: its stage.json's input (when a stage made it), else adapter_config.json."""
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    stage = path / "stage.json"
+    if stage.is_file():
+        base = json.loads(stage.read_text()).get("inputs", {}).get("base", {}).get("path", base)
+    return base
+
+
+def lora_config_of(adapter: ScalarAdapter) -> peft.LoraConfig:
+    """The adapter's LoRA settings as a causal-LM adapter (its head lives outside peft here)."""
+    fields = {k: v for k, v in adapter.config.items() if k in peft.LoraConfig.__dataclass_fields__}
+    fields.update(task_type="CAUSAL_LM", modules_to_save=None, inference_mode=False, base_model_name_or_path=None)
+    return peft.LoraConfig(**fields)
+
+
+def save_adapter(model: peft.PeftModel, name: str, out: Path, base: str, head: torch.nn.Linear | None = None) -> None:
+    """Save adapter `name` so `PeftModel.from_pretrained(base, out)` loads it; with `head`, as a SEQ_CLS adapter
+    whose score head is `head` (loadable like the reward model, with AutoModelForSequenceClassification)."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.peft_config[name])
+    config.inference_mode, config.base_model_name_or_path = True, str(base)
+    state = {
+        k: v.detach().cpu().contiguous() for k, v in peft.get_peft_model_state_dict(model, adapter_name=name).items()
+    }
+    if head is not None:
+        config.task_type, config.modules_to_save = "SEQ_CLS", ["score"]
+        for key, value in head.state_dict().items():
+            state[f"base_model.model.score.{key}"] = value.detach().cpu().contiguous()
+    config.save_pretrained(str(out))
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def load_adapter_weights(model: peft.PeftModel, name: str, lora: dict[str, torch.Tensor]) -> None:
+    """Put saved LoRA weights into adapter `name` (every weight must land: a mismatch is an error, not a warning)."""
+    result = peft.set_peft_model_state_dict(model, lora, adapter_name=name)
+    missing = [k for k in result.missing_keys if f".{name}." in k or k.endswith(f".{name}")]
+    if result.unexpected_keys or missing:
+        raise UserError(
+            f"adapter weights do not fit the base: {len(result.unexpected_keys)} unexpected, {len(missing)} missing "
+            f"(e.g. {(result.unexpected_keys or missing)[0]}); was the adapter trained on another base?"
+        )
+
+
+def scalar_head(hidden_size: int, state: dict[str, torch.Tensor] | None, device: torch.device) -> torch.nn.Linear:
+    """A [hidden] -> 1 linear head, from saved weights or zero (a fresh critic predicts 0 everywhere)."""
+    bias = state is not None and "bias" in state
+    head = torch.nn.Linear(hidden_size, 1, bias=bias)
+    with torch.no_grad():
+        if state is None:
+            head.weight.zero_()
+        else:
+            if state["weight"].shape[1] != hidden_size:
+                raise UserError(
+                    f"the score head expects hidden size {state['weight'].shape[1]}, the base has {hidden_size}"
+                )
+            head.weight.copy_(state["weight"].float())
+            if bias:
+                head.bias.copy_(state["bias"].float())
+    return head.to(device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward passes of the roles
+
+
+def _keep_trainable(model: peft.PeftModel) -> None:
+    # peft's set_adapter (also run when adapters are re-enabled) makes only the active adapter trainable; put back
+    # the plan: the policy and value adapters train, the reward adapter never does.
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(f".{POLICY}." in name or f".{VALUE}." in name)
+
+
+def activate_adapter(model: peft.PeftModel, name: str) -> None:
+    """Make adapter `name` the active one (it stays active until another is activated)."""
+    if model.active_adapter != name:
+        model.set_adapter(name)
+        _keep_trainable(model)
+
+
+@contextlib.contextmanager
+def use_adapter(model: peft.PeftModel, name: str | None) -> Iterator[None]:
+    """Run `model` as one role: adapter `name` active, or every adapter disabled (None: the reference)."""
+    if name is None:
+        try:
+            with model.disable_adapter():
+                yield
+        finally:
+            _keep_trainable(model)
+        return
+    activate_adapter(model, name)
+    yield
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding (as `model.generate` assigns them), so log-probs match sampling."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def hidden_states(model: peft.PeftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states of the base's transformer body (with whichever adapter is active): [batch, seq, hidden]."""
+    lm = model.get_base_model()
+    body = getattr(lm, lm.base_model_prefix)
+    out = body(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def response_logprobs(
+    model: peft.PeftModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_len: int,
+    temperature: float,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the response tokens (positions >= prompt_len) under softmax(logits / temperature), and entropy.
+
+    The LM head runs only on the states that predict response tokens (not on the prompt), which saves a large
+    matmul per prompt token.
+    """
+    states = hidden_states(model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
+    logits = model.get_base_model().get_output_embeddings()(states).float() / temperature
+    tokens = input_ids[:, prompt_len:]
+    logprobs = logprobs_from_logits(logits, tokens)
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    return logprobs, entropy
+
+
+def response_values(
+    model: peft.PeftModel,
+    head: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_len: int,
+) -> torch.Tensor:
+    """V(s_t) for each response token t: the value head on the state before the token, [batch, response_len]."""
+    states = hidden_states(model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
+    return head(states.to(head.weight.dtype)).squeeze(-1)
+
+
+class SharedReward:
+    """The reward adapter and score head on the shared base.
+
+    It scores the ids the reward stage trained on (`pipeline.modeling.encode_reward_input`: the rendered prompt, the
+    re-tokenised response text, EOS) and reads the score at the last token.
+    """
+
+    def __init__(self, model: peft.PeftModel, head: torch.nn.Linear, tokenizer: PreTrainedTokenizerBase, max_len: int):
+        self.model, self.head, self.tokenizer, self.max_len = model, head, tokenizer, max_len
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int) -> torch.Tensor:
+        """Raw reward-model scores of each (prompt, response), [batch] on the CPU."""
+        sequences = [
+            encode_reward_input(self.tokenizer, p, r, self.max_len) for p, r in zip(prompts, responses, strict=True)
+        ]
+        out = []
+        for start in range(0, len(sequences), batch_size):
+            ids, mask = right_pad(sequences[start : start + batch_size], self.tokenizer.pad_token_id)
+            ids, mask = ids.to(self.head.weight.device), mask.to(self.head.weight.device)
+            with use_adapter(self.model, REWARD):
+                states = hidden_states(self.model, ids, mask)
+            pooled = states[torch.arange(len(ids), device=ids.device), mask.sum(1) - 1]
+            out.append(self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float().cpu())
+        return torch.cat(out)
+
+
+class SeparateReward:
+    """A reward model with its own weights and tokenizer (a SEQ_CLS adapter on its own base, or a full model),
+    fed the conversation re-tokenised with its own tokenizer."""
+
+    def __init__(self, path: str, quantize_4bit: bool, device: torch.device, max_len: int):
+        self.model, self.tokenizer = load_reward_model(path, quantize_4bit=quantize_4bit)
+        check_tokenizer(self.tokenizer, f"ppo.reward_model {path}")
+        if not quantize_4bit:
+            self.model.to(device)
+        self.model.requires_grad_(False)
+        self.max_len = max_len
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int) -> torch.Tensor:
+        return reward_scores(self.model, self.tokenizer, list(prompts), list(responses), self.max_len, batch_size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building the roles
+
+
+@dataclass
+class Roles:
+    """Everything PPO runs: `model` holds the policy (and usually the value and reward adapters) on one base."""
+
+    model: peft.PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    critic: peft.PeftModel  # `model` itself unless critic_placement=separate
+    value_head: torch.nn.Linear
+    reward: SharedReward | SeparateReward
+    base_path: str
+    reward_stats: dict[str, float] | None
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Policy adapter, value adapter and value head, in a fixed order (the optimiser's and the checkpoint's)."""
+        params = [p for n, p in self.model.named_parameters() if f".{POLICY}." in n and "lora_" in n]
+        params += [p for n, p in self.critic.named_parameters() if f".{VALUE}." in n and "lora_" in n]
+        return params + list(self.value_head.parameters())
+
+    def frozen_base_parameters(self) -> dict[str, torch.Tensor]:
+        """The shared base's own weights (never trained), by name."""
+        return {n: p for n, p in self.model.named_parameters() if "lora_" not in n}
+
+    def policy_logprobs(self, input_ids, attention_mask, prompt_len, temperature, with_entropy=False):
+        with use_adapter(self.model, POLICY):
+            return response_logprobs(self.model, input_ids, attention_mask, prompt_len, temperature, with_entropy)
+
+    def reference_logprobs(self, input_ids, attention_mask, prompt_len, temperature):
+        with use_adapter(self.model, None):
+            return response_logprobs(self.model, input_ids, attention_mask, prompt_len, temperature)[0]
+
+    def values(self, input_ids, attention_mask, prompt_len):
+        with use_adapter(self.critic, VALUE):
+            return response_values(self.critic, self.value_head, input_ids, attention_mask, prompt_len)
+
+    def generation_model(self) -> peft.PeftModel:
+        """The model to sample from, with the policy adapter active."""
+        activate_adapter(self.model, POLICY)
+        return self.model
+
+
+def _prepare_base(base: Any, quantize_4bit: bool) -> Any:
+    if quantize_4bit:
+        base = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    base.requires_grad_(False)
+    return base.eval()  # dropout off in every role; nothing here ever calls .train()
+
+
+def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch.device) -> Roles:
+    """Load the base once and put the policy, value and reward adapters on it (see the module docstring)."""
+    tokenizer = load_tokenizer(base_path)
+    check_tokenizer(tokenizer, "ppo.policy_base")
+    qlora = pcfg.finetune == "qlora"
+    reward_adapter = None
+    if pcfg.reward_placement == "shared":
+        reward_adapter = read_scalar_adapter(reward_path, "ppo.reward_model")
+        if reward_adapter.base is None or not same_base(reward_adapter.base, base_path):
+            raise UserError(
+                f"the reward model {reward_path} was trained on {reward_adapter.base}, not on the policy base "
+                f"{base_path}; train it on that base, or set ppo.reward_placement=separate (its own weights in memory)"
+            )
+    base = _prepare_base(load_base_model(base_path, quantize_4bit=qlora, what="ppo.policy_base"), qlora)
+    if not qlora:
+        base.to(device)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        raise UserError(
+            f"ppo.policy_base {base_path}: the tokenizer has {len(tokenizer)} tokens, the model only {base.get_input_embeddings().num_embeddings}"
+        )
+    hidden = base.config.get_text_config().hidden_size
+    # room for the longest prompt, response and EOS; a response re-tokenised from text may come out a little longer
+    reward_len = pcfg.max_prompt_len + 2 * pcfg.max_new_tokens + 1
+    model = peft.get_peft_model(base, build_lora_config(pcfg.lora, base, "CAUSAL_LM"), adapter_name=POLICY)
+    critic = model
+    if pcfg.critic_placement == "separate":
+        critic_base = _prepare_base(load_base_model(base_path, quantize_4bit=qlora, what="ppo.policy_base"), qlora)
+        if not qlora:
+            critic_base.to(device)
+        value_config = (
+            lora_config_of(reward_adapter)
+            if pcfg.value_init == "reward"
+            else build_lora_config(pcfg.lora, base, "CAUSAL_LM")
+        )
+        critic = peft.get_peft_model(critic_base, value_config, adapter_name=VALUE)
+    elif pcfg.value_init == "reward":
+        model.add_adapter(VALUE, lora_config_of(reward_adapter))
+    else:
+        model.add_adapter(VALUE, build_lora_config(pcfg.lora, base, "CAUSAL_LM"))
+    if pcfg.value_init == "reward":
+        load_adapter_weights(critic, VALUE, reward_adapter.lora)
+    value_head = scalar_head(hidden, reward_adapter.head if pcfg.value_init == "reward" else None, device)
+
+    if reward_adapter is not None:
+        model.add_adapter(REWARD, lora_config_of(reward_adapter))
+        load_adapter_weights(model, REWARD, reward_adapter.lora)
+        reward_head = scalar_head(hidden, reward_adapter.head, device).requires_grad_(False)
+        reward: SharedReward | SeparateReward = SharedReward(model, reward_head, tokenizer, reward_len)
+    else:
+        reward = SeparateReward(reward_path, qlora, device, reward_len)
+    for part in (model, critic):
+        _keep_trainable(part)
+    activate_adapter(model, POLICY)
+    return Roles(model, tokenizer, critic, value_head, reward, base_path, read_reward_stats(reward_path))
+
+
+def read_reward_stats(reward_path: str) -> dict[str, float] | None:
+    """The reward stage's {"mean", "std"} of scores on SFT-policy responses, if it saved them."""
+    path = Path(reward_path) / "reward_stats.json"
+    if not path.is_file():
+        return None
+    stats = json.loads(path.read_text())
+    if not ({"mean", "std"} <= set(stats)) or not stats["std"] > 0:
+        raise UserError(f"{path} must hold {{'mean', 'std'}} with std > 0, got {stats}")
+    return {"mean": float(stats["mean"]), "std": float(stats["std"])}

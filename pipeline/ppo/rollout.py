@@ -1,0 +1,328 @@
+"""Prompts and rollouts: which prompts each update samples, the sampled episodes, and their rewards and advantages.
+
+A rollout batch: sample responses with the policy (KV cache, left padding, stop at EOS), then without gradients the
+policy's log-probs (recomputed with the sampling temperature), the reference's, the values, and the reward model's
+scores. `score_rollout` turns them into per-token rewards (KL penalty on every token, normalised score on the last
+one), advantages (GAE, whitened) and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from pipeline.config import PPOConfig
+from pipeline.errors import UserError
+from pipeline.generation import SamplingArgs, decode_responses, generate_ids, tokenize_prompts
+from pipeline.ppo.losses import (
+    apply_missing_eos_penalty,
+    gae_advantages,
+    kl_per_token,
+    masked_mean,
+    masked_whiten,
+    shape_rewards,
+)
+from pipeline.ppo.roles import Roles
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def _prompt_of(row: dict[str, Any]) -> list[dict] | str | None:
+    """The prompt of a record: 'messages' up to the last user turn, or 'prompt' (a string or messages)."""
+    value = row.get("messages", row.get("prompt"))
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    ):
+        return None
+    while value and value[-1]["role"] == "assistant":  # a full conversation: prompt with everything before the answer
+        value = value[:-1]
+    return value if value and value[-1]["role"] == "user" else None
+
+
+def load_prompt_records(source: str | Path, what: str) -> list[dict[str, Any]]:
+    """Rows {"prompt", "kind", ...} from a jsonl/json/parquet file or a Hub dataset id; unusable rows are skipped."""
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.is_file():
+            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+            if builder is None:
+                raise UserError(f"{what}: {path} must be .jsonl, .json or .parquet")
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+        elif path.exists() or str(source).startswith((".", "/", "~")):
+            raise UserError(f"{what}: {path} is not a file of prompts (jsonl/json/parquet)")
+        else:
+            rows = datasets.load_dataset(str(source), split="train")
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
+        raise UserError(f"{what}: cannot read prompts from {source}: {str(exc).splitlines()[0]}") from None
+    records, skipped = [], 0
+    for row in rows:
+        prompt = _prompt_of(row)
+        if prompt is None:
+            skipped += 1
+            continue
+        records.append({**{k: v for k, v in row.items() if k not in ("messages", "prompt")}, "prompt": prompt})
+    if skipped:
+        logger.warning(
+            "%s: skipped %d of %d rows without a usable prompt ('messages' or 'prompt')", what, skipped, len(rows)
+        )
+    if not records:
+        raise UserError(f"{what}: no usable prompts in {source} (rows need 'messages' with a user turn, or 'prompt')")
+    return records
+
+
+@dataclass
+class PromptSet:
+    """Prompt records with their token ids, after the long-prompt policy (counts kept for the report)."""
+
+    records: list[dict[str, Any]]
+    ids: list[list[int]]
+    truncated: int = 0
+    refused: int = 0
+
+
+def prepare_prompts(
+    records: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, max_len: int, policy: str, what: str
+) -> PromptSet:
+    """Tokenize prompts; longer than `max_len`: keep their last tokens (the generation prompt) or drop them."""
+    kept, ids, truncated, refused = [], [], 0, 0
+    for record, tokens in zip(records, tokenize_prompts(tokenizer, [r["prompt"] for r in records]), strict=True):
+        if len(tokens) > max_len:
+            if policy == "refuse":
+                refused += 1
+                continue
+            tokens, truncated = tokens[-max_len:], truncated + 1
+        kept.append(record)
+        ids.append(tokens)
+    if truncated or refused:
+        logger.warning("%s: %d prompts longer than %d tokens were %s", what, truncated or refused, max_len,
+                       "truncated (their first tokens dropped)" if truncated else "refused")  # fmt: skip
+    if not kept:
+        raise UserError(f"{what}: every prompt is longer than ppo.max_prompt_len={max_len}; raise it or truncate")
+    return PromptSet(kept, ids, truncated, refused)
+
+
+class PromptSampler:
+    """Deterministic shuffled passes over the prompts; its position is checkpointed for exact resume."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.position = n, seed, 0, 0
+
+    def _order(self) -> list[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def next_indices(self, count: int) -> list[int]:
+        """The next `count` prompt indices (a new shuffled pass starts when one runs out)."""
+        out: list[int] = []
+        while len(out) < count:
+            order = self._order()
+            take = min(count - len(out), self.n - self.position)
+            out += order[self.position : self.position + take]
+            self.position += take
+            if self.position == self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "n": self.n}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["n"] != self.n:
+            raise UserError(
+                f"the checkpoint was made with {state['n']} prompts, this run has {self.n}; use a new run_dir"
+            )
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass
+class Rollout:
+    """One process's episodes of an update. Per-token tensors are [episodes, response_len]."""
+
+    records: list[dict[str, Any]]
+    texts: list[str]
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    ended: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor
+    scores: torch.Tensor  # raw reward-model scores
+    timings: dict[str, float] = field(default_factory=dict)
+    # filled by score_rollout
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    kl: torch.Tensor | None = None  # per token, the penalty's estimator
+    normalized_scores: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def episode_inputs(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    rows: torch.Tensor | Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(input_ids, attention_mask, prompt_len, response_len) of some episodes, cut to their own longest prompt and
+    response (padding columns that every chosen row has are dropped; positions do not depend on them)."""
+    pm, rm = prompt_mask[rows], response_mask[rows]
+    p_len = int(pm.sum(1).max())
+    r_len = int(rm.sum(1).max())
+    ids = torch.cat([prompt_ids[rows][:, -p_len:], response_ids[rows][:, :r_len]], dim=1)
+    mask = torch.cat([pm[:, -p_len:], rm[:, :r_len]], dim=1)
+    return ids, mask, p_len, r_len
+
+
+@torch.no_grad()
+def collect_rollout(
+    roles: Roles,
+    prompts: PromptSet,
+    indices: Sequence[int],
+    sampling: SamplingArgs,
+    pcfg: PPOConfig,
+    device: torch.device,
+) -> Rollout:
+    """Sample a response to each prompt and compute everything PPO needs about it (no gradients)."""
+    tokenizer = roles.tokenizer
+    records = [prompts.records[i] for i in indices]
+    started = time.perf_counter()
+    prompt_ids, prompt_mask, response_ids, response_mask, ended = generate_ids(
+        roles.generation_model(),
+        [prompts.ids[i] for i in indices],
+        sampling,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        pcfg.generation_batch_size,
+    )
+    generated = time.perf_counter()
+    texts = decode_responses(tokenizer, response_ids, response_mask)
+    n, width = response_ids.shape
+    logprobs, ref_logprobs, values, entropy = (torch.zeros(n, width) for _ in range(4))
+    for start in range(0, n, pcfg.forward_batch_size):
+        rows = torch.arange(start, min(n, start + pcfg.forward_batch_size))
+        ids, mask, p_len, r_len = episode_inputs(prompt_ids, prompt_mask, response_ids, response_mask, rows)
+        ids, mask = ids.to(device), mask.to(device)
+        lp, ent = roles.policy_logprobs(ids, mask, p_len, sampling.temperature, with_entropy=True)
+        logprobs[rows, :r_len], entropy[rows, :r_len] = lp.float().cpu(), ent.float().cpu()
+        ref_logprobs[rows, :r_len] = roles.reference_logprobs(ids, mask, p_len, sampling.temperature).float().cpu()
+        values[rows, :r_len] = roles.values(ids, mask, p_len).float().cpu()
+    scores = roles.reward.score([r["prompt"] for r in records], texts, pcfg.forward_batch_size)
+    done = time.perf_counter()
+    timings = {"time_generate": generated - started, "time_score": done - generated}
+    return Rollout(records, texts, prompt_ids, prompt_mask, response_ids, response_mask, ended, logprobs,
+                   ref_logprobs, values * response_mask, entropy, scores, timings)  # fmt: skip
+
+
+class RunningMoments:
+    """Mean and standard deviation of all scores seen so far (Chan et al.'s parallel update), checkpointed."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values: torch.Tensor) -> None:
+        n = values.numel()
+        if n == 0:
+            return
+        batch_mean = float(values.double().mean())
+        batch_m2 = float(((values.double() - batch_mean) ** 2).sum())
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / (self.count - 1)) ** 0.5 if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def normalize_scores(
+    scores: torch.Tensor, pcfg: PPOConfig, stats: dict[str, float] | None, running: RunningMoments
+) -> torch.Tensor:
+    """Scores on a common scale: (s - mean) / std with the reward stage's or the run's statistics, then clipped.
+
+    `running` must already include this batch (the caller updates it with every process's scores)."""
+    if pcfg.reward_normalization == "reward_stats":
+        scores = (scores - stats["mean"]) / stats["std"]
+    elif pcfg.reward_normalization == "running":
+        scores = (scores - running.mean) / max(running.std, 1e-6)
+    if pcfg.score_clip is not None:
+        scores = scores.clamp(-pcfg.score_clip, pcfg.score_clip)
+    return scores
+
+
+def score_rollout(rollout: Rollout, normalized: torch.Tensor, kl_coef: float, pcfg: PPOConfig) -> Rollout:
+    """Per-token rewards, advantages and returns (Ziegler et al. 2019; GAE; whitening), filled into `rollout`."""
+    mask = rollout.response_mask
+    scores = apply_missing_eos_penalty(normalized, rollout.ended, pcfg.missing_eos_penalty)
+    kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, pcfg.kl_estimator) * mask
+    rewards, _ = shape_rewards(scores, kl, kl_coef, mask)
+    if pcfg.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae_advantages(rewards, rollout.values, mask, pcfg.gamma, pcfg.lam)
+    if pcfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    rollout.rewards, rollout.advantages, rollout.returns, rollout.kl = rewards, advantages, returns, kl
+    rollout.normalized_scores = scores
+    return rollout
+
+
+def check_finite(rollout: Rollout) -> str | None:
+    """The name of the first rollout quantity holding NaN or inf, or None."""
+    mask = rollout.response_mask.bool()
+    for name in ("scores", "values", "logprobs", "ref_logprobs", "advantages", "returns"):
+        value = getattr(rollout, name)
+        if value is None:
+            continue
+        value = value[mask] if value.dim() == 2 else value
+        if not torch.isfinite(value).all():
+            return name
+    return None
+
+
+def rollout_means(rollout: Rollout) -> dict[str, float]:
+    """Per-process sums behind the logged means (summed over processes, then divided by episodes or tokens)."""
+    mask = rollout.response_mask.float()
+    return {
+        "episodes": float(len(rollout)),
+        "tokens": float(mask.sum()),
+        "score_sum": float(rollout.scores.sum()),
+        "normalized_score_sum": float(rollout.normalized_scores.sum()),
+        "kl_sum": float((kl_per_token(rollout.logprobs, rollout.ref_logprobs, "k1") * mask).sum()),
+        "kl_penalty_sum": float(rollout.kl.sum()),
+        "entropy_token_sum": float((rollout.entropy * mask).sum()),
+        "length_sum": float(mask.sum()),
+        "eos_sum": float(rollout.ended.float().sum()),
+        "value_token_sum": float(masked_mean(rollout.values, mask) * mask.sum()),
+    }
