@@ -414,3 +414,86 @@ def test_cluster_counts_right_only_when_exactly_one_copy_is_kept():
     assert report["clusters"] == {"clusters": 3, "exactly_one_kept": 1, "none_kept": 1, "several_kept": 1}
     base = report["keep_all"]
     assert (base["tp"], base["fp"], base["fn"], base["tn"], base["f1"]) == (0, 0, 7, 5, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Other inputs, executors, the output as a `datasets` dataset, the demo
+
+
+def test_output_loads_with_datasets(finished):
+    import datasets
+
+    loaded = datasets.load_dataset("parquet", data_dir=str(finished))
+    assert set(loaded) == {"train", "validation"}
+    assert loaded["train"].column_names == ["text", "id", "url"]
+    assert loaded["train"].num_rows + loaded["validation"].num_rows == 6
+
+
+def _write_jsonl_corpus(folder: Path) -> None:
+    folder.mkdir()
+    names = list(GOOD)
+    for part, chunk in enumerate((names[:4], names[4:])):
+        rows = [
+            {"id": name, "url": f"https://www.example.org/{name}.html", "text": " ".join(GOOD[name])} for name in chunk
+        ]
+        (folder / f"part-{part}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_jsonl_input_skips_extraction(tmp_path):
+    _write_jsonl_corpus(tmp_path / "corpus")
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.input={tmp_path / 'corpus'}", "data.tasks=2"])
+    assert webtext.resolve_source(cfg.data).format == "jsonl"
+    final = webtext.run(cfg)
+    stats = json.loads((final / "stats.json").read_text())
+    assert [s["step"] for s in stats["steps"]][:2] == ["read", "language"]  # text input: no Trafilatura step
+    assert stats["steps"][0]["documents_out"] == 7 and stats["steps"][-1]["documents_out"] == 7
+    assert set(_output(final)) == set(GOOD)
+
+
+def test_hub_dataset_path_streams_and_limits(tmp_path):
+    """The Hub code path (datasets streaming), pointed at a local folder since nothing can be downloaded here."""
+    _write_jsonl_corpus(tmp_path / "corpus")
+    overrides = [f"run_dir={tmp_path / 'run'}", f"data.input={tmp_path / 'corpus'}", "data.input_format=hub"]
+    cfg = load_config(None, [*overrides, "data.tasks=2", "data.limit=5"])
+    assert webtext.resolve_inputs(cfg)["corpus"].startswith("hf://datasets/")
+    final = webtext.run(cfg)
+    stats = json.loads((final / "stats.json").read_text())
+    assert stats["steps"][0]["documents_out"] == 5  # 3 from the first file's shard, 2 from the second
+    assert set(_output(final)) == {"bees", "bread", "rivers", "lighthouses", "trains"}
+
+
+def test_slurm_passes_chain_and_pickle(tmp_path, crawl, monkeypatch):
+    import dill
+    from datatrove.executor import SlurmPipelineExecutor
+
+    from pipeline.data import curation
+
+    cfg = _config(tmp_path, crawl, "data.executor=slurm", "data.slurm_partition=cpu")
+    work = tmp_path / "work"
+    passes = curation.build_passes(cfg, webtext.resolve_source(cfg.data), work)
+    expected = [("filter", 2), ("exact_find", 1), ("exact_filter", 2), ("minhash_buckets", 14), ("minhash_cluster", 1)]
+    assert [(p.name, p.tasks) for p in passes] == [*expected, ("output", 2)]
+    executors = []
+    for step in passes:
+        executors.append(curation.build_executor(cfg, step, work, depends=executors[-1] if executors else None))
+    assert all(isinstance(e, SlurmPipelineExecutor) and e.partition == "cpu" for e in executors)
+    assert executors[-1].depends is executors[-2]
+    restored = dill.loads(dill.dumps(executors[0]))  # what the executor ships to its Slurm jobs
+    assert [type(s).__name__ for s in restored.pipeline][:3] == ["TolerantWarcReader", "Tally", "TrafilaturaExtractor"]
+    monkeypatch.setattr(curation.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="needs Slurm's sbatch"):
+        curation.run_passes(cfg, passes, work)
+
+
+def test_demo_filter_scores_above_goal(tmp_path):
+    """The demo crawl scored against its ground truth: the goal is F1 >= 0.9 with junk as the positive class."""
+    cfg = load_config(Path(__file__).parent.parent / "recipes" / "demo.yaml", [f"run_dir={tmp_path}"])
+    final = webtext.run(cfg)
+    report = json.loads((final / "eval.json").read_text())
+    assert report["filter"]["f1"] >= 0.9
+    assert (
+        report["keep_all"]["f1"] == 0.0 and report["keep_all"]["fn"] == report["filter"]["tp"] + report["filter"]["fn"]
+    )
+    assert min(report["filter"]["recall_by_type"].values()) >= 0.8
+    stage = json.loads((final / "stage.json").read_text())
+    assert stage["metrics"]["eval"]["filter"] == report["filter"]

@@ -18,6 +18,7 @@ import logging
 import math
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,10 +255,11 @@ def build_executor(cfg: PipelineConfig, step: Pass, work: Path, depends: Any = N
     if data.executor == "slurm":
         from datatrove.executor import SlurmPipelineExecutor
 
+        activate = Path(sys.prefix) / "bin" / "activate"  # this virtual environment, on the cluster's shared disk
+        env_command = data.slurm_env_command or (f"source {activate}" if activate.is_file() else None)
         return SlurmPipelineExecutor(
             time=data.slurm_time, partition=data.slurm_partition, cpus_per_task=data.cpus_per_task,
-            mem_per_cpu_gb=data.mem_per_cpu_gb, job_name=f"rlhf-data-{step.name}", env_command=data.slurm_env_command,
-            **common,
+            mem_per_cpu_gb=data.mem_per_cpu_gb, job_name=f"rlhf-data-{step.name}", env_command=env_command, **common,
         )  # fmt: skip
     from datatrove.executor.ray import RayPipelineExecutor
 
