@@ -181,7 +181,7 @@ class DataConfig:
     save_removed: bool = _f(True, "Keep removed documents under data/work/removed/<step>/ for inspection (and the demo's error report).", volatile=True)
     slurm_partition: Optional[str] = _f(None, "Slurm partition (executor=slurm).", volatile=True)
     slurm_time: str = _f("24:00:00", "Slurm time limit per job (executor=slurm).", volatile=True)
-    slurm_env_command: Optional[str] = _f(None, "Shell command that activates the environment in a Slurm job (executor=slurm).", volatile=True)
+    slurm_env_command: Optional[str] = _f(None, "Shell command that activates the environment in a Slurm job; default: source this venv's bin/activate (executor=slurm).", volatile=True)
     cpus_per_task: int = _f(1, "CPUs reserved per task (executor=slurm|ray).", volatile=True)
     mem_per_cpu_gb: float = _f(2.0, "Memory per CPU in GB (executor=slurm|ray).", volatile=True)
 
