@@ -429,6 +429,16 @@ def hub_errors(repo_id: str, endpoint: str) -> Iterator[None]:
         }.get(status, "see the Hub's status page or retry")
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"publishing to {repo_id} failed (HTTP {status}: {first_line}); {hint}") from None
+    except ValueError as exc:
+        if "Invalid metadata in README.md" not in str(exc):
+            raise
+        reason = (
+            "; ".join(line.lstrip("- ") for line in str(exc).splitlines()[1:] if line.strip()) or "no reason given"
+        )
+        raise UserError(
+            f"the Hub rejected the model card's metadata ({reason}); check --license (a Hub licence id such as "
+            "apache-2.0, mit or other)"
+        ) from None
     except transport as exc:
         raise UserError(
             f"cannot reach the Hub at {endpoint} ({type(exc).__name__}); check the network or HF_ENDPOINT"

@@ -129,8 +129,10 @@ class FakeHub:
             }
             return self.reply(h, 200, {"url": f"{self.url}/{repo_id}", "name": repo_id})
         if parts == ["api", "validate-yaml"]:
-            content = json.loads(body)["content"]
-            yaml.safe_load(content.split("---")[1])  # a YAML error fails the test through a 500
+            meta = yaml.safe_load(json.loads(body)["content"].split("---")[1])  # a YAML error: a 500, the test fails
+            if meta.get("license") not in ("apache-2.0", "mit", "other"):
+                error = {"message": '"license" must be a known licence id'}
+                return self.reply(h, 400, {"errors": [error], "warnings": []})
             return self.reply(h, 200, {"errors": [], "warnings": []})
         assert parts[:2] == ["api", "models"], parts
         repo_id, rest = f"{parts[2]}/{parts[3]}", parts[4:]
@@ -478,8 +480,15 @@ def test_publish_refuses_to_replace_a_different_adapter(run, hub_env, tiny_token
         publish(run["sft"], "demo-org/tiny-sft", private=True, data_cards_dir=run["cards"])
 
 
-def test_publish_rejected_token_is_a_one_line_error(run, hub_env, monkeypatch):
+def test_publish_hub_refusals_are_one_line_errors(run, hub_env, monkeypatch):
     from pipeline.publish import publish
+
+    with pytest.raises(
+        UserError, match=r"rejected the model card's metadata \(\"license\" must be .*--license"
+    ) as err:
+        publish(run["sft"], "demo-org/tiny-sft", license="not-a-licence")
+    assert "\n" not in str(err.value)
+    assert hub_env.commits == []
 
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     with pytest.raises(UserError, match="token was rejected") as err:
