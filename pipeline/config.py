@@ -304,12 +304,60 @@ class SFTConfig(TrainArgs):
 
 
 @dataclass
+class CollectArgs:
+    """Sampling K responses per prompt from the SFT model, to be ranked (InstructGPT's comparison collection)."""
+
+    prompts: Optional[str] = _f(None, "dataset=collect: jsonl of prompts ({messages} or {prompt}) to sample responses for.")
+    responses_per_prompt: int = _f(4, "K: responses sampled per prompt from the SFT model.")
+    max_prompts: int = _f(-1, "Sample for at most this many prompts (-1: all).")
+    max_new_tokens: int = _f(48, "Longest sampled response, in tokens.")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0: off).")
+    templated: bool = _f(True, "dataset=demo: also use the world's templated responses ranked by the annotators.")
+
+    def __post_init__(self):
+        _check(2 <= self.responses_per_prompt <= 26, "responses_per_prompt", "must be in [2, 26] (labels A-Z)")
+        _check(self.max_prompts == -1 or self.max_prompts > 0, "max_prompts", "must be -1 (all) or > 0")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+
+
+@dataclass
 class RewardConfig(TrainArgs):
+    """Batches count prompts: per_device_train_batch_size=8 scores 8 prompts' K responses in one forward pass."""
+
     base: Optional[str] = _f(None, "Base model: default the SFT stage's merged weights.")
-    dataset: str = _f("demo", "'demo' (sample and rank SFT responses), or rankings/pairs/scores/trees by path or Hub id.")
+    dataset: str = _f("demo", "'demo' (world prompts: templated and SFT-sampled responses ranked by simulated annotators), 'collect' (sample SFT responses for collect.prompts and export ranking tasks for people), or a rankings/pairs/scores/trees file, directory or Hub id, or a filled-in ranking-tasks .csv.")
+    dataset_format: Literal["auto", "rankings", "pairs", "scores", "trees", "tasks"] = _f("auto", "Format of the dataset; 'auto' tells it from the keys of the first record.")
+    dataset_config: Optional[str] = _f(None, "Hub dataset config name.")
+    dataset_split: str = _f("train", "Hub dataset split to read.")
+    score_key: Optional[str] = _f(None, "Scored completions: the score field (default: the first of score, rating, overall_score).")
+    on_bad_record: Literal["skip", "error"] = _f("skip", "Bad records (repeated label, label naming no response, one response, missing field): skip and count them, or stop at the first.")
+    max_records: int = _f(-1, "Use at most this many rankings (-1: all), taken after a seeded shuffle.")
+    validation_share: float = _f(0.1, "Share of prompts held out to choose the tie tolerance (and for eval_steps).")
+    test_share: float = _f(0.1, "Share of prompts held out for the final metrics.")
+    collect: CollectArgs = _f(CollectArgs(), "Sampling responses from the SFT model to be ranked.")
     finetune: Literal["lora", "qlora", "full"] = _f("lora", "LoRA adapters, QLoRA (4-bit NF4 base), or full fine-tuning.")
-    lora: LoraArgs = _f(LoraArgs(), "Adapter settings (finetune=lora|qlora).")
-    max_seq_len: int = _f(256, "Longest tokenized prompt + response.")
+    lora: LoraArgs = _f(LoraArgs(), "Adapter settings (finetune=lora|qlora); the score head is always trained and saved with them.")
+    max_seq_len: int = _f(256, "Longest tokenized prompt + response; longer prompts lose their start, longer responses their end.")
+    tie_model: Literal["none", "rao_kupper", "davidson"] = _f("none", "Tied pairs: add nothing (Bradley-Terry), or a tie-aware likelihood (Rao-Kupper 1967, Davidson 1970).")
+    tie_probability: float = _f(0.33, "Tie-aware likelihoods: probability of a tie between two equally rewarded responses (sets the tie parameter).")
+    margin: float = _f(0.0, "Margin subtracted from every strict pair's reward difference (records may add their own `margin`).")
+    center_rewards_coefficient: float = _f(0.0, "Weight of the reward-centring term mean(r^2) (Eisenstein et al. 2023); 0 switches it off.")
+    stats_prompts: int = _f(64, "Prompts the SFT policy answers for reward_stats.json when no sampled responses were collected (0: use the dataset's responses).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.max_seq_len >= 8, "max_seq_len", "must be >= 8")
+        _check(self.max_records == -1 or self.max_records > 0, "max_records", "must be -1 (all) or > 0")
+        _check(0.0 <= self.validation_share < 0.5, "validation_share", "must be in [0, 0.5)")
+        _check(0.0 <= self.test_share < 0.5, "test_share", "must be in [0, 0.5)")
+        _check(self.validation_share + self.test_share < 0.9, "test_share", "validation_share + test_share must be < 0.9")
+        _check(0.0 < self.tie_probability < 1.0, "tie_probability", "must be in (0, 1)")
+        _check(self.margin >= 0.0, "margin", "must be >= 0")
+        _check(self.center_rewards_coefficient >= 0.0, "center_rewards_coefficient", "must be >= 0")
+        _check(self.stats_prompts >= 0, "stats_prompts", "must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -330,3 +330,162 @@ def merge_lora(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scalar-head models: reward model and value model
+
+SCORE_HEAD = "score"  # the Linear(hidden, 1) of transformers' *ForSequenceClassification models
+
+
+def fit_scalar_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Resize a scalar-head model's embeddings to the tokenizer and give it the pad id; True if the vocab grew.
+
+    The score is read at the last token that is not padding (transformers finds it from `config.pad_token_id`), so
+    the pad id must be the tokenizer's, distinct from EOS (see pipeline/tokenizer.py).
+    """
+    grew = len(tokenizer) > model.get_input_embeddings().num_embeddings
+    if grew:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    return grew
+
+
+def build_scalar_model(
+    base: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    finetune: str = "lora",
+    lora: LoraArgs | None = None,
+    gradient_checkpointing: bool = False,
+    what: str = "reward.base",
+) -> PreTrainedModel | peft.PeftModel:
+    """A one-output sequence-classification model on a causal-LM base: the reward model, or PPO's value model.
+
+    The score head is new (seed the RNG first); the score of a sequence is read at its last non-pad token. With
+    finetune="lora" or "qlora" (4-bit NF4 base) the head is trained in full and saved with the adapter
+    (`modules_to_save`); with "full" every weight trains.
+    """
+    from dataclasses import replace
+
+    from transformers import AutoModelForSequenceClassification
+
+    model = load_base_model(
+        base, AutoModelForSequenceClassification, quantize_4bit=finetune == "qlora", what=what, num_labels=1
+    )
+    grew = fit_scalar_model(model, tokenizer)
+    if finetune == "full":
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model
+    lora = lora or LoraArgs()
+    if SCORE_HEAD not in lora.modules_to_save:
+        lora = replace(lora, modules_to_save=[*lora.modules_to_save, SCORE_HEAD])
+    return apply_lora(model, lora, task_type="SEQ_CLS", train_embeddings=grew,
+                      gradient_checkpointing=gradient_checkpointing)  # fmt: skip
+
+
+def load_reward_model(
+    path: str | Path, base: str | Path | None = None, quantize_4bit: bool = False
+) -> tuple[PreTrainedModel | peft.PeftModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) of a finished reward stage (`reward/final/`), in eval mode.
+
+    An adapter is put on `base`, by default the base recorded in the stage's `stage.json` (the merged SFT model);
+    a fully fine-tuned reward model loads as it is.
+    """
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.tokenizer import load_tokenizer
+
+    path = Path(path)
+    tokenizer = load_tokenizer(path)
+    if (path / "adapter_config.json").is_file():
+        if base is None:
+            stage = json.loads((path / "stage.json").read_text()) if (path / "stage.json").is_file() else {}
+            base = stage.get("inputs", {}).get("base", {}).get("path")
+            base = base or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        model = load_base_model(base, AutoModelForSequenceClassification, quantize_4bit=quantize_4bit,
+                                what="reward model base", num_labels=1)  # fmt: skip
+        fit_scalar_model(model, tokenizer)
+        model = peft.PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    else:
+        model = load_base_model(path, AutoModelForSequenceClassification, quantize_4bit=quantize_4bit,
+                                what="reward model", num_labels=1)  # fmt: skip
+        fit_scalar_model(model, tokenizer)
+    model.eval()
+    return model, tokenizer
+
+
+def join_prompt_response(prompt_ids: list[int], response_ids: list[int], max_seq_len: int) -> list[int]:
+    """Prompt then response token ids, cut to `max_seq_len`.
+
+    The prompt loses its start first (down to half the budget), then the response its end; the response's last
+    token (EOS, where the reward is read) is always kept. With max_seq_len=6, prompt [1, 2, 3, 4, 5] and response
+    [6, 7, 8, 9] (9 = EOS) give [3, 4, 5, 6, 7, 9].
+    """
+    if len(prompt_ids) + len(response_ids) <= max_seq_len:
+        return list(prompt_ids) + list(response_ids)
+    keep_prompt = min(len(prompt_ids), max(max_seq_len // 2, max_seq_len - len(response_ids)))
+    keep_response = max_seq_len - keep_prompt
+    head = list(response_ids[: keep_response - 1]) + [response_ids[-1]]
+    return list(prompt_ids[len(prompt_ids) - keep_prompt :]) + head
+
+
+def encode_reward_input(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str]] | str, response: str, max_seq_len: int
+) -> list[int]:
+    """Token ids a reward or value model scores: the prompt as generation renders it, the response, then EOS.
+
+    The same ids PPO gets from `generate` (prompt ids + sampled ids up to EOS), so the reward model is trained on
+    what it will score.
+    """
+    from pipeline.generation import tokenize_prompts
+
+    prompt_ids = tokenize_prompts(tokenizer, [prompt])[0]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return join_prompt_response(prompt_ids, response_ids, max_seq_len)
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of sequences padded on the right to the longest one."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def score_sequences(
+    model: torch.nn.Module, sequences: list[list[int]], pad_id: int, batch_size: int = 32
+) -> torch.Tensor:
+    """The scalar output for each token sequence (float32, on the CPU), in batches of similar lengths."""
+    if not sequences:
+        return torch.zeros(0)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    scores = torch.zeros(len(sequences))
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            ids, mask = right_pad([sequences[i] for i in chunk], pad_id)
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            scores[chunk] = out.logits.squeeze(-1).float().cpu()
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def reward_scores(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[dict[str, str]] | str],
+    responses: list[str],
+    max_seq_len: int = 256,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Rewards of (prompt, response) texts, one float per pair."""
+    sequences = [encode_reward_input(tokenizer, p, r, max_seq_len) for p, r in zip(prompts, responses, strict=True)]
+    return score_sequences(model, sequences, tokenizer.pad_token_id, batch_size)

@@ -1,0 +1,249 @@
+"""The reward stage end to end on a tiny base: collation, a run with its outputs, resume after SIGKILL, 2-process DDP,
+ranking tasks for people, and bad records."""
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from safetensors.torch import load_file
+
+from pipeline.checkpoints import read_stage_json
+from pipeline.config import load_config
+from pipeline.data.rankings import Ranking, ranking_from_scores
+from pipeline.errors import UserError
+from pipeline.reward import RankingCollator, run, split_by_prompt
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ["Marnis", "please", "copper", "salt", "river", "city", "Tol", "help"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, tiny_tokenizer):
+    """A tiny causal LM with the project's tokenizer, saved like the SFT stage's merged/."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_llama_config(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def write_rankings(path: Path, n: int = 40, bad: bool = True) -> Path:
+    """K=4 responses per prompt, ranked by how often they say "Marnis" (equal counts are ties), and two bad records."""
+    rng = random.Random(0)
+    lines = []
+    for i in range(n):
+        responses = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(4)]
+        ranking = ranking_from_scores([r.count("Marnis") for r in responses])
+        prompt = [{"role": "user", "content": f"Question {i}: what is the capital of Veloria?"}]
+        lines.append(json.dumps({"prompt": prompt, "responses": responses, "ranking": ranking}))
+    if bad:
+        lines.insert(3, json.dumps({"prompt": "p", "responses": ["a", "b", "c"], "ranking": "A > B > A"}))
+        lines.insert(7, json.dumps({"prompt": "p", "responses": ["only one"], "ranking": "A"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def overrides(tmp_path: Path, base: Path, dataset: Path | str, *extra: str) -> list[str]:
+    return [
+        f"run_dir={tmp_path / 'run'}",
+        f"reward.base={base}",
+        f"reward.dataset={dataset}",
+        "reward.report_to=none",
+        "reward.per_device_train_batch_size=4",
+        "reward.max_steps=6",
+        "reward.save_steps=2",
+        "reward.lora.r=4",
+        "reward.stats_prompts=4",
+        "reward.collect.max_new_tokens=8",
+        "reward.logging_steps=1",
+        *extra,
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def test_collator_batches_whole_prompts_with_exact_tensors():
+    features = [
+        {"input_ids": [[5, 6, 7], [8], [9, 10]], "tiers": [1, 0, 1], "margin": 0.5},
+        {"input_ids": [[11, 12], [13, 14, 15, 16]], "tiers": [0, 1], "margin": 0.0},
+    ]
+    batch = RankingCollator(pad_token_id=0)(features)
+    assert torch.equal(
+        batch["input_ids"],
+        torch.tensor([[5, 6, 7, 0], [8, 0, 0, 0], [9, 10, 0, 0], [11, 12, 0, 0], [13, 14, 15, 16]]),
+    )
+    assert torch.equal(
+        batch["attention_mask"],
+        torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]),
+    )
+    assert torch.equal(batch["tiers"], torch.tensor([[1, 0, 1], [0, 1, -1]]))
+    assert torch.equal(batch["margin"], torch.tensor([0.5, 0.0]))
+
+
+def test_splits_keep_every_ranking_of_a_prompt_together():
+    records = [Ranking(f"prompt {i % 10}", ["a", "b"], "A > B", id=str(i)) for i in range(30)]
+    splits = split_by_prompt(records, 0.1, 0.2, seed=1)
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [21, 3, 6]
+    prompts = {s: {r.prompt for r in rows} for s, rows in splits.items()}
+    assert not (prompts["train"] & prompts["test"]) and not (prompts["validation"] & prompts["test"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def test_stage_trains_saves_and_skips_a_finished_run(tmp_path, tiny_base):
+    from pipeline.modeling import load_reward_model
+    from pipeline.reward import load_metric, pairwise_accuracy, read_split, score_rankings
+
+    cfg = load_config(None, overrides(tmp_path, tiny_base, write_rankings(tmp_path / "rankings.jsonl")))
+    final = run(cfg)
+    assert final == tmp_path / "run" / "reward" / "final"
+    assert sorted(p.name for p in final.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "eval.json", "reward_stats.json",
+        "stage.json", "tokenizer.json", "tokenizer_config.json",
+    ]  # fmt: skip
+    stage = read_stage_json(final)
+    metrics = stage["metrics"]
+    assert stage["contents"] == "adapter" and stage["inputs"]["base"]["path"] == str(tiny_base)
+    assert metrics["train_steps"] == 6 and metrics["world_size"] == 1 and math_finite(metrics["train_loss"])
+    # the two bad records were skipped and counted; the 40 good prompts split 32 / 4 / 4
+    assert metrics["data"]["skipped"]["reasons"] == {"repeated label": 1, "fewer than two responses": 1}
+    assert metrics["data"]["records"] == {"train": 32, "validation": 4, "test": 4}
+    test = metrics["test"]["all"]
+    for key in ("accuracy", "judgement_accuracy", "judgement_tie_f1", "kendall_tau", "reward_std"):
+        assert math_finite(test[key])
+    assert 0.0 <= test["accuracy"] <= 1.0 and test["pairs"] == metrics["data"]["pairs"]["test"]
+    assert set(test["baselines"]) == {"length", "keyword"}
+
+    # the adapter holds the trained score head; the LoRA B matrices moved away from their zero init
+    adapter = load_file(final / "adapter_model.safetensors")
+    assert any("score" in name for name in adapter)
+    assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in adapter.items())
+
+    # reloading the saved model reproduces the held-out accuracy; the base weights were left alone
+    model, tokenizer = load_reward_model(final)
+    test_records = read_split(cfg, "test")
+    rewards = score_rankings(model, tokenizer, test_records, cfg.reward)
+    again = pairwise_accuracy(test_records, rewards, load_metric("pairwise_accuracy"))
+    assert again["accuracy"] == pytest.approx(test["accuracy"]) and again["pairs"] == test["pairs"]
+    base_weights = load_file(tiny_base / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(model.get_base_model().state_dict()[name.replace(".weight", ".base_layer.weight")],
+                       base_weights[name])  # fmt: skip
+    stats = json.loads((final / "reward_stats.json").read_text())
+    assert set(stats) == {"mean", "std"} and stats["std"] > 0
+
+    # a second run with the same settings returns the finished stage without training
+    started = time.time()
+    assert run(cfg) == final and time.time() - started < 5
+    assert read_stage_json(final)["finished_at"] == stage["finished_at"]
+
+
+def math_finite(x) -> bool:
+    return isinstance(x, (int, float)) and x == x and abs(x) != float("inf")
+
+
+def _recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("# test recipe: everything comes from the overrides\nseed: 1234\n")
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO)}  # fmt: skip
+
+
+def test_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path, tiny_base):
+    rankings = write_rankings(tmp_path / "rankings.jsonl", bad=False)
+    reference = tmp_path / "reference"
+    ref_final = run(load_config(None, overrides(reference, tiny_base, rankings)))
+
+    args = overrides(tmp_path, tiny_base, rankings)
+    done = tmp_path / "run" / "reward" / "checkpoint-2" / "checkpoint.done"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "reward", str(_recipe(tmp_path)), *args], cwd=REPO,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not done.is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert not (tmp_path / "run" / "reward" / "final").exists()
+
+    final = run(load_config(None, args))
+    stage = read_stage_json(final)
+    assert stage["metrics"]["resumed_from_step"] >= 2 and stage["metrics"]["train_steps"] == 6
+    resumed, uninterrupted = (
+        load_file(final / "adapter_model.safetensors"),
+        load_file(ref_final / "adapter_model.safetensors"),
+    )
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6)
+    assert stage["metrics"]["test"] == read_stage_json(ref_final)["metrics"]["test"]
+
+
+def test_two_process_data_parallel_run(tmp_path, tiny_base):
+    rankings = write_rankings(tmp_path / "rankings.jsonl", bad=False)
+    launcher = Path(sys.executable).parent / "accelerate"
+    command = [str(launcher), "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
+               "-m", "pipeline", "reward", str(_recipe(tmp_path)), *overrides(tmp_path, tiny_base, rankings,
+               "reward.max_steps=-1", "reward.num_train_epochs=1")]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, env={**_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_stage_json(tmp_path / "run" / "reward" / "final")["metrics"]
+    assert metrics["world_size"] == 2
+    # 32 training prompts, 4 per process per step, 2 processes: one epoch is 4 steps (8 in a single process)
+    assert metrics["data"]["records"]["train"] == 32 and metrics["train_steps"] == 4
+
+
+def test_tasks_exported_for_people_come_back_as_training_data(tmp_path, tiny_base):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Capital {i}?"}]}) + "\n"
+                               for i in range(6)))  # fmt: skip
+    args = overrides(tmp_path, tiny_base, "collect", f"reward.collect.prompts={prompts}", "reward.max_steps=2")
+    with pytest.raises(UserError, match="fill in its 'ranking' column") as info:
+        run(load_config(None, args))
+    tasks = tmp_path / "run" / "ranking_tasks.csv"
+    assert str(tasks) in str(info.value)
+    with tasks.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and all(row["ranking"] == "" for row in rows)
+    with pytest.raises(UserError, match="already exported"):  # a file people may be filling in is never replaced
+        run(load_config(None, args))
+    for row in rows:
+        row["ranking"] = "C > B > A = D"  # what people type in
+    with tasks.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    args = overrides(tmp_path, tiny_base, tasks, "reward.max_steps=2")
+    final = run(load_config(None, args))
+    assert read_stage_json(final)["metrics"]["data"]["pairs"]["train"] == 5 * 4  # 4 training prompts x 5 pairs
+
+
+def test_bad_record_stops_the_stage_with_one_line_when_asked(tmp_path, tiny_base):
+    rankings = write_rankings(tmp_path / "rankings.jsonl")
+    cfg = load_config(None, overrides(tmp_path, tiny_base, rankings, "reward.on_bad_record=error"))
+    with pytest.raises(UserError) as info:
+        run(cfg)
+    assert str(info.value).startswith(f"{rankings} line 4: ranking 'A > B > A': repeated label A")
+    assert "\n" not in str(info.value)
