@@ -178,6 +178,7 @@ def status_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
 def main_run(args: argparse.Namespace) -> None:
     from pipeline.checkpoints import install_preemption_handler
     from pipeline.config import save_config
+    from pipeline.tracking import is_main_process
 
     cfg = load_config(args.recipe, args.overrides)
     stages = select_stages(args.start, args.until, args.only)
@@ -188,9 +189,12 @@ def main_run(args: argparse.Namespace) -> None:
             inputs = ", ".join(f"{k}={v['path']}" for k, v in identity["inputs"].items()) or "-"
             print(f"  {stage:9s} {state:12s} inputs: {inputs}")
         return
-    save_config(cfg, cfg.run_path / "config.yaml")
+    if is_main_process():
+        save_config(cfg, cfg.run_path / "config.yaml")
     install_preemption_handler()
     summary = run_pipeline(cfg, stages, args.rerun, args.recipe, args.overrides, args.accelerate_config)
+    if not is_main_process():
+        return
     for stage, info in summary.items():
         print(f"{stage:9s} {info['action']:8s} {info['seconds']:7.1f} s  {info['final']}")
     if not args.no_report and stages[-1] == STAGES[-1]:
