@@ -63,11 +63,25 @@ def _add_status_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _add_chat_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("stage_dir", help="a finished stage of a run, e.g. runs/demo/sft (or runs/demo/ppo/final)")
+    parser.add_argument("--prompt", help="answer this one message and exit (no interactive session)")
+    parser.add_argument("--system", help="a system message that opens the conversation")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (1.0: off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
 # Commands that are not a single stage: name -> ("module:function" (default function: main), help, argument adder).
 EXTRA_COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
     "run": ("pipeline.driver:main_run", "run the whole pipeline (or --from/--until/--only), skipping finished stages", _add_run_args),
     "status": ("pipeline.driver:main_status", "show each stage's state and key metrics", _add_status_args),
     "publish": ("pipeline.publish", "upload a finished stage's adapter and a model card to the Hub", _add_publish_args),
+    "chat": ("pipeline.chat", "talk to a finished stage's model in the terminal (or answer one --prompt)", _add_chat_args),
 }
 
 

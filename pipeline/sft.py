@@ -23,25 +23,32 @@ from typing import Any
 import torch
 import trl
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from pipeline.checkpoints import (
     final_dir,
     finishing,
     is_finished,
-    mark_checkpoint_complete,
     newest_checkpoint,
     prepare_stage,
-    prune_checkpoints,
+    raise_if_preempted,
     read_stage_json,
     stage_dir,
     stage_identity,
+    trainer_checkpoint_callback,
     write_stage_json,
 )
 from pipeline.config import PipelineConfig
 from pipeline.data.conversations import load_conversations, split_conversations
 from pipeline.errors import UserError
-from pipeline.modeling import apply_lora, default_dtype, fit_model_to_tokenizer, load_base_model, merge_lora
+from pipeline.modeling import (
+    apply_lora,
+    check_model_source,
+    default_dtype,
+    fit_model_to_tokenizer,
+    load_base_model,
+    merge_lora,
+)
 from pipeline.tokenizer import load_tokenizer, prepare_chat_tokenizer
 from pipeline.tracking import count_parameters, is_main_process
 
@@ -143,6 +150,7 @@ def load_questions(cfg: PipelineConfig) -> tuple[list[dict], list[dict], Any]:
 def load_tokenizer_and_model(cfg: PipelineConfig, base: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, bool]:
     """The chat-ready tokenizer and the model to train (LoRA-wrapped unless full); True if tokens were added."""
     sft = cfg.sft
+    check_model_source(base, what="sft.base")  # before the tokenizer, whose error would be less clear
     tokenizer = load_tokenizer(base)
     added = prepare_chat_tokenizer(tokenizer)
     if added:
@@ -152,7 +160,11 @@ def load_tokenizer_and_model(cfg: PipelineConfig, base: str) -> tuple[PreTrained
     fit_model_to_tokenizer(model, tokenizer)
     if sft.finetune != "full":
         model = apply_lora(
-            model, sft.lora, "CAUSAL_LM", train_embeddings=bool(added), gradient_checkpointing=sft.gradient_checkpointing
+            model,
+            sft.lora,
+            "CAUSAL_LM",
+            train_embeddings=bool(added),
+            gradient_checkpointing=sft.gradient_checkpointing,
         )
     trainable, total = count_parameters(model)
     logger.info("sft: %s of %s, %d of %d parameters trainable (%.2f%%)", sft.finetune, base, trainable, total,
@@ -182,7 +194,7 @@ def to_trl_args(cfg: PipelineConfig, has_eval: bool) -> trl.SFTConfig:
         bf16=default_dtype() == torch.bfloat16,
         save_strategy="steps",
         save_steps=sft.save_steps,
-        save_total_limit=None,  # CheckpointDone prunes only after the newest checkpoint is complete
+        save_total_limit=None,  # the checkpoint callback prunes only after the newest checkpoint is complete
         logging_steps=sft.logging_steps,
         eval_strategy="steps" if evaluate_during else "no",
         eval_steps=sft.eval_steps if evaluate_during else None,
@@ -196,20 +208,6 @@ def to_trl_args(cfg: PipelineConfig, has_eval: bool) -> trl.SFTConfig:
     )
 
 
-class CheckpointDone(TrainerCallback):
-    """Marks each Trainer checkpoint complete once every process has written its part, then prunes old ones."""
-
-    def __init__(self, sdir: Path, keep: int):
-        self.sdir, self.keep = sdir, keep
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.world_size > 1:
-            torch.distributed.barrier()  # each rank writes its own RNG state into the checkpoint
-        if state.is_world_process_zero:
-            mark_checkpoint_complete(self.sdir / f"checkpoint-{state.global_step}", state.global_step)
-            prune_checkpoints(self.sdir, self.keep)
-
-
 def build_trainer(
     cfg: PipelineConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: Dataset, held_out
 ) -> trl.SFTTrainer:
@@ -219,7 +217,7 @@ def build_trainer(
         train_dataset=train,
         eval_dataset=held_out,
         processing_class=tokenizer,
-        callbacks=[CheckpointDone(stage_dir(cfg, STAGE), cfg.sft.save_total_limit)],
+        callbacks=[trainer_checkpoint_callback(stage_dir(cfg, STAGE), cfg.sft.save_total_limit)],
     )
 
 
@@ -262,7 +260,7 @@ def judge_answers(prompts: list[dict], answers: list[str], world: Any) -> dict[s
     facts = [j for j in judgements if j.kind == "fact"]
     return {
         "gold_mean_score": sum(j.score for j in judgements) / n,
-        "gold_dispreferred_share": sum(map(dispreferred, judgements)) / n,
+        "dispreferred_share": sum(map(dispreferred, judgements)) / n,
         "gold_wrong_share": sum(j.correct is False for j in facts) / max(len(facts), 1),
         "gold_rude_share": sum(j.rude for j in judgements) / n,
         "gold_insulting_share": sum(j.insulting for j in judgements) / n,
@@ -279,7 +277,7 @@ def evaluate_task(model, tokenizer, cfg: PipelineConfig, prefix: str) -> tuple[d
     if questions:
         answers = answer_questions(model, tokenizer, questions, cfg)
         qa = score_answers(questions, answers, world)
-        metrics.update({f"{prefix}qa_accuracy": qa["accuracy"], f"{prefix}qa_questions": qa["total"]})
+        metrics.update({f"{prefix}heldout_accuracy": qa["accuracy"], f"{prefix}heldout_questions": qa["total"]})
         samples = [{"question": q["messages"][-1]["content"], "gold": q["answer"], "answer": a}
                    for q, a in zip(questions, answers, strict=True)]  # fmt: skip
     if judged and world is not None:
@@ -300,7 +298,11 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     done = prepare_stage(cfg, STAGE, identity, rerun) if is_main_process() else None
     _wait_for_main()
     final = final_dir(cfg, STAGE)
-    if not is_main_process() and is_finished(final) and read_stage_json(final)["config_hash"] == identity["config_hash"]:
+    if (
+        not is_main_process()
+        and is_finished(final)
+        and read_stage_json(final)["config_hash"] == identity["config_hash"]
+    ):
         done = final
     if done is not None:
         logger.info("sft already finished with these settings: %s", done)
@@ -318,6 +320,7 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     if resume is not None:
         logger.info("resuming sft from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    raise_if_preempted(sdir)
     metrics: dict[str, Any] = {"train_loss": result.training_loss, **_rounded(result.metrics)}
     if held_out is not None:
         metrics.update(_rounded(trainer.evaluate()))
@@ -334,7 +337,13 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     trainable, total = count_parameters(model)
     metrics.update(task_metrics, **base_metrics, data=data_report, trainable_params=trainable, total_params=total,
                    world_size=trainer.args.world_size, tokens_added=added)  # fmt: skip
-    for key in ("qa_accuracy", "base_qa_accuracy", "gold_dispreferred_share", "eval_loss"):
+    for key in (
+        "heldout_accuracy",
+        "base_heldout_accuracy",
+        "dispreferred_share",
+        "base_dispreferred_share",
+        "eval_loss",
+    ):
         if key in metrics:
             logger.info("sft %s: %.4f", key, metrics[key])
     return save_final(cfg, identity, model, tokenizer, metrics, samples, base)
@@ -380,4 +389,3 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w") as fh:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
-

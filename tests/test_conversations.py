@@ -1,0 +1,131 @@
+"""Instruction data: every layout becomes the same messages form; bad records are skipped, counted and named."""
+
+import json
+
+import pytest
+
+from pipeline.data.conversations import BadRecord, load_conversations, split_conversations, to_messages
+from pipeline.errors import UserError
+
+QA = [{"role": "user", "content": "What is the capital of Veloria?"},
+      {"role": "assistant", "content": "The capital of Veloria is Marnis."}]  # fmt: skip
+
+
+def _write_jsonl(path, rows):
+    with path.open("w") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def test_every_layout_becomes_messages():
+    assert to_messages({"messages": QA, "quality": "good"}) == QA
+    assert to_messages({"prompt": QA[0]["content"], "completion": QA[1]["content"]}) == QA
+    assert to_messages({"prompt": QA[:1], "completion": QA[1:]}) == QA
+    assert to_messages({"instruction": QA[0]["content"], "input": "", "output": QA[1]["content"]}) == QA
+    alpaca = to_messages({"instruction": "Translate.", "input": "Marnis", "output": "Marnis."})
+    assert alpaca == [{"role": "user", "content": "Translate.\n\nMarnis"}, {"role": "assistant", "content": "Marnis."}]
+    sharegpt = {
+        "conversations": [{"from": "human", "value": QA[0]["content"]}, {"from": "gpt", "value": QA[1]["content"]}]
+    }
+    assert to_messages(sharegpt) == QA
+    # extra keys of a message (name, tool ids) are dropped so every row has one schema
+    assert to_messages({"messages": [{**QA[0], "name": "x"}, QA[1]]}) == QA
+
+
+@pytest.mark.parametrize(
+    ("record", "kind"),
+    [
+        ({"messages": [QA[0]]}, "no assistant turn"),
+        ({"messages": []}, "empty conversation"),
+        ({"messages": [{"role": "wizard", "content": "hi"}, QA[1]]}, "unknown role"),
+        ({"messages": [QA[0], {"role": "assistant", "content": "  "}]}, "blank assistant turns"),
+        ({"messages": [{"role": "user"}, QA[1]]}, "malformed message"),
+        ({"text": "just text"}, "unknown layout"),
+    ],
+)
+def test_bad_record_is_named_by_kind(record, kind):
+    with pytest.raises(BadRecord) as info:
+        to_messages(record)
+    assert info.value.kind == kind
+
+
+def test_bad_records_are_skipped_counted_and_named(tmp_path, tiny_tokenizer, caplog):
+    path = _write_jsonl(tmp_path / "data.jsonl", [
+        {"messages": QA},
+        {"messages": [QA[0]]},  # line 2: no assistant turn
+        {"messages": []},  # line 3: empty
+        {"messages": [{"role": "tool", "content": "42"}, QA[1]]},  # line 4: unknown role
+        "{not json",  # line 5
+        {"prompt": "Hi", "completion": "Hello!"},
+    ])  # fmt: skip
+    data, report = load_conversations(path, tiny_tokenizer)
+    assert data["messages"] == [QA, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]]
+    assert report.as_dict() == {
+        "read": 6,
+        "kept": 2,
+        "skipped": {"no assistant turn": 1, "empty conversation": 1, "unknown role": 1, "invalid JSON": 1},
+    }
+    summary = report.summary()
+    assert "kept 2 of 6 records, skipped 4" in summary
+    assert (
+        f"{path}:2: no assistant turn" in summary and f"{path}:4: unknown role: message 0 has role 'tool'" in summary
+    )
+    assert summary in caplog.text and "\n" not in summary
+
+
+def test_chat_template_that_cannot_render_skips_those_records(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer.__class__.from_pretrained(_saved(tiny_tokenizer, tmp_path / "tok"))
+    tok.chat_template = (  # like templates of models without a system role
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    system = [{"role": "system", "content": "Be kind."}, *QA]
+    path = _write_jsonl(tmp_path / "data.jsonl", [{"messages": QA}, {"messages": system}])
+    data, report = load_conversations(path, tok)
+    assert len(data) == 1 and report.skipped == {"unrenderable by the chat template": 1}
+    assert f"{path}:2: unrenderable by the chat template: System role not supported" in report.summary()
+    # when no record renders, the error is one line naming the first record and the reason
+    only_bad = _write_jsonl(tmp_path / "bad.jsonl", [{"messages": system}] * 3)
+    with pytest.raises(UserError) as info:
+        load_conversations(only_bad, tok)
+    message = str(info.value)
+    assert "\n" not in message and f"{only_bad}:1" in message and "System role not supported" in message
+
+
+def _saved(tokenizer, path):
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_parquet_and_limit(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_list([{"instruction": f"Say {i}.", "output": f"{i}."} for i in range(5)]).to_parquet(
+        tmp_path / "a.parquet"
+    )
+    data, report = load_conversations(tmp_path / "a.parquet", limit=3)
+    assert len(data) == 3 and report.read == 3
+    assert data[2]["messages"] == [{"role": "user", "content": "Say 2."}, {"role": "assistant", "content": "2."}]
+
+
+def test_missing_file_and_empty_file_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match=r"sft.dataset: file not found: .*nope.jsonl"):
+        load_conversations(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match=r"no usable conversation in .*empty.jsonl \(it is empty\)"):
+        load_conversations(tmp_path / "empty.jsonl")
+
+
+def test_held_out_split_is_seeded_and_disjoint():
+    from datasets import Dataset
+
+    data = Dataset.from_list([{"messages": [{"role": "user", "content": str(i)}, QA[1]]} for i in range(20)])
+    train, held = split_conversations(data, 0.1, seed=3)
+    again, held_again = split_conversations(data, 0.1, seed=3)
+    assert len(train) == 18 and len(held) == 2
+    assert held["messages"] == held_again["messages"]
+    questions = lambda d: {m[0]["content"] for m in d["messages"]}  # noqa: E731
+    assert questions(train) | questions(held) == {str(i) for i in range(20)}
+    assert not questions(train) & questions(held)
+    assert split_conversations(data, 0.0, seed=3) == (data, None)
