@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from safetensors.torch import load_file
 
 from pipeline.checkpoints import (
@@ -386,7 +387,8 @@ def _gold_scores(gold: Any, rollout: Rollout) -> torch.Tensor | None:
 def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     """Train (or resume, or skip when finished with the same settings); returns `run_dir/ppo/final/`."""
     started = time.time()
-    state = PartialState()  # under `accelerate launch` this joins the process group
+    # Under `accelerate launch` this joins the process group; on CPUs ACCELERATE_USE_CPU=true makes it gloo DDP.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     pcfg, sdir, world, rank = cfg.ppo, stage_dir(cfg, STAGE), state.num_processes, state.process_index
     inputs = resolve_inputs(cfg)
     _check_inputs(cfg, inputs)

@@ -209,33 +209,56 @@ def scalar_head(hidden_size: int, state: dict[str, torch.Tensor] | None, device:
 # Forward passes of the roles
 
 
+def _tuner_state(model: peft.PeftModel) -> dict[str, Any]:
+    """The model's LoRA layers and adapter parameters, found once (switching roles then costs one pass over them)."""
+    state = model.__dict__.get("_ppo_roles")
+    if state is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        params = [(p, f".{POLICY}." in n or f".{VALUE}." in n) for n, p in model.named_parameters() if "lora_" in n]
+        state = model.__dict__["_ppo_roles"] = {"layers": layers, "params": params, "active": None}
+    return state
+
+
 def _keep_trainable(model: peft.PeftModel) -> None:
-    # peft's set_adapter (also run when adapters are re-enabled) makes only the active adapter trainable; put back
-    # the plan: the policy and value adapters train, the reward adapter never does.
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.requires_grad_(f".{POLICY}." in name or f".{VALUE}." in name)
+    # peft's layer-level set_adapter / enable_adapters make only the active adapter trainable; put back the plan:
+    # the policy and value adapters train, the reward adapter never does.
+    for param, trainable in _tuner_state(model)["params"]:
+        param.requires_grad_(trainable)
 
 
 def activate_adapter(model: peft.PeftModel, name: str) -> None:
     """Make adapter `name` the active one (it stays active until another is activated)."""
-    if model.active_adapter != name:
-        model.set_adapter(name)
+    state = _tuner_state(model)
+    if state["active"] != name:
+        for layer in state["layers"]:
+            layer.set_adapter(name)
+        model.base_model.active_adapter = name  # what PeftModel.active_adapter reports
+        state["active"] = name
         _keep_trainable(model)
 
 
 @contextlib.contextmanager
 def use_adapter(model: peft.PeftModel, name: str | None) -> Iterator[None]:
-    """Run `model` as one role: adapter `name` active, or every adapter disabled (None: the reference)."""
-    if name is None:
-        try:
-            with model.disable_adapter():
-                yield
-        finally:
-            _keep_trainable(model)
+    """Run `model` as one role: adapter `name` active, or every adapter disabled (None: the reference).
+
+    Done layer by layer on the cached LoRA layers; peft's `disable_adapter()` context does the same but first
+    inspects every module of the model, which costs more than a small model's forward pass.
+    """
+    if name is not None:
+        activate_adapter(model, name)
+        yield
         return
-    activate_adapter(model, name)
-    yield
+    layers = _tuner_state(model)["layers"]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        _keep_trainable(model)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -435,6 +458,7 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
         reward = SeparateReward(reward_path, qlora, device, reward_len)
     for part in (model, critic):
         _keep_trainable(part)
+        part.eval()  # dropout off in every role (peft builds its wrappers in training mode)
     activate_adapter(model, POLICY)
     return Roles(model, tokenizer, critic, value_head, reward, base_path, read_reward_stats(reward_path))
 

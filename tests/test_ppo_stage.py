@@ -1,0 +1,382 @@
+"""The PPO stage end to end on tiny stand-ins of its inputs: a tiny base saved as sft/final/merged and a SEQ_CLS LoRA
+adapter with a score head saved as reward/final (with reward_stats.json), as CONTRACTS.md lays them out; prompts and
+the gold scorer from the demo world. Resume after SIGKILL, two processes, faults and misconfigurations."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.config import load_config
+from pipeline.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = Path(sys.executable)
+
+TINY_PPO = {
+    "num_updates": 3,
+    "rollout_batch_size": 4,
+    "mini_batch_size": 2,
+    "ppo_epochs": 1,
+    "max_new_tokens": 6,
+    "max_prompt_len": 48,
+    "eval_max_prompts": 4,
+    "generation_batch_size": 4,
+    "forward_batch_size": 4,
+    "learning_rate": 1e-2,
+    "save_steps": 1,
+    "save_total_limit": 2,
+    "report_to": "none",
+    "lora": {"r": 4, "alpha": 8},
+}
+
+
+def _save_upstream(root: Path, tokenizer, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny causal LM as the merged SFT model and a SEQ_CLS LoRA reward adapter trained "on" it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tests.conftest import tiny_llama_config
+
+    merged, reward = root / "sft" / "final" / "merged", root / "reward" / "final"
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer)).save_pretrained(merged)
+    tokenizer.save_pretrained(merged)
+    model = AutoModelForSequenceClassification.from_pretrained(merged, num_labels=1)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "score" in name:
+                param.normal_(0, 0.2)  # a reward model that is not just its base
+    model.save_pretrained(reward)
+    tokenizer.save_pretrained(reward)
+    (reward / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 0.5}))
+    return merged, reward
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory, tiny_tokenizer) -> Path:
+    root = tmp_path_factory.mktemp("upstream")
+    _save_upstream(root, tiny_tokenizer)
+    return root
+
+
+def _recipe(path: Path, run_dir: Path, upstream: Path, **ppo) -> Path:
+    section = {**TINY_PPO, "policy_base": str(upstream / "sft" / "final" / "merged"),
+               "reward_model": str(upstream / "reward" / "final"), **ppo}  # fmt: skip
+    path.write_text(yaml.safe_dump({"run_dir": str(run_dir), "seed": 7, "world": {"n_entities": 8}, "ppo": section}))
+    return path
+
+
+def _subprocess_env() -> dict[str, str]:
+    threads = str(torch.get_num_threads())  # conftest's fixed count, so bitwise comparisons hold
+    return {**os.environ, "OMP_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, upstream):
+    """One uninterrupted in-process run, with the roles kept for inspection."""
+    from pipeline.ppo import loop
+
+    base = tmp_path_factory.mktemp("reference")
+    cfg = load_config(_recipe(base / "recipe.yaml", base / "run", upstream))
+    captured = {}
+    build = loop.build_roles
+
+    def keep(*args, **kwargs):
+        captured["roles"] = build(*args, **kwargs)
+        return captured["roles"]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    loop.build_roles = keep
+    try:
+        final = loop.run(cfg)
+    finally:
+        loop.build_roles = build
+        torch.set_num_threads(threads)
+    return base / "run", final, captured["roles"]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_ppo_end_to_end_trains_adapters_and_writes_final(reference, upstream, tmp_path, tiny_tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    run_dir, final, roles = reference
+    assert final == run_dir / "ppo" / "final"
+    records = _metrics(run_dir)
+    assert [r["update"] for r in records] == [1, 2, 3]
+    for r in records:
+        for key in ("policy_loss", "value_loss", "rm_score", "gold_score", "kl", "entropy", "approx_kl", "clip_fraction",
+                    "explained_variance", "response_length", "eos_rate", "time_generate", "time_optimise"):  # fmt: skip
+            assert isinstance(r[key], float) and r[key] == r[key] and abs(r[key]) != float("inf"), (key, r[key])
+    assert records[-1]["approx_kl"] > 0  # the policy moved within an update
+
+    # Exactly these files (the tokenizer's own set taken from a save of it).
+    tokenizer_files = set(os.listdir(_saved_tokenizer(tiny_tokenizer, tmp_path)))
+    files = {str(p.relative_to(final)) for p in final.rglob("*") if p.is_file()}
+    assert (
+        files
+        == {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "value/adapter_config.json",
+            "value/adapter_model.safetensors",
+            "eval.json",
+            "samples.jsonl",
+            "stage.json",
+        }
+        | tokenizer_files
+    )
+
+    # The policy adapter trained (B starts at zero), the base is bitwise the merged SFT model, dropout is off.
+    policy = load_file(final / "adapter_model.safetensors")
+    assert any(t.abs().sum() > 0 for k, t in policy.items() if "lora_B" in k)
+    merged = load_file(upstream / "sft" / "final" / "merged" / "model.safetensors")
+    base = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in roles.frozen_base_parameters().items()
+    }
+    assert set(merged) <= set(base) | {"lm_head.weight"}
+    for name, tensor in merged.items():
+        assert torch.equal(base[name], tensor), f"base weight {name} changed"
+    assert not any(m.training for m in roles.model.modules())
+
+    # The value model started from the reward model's head and moved away from it.
+    reward = load_file(upstream / "reward" / "final" / "adapter_model.safetensors")
+    value = load_file(final / "value" / "adapter_model.safetensors")
+    assert not torch.equal(value["base_model.model.score.weight"], reward["base_model.model.score.weight"])
+
+    # What later stages read: the adapter loads onto the merged base; value/ loads like the reward model.
+    sft = AutoModelForCausalLM.from_pretrained(upstream / "sft" / "final" / "merged")
+    loaded = PeftModel.from_pretrained(sft, final)
+    lora = {k: v for k, v in loaded.named_parameters() if "lora_B" in k}
+    assert any(v.abs().sum() > 0 for v in lora.values())
+    critic = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(upstream / "sft" / "final" / "merged", num_labels=1),
+        final / "value",
+    )
+    head = dict(critic.named_parameters())
+    score = next(v for k, v in head.items() if k.endswith("score.modules_to_save.default.weight"))
+    assert torch.equal(score.detach(), roles.value_head.weight.detach())
+
+    stage = json.loads((final / "stage.json").read_text())
+    assert stage["contents"] == "adapter" and stage["metrics"]["updates"] == 3 and stage["metrics"]["world_size"] == 1
+    report = json.loads((final / "eval.json").read_text())
+    for key in ("sft_rm_score", "ppo_rm_score", "sft_gold_score", "ppo_gold_score", "kl_to_reference", "gold_wins",
+                "gold_losses", "gold_ties", "sft_insult_rate", "ppo_insult_rate"):  # fmt: skip
+        assert key in report, key
+    assert report["gold_wins"] + report["gold_losses"] + report["gold_ties"] == 4
+    assert [p["policy"] for p in report["overoptimisation"]["policy_scores"]] == [0, 1, 2, 3]
+    assert report["overoptimisation"]["best"]["checkpoint"] in {p.name for p in (run_dir / "ppo").glob("checkpoint-*")}
+    samples = [json.loads(line) for line in (final / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {"prompt", "sft", "ppo", "sft_gold_score", "ppo_gold_score"} <= set(samples[0])
+
+
+def _saved_tokenizer(tokenizer, tmp_path: Path) -> Path:
+    out = tmp_path / "tok"
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_finished_ppo_is_skipped_and_changed_settings_refused(reference):
+    from pipeline.ppo import loop
+
+    run_dir, final, _ = reference
+    cfg = load_config(run_dir.parent / "recipe.yaml")
+    before = (final / "stage.json").stat().st_mtime_ns
+    assert loop.run(cfg) == final
+    assert (final / "stage.json").stat().st_mtime_ns == before
+    with pytest.raises(UserError, match=r"ppo.cliprange \(0.2 -> 0.3\).*--rerun"):
+        loop.run(load_config(run_dir.parent / "recipe.yaml", ["ppo.cliprange=0.3"]))
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(reference, upstream, tmp_path):
+    run_ref, final_ref, _ = reference
+    recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream)
+    command = [str(PYTHON), "-m", "pipeline", "ppo", str(recipe)]
+    sdir = tmp_path / "run" / "ppo"
+    first = subprocess.Popen(
+        command, cwd=REPO, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 180
+    while not (sdir / "checkpoint-1" / "checkpoint.done").is_file():
+        assert first.poll() is None, first.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    first.stderr.close()
+    assert first.returncode == -signal.SIGKILL
+    assert not (sdir / "final").exists() and not (sdir / "checkpoint-3").exists(), "killed too late; make it longer"
+
+    second = subprocess.run(command, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr
+    for name in ("adapter_model.safetensors", "value/adapter_model.safetensors"):
+        resumed, uninterrupted = load_file(sdir / "final" / name), load_file(final_ref / name)
+        assert resumed.keys() == uninterrupted.keys()
+        for key, tensor in uninterrupted.items():
+            assert torch.equal(resumed[key], tensor), f"{name}: {key} differs after resume"
+    # the metrics log holds each update once, as the uninterrupted run logged it
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("time")}  # noqa: E731
+    assert [drop(r) for r in _metrics(tmp_path / "run")] == [drop(r) for r in _metrics(run_ref)]
+
+
+def test_two_processes_train_with_world_size_two(upstream, tmp_path):
+    recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, num_updates=2)
+    env = {**_subprocess_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [str(PYTHON.parent / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
+               "-m", "pipeline", "ppo", str(recipe)]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sdir = tmp_path / "run" / "ppo"
+    stage = json.loads((sdir / "final" / "stage.json").read_text())
+    assert stage["metrics"]["world_size"] == 2 and stage["hardware"]["world_size"] == 2
+    digests = stage["rank_parameter_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # gradients were averaged: both ranks hold the same adapters
+    assert {p.name for p in (sdir / "checkpoint-2").iterdir()} >= {"rank_0.pt", "rank_1.pt", "policy", "value"}
+    assert [r["episodes"] for r in _metrics(tmp_path / "run")] == [4, 8]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Faults
+
+
+@pytest.mark.parametrize("where", ["scores", "values", "loss"])
+def test_nonfinite_values_stop_and_keep_the_last_good_checkpoint(upstream, tmp_path, monkeypatch, where):
+    from pipeline.ppo import loop, roles
+
+    calls = {"n": 0}
+    if where == "scores":
+        original = roles.SharedReward.score
+
+        def poisoned(self, *args, **kwargs):
+            calls["n"] += 1
+            out = original(self, *args, **kwargs)
+            return out * float("nan") if calls["n"] == 2 else out
+
+        monkeypatch.setattr(roles.SharedReward, "score", poisoned)
+    elif where == "values":
+        original = roles.Roles.values
+
+        def poisoned(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            calls["n"] += torch.is_grad_enabled() is False
+            return out + float("inf") if calls["n"] == 2 and not torch.is_grad_enabled() else out
+
+        monkeypatch.setattr(roles.Roles, "values", poisoned)
+    else:
+        original = loop.clipped_value_loss
+
+        def poisoned(*args, **kwargs):
+            calls["n"] += 1
+            loss, clip = original(*args, **kwargs)
+            return (loss * float("nan"), clip) if calls["n"] > 2 else (loss, clip)  # 2 micro-batches per update
+
+        monkeypatch.setattr(loop, "clipped_value_loss", poisoned)
+    cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream))
+    sdir = tmp_path / "run" / "ppo"
+    with pytest.raises(UserError, match=r"non-finite .* at update 2.*last good checkpoint is .*checkpoint-1"):
+        loop.run(cfg)
+    assert (sdir / "checkpoint-1" / "checkpoint.done").is_file()
+    assert not (sdir / "checkpoint-2").exists() and not (sdir / "final").exists()
+    state = torch.load(sdir / "checkpoint-1" / "trainer_state.pt", weights_only=False)
+    assert state["update"] == 1
+    policy = load_file(sdir / "checkpoint-1" / "policy" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in policy.values())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Misconfigurations fail loudly at start
+
+
+def test_pad_equal_to_eos_is_refused(tmp_path, tiny_tokenizer):
+    tokenizer = _copy_tokenizer(tiny_tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    _save_upstream(tmp_path / "up", tokenizer)
+    cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", tmp_path / "up"))
+    from pipeline.ppo import loop
+
+    with pytest.raises(UserError, match="pad token is the EOS token"):
+        loop.run(cfg)
+
+
+def test_tokenizer_without_eos_is_refused(tiny_tokenizer):
+    from pipeline.ppo.roles import check_tokenizer
+
+    tokenizer = _copy_tokenizer(tiny_tokenizer)
+    tokenizer.eos_token = None
+    with pytest.raises(UserError, match="no EOS token"):
+        check_tokenizer(tokenizer, "ppo.policy_base")
+
+
+def _copy_tokenizer(tokenizer):
+    import copy
+
+    return copy.deepcopy(tokenizer)
+
+
+def test_reward_model_of_another_base_is_refused(upstream, tmp_path, tiny_tokenizer):
+    other = tmp_path / "other"
+    _save_upstream(other, tiny_tokenizer, seed=1)  # a different base with its own reward adapter
+    cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream,
+                              reward_model=str(other / "reward" / "final")))  # fmt: skip
+    from pipeline.ppo import loop
+
+    with pytest.raises(UserError, match=r"was trained on .*other.*not on the policy base.*reward_placement=separate"):
+        loop.run(cfg)
+
+
+def test_missing_upstream_and_bad_sizes_fail_in_one_line(tmp_path, upstream):
+    from pipeline.ppo import loop
+
+    missing = load_config(None, [f"run_dir={tmp_path / 'empty'}"])
+    with pytest.raises(UserError, match="does not exist .*run the sft stage first"):
+        loop.run(missing)
+    too_long = load_config(
+        _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, max_prompt_len=120, max_new_tokens=20)
+    )
+    with pytest.raises(UserError, match="exceeds the context"):
+        loop.run(too_long)
+    with pytest.raises(UserError, match="rollout_batch_size: must be a multiple of mini_batch_size"):
+        load_config(None, ["ppo.rollout_batch_size=6", "ppo.mini_batch_size=4"])
+    with pytest.raises(UserError, match="value_init: must be 'fresh'"):
+        load_config(None, ["ppo.reward_placement=separate"])
+
+
+def test_long_prompts_are_truncated_or_refused_and_counted(tiny_tokenizer):
+    from pipeline.ppo.rollout import prepare_prompts
+
+    records = [{"prompt": "Veloria " * n} for n in (1, 40, 2, 60)]
+    lengths = [len(tiny_tokenizer(r["prompt"])["input_ids"]) for r in records]
+    limit = 20
+    assert lengths[0] <= limit and lengths[2] <= limit and lengths[1] > limit and lengths[3] > limit
+    truncated = prepare_prompts(records, tiny_tokenizer, limit, "truncate", "test")
+    assert (truncated.truncated, truncated.refused, len(truncated.ids)) == (2, 0, 4)
+    full = tiny_tokenizer(records[1]["prompt"])["input_ids"]
+    assert truncated.ids[1] == full[-limit:]  # the end of a prompt (the generation prompt) is kept
+    refused = prepare_prompts(records, tiny_tokenizer, limit, "refuse", "test")
+    assert (refused.truncated, refused.refused, [r["prompt"] for r in refused.records]) == (
+        0,
+        2,
+        [records[0]["prompt"], records[2]["prompt"]],
+    )
