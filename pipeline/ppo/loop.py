@@ -127,9 +127,16 @@ def load_prompt_sets(cfg: PipelineConfig, tokenizer: Any) -> tuple[PromptSet, Pr
 
         files = materialize(cfg)
         gold = GoldScorer(build_world(cfg))
-    train = load_prompt_records(files.ppo_train_prompts if pcfg.dataset == "demo" else pcfg.dataset, "ppo.dataset")
-    heldout = load_prompt_records(files.ppo_eval_prompts if pcfg.eval_dataset == "demo" else pcfg.eval_dataset,
-                                  "ppo.eval_dataset")  # fmt: skip
+    if pcfg.dataset == "demo":
+        train = load_prompt_records(files.ppo_train_prompts, "ppo.dataset")
+    else:
+        train = load_prompt_records(pcfg.dataset, "ppo.dataset", pcfg.train_split)
+    if pcfg.eval_dataset == "demo":
+        heldout = load_prompt_records(files.ppo_eval_prompts, "ppo.eval_dataset")
+    else:
+        heldout = load_prompt_records(pcfg.eval_dataset, "ppo.eval_dataset", pcfg.eval_split)
+    if pcfg.max_train_prompts > 0:
+        train = train[: pcfg.max_train_prompts]
     if pcfg.eval_max_prompts > 0:
         heldout = heldout[: pcfg.eval_max_prompts]
     args = (tokenizer, pcfg.max_prompt_len, pcfg.long_prompts)

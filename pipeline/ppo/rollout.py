@@ -54,7 +54,7 @@ def _prompt_of(row: dict[str, Any]) -> list[dict] | str | None:
     return value if value and value[-1]["role"] == "user" else None
 
 
-def load_prompt_records(source: str | Path, what: str) -> list[dict[str, Any]]:
+def load_prompt_records(source: str | Path, what: str, split: str = "train") -> list[dict[str, Any]]:
     """Rows {"prompt", "kind", ...} from a jsonl/json/parquet file or a Hub dataset id; unusable rows are skipped."""
     import datasets
 
@@ -68,7 +68,7 @@ def load_prompt_records(source: str | Path, what: str) -> list[dict[str, Any]]:
         elif path.exists() or str(source).startswith((".", "/", "~")):
             raise UserError(f"{what}: {path} is not a file of prompts (jsonl/json/parquet)")
         else:
-            rows = datasets.load_dataset(str(source), split="train")
+            rows = datasets.load_dataset(str(source), split=split)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
         raise UserError(f"{what}: cannot read prompts from {source}: {str(exc).splitlines()[0]}") from None
     records, skipped = [], 0
