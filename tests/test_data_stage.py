@@ -450,6 +450,31 @@ def test_jsonl_input_skips_extraction(tmp_path):
     assert set(_output(final)) == set(GOOD)
 
 
+def test_fasttext_language_id_with_a_local_model(tmp_path):
+    """datatrove's LanguageFilter on a local fastText model (a tiny one trained here: lid.176.bin is not fetched)."""
+    import fasttext
+
+    lines = [f"__label__en {s}" for v in GOOD.values() for s in v] + [f"__label__de {s}" for s in FOREIGN] * 7
+    (tmp_path / "lid.txt").write_text("\n".join(lines * 5) + "\n")
+    for seed in range(3):  # this fastText build sometimes diverges to NaN on tiny files (seen with bucket=0, low lr)
+        try:
+            model = fasttext.train_supervised(str(tmp_path / "lid.txt"), epoch=40, lr=0.3, minn=2, maxn=4, dim=8,
+                                              bucket=20000, thread=1, verbose=0, seed=seed)  # fmt: skip
+            break
+        except RuntimeError:
+            continue
+    model.save_model(str(tmp_path / "lid.bin"))
+    _write_jsonl_corpus(tmp_path / "corpus")
+    german = {"id": "stadt", "url": "https://www.example.de/stadt.html", "text": " ".join(FOREIGN)}
+    (tmp_path / "corpus" / "part-2.jsonl").write_text(json.dumps(german) + "\n")
+    overrides = [f"data.input={tmp_path / 'corpus'}", f"data.language_model_path={tmp_path / 'lid.bin'}"]
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "data.tasks=1", *overrides])
+    final = webtext.run(cfg)
+    language = json.loads((final / "stats.json").read_text())["steps"][1]
+    assert (language["step"], language["documents_in"], language["removed"]) == ("language", 8, 1)
+    assert set(_output(final)) == set(GOOD)
+
+
 def test_hub_dataset_path_streams_and_limits(tmp_path):
     """The Hub code path (datasets streaming), pointed at a local folder since nothing can be downloaded here."""
     _write_jsonl_corpus(tmp_path / "corpus")

@@ -73,6 +73,22 @@ def minhash_bands(threshold: float, buckets: int) -> tuple[int, int, float]:
 # Building
 
 
+def check_settings(data: DataConfig) -> None:
+    """Settings that only the local machine can judge (files, installed packages), checked before any work starts."""
+    from pipeline.data.filters import STOP_WORDS
+
+    for key in ("language_model_path", "bad_words_file"):
+        path = getattr(data, key)
+        if path and not Path(path).expanduser().is_file():
+            raise UserError(f"data.{key}: {path} is not a file (give the path of a local file, or leave it unset)")
+    if not data.language_model_path and data.language not in STOP_WORDS:
+        raise UserError(
+            f"data.language={data.language!r} has no stop-word list (known: {', '.join(STOP_WORDS)}); "
+            "give a fastText model with data.language_model_path"
+        )
+    word_tokenizer(data)  # spaCy installed when asked for
+
+
 def build_passes(cfg: PipelineConfig, source: Source, work: Path) -> list[Pass]:
     """The passes the config asks for, in order."""
     from datatrove.pipeline.dedup import (

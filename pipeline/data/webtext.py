@@ -34,7 +34,15 @@ from pipeline.checkpoints import (
     write_stage_json,
 )
 from pipeline.config import DataConfig, PipelineConfig
-from pipeline.data.curation import Source, build_passes, check_not_empty, collect_stats, minhash_bands, run_passes
+from pipeline.data.curation import (
+    Source,
+    build_passes,
+    check_not_empty,
+    check_settings,
+    collect_stats,
+    minhash_bands,
+    run_passes,
+)
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -54,6 +62,7 @@ SUFFIXES = {
 
 def resolve_inputs(cfg: PipelineConfig) -> dict[str, str]:
     """role -> the corpus: 'demo', a Hub id, or local files with their count and size (so changed files show)."""
+    check_settings(cfg.data)
     if cfg.data.input == "demo":
         return {"corpus": "demo"}
     return {"corpus": resolve_source(cfg.data).description}
