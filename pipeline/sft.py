@@ -190,7 +190,7 @@ def to_trl_args(cfg: PipelineConfig, has_eval: bool) -> trl.SFTConfig:
         num_train_epochs=sft.num_train_epochs,
         max_steps=sft.max_steps,
         max_grad_norm=sft.max_grad_norm,
-        gradient_checkpointing=sft.gradient_checkpointing,
+        activation_checkpointing=sft.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
         bf16=default_dtype() == torch.bfloat16,
         save_strategy="steps",
         save_steps=sft.save_steps,
@@ -200,6 +200,7 @@ def to_trl_args(cfg: PipelineConfig, has_eval: bool) -> trl.SFTConfig:
         eval_steps=sft.eval_steps if evaluate_during else None,
         report_to=[] if sft.report_to == "none" else [sft.report_to],
         dataloader_num_workers=sft.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
         max_length=sft.max_seq_len,
         packing=sft.packing,
         assistant_only_loss=sft.assistant_only_loss,

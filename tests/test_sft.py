@@ -353,3 +353,45 @@ def test_chat_prompt_answers_like_greedy_generation_for_merged_and_adapter_final
     shutil.copytree(reference_run, adapter_only, ignore=shutil.ignore_patterns("merged"))
     main(["chat", str(adapter_only.parent), "--prompt", question, "--greedy", "--max-new-tokens", "6"])
     assert capsys.readouterr().out.strip() == expected
+
+
+def test_base_without_pad_or_chat_template_gets_them_and_trains_new_embeddings(tmp_path, workdir):
+    from conftest import TINY_CORPUS
+    from peft import PeftModel
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from pipeline import sft
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    raw.train_from_iterator(TINY_CORPUS, trainer=trainer)
+    plain = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")  # no pad, no chat template
+    torch.manual_seed(0)
+    config = tiny_llama_config(plain, hidden_size=64, intermediate_size=128, pad_token_id=None)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "plain")
+    plain.save_pretrained(tmp_path / "plain")
+    vocab = len(plain)
+
+    final = sft.run(cfg_for(workdir, tmp_path / "run", f"sft.base={tmp_path / 'plain'}", "sft.max_steps=3"))
+    record = json.loads((final / "stage.json").read_text())
+    assert record["metrics"]["tokens_added"] is True
+    from pipeline.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(final)
+    assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.chat_template and len(tokenizer) == vocab + 4  # pad and the three role tokens
+    saved = load_file(final / "adapter_model.safetensors")
+    trained_rows = [k for k in saved if "embed_tokens" in k or "lm_head" in k]
+    assert trained_rows and all(saved[k].shape[0] == len(tokenizer) for k in trained_rows)
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged")
+    assert merged.get_input_embeddings().num_embeddings == len(tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    base.resize_token_embeddings(len(tokenizer))  # the base must grow like the tokenizer before the adapter loads
+    adapted = PeftModel.from_pretrained(base, final)
+    ids = torch.tensor([[vocab, 5, vocab + 3, 7]])  # includes added tokens
+    with torch.no_grad():
+        assert torch.allclose(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
