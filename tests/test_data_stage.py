@@ -326,6 +326,27 @@ def test_reader_skips_a_corrupt_record_of_an_uncompressed_warc(tmp_path):
     assert reader.stats["corrupt_records"].total == 1
 
 
+def test_wet_conversion_records_are_read_as_text(tmp_path):
+    from warcio.warcwriter import WARCWriter
+
+    folder = tmp_path / "wet"
+    folder.mkdir()
+    with (folder / "CC-TEST.warc.wet.gz").open("wb") as fh:
+        writer = WARCWriter(fh, gzip=True)
+        for name in ("bees", "chess"):
+            text = " ".join(GOOD[name]).encode()
+            headers = {"Content-Type": "text/plain", "WARC-Identified-Content-Language": "eng"}
+            url = f"https://www.example.org/{name}.html"
+            writer.write_record(
+                writer.create_warc_record(url, "conversion", payload=io.BytesIO(text), warc_headers_dict=headers)
+            )
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.input={folder}"])
+    source = webtext.resolve_source(cfg.data)
+    assert source.format == "wet"
+    docs = list(TolerantWarcReader(source.folder).run())
+    assert [d.text for d in docs] == [" ".join(GOOD["bees"]), " ".join(GOOD["chess"])]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Resume
 
