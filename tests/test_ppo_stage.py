@@ -41,7 +41,7 @@ TINY_PPO = {
 }
 
 
-def _save_upstream(root: Path, tokenizer, seed: int = 0) -> tuple[Path, Path]:
+def _save_upstream(root: Path, tokenizer, seed: int = 0, **sizes) -> tuple[Path, Path]:
     """A tiny causal LM as the merged SFT model and a SEQ_CLS LoRA reward adapter trained "on" it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -50,7 +50,7 @@ def _save_upstream(root: Path, tokenizer, seed: int = 0) -> tuple[Path, Path]:
 
     merged, reward = root / "sft" / "final" / "merged", root / "reward" / "final"
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer)).save_pretrained(merged)
+    AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer, **sizes)).save_pretrained(merged)
     tokenizer.save_pretrained(merged)
     model = AutoModelForSequenceClassification.from_pretrained(merged, num_labels=1)
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear"))
@@ -257,6 +257,35 @@ def test_two_processes_train_with_world_size_two(upstream, tmp_path):
     assert [r["episodes"] for r in _metrics(tmp_path / "run")] == [4, 8]
 
 
+def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokenizer):
+    """The options off the default path in one short run: a 4-bit NF4 base, a reward model with its own weights
+    (fed re-tokenised text), a critic on its own copy of the base, started fresh."""
+    import bitsandbytes as bnb
+
+    from pipeline.ppo import loop
+    from pipeline.ppo.roles import SeparateReward
+
+    _save_upstream(tmp_path / "up", tiny_tokenizer, hidden_size=64, intermediate_size=128)  # 4-bit needs rows of 64
+    options = dict(num_updates=1, finetune="qlora", reward_placement="separate", critic_placement="separate",
+                   value_init="fresh")  # fmt: skip
+    cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", tmp_path / "up", **options))
+    captured, build = {}, loop.build_roles
+    loop.build_roles = lambda *a, **k: captured.setdefault("roles", build(*a, **k))
+    try:
+        final = loop.run(cfg)
+    finally:
+        loop.build_roles = build
+    roles = captured["roles"]
+    q_proj = roles.model.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and q_proj.base_layer.weight.dtype == torch.uint8
+    assert roles.critic is not roles.model and isinstance(roles.reward, SeparateReward)
+    assert set(roles.model.peft_config) == {"policy"} and set(roles.critic.peft_config) == {"value"}
+    assert roles.value_head.weight.abs().sum() > 0  # started at zero, trained
+    record = _metrics(tmp_path / "run")[0]
+    assert all(record[k] == record[k] for k in ("policy_loss", "value_loss", "rm_score", "kl"))
+    assert (final / "value" / "adapter_model.safetensors").is_file()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Faults
 
@@ -380,3 +409,45 @@ def test_long_prompts_are_truncated_or_refused_and_counted(tiny_tokenizer):
         2,
         [records[0]["prompt"], records[2]["prompt"]],
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation rules, by hand
+
+
+def _points(rm, gold):
+    return [{"policy": k, "rm_score": r, "gold_score": g} for k, (r, g) in enumerate(zip(rm, gold, strict=True))]
+
+
+def test_overoptimisation_rule_by_hand():
+    from pipeline.ppo.evaluation import detect_overoptimisation
+
+    points = _points([0.0, 0.2, 0.4, 0.6, 0.8], [1.0, 1.2, 1.1, 0.7, 0.5])
+    # window 2, first test at policy 3: rm (0.4 + 0.6)/2 = 0.5 > (0.0 + 0.2)/2 = 0.1, and
+    # gold (1.1 + 0.7)/2 = 0.9 < (1.0 + 1.2)/2 - 0.1 = 1.0: detected at policy 3.
+    found = detect_overoptimisation(points, window=2, tolerance=0.1)
+    assert found["detected"] and found["at_policy"] == 3
+    assert found["gold_before"] == pytest.approx(1.1) and found["gold_after"] == pytest.approx(0.9)
+    # gold falls as much, but so does the reward model: the model is getting worse, not being gamed
+    assert not detect_overoptimisation(_points([0.8, 0.6, 0.4, 0.2], [1.0, 1.2, 1.1, 0.7]), 2, 0.1)["detected"]
+    # gold falls by 0.05 only, within the tolerance of 0.1: (1.0 + 1.2)/2 = 1.1 -> (1.1 + 1.0)/2 = 1.05
+    assert not detect_overoptimisation(_points([0.0, 0.2, 0.4, 0.6], [1.0, 1.2, 1.1, 1.0]), 2, 0.1)["detected"]
+    # without a gold scorer the rule is not applied
+    assert not detect_overoptimisation(_points([0.0, 1.0], [None, None]), 1, 0.1)["detected"]
+
+
+def test_best_checkpoint_and_win_rate_by_hand():
+    from pipeline.ppo.evaluation import best_policy, win_rate
+
+    points = _points([0.0, 0.1, 0.2, 0.3], [1.0, 1.2, 1.3, 0.7])
+    # policy 2 has the best gold score but was not saved; of the saved ones (1 and 3) policy 1 is best
+    assert best_policy(points, saved=[1, 3]) == {
+        "policy": 1,
+        "rm_score": 0.1,
+        "gold_score": 1.2,
+        "checkpoint": "checkpoint-1",
+    }
+    assert best_policy(points, saved=[]) is None
+    # 1 > 0 and 3 > 1 are wins, 3 < 4 a loss, 2 = 2 a tie: 2 / (2 + 1)
+    assert win_rate([1, 2, 3, 3], [0, 2, 4, 1]) == {"win_rate": 2 / 3, "wins": 2, "losses": 1, "ties": 1}
+    assert win_rate([1.0], [1.0])["win_rate"] is None

@@ -413,10 +413,11 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     roles = build_roles(pcfg, inputs["base"], inputs["reward"], state.device)
     train_prompts, eval_prompts, gold = on_main(lambda: load_prompt_sets(cfg, roles.tokenizer))
     sampling = SamplingArgs(pcfg.max_new_tokens, pcfg.temperature, pcfg.top_k, pcfg.top_p, do_sample=True)
-    trainable, total = count_parameters(roles.model)
+    _, total = count_parameters(roles.model)
+    trainable = sum(p.numel() for p in roles.trainable_parameters())
     logger.info("ppo config: %s", pcfg)
     logger.info("one base of %s parameters; %s trainable (policy and value adapters, value head); %d prompts "
-                "(%d truncated, %d refused); %d processes", f"{total:,}", f"{trainable + roles.value_head.weight.numel():,}",
+                "(%d truncated, %d refused); %d processes", f"{total:,}", f"{trainable:,}",
                 len(train_prompts.records), train_prompts.truncated, train_prompts.refused, world)  # fmt: skip
 
     params = roles.trainable_parameters()
