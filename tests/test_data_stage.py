@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -352,10 +354,11 @@ def test_wet_conversion_records_are_read_as_text(tmp_path):
 
 
 class _Recorder:
-    """Appended to the filter pass: records which shards ran, and can crash one after its work is done."""
+    """Appended to the filter pass: records which shards ran; can crash one, or signal the process, after its work."""
 
     calls: list[int] = []
     crash_rank: int | None = None
+    signal_rank: int | None = None
 
 
 def _record_step():
@@ -368,13 +371,15 @@ def _record_step():
             _Recorder.calls.append(rank)
             if rank == _Recorder.crash_rank:
                 raise RuntimeError("simulated crash after the shard's work, before its completion marker")
+            if rank == _Recorder.signal_rank:
+                os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends before pre-empting the job
             if data:
                 yield from data
 
     return Record()
 
 
-def test_interrupted_run_resumes_without_redoing_finished_shards(crawl, finished, tmp_path, monkeypatch):
+def _with_recorder(monkeypatch) -> None:
     original = webtext.build_passes
 
     def with_recorder(cfg, source, work):
@@ -383,8 +388,12 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(crawl, finished
         return passes
 
     monkeypatch.setattr(webtext, "build_passes", with_recorder)
+
+
+def test_interrupted_run_resumes_without_redoing_finished_shards(crawl, finished, tmp_path, monkeypatch):
+    _with_recorder(monkeypatch)
     cfg = _config(tmp_path, crawl)
-    _Recorder.calls, _Recorder.crash_rank = [], 1
+    _Recorder.calls, _Recorder.crash_rank, _Recorder.signal_rank = [], 1, None
     with pytest.raises(RuntimeError, match="simulated crash"):
         webtext.run(cfg)
     assert _Recorder.calls == [0, 1]
@@ -397,6 +406,25 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(crawl, finished
     assert _output(final) == _output(finished)
     stats = json.loads((final / "stats.json").read_text())
     assert stats["steps"] == json.loads((finished / "stats.json").read_text())["steps"]
+
+
+def test_sigterm_stops_the_stage_and_a_rerun_resumes(crawl, finished, tmp_path, monkeypatch):
+    from pipeline.checkpoints import Preempted
+
+    _with_recorder(monkeypatch)
+    cfg = _config(tmp_path, crawl)
+    _Recorder.calls, _Recorder.crash_rank, _Recorder.signal_rank = [], None, 0
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="stopped by SIGTERM; finished data shards are kept"):
+        webtext.run(cfg)
+    assert signal.getsignal(signal.SIGTERM) is before  # the stage's handler is gone again
+    assert _Recorder.calls == [0]  # stopped inside shard 0, before shard 1 started
+    completions = tmp_path / "run" / "data" / "work" / "logs" / "filter" / "completions"
+    assert not completions.exists() or not any(completions.iterdir())
+    _Recorder.calls, _Recorder.signal_rank = [], None
+    final = webtext.run(cfg)
+    assert _Recorder.calls == [0, 1]
+    assert _output(final) == _output(finished)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -13,13 +13,18 @@ datatrove's dedup steps address a document by its rank and position.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,7 +298,8 @@ def run_passes(cfg: PipelineConfig, passes: list[Pass], work: Path) -> None:
         for step in passes:
             executors.append(build_executor(cfg, step, work, depends=executors[-1] if executors else None))
         executors[-1].run()  # submits the whole chain as dependent job arrays
-        wait_for_slurm(executors)
+        with stop_on_signal():  # stops waiting; the submitted jobs run on
+            wait_for_slurm(executors)
         return
     if cfg.data.executor == "ray":
         try:
@@ -304,13 +310,49 @@ def run_passes(cfg: PipelineConfig, passes: list[Pass], work: Path) -> None:
             ) from None
         if not ray.is_initialized():
             ray.init()  # joins the cluster named by RAY_ADDRESS, or starts a local one
-    for step in passes:
-        executor = build_executor(cfg, step, work)
-        executor.run()
-        if executor.get_incomplete_ranks(skip_completed=True):
-            raise RuntimeError(f"data pass '{step.name}' left unfinished shards; see {work / 'logs' / step.name}")
-        if step.name == "filter":
-            check_not_empty(collect_stats(passes[:1], work), cfg)  # fail before the dedup passes
+    with stop_on_signal():
+        for step in passes:
+            executor = build_executor(cfg, step, work)
+            executor.run()
+            if executor.get_incomplete_ranks(skip_completed=True):
+                raise RuntimeError(f"data pass '{step.name}' left unfinished shards; see {work / 'logs' / step.name}")
+            if step.name == "filter":
+                check_not_empty(collect_stats(passes[:1], work), cfg)  # fail before the dedup passes
+
+
+class _Stop(BaseException):
+    """Raised by the signal handler; a BaseException so that datatrove's `except Exception` blocks let it through."""
+
+
+@contextlib.contextmanager
+def stop_on_signal() -> Iterator[None]:
+    """SIGTERM/SIGUSR1 (a scheduler's pre-emption) stop the passes at once: unwinding shuts datatrove's helper
+    processes down, finished shards keep their completion markers, and the CLI exits 143; a re-run resumes."""
+    from pipeline.checkpoints import Preempted, preemption_requested
+
+    message = "finished data shards are kept. Run the same command to resume"
+    if preemption_requested():  # the signal came before this point (the CLI's handler only notes it)
+        raise Preempted(f"stopped by a pre-emption signal; {message}")
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != main_pid:  # a forked datatrove helper inherited this handler: die as the signal says
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise _Stop(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    except _Stop as stop:
+        raise Preempted(f"stopped by {stop}; {message}") from None
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def wait_for_slurm(executors: list) -> None:
