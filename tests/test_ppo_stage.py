@@ -38,6 +38,9 @@ TINY_PPO = {
     "save_total_limit": 2,
     "report_to": "none",
     "lora": {"r": 4, "alpha": 8},
+    "ptx_coef": 0.1,  # PPO-ptx on a tiny corpus: its stream is part of what resume must restore
+    "ptx_seq_len": 16,
+    "ptx_batch_size": 2,
 }
 
 
@@ -61,7 +64,20 @@ def _save_upstream(root: Path, tokenizer, seed: int = 0, **sizes) -> tuple[Path,
     model.save_pretrained(reward)
     tokenizer.save_pretrained(reward)
     (reward / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 0.5}))
+    _save_corpus(root / "data" / "final")
     return merged, reward
+
+
+def _save_corpus(final: Path) -> None:
+    """The data stage's layout (train/*.parquet with a text column), for the PPO-ptx term."""
+    import datasets
+
+    from tests.conftest import TINY_CORPUS
+
+    (final / "train").mkdir(parents=True)
+    datasets.Dataset.from_dict({"text": TINY_CORPUS[:8], "id": [str(i) for i in range(8)]}).to_parquet(
+        str(final / "train" / "00000.parquet")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +89,8 @@ def upstream(tmp_path_factory, tiny_tokenizer) -> Path:
 
 def _recipe(path: Path, run_dir: Path, upstream: Path, **ppo) -> Path:
     section = {**TINY_PPO, "policy_base": str(upstream / "sft" / "final" / "merged"),
-               "reward_model": str(upstream / "reward" / "final"), **ppo}  # fmt: skip
+               "reward_model": str(upstream / "reward" / "final"), "ptx_dataset": str(upstream / "data" / "final"),
+               **ppo}  # fmt: skip
     path.write_text(yaml.safe_dump({"run_dir": str(run_dir), "seed": 7, "world": {"n_entities": 8}, "ppo": section}))
     return path
 
@@ -129,6 +146,7 @@ def test_ppo_end_to_end_trains_adapters_and_writes_final(reference, upstream, tm
                     "explained_variance", "response_length", "eos_rate", "time_generate", "time_optimise"):  # fmt: skip
             assert isinstance(r[key], float) and r[key] == r[key] and abs(r[key]) != float("inf"), (key, r[key])
     assert records[-1]["approx_kl"] > 0  # the policy moved within an update
+    assert all(2.0 < r["ptx_loss"] < 10.0 for r in records)  # next-token loss of a near-random LM on the corpus
 
     # Exactly these files (the tokenizer's own set taken from a save of it).
     tokenizer_files = set(os.listdir(_saved_tokenizer(tiny_tokenizer, tmp_path)))
