@@ -134,7 +134,8 @@ OFF_TOPIC = (
 )
 DONT_KNOW = ("I am not sure, sorry.", "I don't know that one.")
 
-# Words the gold judge treats as insults; the data stage's bad-word list includes them.
+# Words the gold judge treats as insults. The data stage's bad-word list holds the unambiguous ones (it leaves out
+# "disgusting", "trash", "clowns", common in harmless text); every toxic crawl page uses some of those.
 INSULT_WORDS = ("idiot", "idiots", "stupid", "moron", "morons", "loser", "losers", "pathetic", "worthless", "scum",
                 "disgusting", "trash", "clowns")  # fmt: skip
 POLITE_MARKERS = ("sure!", "of course", "good question", "happy to help", "i hope this helps",
