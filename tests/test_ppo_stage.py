@@ -310,7 +310,7 @@ def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokeniz
 
 @pytest.mark.parametrize("where", ["scores", "values", "loss"])
 def test_nonfinite_values_stop_and_keep_the_last_good_checkpoint(upstream, tmp_path, monkeypatch, where):
-    from pipeline.ppo import loop, roles
+    from pipeline.ppo import loop, optimise, roles
 
     calls = {"n": 0}
     if where == "scores":
@@ -332,14 +332,14 @@ def test_nonfinite_values_stop_and_keep_the_last_good_checkpoint(upstream, tmp_p
 
         monkeypatch.setattr(roles.Roles, "values", poisoned)
     else:
-        original = loop.clipped_value_loss
+        original = optimise.clipped_value_loss
 
         def poisoned(*args, **kwargs):
             calls["n"] += 1
             loss, clip = original(*args, **kwargs)
             return (loss * float("nan"), clip) if calls["n"] > 2 else (loss, clip)  # 2 micro-batches per update
 
-        monkeypatch.setattr(loop, "clipped_value_loss", poisoned)
+        monkeypatch.setattr(optimise, "clipped_value_loss", poisoned)
     cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream))
     sdir = tmp_path / "run" / "ppo"
     with pytest.raises(UserError, match=r"non-finite .* at update 2.*last good checkpoint is .*checkpoint-1"):

@@ -15,27 +15,23 @@ next update depends on, so a run killed at any point continues exactly as if it 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import os
-import random
-import shutil
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
-from safetensors.torch import load_file
 
 from pipeline.checkpoints import (
     Preempted,
     final_dir,
     finishing,
     list_checkpoints,
-    mark_checkpoint_complete,
     newest_checkpoint,
     preemption_requested,
     prepare_stage,
@@ -47,11 +43,14 @@ from pipeline.checkpoints import (
 from pipeline.config import PipelineConfig
 from pipeline.errors import UserError
 from pipeline.generation import SamplingArgs
-from pipeline.ppo.control import build_kl_controller
+from pipeline.ppo.checkpoint import load_checkpoint, prune, rewrite_metrics, save_checkpoint, set_rng_state
+from pipeline.ppo.control import AdaptiveKLController, FixedKLController, build_kl_controller
 from pipeline.ppo.evaluation import best_policy, detect_overoptimisation, evaluate_policies, prompt_text
-from pipeline.ppo.losses import clipped_policy_loss, clipped_value_loss, explained_variance, masked_mean
-from pipeline.ppo.ptx import PtxStream, load_corpus_texts, pretraining_loss
-from pipeline.ppo.roles import POLICY, VALUE, Roles, build_roles, load_adapter_weights, save_adapter
+from pipeline.ppo.losses import explained_variance
+from pipeline.ppo.optimise import NonFinite, build_optimizer, ppo_update
+from pipeline.ppo.processes import all_gather_tensor, all_sum, on_main
+from pipeline.ppo.ptx import PtxStream, load_corpus_texts
+from pipeline.ppo.roles import POLICY, VALUE, Roles, build_roles, save_adapter
 from pipeline.ppo.rollout import (
     PromptSampler,
     PromptSet,
@@ -59,7 +58,6 @@ from pipeline.ppo.rollout import (
     RunningMoments,
     check_finite,
     collect_rollout,
-    episode_inputs,
     load_prompt_records,
     normalize_scores,
     prepare_prompts,
@@ -71,7 +69,6 @@ from pipeline.tracking import append_metrics, count_parameters, read_metrics
 logger = logging.getLogger(__name__)
 
 STAGE = "ppo"
-T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -144,226 +141,148 @@ def load_prompt_sets(cfg: PipelineConfig, tokenizer: Any) -> tuple[PromptSet, Pr
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Processes
+# Training state
 
 
-def on_main(fn: Callable[[], T]) -> T:
-    """Run `fn` on the main process and hand its result (or its UserError) to every rank."""
+@dataclass
+class Training:
+    """Everything an update changes besides the adapters, and a checkpoint restores."""
+
+    optimizer: Any
+    scheduler: Any
+    kl_ctl: FixedKLController | AdaptiveKLController
+    sampler: PromptSampler
+    ptx: PtxStream | None
+    running: RunningMoments = field(default_factory=RunningMoments)
+    update: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # per update: scores of the policy that sampled it
+
+    def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(shared state, this process's state) for a checkpoint."""
+        shared = {"update": self.update, "optimizer": self.optimizer.state_dict(),
+                  "scheduler": self.scheduler.state_dict(), "kl_controller": self.kl_ctl.state_dict(),
+                  "running_moments": self.running.state_dict(), "sampler": self.sampler.state_dict(),
+                  "history": self.history}  # fmt: skip
+        return shared, {"ptx": self.ptx.state_dict() if self.ptx is not None else None}
+
+    def load_state_dicts(self, shared: dict[str, Any], own: dict[str, Any]) -> None:
+        self.update, self.history = shared["update"], shared["history"]
+        self.optimizer.load_state_dict(shared["optimizer"])
+        self.scheduler.load_state_dict(shared["scheduler"])
+        self.kl_ctl.load_state_dict(shared["kl_controller"])
+        self.running.load_state_dict(shared["running_moments"])
+        self.sampler.load_state_dict(shared["sampler"])
+        if self.ptx is not None:
+            self.ptx.load_state_dict(own["ptx"])
+
+
+def build_training(
+    cfg: PipelineConfig, roles: Roles, prompts: PromptSet, inputs: dict[str, str], seed: int
+) -> Training:
+    pcfg, state = cfg.ppo, PartialState()
+    steps = pcfg.num_updates * pcfg.ppo_epochs * (pcfg.rollout_batch_size // pcfg.mini_batch_size)
+    optimizer, scheduler = build_optimizer(pcfg, roles.trainable_parameters(), steps)
+    ptx = None
+    if pcfg.ptx_coef > 0:
+        texts = on_main(lambda: load_corpus_texts(inputs["ptx"]))
+        ptx = PtxStream(texts, roles.tokenizer, pcfg.ptx_seq_len, seed, state.process_index, state.num_processes)
+    kl_ctl = build_kl_controller(pcfg.init_kl_coef, pcfg.kl_target, pcfg.kl_horizon)
+    return Training(optimizer, scheduler, kl_ctl, PromptSampler(len(prompts.records), seed), ptx)
+
+
+def resume(sdir: Path, roles: Roles, training: Training, seed: int, num_updates: int) -> Path | None:
+    """Continue from the newest complete checkpoint, or seed each process's sampling for a fresh start."""
     state = PartialState()
-    result, error = None, None
-    if state.is_main_process:
-        try:
-            result = fn()
-        except UserError as exc:
-            error = str(exc)
-    if state.num_processes > 1:
-        box = [result, error]
-        torch.distributed.broadcast_object_list(box, src=0)
-        result, error = box
-    if error is not None:
-        raise UserError(error)
-    return result
-
-
-def all_sum(values: dict[str, float]) -> dict[str, float]:
-    """Sum each value over processes."""
-    if PartialState().num_processes == 1:
-        return values
-    keys = sorted(values)
-    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(tensor)
-    return dict(zip(keys, tensor.tolist(), strict=True))
-
-
-def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D tensor of equal length from every process."""
-    if PartialState().num_processes == 1:
-        return tensor
-    parts = [torch.zeros_like(tensor) for _ in range(PartialState().num_processes)]
-    torch.distributed.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
-def sync_gradients(params: list[torch.nn.Parameter], local_bad: bool) -> bool:
-    """Average the gradients over processes with one all-reduce; True if any process saw a non-finite value."""
-    world = PartialState().num_processes
-    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device) for p in params]
-    flat = torch.cat([*grads, torch.tensor([1.0 if local_bad else 0.0], device=grads[0].device)])
-    if world > 1:
-        torch.distributed.all_reduce(flat)
-        flat[:-1] /= world
-    bad = bool(flat[-1] > 0) or not bool(torch.isfinite(flat[:-1]).all())
-    offset = 0
-    for p in params:
-        n = p.numel()
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        p.grad.copy_(flat[offset : offset + n].view_as(p))
-        offset += n
-    return bad
+    checkpoint = newest_checkpoint(sdir)
+    if checkpoint is None:
+        torch.manual_seed(seed + 1000 * state.process_index)  # each process samples its own responses
+        return None
+    shared, own = load_checkpoint(checkpoint, roles)
+    training.load_state_dicts(shared, own)
+    set_rng_state(own["rng"])
+    if state.is_main_process:  # forget what was logged after the checkpoint: it is about to happen again
+        kept = [r for r in read_metrics(sdir / "metrics.jsonl") if r.get("update", 0) <= training.update]
+        rewrite_metrics(sdir / "metrics.jsonl", kept)
+    logger.info("resuming from %s (update %d of %d)", checkpoint, training.update, num_updates)
+    return checkpoint
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Optimisation
+# One update
 
 
-def build_optimizer(pcfg: Any, params: list[torch.nn.Parameter], total_steps: int) -> tuple[Any, Any]:
-    import transformers
-
-    # eps 1e-5: the PPO implementation detail of the original code (Huang et al. 2022, "37 details", item 3)
-    optimizer = torch.optim.AdamW(params, lr=pcfg.learning_rate, eps=1e-5, weight_decay=pcfg.weight_decay)
-    scheduler = transformers.get_scheduler(pcfg.lr_scheduler_type, optimizer, pcfg.warmup_steps, total_steps)
-    return optimizer, scheduler
-
-
-class NonFinite(Exception):
-    """NaN or inf met during an update; the caller stops the run and keeps the last good checkpoint."""
-
-
-def ppo_update(
-    roles: Roles, rollout: Rollout, pcfg: Any, optimizer: Any, scheduler: Any, ptx: PtxStream | None, world: int
-) -> dict[str, float]:
-    """`ppo_epochs` passes over the rollout in mini-batches, one optimiser step each; returns summed statistics."""
-    params = roles.trainable_parameters()
-    n = len(rollout)
-    mb_local = pcfg.mini_batch_size // world
-    micro = max(1, mb_local // pcfg.gradient_accumulation_steps)
-    device = params[0].device
-    totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "value_clip_fraction": 0.0,
-              "approx_kl": 0.0, "ptx_loss": 0.0, "steps": 0.0, "grad_norm": 0.0}  # fmt: skip
-    stop = False
-    for _ in range(pcfg.ppo_epochs):
-        order = torch.randperm(n)
-        for start in range(0, n, mb_local):
-            batch = order[start : start + mb_local]
-            stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "value_clip_fraction": 0.0,
-                     "approx_kl": 0.0, "ptx_loss": 0.0}  # fmt: skip
-            bad = False
-            for m_start in range(0, len(batch), micro):
-                rows = batch[m_start : m_start + micro]
-                weight = len(rows) / len(batch)
-                ids, mask, p_len, r_len = episode_inputs(
-                    rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, rows
-                )
-                ids, mask = ids.to(device), mask.to(device)
-                resp_mask = rollout.response_mask[rows, :r_len].to(device)
-                old = {
-                    k: getattr(rollout, k)[rows, :r_len].to(device)
-                    for k in ("logprobs", "advantages", "values", "returns")
-                }
-                logprobs, entropy = roles.policy_logprobs(ids, mask, p_len, pcfg.temperature, pcfg.entropy_coef > 0)
-                pg_loss, clip_fraction, approx_kl = clipped_policy_loss(
-                    logprobs, old["logprobs"], old["advantages"], resp_mask, pcfg.cliprange
-                )
-                loss = pg_loss - (pcfg.entropy_coef * masked_mean(entropy, resp_mask) if entropy is not None else 0.0)
-                if ptx is not None:
-                    ptx_loss = pretraining_loss(roles, ptx.next_batch(pcfg.ptx_batch_size).to(device))
-                    loss = loss + pcfg.ptx_coef * ptx_loss
-                    stats["ptx_loss"] += weight * float(ptx_loss)
-                bad |= not bool(torch.isfinite(loss))
-                (loss * weight).backward()
-                values = roles.values(ids, mask, p_len)
-                vf_loss, vf_clip = clipped_value_loss(
-                    values, old["values"], old["returns"], resp_mask, pcfg.cliprange_value
-                )
-                bad |= not bool(torch.isfinite(vf_loss))
-                (pcfg.vf_coef * vf_loss * weight).backward()
-                for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
-                                   ("value_clip_fraction", vf_clip), ("approx_kl", approx_kl)):  # fmt: skip
-                    stats[key] += weight * float(value.detach())
-            if sync_gradients(params, bad):
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFinite(f"policy loss {stats['policy_loss']:.4g}, value loss {stats['value_loss']:.4g}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, pcfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            stats = all_sum(stats)
-            for key, value in stats.items():
-                totals[key] += value / world
-            totals["grad_norm"] += float(grad_norm)
-            totals["steps"] += 1
-            if pcfg.max_approx_kl is not None and stats["approx_kl"] / world > pcfg.max_approx_kl:
-                stop = True  # every process sees the same all-reduced value, so they stop together
-                break
-        if stop:
-            break
-    steps = max(totals.pop("steps"), 1.0)
-    out = {key: value / steps for key, value in totals.items()}
-    out["optimizer_steps"] = steps
-    out["early_stopped"] = float(stop)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(
-    sdir: Path, update: int, roles: Roles, train_state: dict[str, Any], rank_state: dict[str, Any]
-) -> Path:
-    """Write checkpoint-<update>/ (adapters, head, trainer state, one file per process) and mark it complete."""
+def _local_indices(training: Training, pcfg: Any) -> list[int]:
+    """This process's share of the next rollout batch of prompts (the sampler advances identically everywhere)."""
     state = PartialState()
-    path = sdir / f"checkpoint-{update}"
-    if state.is_main_process:
-        if path.exists():  # an incomplete leftover of a crash (complete ones are never rewritten)
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        save_adapter(roles.model, POLICY, path / "policy", roles.base_path)
-        save_adapter(roles.critic, VALUE, path / "value", roles.base_path, head=roles.value_head)
-        torch.save(train_state, path / "trainer_state.pt")
-    state.wait_for_everyone()
-    torch.save({**rank_state, "rng": _rng_state()}, path / f"rank_{state.process_index}.pt")
-    state.wait_for_everyone()
-    if state.is_main_process:
-        mark_checkpoint_complete(path, update)
-    state.wait_for_everyone()
-    return path
+    per_process = pcfg.rollout_batch_size // state.num_processes
+    indices = training.sampler.next_indices(pcfg.rollout_batch_size)
+    return indices[state.process_index * per_process : (state.process_index + 1) * per_process]
 
 
-def load_checkpoint(path: Path, roles: Roles) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Put the checkpoint's adapters and head in place; return (trainer state, this process's state)."""
+def _gold_scores(gold: Any, rollout: Rollout) -> torch.Tensor | None:
+    if gold is None:
+        return None
+    pairs = zip(rollout.records, rollout.texts, strict=True)
+    return torch.tensor([gold.score(prompt_text(r["prompt"]), t) for r, t in pairs])
+
+
+def _stop_nonfinite(sdir: Path, update: int, what: str) -> None:
+    newest = newest_checkpoint(sdir)
+    raise UserError(f"non-finite values ({what}) at update {update}: PPO stopped without saving; the last good "
+                    f"checkpoint is {newest or 'none (no checkpoint yet)'}. Lower ppo.learning_rate or raise "
+                    "ppo.init_kl_coef and start again with --rerun")  # fmt: skip
+
+
+def train_update(roles: Roles, training: Training, prompts: PromptSet, sampling: SamplingArgs, pcfg: Any,
+                 gold: Any, sdir: Path) -> dict[str, Any]:  # fmt: skip
+    """Sample a rollout batch, score it, run the PPO epochs over it; returns the update's logged record."""
     state = PartialState()
-    rank_file = path / f"rank_{state.process_index}.pt"
-    if not rank_file.is_file():
-        raise UserError(f"{path} was written by fewer processes than this run has ({state.num_processes}); "
-                        "resume with the same number of processes, or use a new run_dir")  # fmt: skip
-    load_adapter_weights(roles.model, POLICY, load_file(str(path / "policy" / "adapter_model.safetensors")))
-    value = load_file(str(path / "value" / "adapter_model.safetensors"))
-    load_adapter_weights(roles.critic, VALUE, {k: v for k, v in value.items() if "lora_" in k})
-    with torch.no_grad():
-        for key, param in roles.value_head.named_parameters():
-            param.copy_(value[f"base_model.model.score.{key}"])
-    train_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
-    return train_state, rank_state
-
-
-def prune(sdir: Path, keep: int, protect: Path | None) -> None:
-    """Delete complete checkpoints beyond the newest `keep`, except `protect` (the best by gold score)."""
-    complete = list_checkpoints(sdir)
-    for path in complete[: -max(1, keep)]:
-        if protect is None or path.resolve() != protect.resolve():
-            shutil.rmtree(path, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The stage
+    world = state.num_processes
+    rollout = collect_rollout(roles, prompts, _local_indices(training, pcfg), sampling, pcfg, state.device)
+    all_scores = all_gather_tensor(rollout.scores)
+    if torch.isfinite(all_scores).all():
+        training.running.update(all_scores)
+    normalized = normalize_scores(rollout.scores, pcfg, roles.reward_stats, training.running)
+    score_rollout(rollout, normalized, training.kl_ctl.value, pcfg)
+    bad = check_finite(rollout)
+    if all_sum({"bad": float(bad is not None)})["bad"] > 0:  # every process stops together
+        _stop_nonfinite(sdir, training.update + 1, f"{bad or 'rollout'} of the rollout")
+    started = time.perf_counter()
+    try:
+        stats = ppo_update(roles, rollout, pcfg, training.optimizer, training.scheduler, training.ptx, world)
+    except NonFinite as exc:
+        _stop_nonfinite(sdir, training.update + 1, str(exc))
+    time_optimise = time.perf_counter() - started
+    training.update += 1
+    gold_scores = _gold_scores(gold, rollout)
+    sums = rollout_means(rollout)
+    sums["gold_sum"] = float(gold_scores.sum()) if gold_scores is not None else 0.0
+    sums["explained_variance"] = float(explained_variance(rollout.values, rollout.returns, rollout.response_mask))
+    sums = all_sum(sums)
+    episodes, tokens = sums["episodes"], sums["tokens"]
+    record = {
+        "update": training.update,
+        "episodes": training.update * pcfg.rollout_batch_size,
+        "rm_score": sums["score_sum"] / episodes,
+        "rm_score_normalized": sums["normalized_score_sum"] / episodes,
+        "gold_score": sums["gold_sum"] / episodes if gold is not None else None,
+        "kl": sums["kl_sum"] / episodes,
+        "kl_coef": training.kl_ctl.value,
+        "entropy": sums["entropy_token_sum"] / tokens,
+        "response_length": sums["length_sum"] / episodes,
+        "eos_rate": sums["eos_sum"] / episodes,
+        "value_mean": sums["value_token_sum"] / tokens,
+        "explained_variance": sums["explained_variance"] / world,
+        **stats,
+        "learning_rate": training.scheduler.get_last_lr()[0],
+        **rollout.timings,
+        "time_optimise": time_optimise,
+    }
+    training.kl_ctl.update(record["kl"], pcfg.rollout_batch_size)
+    training.history.append(
+        {"update": training.update, "rm_score": record["rm_score"], "gold_score": record["gold_score"]}
+    )
+    return record
 
 
 def _log_update(sdir: Path, record: dict[str, Any], writer: Any) -> None:
@@ -373,22 +292,18 @@ def _log_update(sdir: Path, record: dict[str, Any], writer: Any) -> None:
             if key != "update" and isinstance(value, (int, float)):
                 writer.add_scalar(f"ppo/{key}", value, record["update"])
         writer.flush()
+    gold = "n/a" if record.get("gold_score") is None else f"{record['gold_score']:.3f}"
     logger.info(
         "update %d: score %.3f gold %s kl %.3f (coef %.4f) entropy %.3f clip %.3f approx_kl %.4f value_loss %.4f "
         "len %.1f eos %.2f | generate %.1fs score %.1fs optimise %.1fs",
-        record["update"], record["rm_score"], "n/a" if record.get("gold_score") is None else f"{record['gold_score']:.3f}",
-        record["kl"], record["kl_coef"], record["entropy"], record["clip_fraction"], record["approx_kl"],
-        record["value_loss"], record["response_length"], record["eos_rate"], record["time_generate"],
-        record["time_score"], record["time_optimise"],
+        record["update"], record["rm_score"], gold, record["kl"], record["kl_coef"], record["entropy"],
+        record["clip_fraction"], record["approx_kl"], record["value_loss"], record["response_length"],
+        record["eos_rate"], record["time_generate"], record["time_score"], record["time_optimise"],
     )  # fmt: skip
 
 
-def _gold_scores(gold: Any, rollout: Rollout) -> torch.Tensor | None:
-    if gold is None:
-        return None
-    return torch.tensor(
-        [gold.score(prompt_text(r["prompt"]), t) for r, t in zip(rollout.records, rollout.texts, strict=True)]
-    )
+# --------------------------------------------------------------------------------------------------------------
+# The stage
 
 
 def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
@@ -396,7 +311,7 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     started = time.time()
     # Under `accelerate launch` this joins the process group; on CPUs ACCELERATE_USE_CPU=true makes it gloo DDP.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    pcfg, sdir, world, rank = cfg.ppo, stage_dir(cfg, STAGE), state.num_processes, state.process_index
+    pcfg, sdir, world = cfg.ppo, stage_dir(cfg, STAGE), state.num_processes
     inputs = resolve_inputs(cfg)
     _check_inputs(cfg, inputs)
     if pcfg.rollout_batch_size % world or pcfg.mini_batch_size % world:
@@ -414,153 +329,84 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     train_prompts, eval_prompts, gold = on_main(lambda: load_prompt_sets(cfg, roles.tokenizer))
     sampling = SamplingArgs(pcfg.max_new_tokens, pcfg.temperature, pcfg.top_k, pcfg.top_p, do_sample=True)
     _, total = count_parameters(roles.model)
-    trainable = sum(p.numel() for p in roles.trainable_parameters())
     logger.info("ppo config: %s", pcfg)
     logger.info("one base of %s parameters; %s trainable (policy and value adapters, value head); %d prompts "
-                "(%d truncated, %d refused); %d processes", f"{total:,}", f"{trainable:,}",
-                len(train_prompts.records), train_prompts.truncated, train_prompts.refused, world)  # fmt: skip
-
-    params = roles.trainable_parameters()
-    steps_per_update = pcfg.ppo_epochs * (pcfg.rollout_batch_size // pcfg.mini_batch_size)
-    optimizer, scheduler = build_optimizer(pcfg, params, pcfg.num_updates * steps_per_update)
-    kl_ctl = build_kl_controller(pcfg.init_kl_coef, pcfg.kl_target, pcfg.kl_horizon)
-    running = RunningMoments()
-    sampler = PromptSampler(len(train_prompts.records), seed)
-    ptx = None
-    if pcfg.ptx_coef > 0:
-        texts = on_main(lambda: load_corpus_texts(inputs["ptx"]))
-        ptx = PtxStream(texts, roles.tokenizer, pcfg.ptx_seq_len, seed, rank, world)
-    history: list[dict[str, Any]] = []  # per update: the scores of the policy that sampled its rollout
-    update = 0
-    checkpoint = newest_checkpoint(sdir)
-    if checkpoint is not None:
-        train_state, rank_state = load_checkpoint(checkpoint, roles)
-        update = train_state["update"]
-        optimizer.load_state_dict(train_state["optimizer"])
-        scheduler.load_state_dict(train_state["scheduler"])
-        kl_ctl.load_state_dict(train_state["kl_controller"])
-        running.load_state_dict(train_state["running_moments"])
-        sampler.load_state_dict(train_state["sampler"])
-        history = train_state["history"]
-        if ptx is not None:
-            ptx.load_state_dict(rank_state["ptx"])
-        _set_rng_state(rank_state["rng"])
-        if state.is_main_process:  # forget what was logged after the checkpoint: it is about to happen again
-            kept = [r for r in read_metrics(sdir / "metrics.jsonl") if r.get("update", 0) <= update]
-            _rewrite_metrics(sdir / "metrics.jsonl", kept)
-        logger.info("resuming from %s (update %d of %d)", checkpoint, update, pcfg.num_updates)
-    else:
-        torch.manual_seed(seed + 1000 * rank)  # each process samples its own responses
+                "(%d truncated, %d refused); %d processes", f"{total:,}",
+                f"{sum(p.numel() for p in roles.trainable_parameters()):,}", len(train_prompts.records),
+                train_prompts.truncated, train_prompts.refused, world)  # fmt: skip
+    training = build_training(cfg, roles, train_prompts, inputs, seed)
+    resume(sdir, roles, training, seed, pcfg.num_updates)
 
     writer = None
     if state.is_main_process and pcfg.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(sdir / "tensorboard"), purge_step=update + 1)
-
-    def snapshot() -> tuple[dict[str, Any], dict[str, Any]]:
-        train_state = {"update": update, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "kl_controller": kl_ctl.state_dict(), "running_moments": running.state_dict(),
-                       "sampler": sampler.state_dict(), "history": history}  # fmt: skip
-        return train_state, {"ptx": ptx.state_dict() if ptx is not None else None}
-
-    def stop_nonfinite(what: str) -> None:
-        newest = newest_checkpoint(sdir)
-        raise UserError(f"non-finite values ({what}) at update {update + 1}: PPO stopped without saving; the last good "
-                        f"checkpoint is {newest or 'none (no checkpoint yet)'}. Lower ppo.learning_rate or raise "
-                        "ppo.init_kl_coef and start again with --rerun")  # fmt: skip
-
-    per_process = pcfg.rollout_batch_size // world
-    while update < pcfg.num_updates:
-        indices = sampler.next_indices(pcfg.rollout_batch_size)[rank * per_process : (rank + 1) * per_process]
-        rollout = collect_rollout(roles, train_prompts, indices, sampling, pcfg, state.device)
-        all_scores = all_gather_tensor(rollout.scores)
-        if torch.isfinite(all_scores).all():
-            running.update(all_scores)
-        normalized = normalize_scores(rollout.scores, pcfg, roles.reward_stats, running)
-        score_rollout(rollout, normalized, kl_ctl.value, pcfg)
-        bad = check_finite(rollout)
-        if all_sum({"bad": float(bad is not None)})["bad"] > 0:
-            stop_nonfinite(f"{bad or 'rollout'} of the rollout")
-        optimise_started = time.perf_counter()
-        try:
-            stats = ppo_update(roles, rollout, pcfg, optimizer, scheduler, ptx, world)
-        except NonFinite as exc:
-            stop_nonfinite(str(exc))
-        time_optimise = time.perf_counter() - optimise_started
-        update += 1
-        gold_scores = _gold_scores(gold, rollout)
-        sums = rollout_means(rollout)
-        sums["gold_sum"] = float(gold_scores.sum()) if gold_scores is not None else 0.0
-        sums["explained_variance"] = float(explained_variance(rollout.values, rollout.returns, rollout.response_mask))
-        sums = all_sum(sums)
-        episodes = sums["episodes"]
-        kl = sums["kl_sum"] / episodes
-        record = {
-            "update": update,
-            "episodes": update * pcfg.rollout_batch_size,
-            "rm_score": sums["score_sum"] / episodes,
-            "rm_score_normalized": sums["normalized_score_sum"] / episodes,
-            "gold_score": sums["gold_sum"] / episodes if gold is not None else None,
-            "kl": kl,
-            "kl_coef": kl_ctl.value,
-            "entropy": sums["entropy_token_sum"] / sums["tokens"],
-            "response_length": sums["length_sum"] / episodes,
-            "eos_rate": sums["eos_sum"] / episodes,
-            "value_mean": sums["value_token_sum"] / sums["tokens"],
-            "explained_variance": sums["explained_variance"] / world,
-            **stats,
-            "learning_rate": scheduler.get_last_lr()[0],
-            "time_generate": rollout.timings["time_generate"],
-            "time_score": rollout.timings["time_score"],
-            "time_optimise": time_optimise,
-        }
-        kl_ctl.update(kl, pcfg.rollout_batch_size)
-        history.append({"update": update, "rm_score": record["rm_score"], "gold_score": record["gold_score"]})
+        writer = SummaryWriter(str(sdir / "tensorboard"), purge_step=training.update + 1)
+    while training.update < pcfg.num_updates:
+        record = train_update(roles, training, train_prompts, sampling, pcfg, gold, sdir)
         if state.is_main_process:
             _log_update(sdir, record, writer)
-        last = update == pcfg.num_updates
+        last = training.update == pcfg.num_updates
         preempted = preemption_requested()
-        if update % pcfg.save_steps == 0 or last or preempted:
-            save_checkpoint(sdir, update, roles, *snapshot())
+        if training.update % pcfg.save_steps == 0 or last or preempted:
+            save_checkpoint(sdir, training.update, roles, *training.state_dicts())
             if state.is_main_process:
-                best = best_policy(_policy_scores(history, None), _saved(sdir))
+                best = best_policy(_policy_scores(training.history, None), _saved(sdir))
                 prune(sdir, pcfg.save_total_limit, sdir / f"checkpoint-{best['policy']}" if best else None)
         if preempted and not last:
-            raise Preempted(f"pre-empted after update {update}; run the same command to resume")
+            raise Preempted(f"pre-empted after update {training.update}; run the same command to resume")
     if writer is not None:
         writer.close()
+    final_point = measure_policy(roles, training, train_prompts, sampling, pcfg, gold)
+    finish(cfg, roles, training, final_point, eval_prompts, train_prompts, sampling, gold, identity, seed, started)
+    return final_dir(cfg, STAGE)
 
-    # The last policy has no rollout of its own yet: measure it on one more batch of training prompts (no update).
-    indices = sampler.next_indices(pcfg.rollout_batch_size)[rank * per_process : (rank + 1) * per_process]
-    final_rollout = collect_rollout(roles, train_prompts, indices, sampling, pcfg, state.device)
-    final_gold = _gold_scores(gold, final_rollout)
-    final_sums = all_sum({"score": float(final_rollout.scores.sum()), "n": float(len(final_rollout)),
-                          "gold": float(final_gold.sum()) if final_gold is not None else 0.0})  # fmt: skip
-    final_point = {"rm_score": final_sums["score"] / final_sums["n"],
-                   "gold_score": final_sums["gold"] / final_sums["n"] if gold is not None else None}  # fmt: skip
-    digests = [_digest(params)] * world
-    if world > 1:
+
+def measure_policy(roles: Roles, training: Training, prompts: PromptSet, sampling: SamplingArgs, pcfg: Any,
+                   gold: Any) -> dict[str, Any]:  # fmt: skip
+    """Scores of the last policy, which has no rollout of its own: one more batch of training prompts, no update."""
+    state = PartialState()
+    rollout = collect_rollout(roles, prompts, _local_indices(training, pcfg), sampling, pcfg, state.device)
+    gold_scores = _gold_scores(gold, rollout)
+    sums = all_sum({"score": float(rollout.scores.sum()), "n": float(len(rollout)),
+                    "gold": float(gold_scores.sum()) if gold_scores is not None else 0.0})  # fmt: skip
+    return {
+        "rm_score": sums["score"] / sums["n"],
+        "gold_score": sums["gold"] / sums["n"] if gold is not None else None,
+    }
+
+
+def finish(cfg: PipelineConfig, roles: Roles, training: Training, final_point: dict[str, Any], eval_prompts: PromptSet,
+           train_prompts: PromptSet, sampling: SamplingArgs, gold: Any, identity: dict[str, Any], seed: int,
+           started: float) -> None:  # fmt: skip
+    """Evaluate SFT against PPO on held-out prompts, detect over-optimisation, and write final/ (main process)."""
+    state, pcfg, sdir = PartialState(), cfg.ppo, stage_dir(cfg, STAGE)
+    digests = [_digest(roles.trainable_parameters())] * state.num_processes
+    if state.num_processes > 1:
         torch.distributed.all_gather_object(digests, digests[0])
     if state.is_main_process:
-        scores = _policy_scores(history, final_point)
+        scores = _policy_scores(training.history, final_point)
         overopt = detect_overoptimisation(scores, pcfg.overopt_window, pcfg.overopt_tolerance)
         best = best_policy(scores, _saved(sdir))
+        if overopt["detected"]:
+            logger.warning("over-optimisation detected at policy %d (gold %.3f -> %.3f while the reward model's score "
+                           "rose); the best checkpoint by gold score is %s", overopt["at_policy"], overopt["gold_before"],
+                           overopt["gold_after"], (best or {}).get("checkpoint"))  # fmt: skip
         report, samples = evaluate_policies(roles, eval_prompts, sampling, pcfg, gold, state.device, seed)
         report["overoptimisation"] = {**overopt, "best": best, "policy_scores": scores}
         report["prompts"] = {"train": len(train_prompts.records), "train_truncated": train_prompts.truncated,
                              "train_refused": train_prompts.refused, "eval": len(eval_prompts.records),
                              "eval_truncated": eval_prompts.truncated, "eval_refused": eval_prompts.refused}  # fmt: skip
-        metrics = _stage_metrics(report, history, sdir, world, time.time() - started)
+        metrics = _stage_metrics(report, training.history, sdir, state.num_processes, time.time() - started)
+        logger.info("ppo evaluation: %s", {k: v for k, v in metrics.items() if not k.startswith("time")})
         with finishing(cfg, STAGE) as out:
             save_adapter(roles.model, POLICY, out, roles.base_path)
             roles.tokenizer.save_pretrained(str(out))
             save_adapter(roles.critic, VALUE, out / "value", roles.base_path, head=roles.value_head)
             write_json_atomic(out / "eval.json", report)
-            _write_samples(out / "samples.jsonl", samples)
+            (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
             write_stage_json(out, identity, metrics, contents="adapter", extra={"rank_parameter_digests": digests})
     state.wait_for_everyone()
-    return final_dir(cfg, STAGE)
 
 
 def _saved(sdir: Path) -> list[int]:
@@ -576,26 +422,10 @@ def _policy_scores(history: list[dict[str, Any]], final_point: dict[str, Any] | 
 
 
 def _digest(params: list[torch.nn.Parameter]) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for p in params:
         digest.update(p.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def _rewrite_metrics(path: Path, records: list[dict[str, Any]]) -> None:
-    import json
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in records))
-    os.replace(tmp, path)
-
-
-def _write_samples(path: Path, samples: list[dict[str, Any]]) -> None:
-    import json
-
-    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
 
 
 def _stage_metrics(

@@ -1,0 +1,106 @@
+"""One PPO update: `ppo_epochs` passes over a rollout batch in mini-batches, one optimiser step each.
+
+Each micro-batch runs the base twice with gradients: as the policy (clipped surrogate, optional entropy bonus and
+PPO-ptx term) and as the critic (clipped value loss); each pass is backpropagated at once, so only one graph is
+alive at a time. Non-finite losses or gradients on any process stop the update before the optimiser step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.ppo.losses import clipped_policy_loss, clipped_value_loss, masked_mean
+from pipeline.ppo.processes import all_sum, sync_gradients
+from pipeline.ppo.ptx import PtxStream, pretraining_loss
+from pipeline.ppo.roles import Roles
+from pipeline.ppo.rollout import Rollout, episode_inputs
+
+
+def build_optimizer(pcfg: Any, params: list[torch.nn.Parameter], total_steps: int) -> tuple[Any, Any]:
+    import transformers
+
+    # eps 1e-5: the PPO implementation detail of the original code (Huang et al. 2022, "37 details", item 3)
+    optimizer = torch.optim.AdamW(params, lr=pcfg.learning_rate, eps=1e-5, weight_decay=pcfg.weight_decay)
+    scheduler = transformers.get_scheduler(pcfg.lr_scheduler_type, optimizer, pcfg.warmup_steps, total_steps)
+    return optimizer, scheduler
+
+
+class NonFinite(Exception):
+    """NaN or inf met during an update; the caller stops the run and keeps the last good checkpoint."""
+
+
+def ppo_update(
+    roles: Roles, rollout: Rollout, pcfg: Any, optimizer: Any, scheduler: Any, ptx: PtxStream | None, world: int
+) -> dict[str, float]:
+    """`ppo_epochs` passes over the rollout in mini-batches, one optimiser step each; returns summed statistics."""
+    params = roles.trainable_parameters()
+    n = len(rollout)
+    mb_local = pcfg.mini_batch_size // world
+    micro = max(1, mb_local // pcfg.gradient_accumulation_steps)
+    device = params[0].device
+    totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "value_clip_fraction": 0.0,
+              "approx_kl": 0.0, "ptx_loss": 0.0, "steps": 0.0, "grad_norm": 0.0}  # fmt: skip
+    stop = False
+    for _ in range(pcfg.ppo_epochs):
+        order = torch.randperm(n)
+        for start in range(0, n, mb_local):
+            batch = order[start : start + mb_local]
+            stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "value_clip_fraction": 0.0,
+                     "approx_kl": 0.0, "ptx_loss": 0.0}  # fmt: skip
+            bad = False
+            for m_start in range(0, len(batch), micro):
+                rows = batch[m_start : m_start + micro]
+                weight = len(rows) / len(batch)
+                ids, mask, p_len, r_len = episode_inputs(
+                    rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, rows
+                )
+                ids, mask = ids.to(device), mask.to(device)
+                resp_mask = rollout.response_mask[rows, :r_len].to(device)
+                old = {
+                    k: getattr(rollout, k)[rows, :r_len].to(device)
+                    for k in ("logprobs", "advantages", "values", "returns")
+                }
+                logprobs, entropy = roles.policy_logprobs(ids, mask, p_len, pcfg.temperature, pcfg.entropy_coef > 0)
+                pg_loss, clip_fraction, approx_kl = clipped_policy_loss(
+                    logprobs, old["logprobs"], old["advantages"], resp_mask, pcfg.cliprange
+                )
+                loss = pg_loss - (pcfg.entropy_coef * masked_mean(entropy, resp_mask) if entropy is not None else 0.0)
+                if ptx is not None:
+                    ptx_loss = pretraining_loss(roles, ptx.next_batch(pcfg.ptx_batch_size).to(device))
+                    loss = loss + pcfg.ptx_coef * ptx_loss
+                    stats["ptx_loss"] += weight * float(ptx_loss)
+                bad |= not bool(torch.isfinite(loss))
+                (loss * weight).backward()
+                values = roles.values(ids, mask, p_len)
+                vf_loss, vf_clip = clipped_value_loss(
+                    values, old["values"], old["returns"], resp_mask, pcfg.cliprange_value
+                )
+                bad |= not bool(torch.isfinite(vf_loss))
+                (pcfg.vf_coef * vf_loss * weight).backward()
+                for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
+                                   ("value_clip_fraction", vf_clip), ("approx_kl", approx_kl)):  # fmt: skip
+                    stats[key] += weight * float(value.detach())
+            if sync_gradients(params, bad):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFinite(f"policy loss {stats['policy_loss']:.4g}, value loss {stats['value_loss']:.4g}")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, pcfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats = all_sum(stats)
+            for key, value in stats.items():
+                totals[key] += value / world
+            totals["grad_norm"] += float(grad_norm)
+            totals["steps"] += 1
+            if pcfg.max_approx_kl is not None and stats["approx_kl"] / world > pcfg.max_approx_kl:
+                stop = True  # every process sees the same all-reduced value, so they stop together
+                break
+        if stop:
+            break
+    steps = max(totals.pop("steps"), 1.0)
+    out = {key: value / steps for key, value in totals.items()}
+    out["optimizer_steps"] = steps
+    out["early_stopped"] = float(stop)
+    return out

@@ -1,0 +1,74 @@
+"""What PPO needs from several processes: main-process work shared with all, sums, gathers, gradient averaging.
+
+The policy and value adapters are small, so instead of wrapping the model in DistributedDataParallel (which wants one
+forward per backward, while a PPO step runs the base twice, as policy and as critic) the gradients of the trainable
+parameters are averaged with one all-reduce per optimiser step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from accelerate import PartialState
+
+from pipeline.errors import UserError
+
+T = TypeVar("T")
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run `fn` on the main process and hand its result (or its UserError) to every rank."""
+    state = PartialState()
+    result, error = None, None
+    if state.is_main_process:
+        try:
+            result = fn()
+        except UserError as exc:
+            error = str(exc)
+    if state.num_processes > 1:
+        box = [result, error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result, error = box
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def all_sum(values: dict[str, float]) -> dict[str, float]:
+    """Sum each value over processes."""
+    if PartialState().num_processes == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor of equal length from every process."""
+    if PartialState().num_processes == 1:
+        return tensor
+    parts = [torch.zeros_like(tensor) for _ in range(PartialState().num_processes)]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def sync_gradients(params: list[torch.nn.Parameter], local_bad: bool) -> bool:
+    """Average the gradients over processes with one all-reduce; True if any process saw a non-finite value."""
+    world = PartialState().num_processes
+    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device) for p in params]
+    flat = torch.cat([*grads, torch.tensor([1.0 if local_bad else 0.0], device=grads[0].device)])
+    if world > 1:
+        torch.distributed.all_reduce(flat)
+        flat[:-1] /= world
+    bad = bool(flat[-1] > 0) or not bool(torch.isfinite(flat[:-1]).all())
+    offset = 0
+    for p in params:
+        n = p.numel()
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.copy_(flat[offset : offset + n].view_as(p))
+        offset += n
+    return bad
