@@ -28,6 +28,7 @@ TINY_PPO = {
     "rollout_batch_size": 4,
     "mini_batch_size": 2,
     "ppo_epochs": 1,
+    "gradient_accumulation_steps": 2,  # one episode per micro-batch
     "max_new_tokens": 6,
     "max_prompt_len": 48,
     "eval_max_prompts": 4,
@@ -260,7 +261,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference, upstream, tmp
 
 
 def test_two_processes_train_with_world_size_two(upstream, tmp_path):
-    recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, num_updates=2)
+    # 2 epochs x 2 mini-batches could make 4 optimiser steps; the approximate-KL early stop ends each update after 2
+    recipe = _recipe(
+        tmp_path / "recipe.yaml", tmp_path / "run", upstream, num_updates=2, ppo_epochs=2, max_approx_kl=1e-12
+    )
     env = {**_subprocess_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [str(PYTHON.parent / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
                "-m", "pipeline", "ppo", str(recipe)]  # fmt: skip
@@ -272,7 +276,10 @@ def test_two_processes_train_with_world_size_two(upstream, tmp_path):
     digests = stage["rank_parameter_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]  # gradients were averaged: both ranks hold the same adapters
     assert {p.name for p in (sdir / "checkpoint-2").iterdir()} >= {"rank_0.pt", "rank_1.pt", "policy", "value"}
-    assert [r["episodes"] for r in _metrics(tmp_path / "run")] == [4, 8]
+    records = _metrics(tmp_path / "run")
+    assert [r["episodes"] for r in records] == [4, 8]
+    # the first step's approximate KL is 0 (ratio 1), the second's above 1e-9 on both ranks: all stop there together
+    assert [(r["optimizer_steps"], r["early_stopped"]) for r in records] == [(2.0, 1.0), (2.0, 1.0)]
 
 
 def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokenizer):
