@@ -476,3 +476,33 @@ def test_best_checkpoint_and_win_rate_by_hand():
     # 1 > 0 and 3 > 1 are wins, 3 < 4 a loss, 2 = 2 a tie: 2 / (2 + 1)
     assert win_rate([1, 2, 3, 3], [0, 2, 4, 1]) == {"win_rate": 2 / 3, "wins": 2, "losses": 1, "ties": 1}
     assert win_rate([1.0], [1.0])["win_rate"] is None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The demo's claims (slow: runs every upstream stage of recipes/demo.yaml first, about 10 minutes on 2 cores)
+
+
+@pytest.mark.slow
+def test_demo_ppo_beats_sft_within_kl_target_and_kl_zero_overoptimises(tmp_path):
+    from pipeline.ppo import loop
+
+    run_dir = tmp_path / "demo"
+    upstream = subprocess.run([str(PYTHON.parent / "rlhf"), "run", "recipes/demo.yaml", f"run_dir={run_dir}", "--until",
+                               "reward", "--no-report"], cwd=REPO, env=_subprocess_env(), capture_output=True,
+                              text=True, timeout=3600)  # fmt: skip
+    assert upstream.returncode == 0, upstream.stderr[-3000:]
+
+    cfg = load_config(REPO / "recipes" / "demo.yaml", [f"run_dir={run_dir}"])
+    report = json.loads((loop.run(cfg) / "eval.json").read_text())
+    assert report["gold_win_rate"] >= 0.7, report
+    assert report["ppo_gold_score"] > report["sft_gold_score"]
+    assert report["kl_to_reference"] <= cfg.ppo.kl_target
+    assert report["ppo_insult_rate"] < report["sft_insult_rate"]
+
+    # The same PPO without the KL penalty, on the same upstream: the policy games the reward model.
+    free = load_config(REPO / "recipes" / "demo.yaml", [f"run_dir={tmp_path / 'kl0'}", "ppo.init_kl_coef=0", "ppo.kl_target=null",
+                                                        f"ppo.policy_base={run_dir / 'sft' / 'final' / 'merged'}",
+                                                        f"ppo.reward_model={run_dir / 'reward' / 'final'}"])  # fmt: skip
+    overopt = json.loads((loop.run(free) / "eval.json").read_text())["overoptimisation"]
+    assert overopt["detected"], overopt
+    assert overopt["best"]["policy"] < max(p["policy"] for p in overopt["policy_scores"])
