@@ -147,7 +147,8 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) at `tokens`: the log-probs of the distribution that was sampled from."""
     logits = logits.float() / temperature
-    return torch.gather(logits.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+    # gather - logsumexp instead of log_softmax: no second [batch, length, vocab] tensor for large vocabularies
+    return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
