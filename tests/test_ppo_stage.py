@@ -344,7 +344,7 @@ def test_nonfinite_values_stop_and_keep_the_last_good_checkpoint(upstream, tmp_p
         def poisoned(*args, **kwargs):
             calls["n"] += 1
             loss, clip = original(*args, **kwargs)
-            return (loss * float("nan"), clip) if calls["n"] > 2 else (loss, clip)  # 2 micro-batches per update
+            return (loss * float("nan"), clip) if calls["n"] > 4 else (loss, clip)  # 4 micro-batches an update
 
         monkeypatch.setattr(optimise, "clipped_value_loss", poisoned)
     cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream))
