@@ -457,6 +457,13 @@ def test_overoptimisation_rule_by_hand():
     assert not detect_overoptimisation(_points([0.8, 0.6, 0.4, 0.2], [1.0, 1.2, 1.1, 0.7]), 2, 0.1)["detected"]
     # gold falls by 0.05 only, within the tolerance of 0.1: (1.0 + 1.2)/2 = 1.1 -> (1.1 + 1.0)/2 = 1.05
     assert not detect_overoptimisation(_points([0.0, 0.2, 0.4, 0.6], [1.0, 1.2, 1.1, 1.0]), 2, 0.1)["detected"]
+    # the same fall as the first case is within sampling noise when each policy's gold mean has a standard error
+    # of 0.2: se of the difference = sqrt(4 * 0.2^2) / 2 = 0.2, so the fall must exceed 2 * 0.2 = 0.4 > 1.1 - 0.9
+    noisy = [{**p, "gold_sem": 0.2} for p in points]
+    assert not detect_overoptimisation(noisy[:4], window=2, tolerance=0.1)["detected"]
+    # at policy 4 the windows are policies (1, 2) -> (3, 4): gold (1.2 + 1.1)/2 = 1.15 -> (0.7 + 0.5)/2 = 0.6, a fall
+    # of 0.55 > 0.4, while rm rises from 0.3 to 0.7: detected there
+    assert detect_overoptimisation(noisy, window=2, tolerance=0.1)["at_policy"] == 4
     # without a gold scorer the rule is not applied
     assert not detect_overoptimisation(_points([0.0, 1.0], [None, None]), 1, 0.1)["detected"]
 

@@ -11,10 +11,12 @@ reward-model score rm_k and mean gold score gold_k. With a window of W policies,
 the one before it:
 
     rm rising:    mean(rm_{k-W+1..k})   > mean(rm_{k-2W+1..k-W})
-    gold falling: mean(gold_{k-W+1..k}) < mean(gold_{k-2W+1..k-W}) - tolerance
+    gold falling: mean(gold_{k-W+1..k}) < mean(gold_{k-2W+1..k-W}) - max(tolerance, 2 * se)
 
-Over-optimisation is reported at the first k where both hold: the reward model still approves of the change while the
-true (gold) quality drops. The best checkpoint is the saved one whose policy has the highest gold score.
+where se is the standard error of the difference of the two gold means (from each policy's spread of gold scores
+over its rollout), so that sampling noise alone rarely passes for a fall. Over-optimisation is reported at the first
+k where both hold: the reward model still approves of the change while the true (gold) quality drops. The best
+checkpoint is the saved one whose policy has the highest gold score.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _mean(values: list[float]) -> float:
 def detect_overoptimisation(points: list[dict[str, Any]], window: int, tolerance: float) -> dict[str, Any]:
     """Apply the module's rule to per-policy scores [{"policy", "rm_score", "gold_score"}, ...] in policy order."""
     rule = (f"mean reward-model score over the last {window} policies above the {window} before, while their mean "
-            f"gold score is more than {tolerance} below")  # fmt: skip
+            f"gold score is more than max({tolerance}, 2 standard errors) below")  # fmt: skip
     result: dict[str, Any] = {"detected": False, "at_policy": None, "rule": rule}
     if any(p["gold_score"] is None for p in points):
         result["rule"] = "needs a gold scorer (the demo world); not applied"
@@ -53,8 +55,11 @@ def detect_overoptimisation(points: list[dict[str, Any]], window: int, tolerance
         prev, cur = points[k - 2 * window + 1 : k - window + 1], points[k - window + 1 : k + 1]
         rm_up = _mean([p["rm_score"] for p in cur]) > _mean([p["rm_score"] for p in prev])
         gold_prev, gold_cur = _mean([p["gold_score"] for p in prev]), _mean([p["gold_score"] for p in cur])
-        if rm_up and gold_cur < gold_prev - tolerance:
-            result.update(detected=True, at_policy=points[k]["policy"], gold_before=gold_prev, gold_after=gold_cur)
+        # standard error of a window mean: sqrt(sum of squared sems) / W; of the difference: both combined
+        se = (sum((p.get("gold_sem") or 0.0) ** 2 for p in prev + cur)) ** 0.5 / window
+        if rm_up and gold_cur < gold_prev - max(tolerance, 2.0 * se):
+            result.update(detected=True, at_policy=points[k]["policy"], gold_before=gold_prev, gold_after=gold_cur,
+                          standard_error=se)  # fmt: skip
             break
     return result
 

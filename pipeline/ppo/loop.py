@@ -257,6 +257,7 @@ def train_update(roles: Roles, training: Training, prompts: PromptSet, sampling:
     gold_scores = _gold_scores(gold, rollout)
     sums = rollout_means(rollout)
     sums["gold_sum"] = float(gold_scores.sum()) if gold_scores is not None else 0.0
+    sums["gold_sq_sum"] = float((gold_scores**2).sum()) if gold_scores is not None else 0.0
     sums["explained_variance"] = float(explained_variance(rollout.values, rollout.returns, rollout.response_mask))
     sums = all_sum(sums)
     episodes, tokens = sums["episodes"], sums["tokens"]
@@ -280,7 +281,12 @@ def train_update(roles: Roles, training: Training, prompts: PromptSet, sampling:
     }
     training.kl_ctl.update(record["kl"], pcfg.rollout_batch_size)
     training.history.append(
-        {"update": training.update, "rm_score": record["rm_score"], "gold_score": record["gold_score"]}
+        {
+            "update": training.update,
+            "rm_score": record["rm_score"],
+            "gold_score": record["gold_score"],
+            "gold_sem": _sem(sums["gold_sum"], sums["gold_sq_sum"], episodes) if gold else None,
+        }
     )
     return record
 
@@ -369,11 +375,20 @@ def measure_policy(roles: Roles, training: Training, prompts: PromptSet, samplin
     rollout = collect_rollout(roles, prompts, _local_indices(training, pcfg), sampling, pcfg, state.device)
     gold_scores = _gold_scores(gold, rollout)
     sums = all_sum({"score": float(rollout.scores.sum()), "n": float(len(rollout)),
-                    "gold": float(gold_scores.sum()) if gold_scores is not None else 0.0})  # fmt: skip
-    return {
-        "rm_score": sums["score"] / sums["n"],
-        "gold_score": sums["gold"] / sums["n"] if gold is not None else None,
-    }
+                    "gold": float(gold_scores.sum()) if gold_scores is not None else 0.0,
+                    "gold_sq": float((gold_scores**2).sum()) if gold_scores is not None else 0.0})  # fmt: skip
+    if gold is None:
+        return {"rm_score": sums["score"] / sums["n"], "gold_score": None, "gold_sem": None}
+    gold_mean, sem = sums["gold"] / sums["n"], _sem(sums["gold"], sums["gold_sq"], sums["n"])
+    return {"rm_score": sums["score"] / sums["n"], "gold_score": gold_mean, "gold_sem": sem}
+
+
+def _sem(total: float, squares: float, n: float) -> float:
+    """Standard error of a mean from the sum and the sum of squares of n values."""
+    if n < 2:
+        return 0.0
+    variance = max(squares - total * total / n, 0.0) / (n - 1)
+    return (variance / n) ** 0.5
 
 
 def finish(cfg: PipelineConfig, roles: Roles, training: Training, final_point: dict[str, Any], eval_prompts: PromptSet,
@@ -415,7 +430,8 @@ def _saved(sdir: Path) -> list[int]:
 
 def _policy_scores(history: list[dict[str, Any]], final_point: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Scores per policy k (k = updates done; 0 = the SFT policy): the rollout of update k + 1 was sampled by it."""
-    points = [{"policy": h["update"] - 1, "rm_score": h["rm_score"], "gold_score": h["gold_score"]} for h in history]
+    keys = ("rm_score", "gold_score", "gold_sem")
+    points = [{"policy": h["update"] - 1, **{k: h.get(k) for k in keys}} for h in history]
     if final_point is not None:
         points.append({"policy": len(history), **final_point})
     return points
