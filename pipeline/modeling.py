@@ -254,7 +254,11 @@ def embedding_module_names(model: PreTrainedModel) -> list[str]:
 
 
 def build_lora_config(
-    args: LoraArgs, model: PreTrainedModel, task_type: str = "CAUSAL_LM", train_embeddings: bool = False
+    args: LoraArgs,
+    model: PreTrainedModel,
+    task_type: str = "CAUSAL_LM",
+    train_embeddings: bool = False,
+    trainable_token_ids: list[int] | None = None,
 ) -> peft.LoraConfig:
     """A `peft.LoraConfig` from `LoraArgs`.
 
@@ -262,10 +266,13 @@ def build_lora_config(
         task_type: peft task, "CAUSAL_LM" (policy) or "SEQ_CLS" (reward/value; peft then saves the score head).
         train_embeddings: also train and save the input embeddings and LM head in full (tokens were added, so their
             new rows must be learnt and shipped with the adapter).
+        trainable_token_ids: train just these rows of the input embeddings (and of a tied LM head), e.g. chat role
+            tokens that a pretrained base has never seen: the embeddings are saved with the adapter, and
+            `apply_lora` masks the gradient of every other row (with weight_decay 0 they stay exactly as they were).
     """
     targets: str | list[str] = "all-linear" if args.target_modules == ["all-linear"] else list(args.target_modules)
     to_save = list(args.modules_to_save)
-    if train_embeddings:
+    if train_embeddings or trainable_token_ids:
         to_save += [name for name in embedding_module_names(model) if name not in to_save]
     tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
     return peft.LoraConfig(
@@ -286,16 +293,40 @@ def apply_lora(
     task_type: str = "CAUSAL_LM",
     train_embeddings: bool = False,
     gradient_checkpointing: bool = False,
+    trainable_token_ids: list[int] | None = None,
 ) -> peft.PeftModel:
     """Wrap `model` with fresh LoRA adapters (seed first); a 4-bit model is prepared for k-bit training first."""
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # casts norms to fp32 and makes the inputs require grad, so gradients reach the adapters through frozen layers
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    config = build_lora_config(args, model, task_type=task_type, train_embeddings=train_embeddings)
+    names = embedding_module_names(model)
+    rows_only = bool(trainable_token_ids) and not train_embeddings and not set(names) & set(args.modules_to_save)
+    config = build_lora_config(args, model, task_type, train_embeddings, trainable_token_ids if rows_only else None)
     try:
-        return peft.get_peft_model(model, config)
+        wrapped = peft.get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"lora.target_modules {args.target_modules}: {str(exc).splitlines()[0]}") from None
+    if rows_only:
+        train_only_rows(wrapped, names, trainable_token_ids)
+    return wrapped
+
+
+def train_only_rows(model: peft.PeftModel, module_names: list[str], rows: list[int]) -> None:
+    """Mask the gradient of the trained embedding copies (modules_to_save) to `rows`.
+
+    peft's own `trainable_token_indices` wraps a tied LM head in a module trl's fused loss cannot read, so the rows are
+    trained through the full copies instead, with a gradient hook.
+    """
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, peft.utils.ModulesToSaveWrapper) and name.rsplit(".", 1)[-1] in module_names:
+            weight = module.modules_to_save[model.active_adapter].weight
+            if id(weight) in seen:
+                continue
+            seen.add(id(weight))
+            mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+            mask[torch.as_tensor(rows, device=weight.device)] = 1.0
+            weight.register_hook(lambda grad, mask=mask: grad * mask)
 
 
 def merge_lora(

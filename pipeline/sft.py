@@ -49,7 +49,7 @@ from pipeline.modeling import (
     load_base_model,
     merge_lora,
 )
-from pipeline.tokenizer import load_tokenizer, prepare_chat_tokenizer
+from pipeline.tokenizer import ROLE_TOKENS, load_tokenizer, prepare_chat_tokenizer
 from pipeline.tracking import count_parameters, is_main_process
 
 logger = logging.getLogger(__name__)
@@ -165,11 +165,26 @@ def load_tokenizer_and_model(cfg: PipelineConfig, base: str) -> tuple[PreTrained
             "CAUSAL_LM",
             train_embeddings=bool(added),
             gradient_checkpointing=sft.gradient_checkpointing,
+            trainable_token_ids=token_ids(tokenizer, sft.trainable_tokens),
         )
     trainable, total = count_parameters(model)
     logger.info("sft: %s of %s, %d of %d parameters trainable (%.2f%%)", sft.finetune, base, trainable, total,
                 100.0 * trainable / max(total, 1))  # fmt: skip
     return tokenizer, model, bool(added)
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[int]:
+    """Ids of `sft.trainable_tokens` ('chat': the role tokens and EOS); an unknown token is a one-line error."""
+    names = [
+        t for token in tokens for t in ([*ROLE_TOKENS.values(), tokenizer.eos_token] if token == "chat" else [token])
+    ]
+    vocab = tokenizer.get_vocab()
+    unknown = [t for t in names if t not in vocab]
+    if unknown:
+        raise UserError(
+            f"sft.trainable_tokens: {unknown} are not tokens of the tokenizer (give special tokens it has)"
+        )
+    return [vocab[t] for t in names]
 
 
 def to_trl_args(cfg: PipelineConfig, has_eval: bool) -> trl.SFTConfig:
@@ -271,7 +286,10 @@ def judge_answers(prompts: list[dict], answers: list[str], world: Any) -> dict[s
 
 
 def evaluate_task(model, tokenizer, cfg: PipelineConfig, prefix: str) -> tuple[dict[str, Any], list[dict]]:
-    """QA accuracy (greedy) and gold judgements (sampled) of one model; metrics keys start with `prefix`."""
+    """QA accuracy (greedy) and gold judgements (sampled at temperature 1, and greedy) of one model.
+
+    Metric keys start with `prefix`. The sampled figures describe the policy the reward and PPO stages sample from.
+    """
     questions, judged, world = load_questions(cfg)
     metrics: dict[str, Any] = {}
     samples = []
@@ -284,6 +302,8 @@ def evaluate_task(model, tokenizer, cfg: PipelineConfig, prefix: str) -> tuple[d
     if judged and world is not None:
         answers = answer_questions(model, tokenizer, judged, cfg, sample=True)
         metrics.update({prefix + k: v for k, v in judge_answers(judged, answers, world).items()})
+        greedy = judge_answers(judged, answer_questions(model, tokenizer, judged, cfg), world)
+        metrics.update({f"{prefix}greedy_{k}": greedy[k] for k in ("dispreferred_share", "gold_mean_score")})
     return metrics, samples
 
 
@@ -309,6 +329,7 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
         logger.info("sft already finished with these settings: %s", done)
         return done
     base = inputs["base"]
+    logger.info("sft settings: %s", json.dumps(identity["settings"]))
     tokenizer, model, added = load_tokenizer_and_model(cfg, base)
     train, held_out, data_report = load_data(cfg, tokenizer)
     logger.info("sft data: %d training and %d held-out conversations", len(train), len(held_out or []))

@@ -170,6 +170,22 @@ def test_lora_trains_adapters_and_leaves_base_weights_bitwise_unchanged(workdir,
             assert torch.equal(param, before[name]), name
 
 
+def test_trainable_tokens_train_only_their_embedding_rows(workdir, tmp_path):
+    from pipeline.sft import load_tokenizer_and_model
+
+    cfg = cfg_for(workdir, tmp_path, "sft.max_steps=3", "sft.save_steps=100", "sft.trainable_tokens=[chat]")
+    model, tokenizer, before, _ = _train_steps(cfg, workdir)
+    rows = sorted(tokenizer.convert_tokens_to_ids(["<|system|>", "<|user|>", "<|assistant|>", "<|endoftext|>"]))
+    copy = next(n for n in before if n.endswith("embed_tokens.modules_to_save.default.weight"))
+    trained = dict(model.named_parameters())[copy]
+    changed = (trained != before[copy]).any(dim=1).nonzero().flatten().tolist()
+    assert changed and set(changed) <= set(rows)  # <|system|> never occurs in this data, so it may stay put
+    original = next(n for n in before if n.endswith("embed_tokens.original_module.weight"))
+    assert torch.equal(dict(model.named_parameters())[original], before[original])
+    with pytest.raises(UserError, match=r"sft.trainable_tokens: \['<\|bogus\|>'\] are not tokens"):
+        load_tokenizer_and_model(cfg_for(workdir, tmp_path, "sft.trainable_tokens=[<|bogus|>]"), str(workdir / "base"))
+
+
 def test_qlora_trains_on_cpu_with_4bit_nf4_base_and_merges_into_dequantised_copy(workdir, tmp_path):
     import bitsandbytes as bnb
 
