@@ -43,6 +43,7 @@ from pipeline.checkpoints import (
 from pipeline.config import PipelineConfig
 from pipeline.errors import UserError
 from pipeline.generation import SamplingArgs
+from pipeline.modeling import is_local_reference
 from pipeline.ppo.checkpoint import load_checkpoint, prune, rewrite_metrics, save_checkpoint, set_rng_state
 from pipeline.ppo.control import AdaptiveKLController, FixedKLController, build_kl_controller
 from pipeline.ppo.evaluation import best_policy, detect_overoptimisation, evaluate_policies, prompt_text
@@ -95,9 +96,7 @@ def resolve_inputs(cfg: PipelineConfig) -> dict[str, str]:
 def _check_inputs(cfg: PipelineConfig, inputs: dict[str, str]) -> None:
     for role, stage in (("base", "sft"), ("reward", "reward")):
         path = Path(inputs[role])
-        if (
-            path.is_absolute() or path.exists() or str(path).startswith(".") or path.parent.exists()
-        ) and not path.exists():
+        if is_local_reference(inputs[role]) and not path.exists():
             raise UserError(f"ppo.{'policy_base' if role == 'base' else 'reward_model'}: {path} does not exist "
                             f"(run the {stage} stage first, or set the path)")  # fmt: skip
     base = Path(inputs["base"])
