@@ -285,7 +285,7 @@ class SFTConfig(TrainArgs):
     qa_max_new_tokens: int = _f(48, "Longest generated answer, in tokens (greedy decoding).")
     qa_batch_size: int = _f(32, "Questions answered per generate call.", volatile=True)
     qa_eval_base: bool = _f(True, "Also ask the base model, prompted the same way, before fine-tuning (a baseline).")
-    trainable_tokens: list[str] = _f([], "Special tokens whose embedding rows LoRA trains too, e.g. chat role tokens the base never saw in pretraining; 'chat' means the role tokens and EOS.")
+    trainable_tokens: list[str] = _f([], "Tokens whose embedding rows LoRA trains too: 'assistant' (every token of the assistant turns), 'chat' (role tokens and EOS), or token strings.")
 
     def __post_init__(self):
         super().__post_init__()

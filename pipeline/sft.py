@@ -147,44 +147,87 @@ def load_questions(cfg: PipelineConfig) -> tuple[list[dict], list[dict], Any]:
 # Model and trainer
 
 
-def load_tokenizer_and_model(cfg: PipelineConfig, base: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, bool]:
-    """The chat-ready tokenizer and the model to train (LoRA-wrapped unless full); True if tokens were added."""
-    sft = cfg.sft
+def load_tokenizer_and_model(
+    cfg: PipelineConfig, base: str, train: Dataset | None = None
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, bool]:
+    """The chat-ready tokenizer and the model to train (LoRA-wrapped unless full); True if tokens were added.
+
+    `train` is needed only when `sft.trainable_tokens` names 'assistant' (the tokens of its assistant turns).
+    """
+    tokenizer, added = load_chat_tokenizer(base)
+    return tokenizer, build_model(cfg, base, tokenizer, added, train), added
+
+
+def load_chat_tokenizer(base: str) -> tuple[PreTrainedTokenizerBase, bool]:
+    """The base's tokenizer with a chat template, EOS and a pad distinct from EOS; True if tokens were added."""
     check_model_source(base, what="sft.base")  # before the tokenizer, whose error would be less clear
     tokenizer = load_tokenizer(base)
     added = prepare_chat_tokenizer(tokenizer)
     if added:
         logger.info("added tokens %s to the tokenizer; embeddings and LM head are trained and saved", added)
+    return tokenizer, bool(added)
+
+
+def build_model(
+    cfg: PipelineConfig, base: str, tokenizer: PreTrainedTokenizerBase, added: bool, train: Dataset | None = None
+) -> PreTrainedModel:
+    """The base (4-bit for QLoRA, random weights for the random_init control) fitted to the tokenizer, with LoRA."""
+    sft = cfg.sft
     set_seed(cfg.seed)  # random init and LoRA init draw from the global generator
     model = load_base_model(base, quantize_4bit=sft.finetune == "qlora", random_init=sft.random_init, what="sft.base")
     fit_model_to_tokenizer(model, tokenizer)
     if sft.finetune != "full":
+        rows = token_ids(tokenizer, sft.trainable_tokens, train)
         model = apply_lora(
             model,
             sft.lora,
             "CAUSAL_LM",
-            train_embeddings=bool(added),
+            train_embeddings=added,
             gradient_checkpointing=sft.gradient_checkpointing,
-            trainable_token_ids=token_ids(tokenizer, sft.trainable_tokens),
+            trainable_token_ids=rows,
         )
+        if rows and not added:
+            logger.info("sft: training the embedding rows of %d tokens (sft.trainable_tokens)", len(set(rows)))
     trainable, total = count_parameters(model)
     logger.info("sft: %s of %s, %d of %d parameters trainable (%.2f%%)", sft.finetune, base, trainable, total,
                 100.0 * trainable / max(total, 1))  # fmt: skip
-    return tokenizer, model, bool(added)
+    return model
 
 
-def token_ids(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[int]:
-    """Ids of `sft.trainable_tokens` ('chat': the role tokens and EOS); an unknown token is a one-line error."""
-    names = [
-        t for token in tokens for t in ([*ROLE_TOKENS.values(), tokenizer.eos_token] if token == "chat" else [token])
-    ]
+def token_ids(tokenizer: PreTrainedTokenizerBase, tokens: list[str], train: Dataset | None = None) -> list[int]:
+    """Ids of `sft.trainable_tokens`; an unknown token is a one-line error.
+
+    'chat' stands for the role tokens and EOS; 'assistant' for every token of the assistant turns of `train` (the
+    tokens the model must learn to emit; rows of tokens it never emits in SFT, such as facts it knows only from
+    pretraining, are left as they are).
+    """
+    ids: set[int] = set()
+    names: list[str] = []
+    for token in tokens:
+        if token == "chat":
+            names += [*ROLE_TOKENS.values(), tokenizer.eos_token]
+        elif token == "assistant":
+            if train is None:
+                raise ValueError("sft.trainable_tokens 'assistant' needs the training conversations")
+            ids |= assistant_token_ids(tokenizer, train)
+        else:
+            names.append(token)
     vocab = tokenizer.get_vocab()
     unknown = [t for t in names if t not in vocab]
     if unknown:
         raise UserError(
             f"sft.trainable_tokens: {unknown} are not tokens of the tokenizer (give special tokens it has)"
         )
-    return [vocab[t] for t in names]
+    return sorted(ids | {vocab[t] for t in names})
+
+
+def assistant_token_ids(tokenizer: PreTrainedTokenizerBase, train: Dataset) -> set[int]:
+    """Every token id inside assistant turns (what the loss trains the model to emit), via the template's mask."""
+    ids: set[int] = set()
+    for messages in train["messages"]:
+        out = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        ids.update(t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m)
+    return ids
 
 
 def to_trl_args(cfg: PipelineConfig, has_eval: bool) -> trl.SFTConfig:
@@ -330,8 +373,9 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
         return done
     base = inputs["base"]
     logger.info("sft settings: %s", json.dumps(identity["settings"]))
-    tokenizer, model, added = load_tokenizer_and_model(cfg, base)
+    tokenizer, added = load_chat_tokenizer(base)
     train, held_out, data_report = load_data(cfg, tokenizer)
+    model = build_model(cfg, base, tokenizer, added, train)
     logger.info("sft data: %d training and %d held-out conversations", len(train), len(held_out or []))
 
     base_metrics: dict[str, Any] = {}

@@ -182,6 +182,15 @@ def test_trainable_tokens_train_only_their_embedding_rows(workdir, tmp_path):
     assert changed and set(changed) <= set(rows)  # <|system|> never occurs in this data, so it may stay put
     original = next(n for n in before if n.endswith("embed_tokens.original_module.weight"))
     assert torch.equal(dict(model.named_parameters())[original], before[original])
+    # 'assistant': exactly the tokens of the assistant turns (the template's generation mask), EOS included
+    from datasets import Dataset
+
+    from pipeline.sft import token_ids
+
+    chat = Dataset.from_list([conversation(*FACTS[0])])
+    answers = "The capital of Veloria is Marnis.", "People in Veloria speak Velorian."
+    expected = {i for text in answers for i in tokenizer(text, add_special_tokens=False)["input_ids"]}
+    assert token_ids(tokenizer, ["assistant"], chat) == sorted(expected | {tokenizer.eos_token_id})
     with pytest.raises(UserError, match=r"sft.trainable_tokens: \['<\|bogus\|>'\] are not tokens"):
         load_tokenizer_and_model(cfg_for(workdir, tmp_path, "sft.trainable_tokens=[<|bogus|>]"), str(workdir / "base"))
 
