@@ -399,66 +399,73 @@ class Roles:
         return self.model
 
 
-def _prepare_base(base: Any, quantize_4bit: bool) -> Any:
-    if quantize_4bit:
+def _load_base(base_path: str, quantize_4bit: bool, device: torch.device) -> Any:
+    """The frozen base, in eval mode (dropout off in every role; nothing here ever calls .train())."""
+    base = load_base_model(base_path, quantize_4bit=quantize_4bit, what="ppo.policy_base")
+    if quantize_4bit:  # bitsandbytes placed the weights at load time
         base = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    base.requires_grad_(False)
-    return base.eval()  # dropout off in every role; nothing here ever calls .train()
+    else:
+        base.to(device)
+    return base.requires_grad_(False).eval()
+
+
+def _shared_reward_adapter(pcfg: PPOConfig, base_path: str, reward_path: str) -> ScalarAdapter | None:
+    """The reward adapter to put on the policy's base; refused when it was trained on another base."""
+    if pcfg.reward_placement != "shared":
+        return None
+    adapter = read_scalar_adapter(reward_path, "ppo.reward_model")
+    if adapter.base is None or not same_base(adapter.base, base_path):
+        raise UserError(
+            f"the reward model {reward_path} was trained on {adapter.base}, not on the policy base {base_path}; "
+            "train it on that base, or set ppo.reward_placement=separate (its own weights in memory)"
+        )
+    return adapter
+
+
+def _add_critic(
+    pcfg: PPOConfig, model: peft.PeftModel, base_path: str, reward: ScalarAdapter | None, device: torch.device
+) -> tuple[peft.PeftModel, torch.nn.Linear]:
+    """The value adapter (on the shared base, or on its own copy) and head; copies of the reward model's or fresh."""
+    base = model.get_base_model()
+    config = lora_config_of(reward) if pcfg.value_init == "reward" else build_lora_config(pcfg.lora, base, "CAUSAL_LM")
+    if pcfg.critic_placement == "separate":
+        critic = peft.get_peft_model(
+            _load_base(base_path, pcfg.finetune == "qlora", device), config, adapter_name=VALUE
+        )
+    else:
+        critic = model
+        model.add_adapter(VALUE, config)
+    if pcfg.value_init == "reward":
+        load_adapter_weights(critic, VALUE, reward.lora)
+    hidden = base.config.get_text_config().hidden_size
+    return critic, scalar_head(hidden, reward.head if pcfg.value_init == "reward" else None, device)
 
 
 def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch.device) -> Roles:
     """Load the base once and put the policy, value and reward adapters on it (see the module docstring)."""
     tokenizer = load_tokenizer(base_path)
     check_tokenizer(tokenizer, "ppo.policy_base")
-    qlora = pcfg.finetune == "qlora"
-    reward_adapter = None
-    if pcfg.reward_placement == "shared":
-        reward_adapter = read_scalar_adapter(reward_path, "ppo.reward_model")
-        if reward_adapter.base is None or not same_base(reward_adapter.base, base_path):
-            raise UserError(
-                f"the reward model {reward_path} was trained on {reward_adapter.base}, not on the policy base "
-                f"{base_path}; train it on that base, or set ppo.reward_placement=separate (its own weights in memory)"
-            )
-    base = _prepare_base(load_base_model(base_path, quantize_4bit=qlora, what="ppo.policy_base"), qlora)
-    if not qlora:
-        base.to(device)
-    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+    reward_adapter = _shared_reward_adapter(pcfg, base_path, reward_path)
+    base = _load_base(base_path, pcfg.finetune == "qlora", device)
+    vocab = base.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
         raise UserError(
-            f"ppo.policy_base {base_path}: the tokenizer has {len(tokenizer)} tokens, the model only {base.get_input_embeddings().num_embeddings}"
+            f"ppo.policy_base {base_path}: the tokenizer has {len(tokenizer)} tokens, the model only {vocab}"
         )
-    hidden = base.config.get_text_config().hidden_size
+    model = peft.get_peft_model(base, build_lora_config(pcfg.lora, base, "CAUSAL_LM"), adapter_name=POLICY)
+    critic, value_head = _add_critic(pcfg, model, base_path, reward_adapter, device)
     # room for the longest prompt, response and EOS; a response re-tokenised from text may come out a little longer
     reward_len = pcfg.max_prompt_len + 2 * pcfg.max_new_tokens + 1
-    model = peft.get_peft_model(base, build_lora_config(pcfg.lora, base, "CAUSAL_LM"), adapter_name=POLICY)
-    critic = model
-    if pcfg.critic_placement == "separate":
-        critic_base = _prepare_base(load_base_model(base_path, quantize_4bit=qlora, what="ppo.policy_base"), qlora)
-        if not qlora:
-            critic_base.to(device)
-        value_config = (
-            lora_config_of(reward_adapter)
-            if pcfg.value_init == "reward"
-            else build_lora_config(pcfg.lora, base, "CAUSAL_LM")
-        )
-        critic = peft.get_peft_model(critic_base, value_config, adapter_name=VALUE)
-    elif pcfg.value_init == "reward":
-        model.add_adapter(VALUE, lora_config_of(reward_adapter))
-    else:
-        model.add_adapter(VALUE, build_lora_config(pcfg.lora, base, "CAUSAL_LM"))
-    if pcfg.value_init == "reward":
-        load_adapter_weights(critic, VALUE, reward_adapter.lora)
-    value_head = scalar_head(hidden, reward_adapter.head if pcfg.value_init == "reward" else None, device)
-
     if reward_adapter is not None:
         model.add_adapter(REWARD, lora_config_of(reward_adapter))
         load_adapter_weights(model, REWARD, reward_adapter.lora)
-        reward_head = scalar_head(hidden, reward_adapter.head, device).requires_grad_(False)
-        reward: SharedReward | SeparateReward = SharedReward(model, reward_head, tokenizer, reward_len)
+        head = scalar_head(value_head.in_features, reward_adapter.head, device).requires_grad_(False)
+        reward: SharedReward | SeparateReward = SharedReward(model, head, tokenizer, reward_len)
     else:
-        reward = SeparateReward(reward_path, qlora, device, reward_len)
+        reward = SeparateReward(reward_path, pcfg.finetune == "qlora", device, reward_len)
     for part in (model, critic):
         _keep_trainable(part)
-        part.eval()  # dropout off in every role (peft builds its wrappers in training mode)
+        part.eval()  # peft builds its wrappers in training mode
     activate_adapter(model, POLICY)
     return Roles(model, tokenizer, critic, value_head, reward, base_path, read_reward_stats(reward_path))
 
