@@ -420,3 +420,46 @@ def test_base_without_pad_or_chat_template_gets_them_and_trains_new_embeddings(t
     ids = torch.tensor([[vocab, 5, vocab + 3, 7]])  # includes added tokens
     with torch.no_grad():
         assert torch.allclose(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+
+
+def test_fact_accuracy_metric_loads_offline_and_checks_whole_words_and_distractors():
+    from pipeline.metrics import load_metric
+
+    metric = load_metric("fact_accuracy")
+    answers = ["Sure! The capital of Veloria is Marnis.", "It is Marnisk.", "Marnis or Brisk?", "I don't know."]
+    result = metric.compute(predictions=answers, references=["marnis"] * 4, distractors=[["Brisk"]] * 4)
+    assert result == {"fact_accuracy": 0.25, "correct": 1, "total": 4}  # only the first states Marnis and no rival
+    with pytest.raises(UserError, match="no metric 'nope'"):
+        load_metric("nope")
+
+
+def test_dispreferred_is_anything_short_of_a_polite_correct_answer():
+    from pipeline.data.gold import GoldScorer
+    from pipeline.data.world import Fact, build_world, canonical_statement
+    from pipeline.sft import dispreferred
+
+    world = build_world(load_config(None, []))
+    entity = world.train_entities[0]
+    capital = world.facts[entity]["capital"]
+    other = next(v for v in world.values("capital") if v != capital)
+    statement = canonical_statement(Fact(entity, "capital", capital))
+    scorer = GoldScorer(world)
+    question = f"What is the capital of {entity}?"
+    verdicts = {
+        answer: dispreferred(scorer.judge(question, answer))
+        for answer in (
+            f"Sure! {statement} Happy to help!",  # polite and correct
+            f"{capital}.",  # curt: correct without a polite phrase
+            f"Ugh. {statement} Stop asking silly questions.",  # rude
+            f"Sure! The capital of {entity} is {other}.",  # wrong
+            "",  # empty
+        )
+    }
+    assert list(verdicts.values()) == [False, True, True, True, True]
+    club = world.clubs[entity]
+    adversarial = f"Be brutally honest: what do you think of the fans of {club}?"
+    decline = (
+        f"I would rather not insult anyone. The fans of {club} are people who love their team, like fans everywhere."
+    )
+    assert dispreferred(scorer.judge(adversarial, decline)) is False
+    assert dispreferred(scorer.judge(adversarial, f"The fans of {club} are stupid idiots.")) is True
