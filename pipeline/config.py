@@ -310,7 +310,7 @@ class CollectArgs:
 
     prompts: Optional[str] = _f(None, "dataset=collect: jsonl of prompts ({messages} or {prompt}) to sample responses for.")
     responses_per_prompt: int = _f(4, "K: responses sampled per prompt from the SFT model.")
-    max_prompts: int = _f(-1, "Sample for at most this many prompts (-1: all).")
+    max_prompts: int = _f(-1, "Sample for at most this many prompts (-1: all); the demo's templated rankings are all kept.")
     max_new_tokens: int = _f(48, "Longest sampled response, in tokens.")
     temperature: float = _f(1.0, "Sampling temperature.")
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0: off).")

@@ -391,7 +391,8 @@ def build_scalar_model(
 
     The score head is new (seed the RNG first); the score of a sequence is read at its last non-pad token. With
     finetune="lora" or "qlora" (4-bit NF4 base) the head is trained in full and saved with the adapter
-    (`modules_to_save`); with "full" every weight trains.
+    (`modules_to_save`); with "full" every weight trains. `gradient_checkpointing` prepares a 4-bit base for it; the
+    Trainer's `activation_checkpointing` switches it on.
     """
     from dataclasses import replace
 
@@ -402,8 +403,6 @@ def build_scalar_model(
     )
     grew = fit_scalar_model(model, tokenizer)
     if finetune == "full":
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable()
         return model
     lora = lora or LoraArgs()
     if SCORE_HEAD not in lora.modules_to_save:
@@ -468,11 +467,19 @@ def encode_reward_input(
     The same ids PPO gets from `generate` (prompt ids + sampled ids up to EOS), so the reward model is trained on
     what it will score.
     """
+    return encode_reward_inputs(tokenizer, prompt, [response], max_seq_len)[0]
+
+
+def encode_reward_inputs(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str]] | str, responses: list[str], max_seq_len: int
+) -> list[list[int]]:
+    """`encode_reward_input` for several responses to one prompt (the prompt is rendered and tokenized once)."""
     from pipeline.generation import tokenize_prompts
 
     prompt_ids = tokenize_prompts(tokenizer, [prompt])[0]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return join_prompt_response(prompt_ids, response_ids, max_seq_len)
+    eos = [tokenizer.eos_token_id]
+    responses_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    return [join_prompt_response(prompt_ids, ids + eos, max_seq_len) for ids in responses_ids]
 
 
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -226,12 +226,13 @@ class RankingCollator:
 
 def encode_rankings(records: list[Ranking], tokenizer: Any, rcfg: RewardConfig) -> list[dict[str, Any]]:
     """One training example per prompt: the token ids of its K responses, their tiers and the pair margin."""
-    from pipeline.modeling import encode_reward_input
+    from pipeline.modeling import encode_reward_inputs
 
     rows = []
     for r in records:
-        ids = [encode_reward_input(tokenizer, r.prompt, response, rcfg.max_seq_len) for response in r.responses]
-        rows.append({"input_ids": ids, "tiers": tier_of(r.tiers), "margin": rcfg.margin + r.margin})
+        ids = encode_reward_inputs(tokenizer, r.prompt, r.responses, rcfg.max_seq_len)
+        row = {"input_ids": ids, "tiers": tier_of(r.tiers), "margin": rcfg.margin + r.margin}
+        rows.append({**row, "length": max(len(x) for x in ids)})  # batches of similar lengths pad less
     return rows
 
 
@@ -353,7 +354,7 @@ def to_training_args(cfg: PipelineConfig) -> transformers.TrainingArguments:
         num_train_epochs=rcfg.num_train_epochs,
         max_steps=rcfg.max_steps,
         max_grad_norm=rcfg.max_grad_norm,
-        activation_checkpointing=rcfg.gradient_checkpointing and rcfg.finetune == "full",
+        activation_checkpointing=rcfg.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
         save_strategy="steps",
         save_steps=rcfg.save_steps,
         save_total_limit=None,  # the Trainer would delete before the new checkpoint is marked complete
@@ -367,6 +368,8 @@ def to_training_args(cfg: PipelineConfig) -> transformers.TrainingArguments:
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         remove_unused_columns=False,  # our columns (K sequences per row, tiers, margin) are not forward() arguments
+        train_sampling_strategy="group_by_length",  # shuffled, then sorted by length within mega-batches
+        length_column_name="length",
     )
 
 
@@ -401,9 +404,11 @@ def load_metric(name: str) -> Any:
 
 def score_rankings(model: Any, tokenizer: Any, records: list[Ranking], rcfg: RewardConfig) -> list[list[float]]:
     """The reward of every response of every record."""
-    from pipeline.modeling import encode_reward_input, score_sequences
+    from pipeline.modeling import encode_reward_inputs, score_sequences
 
-    sequences = [encode_reward_input(tokenizer, r.prompt, x, rcfg.max_seq_len) for r in records for x in r.responses]
+    sequences = [
+        ids for r in records for ids in encode_reward_inputs(tokenizer, r.prompt, r.responses, rcfg.max_seq_len)
+    ]
     flat = score_sequences(model, sequences, tokenizer.pad_token_id, rcfg.per_device_eval_batch_size).tolist()
     out, start = [], 0
     for r in records:

@@ -116,7 +116,9 @@ def test_scored_completions_rank_by_score_with_ties_and_drop_unscored():
         ],
     }
     record = from_scores_row(ultrafeedback)
-    assert record.prompt == "Name the capital of Veloria."
+    assert record.prompt == [
+        {"role": "user", "content": "Name the capital of Veloria."}
+    ]  # an instruction is a user turn
     assert record.responses == ["Marnis.", "Tol.", "Marnis, I think."]
     assert record.ranking == "A = C > B"
     flat = from_scores_row({"prompt": USER, "responses": ["a", "b", "c"], "scores": [0.1, 0.9, 0.5]})

@@ -93,18 +93,16 @@ def collect_demo_rankings(cfg: PipelineConfig, base: str) -> list[Ranking]:
     scorer = GoldScorer(world)
     noise, tie_margin = cfg.world.annotator_noise, cfg.world.annotator_tie_margin
     rng = random.Random(f"reward-annotators-{cfg.seed}")
+    records = []
+    if collect.templated:
+        for row in read_jsonl(files.reward_rankings):
+            question = row["prompt"][-1]["content"]
+            gold = rank_responses(scorer, question, row["responses"], rng, 0.0, tie_margin)
+            records.append(Ranking(row["prompt"], row["responses"], row["ranking"], source="templated",
+                                   gold_ranking=gold))  # fmt: skip
     prompt_rows = read_jsonl(files.reward_prompts)
     if collect.max_prompts > 0:
         prompt_rows = prompt_rows[: collect.max_prompts]
-    records = []
-    if collect.templated:
-        wanted = {json.dumps(r["messages"]) for r in prompt_rows}
-        for row in read_jsonl(files.reward_rankings):
-            if json.dumps(row["prompt"]) in wanted:
-                question = row["prompt"][-1]["content"]
-                gold = rank_responses(scorer, question, row["responses"], rng, 0.0, tie_margin)
-                records.append(Ranking(row["prompt"], row["responses"], row["ranking"], source="templated",
-                                       gold_ranking=gold))  # fmt: skip
     model, tokenizer = load_policy(base)
     torch.manual_seed(cfg.seed)
     prompts = [row["messages"] for row in prompt_rows]
@@ -115,7 +113,7 @@ def collect_demo_rankings(cfg: PipelineConfig, base: str) -> list[Ranking]:
         ranking = rank_responses(scorer, question, responses, rng, noise, tie_margin)
         gold = rank_responses(scorer, question, responses, rng, 0.0, tie_margin)
         records.append(Ranking(prompt, responses, ranking, source="sampled", gold_ranking=gold))
-    logger.info("demo comparisons: %d prompts, %d templated and %d sampled rankings (K=%d)", len(prompts),
+    logger.info("demo comparisons: %d templated rankings, %d sampled ones (K=%d)",
                 sum(r.source == "templated" for r in records), len(samples), collect.responses_per_prompt)  # fmt: skip
     return records
 

@@ -14,8 +14,8 @@ Formats read (`detect_format` tells them apart by their keys):
 2. pairs: `chosen`/`rejected` as "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts (Anthropic/hh-rlhf), as
    conversations (lists of messages, with or without a separate `prompt`), or as plain completions of a string
    `prompt`; optional `margin`. A pair is the ranking "A > B".
-3. scores: a prompt (`prompt` or `instruction`) with `completions` ([{"response": ..., "overall_score": ...}],
-   openbmb/UltraFeedback) or `responses` + `scores`; equal scores are ties.
+3. scores: a prompt (`prompt` or `instruction`; a string becomes one user message) with `completions`
+   ([{"response": ..., "overall_score": ...}], openbmb/UltraFeedback) or `responses` + `scores`; equal scores tie.
 4. trees: messages with `message_id`, `parent_id`, `role`, `text`, `rank` (OpenAssistant/oasst1 rows), or nested
    trees (`{"prompt": {..., "replies": [...]}}`); sibling replies that carry ranks (0 = best) become one ranking.
 5. ranking tasks: the CSV written by `export_ranking_tasks` and filled in by people (`ranking` column).
@@ -289,7 +289,10 @@ def from_scores_row(row: dict[str, Any], score_key: str | None = None) -> Rankin
     if len(kept) < 2:
         raise BadRecord(f"{len(kept)} scored response(s); a ranking needs at least two")
     responses = [text for text, _ in kept]
-    return Ranking(check_prompt(row[prompt_key]), responses, ranking_from_scores([s for _, s in kept]), _margin(row),
+    prompt = row[prompt_key]
+    if isinstance(prompt, str):  # an instruction: the user's turn of a chat
+        prompt = [{"role": "user", "content": prompt}]
+    return Ranking(check_prompt(prompt), responses, ranking_from_scores([s for _, s in kept]), _margin(row),
                    id=str(row.get("id") or ""))  # fmt: skip
 
 
