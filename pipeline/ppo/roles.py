@@ -454,8 +454,7 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
         )
     model = peft.get_peft_model(base, build_lora_config(pcfg.lora, base, "CAUSAL_LM"), adapter_name=POLICY)
     critic, value_head = _add_critic(pcfg, model, base_path, reward_adapter, device)
-    # room for the longest prompt, response and EOS; a response re-tokenised from text may come out a little longer
-    reward_len = pcfg.max_prompt_len + 2 * pcfg.max_new_tokens + 1
+    reward_len = reward_max_len(pcfg, reward_path)
     if reward_adapter is not None:
         model.add_adapter(REWARD, lora_config_of(reward_adapter))
         load_adapter_weights(model, REWARD, reward_adapter.lora)
@@ -468,6 +467,17 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
         part.eval()  # peft builds its wrappers in training mode
     activate_adapter(model, POLICY)
     return Roles(model, tokenizer, critic, value_head, reward, base_path, read_reward_stats(reward_path))
+
+
+def reward_max_len(pcfg: PPOConfig, reward_path: str) -> int:
+    """Longest sequence the reward model scores: what the reward stage trained with (its reward.max_seq_len), else
+    room for the longest prompt, response and EOS (a response re-tokenised from text may come out a little longer)."""
+    stage = Path(reward_path) / "stage.json"
+    if stage.is_file():
+        trained = json.loads(stage.read_text()).get("settings", {}).get("reward.max_seq_len")
+        if isinstance(trained, int) and trained > 0:
+            return trained
+    return pcfg.max_prompt_len + 2 * pcfg.max_new_tokens + 1
 
 
 def read_reward_stats(reward_path: str) -> dict[str, float] | None:
