@@ -15,8 +15,10 @@ std of rewards on the SFT policy's responses, for PPO's reward normalisation), `
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -258,8 +260,6 @@ def prepare_comparisons(cfg: PipelineConfig, base: str) -> dict[str, Any]:
     run reuses them). Returns what was read and skipped."""
     rcfg, out = cfg.reward, stage_dir(cfg, STAGE) / "comparisons"
     if (out / "summary.json").is_file():
-        import json
-
         return json.loads((out / "summary.json").read_text())
     summary: dict[str, Any] = {}
     if rcfg.dataset == "demo":
@@ -272,8 +272,6 @@ def prepare_comparisons(cfg: PipelineConfig, base: str) -> dict[str, Any]:
         summary["skipped"] = {"total": skipped.total, "kept": skipped.kept, "reasons": dict(skipped.reasons),
                               "first": skipped.first}  # fmt: skip
     if rcfg.max_records > 0 and len(records) > rcfg.max_records:
-        import random
-
         records = random.Random(cfg.seed).sample(records, rcfg.max_records)
     splits = split_by_prompt(records, rcfg.validation_share, rcfg.test_share, cfg.seed)
     for name, rows in splits.items():

@@ -247,3 +247,30 @@ def test_bad_record_stops_the_stage_with_one_line_when_asked(tmp_path, tiny_base
         run(cfg)
     assert str(info.value).startswith(f"{rankings} line 4: ranking 'A > B > A': repeated label A")
     assert "\n" not in str(info.value)
+
+
+def test_qlora_reward_model_trains_a_full_precision_head_on_a_4bit_base(tmp_path, tiny_tokenizer):
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.modeling import build_scalar_model, load_reward_model
+
+    base = tmp_path / "base64"  # bitsandbytes 4-bit needs rows of 64
+    torch.manual_seed(0)
+    config = tiny_llama_config(tiny_tokenizer, hidden_size=64, intermediate_size=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    model = build_scalar_model(base, tiny_tokenizer, "qlora")
+    assert isinstance(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trained) and all("lora_" in n or "score" in n for n in trained)
+
+    rankings = write_rankings(tmp_path / "rankings.jsonl", n=12, bad=False)
+    cfg = load_config(None, overrides(tmp_path, base, rankings, "reward.finetune=qlora", "reward.max_steps=2",
+                                      "reward.stats_prompts=0"))  # fmt: skip
+    final = run(cfg)
+    assert read_stage_json(final)["contents"] == "adapter"
+    reloaded, _ = load_reward_model(final)  # the adapter goes on the full-precision base
+    head = load_file(final / "adapter_model.safetensors")
+    saved = next(t for n, t in head.items() if "score" in n)
+    assert torch.equal(reloaded.score.modules_to_save["default"].weight.detach(), saved)
