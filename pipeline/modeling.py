@@ -34,10 +34,12 @@ logger = logging.getLogger(__name__)
 
 # Sizes of the Llama models pretrained from scratch. The names count non-embedding parameters roughly (the
 # embeddings add vocab_size * hidden_size, twice when untied). tiny/mini/small are for CPUs; 125m follows GPT-3
-# Small's shape, 1b follows Llama-3.2-1B (grouped-query attention, tied embeddings).
+# Small's shape, 1b follows Llama-3.2-1B (grouped-query attention, tied embeddings). tiny is the CPU demo's model:
+# on the demo crawl, 6 narrow layers learnt the crawl's facts (cloze probes) more reliably than 2 or 4 wider ones
+# of similar cost, and untied embeddings more reliably than tied ones.
 PRESETS: dict[str, dict[str, int | bool]] = {
-    "tiny": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6,
-                 intermediate_size=512, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=384, tie_word_embeddings=False),
     "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                  intermediate_size=768, tie_word_embeddings=True),
     "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,

@@ -354,6 +354,48 @@ def test_ddp_two_processes_match_single_process(reference, corpus, tmp_path):
         assert abs(ddp[step] - single[step]) < 1e-4, f"step {step}: {ddp[step]} vs {single[step]}"
 
 
+def test_continued_pretraining_starts_from_init_from(reference, corpus, tmp_path):
+    from pipeline import pretrain
+
+    init = reference / "pretrain" / "final"
+    recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", corpus, init_from=str(init), max_steps=2)
+    final = pretrain.run(load_config(recipe))
+    stage = json.loads((final / "stage.json").read_text())
+    assert stage["inputs"]["init_from"] == {
+        "path": str(init),
+        "config_hash": json.loads((init / "stage.json").read_text())["config_hash"],
+    }
+    assert (final / "tokenizer.json").read_text() == (init / "tokenizer.json").read_text()  # reused, not retrained
+    # The first step's loss is the trained model's, far below a fresh model's (about ln(vocab) = 5.8).
+    first_loss = _losses(tmp_path / "run")[1]
+    assert first_loss < _losses(reference)[1] - 1.0
+    assert first_loss == pytest.approx(_losses(reference)[STEPS], abs=0.6)
+
+
+def test_streamed_hub_corpus_is_packed_on_the_fly(corpus, tmp_path, monkeypatch):
+    """A Hub id goes through `load_dataset(id, streaming=True)`; here the id resolves to local parquet files."""
+    import datasets
+
+    from pipeline import pretrain
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, streaming=False, **kwargs):
+        calls.append((path, name, split, streaming))
+        files = [str(p) for p in sorted((corpus / "train").glob("*.parquet"))]
+        return datasets.load_dataset("parquet", data_files=files, split=split, streaming=streaming)
+
+    monkeypatch.setattr(pretrain, "load_dataset", fake_load_dataset)
+    recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", corpus, dataset="someone/web-corpus",
+                     dataset_config="sample", max_steps=3, eval_documents=20)  # fmt: skip
+    stage = json.loads((pretrain.run(load_config(recipe)) / "stage.json").read_text())
+    assert calls == [("someone/web-corpus", "sample", "train", True)]
+    assert stage["inputs"] == {"corpus": {"path": "someone/web-corpus"}}
+    assert stage["metrics"]["train_steps"] == 3 and math.isfinite(stage["metrics"]["perplexity"])
+    with pytest.raises(UserError, match="pretrain.max_steps must be set"):
+        pretrain.run(load_config(recipe, ["pretrain.max_steps=-1", f"run_dir={tmp_path / 'other'}"]))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Bad input
 
