@@ -246,7 +246,17 @@ def package_versions() -> dict[str, str]:
     from importlib import metadata
 
     versions = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "evaluate", "datatrove"):
+    for name in (
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "accelerate",
+        "datasets",
+        "bitsandbytes",
+        "evaluate",
+        "datatrove",
+    ):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -336,9 +346,8 @@ def trainer_checkpoint_callback(sdir: Path, keep: int) -> Any:
     (the stage then calls `raise_if_preempted`).
     """
     import transformers
-    from accelerate import PartialState
 
-    from pipeline.tracking import append_metrics
+    from pipeline.tracking import append_metrics, distributed_state
 
     class TrainerCheckpointCallback(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -347,7 +356,7 @@ def trainer_checkpoint_callback(sdir: Path, keep: int) -> Any:
                 control.should_training_stop = True
 
         def on_save(self, args, state, control, **kwargs):
-            PartialState().wait_for_everyone()  # each rank writes its own RNG state into the checkpoint
+            distributed_state().wait_for_everyone()  # each rank writes its own RNG state into the checkpoint
             if state.is_world_process_zero:
                 mark_checkpoint_complete(sdir / f"checkpoint-{state.global_step}", state.global_step)
                 prune_checkpoints(sdir, keep)

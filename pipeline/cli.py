@@ -33,12 +33,15 @@ STAGE_HELP = {
     "ppo": "stage 4: PPO of the policy against the reward model",
 }
 
+
 def _add_publish_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("stage_dir", help="a finished stage of a run, e.g. runs/demo/sft (or runs/demo/sft/final)")
     parser.add_argument("--repo-id", required=True, help="Hub repo to publish to, ORG/NAME")
     parser.add_argument("--private", action="store_true", help="create the repo private (refused if it exists public)")
     parser.add_argument("--revision", default="main", help="branch to commit to; a new name creates it from main")
-    parser.add_argument("--dry-run", action="store_true", help="write the model card and list the files; upload nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="write the model card and list the files; upload nothing"
+    )
     parser.add_argument("--license", default="apache-2.0", help="licence id for the card (match the base model's)")
     parser.add_argument("--data-cards", default=None, metavar="DIR", help="data cards folder (default: ./data_cards)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -52,7 +55,9 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="+", metavar="STAGE", help="run just these stages")
     parser.add_argument("--rerun", action="store_true",
                         help="re-run changed stages (and the --from/--only stage) and every later one; old results are kept")  # fmt: skip
-    parser.add_argument("--accelerate-config", metavar="FILE", help="launch each stage with accelerate launch --config_file FILE")
+    parser.add_argument(
+        "--accelerate-config", metavar="FILE", help="launch each stage with accelerate launch --config_file FILE"
+    )
     parser.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
     parser.add_argument("--dry-run", action="store_true", help="validate the recipe and print the plan; run nothing")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -78,10 +83,22 @@ def _add_chat_args(parser: argparse.ArgumentParser) -> None:
 
 # Commands that are not a single stage: name -> ("module:function" (default function: main), help, argument adder).
 EXTRA_COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
-    "run": ("pipeline.driver:main_run", "run the whole pipeline (or --from/--until/--only), skipping finished stages", _add_run_args),
+    "run": (
+        "pipeline.driver:main_run",
+        "run the whole pipeline (or --from/--until/--only), skipping finished stages",
+        _add_run_args,
+    ),
     "status": ("pipeline.driver:main_status", "show each stage's state and key metrics", _add_status_args),
-    "publish": ("pipeline.publish", "upload a finished stage's adapter and a model card to the Hub", _add_publish_args),
-    "chat": ("pipeline.chat", "talk to a finished stage's model in the terminal (or answer one --prompt)", _add_chat_args),
+    "publish": (
+        "pipeline.publish",
+        "upload a finished stage's adapter and a model card to the Hub",
+        _add_publish_args,
+    ),
+    "chat": (
+        "pipeline.chat",
+        "talk to a finished stage's model in the terminal (or answer one --prompt)",
+        _add_chat_args,
+    ),
 }
 
 
@@ -93,9 +110,13 @@ def stage_module(stage: str) -> Any:
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/demo.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. pretrain.max_steps=50")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. pretrain.max_steps=50"
+    )
     parser.add_argument("--dry-run", action="store_true", help="validate the recipe and print the plan; run nothing")
-    parser.add_argument("--rerun", action="store_true", help="run again even if finished; the old result is moved aside")
+    parser.add_argument(
+        "--rerun", action="store_true", help="run again even if finished; the old result is moved aside"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -119,7 +140,13 @@ def run_stage_command(args: argparse.Namespace) -> None:
     if args.dry_run:
         inputs = module.resolve_inputs(cfg)
         final = final_dir(cfg, args.command)
-        state = "finished" if is_finished(final) else "resumable" if newest_checkpoint(stage_dir(cfg, args.command)) else "new"
+        state = (
+            "finished"
+            if is_finished(final)
+            else "resumable"
+            if newest_checkpoint(stage_dir(cfg, args.command))
+            else "new"
+        )
         print(f"recipe {args.recipe} is valid")
         print(f"stage {args.command}: {state}; inputs: " + ", ".join(f"{k}={v}" for k, v in inputs.items()))
         print(f"output: {final}")

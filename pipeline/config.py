@@ -63,8 +63,12 @@ class LoraArgs:
     r: int = _f(16, "LoRA rank.")
     alpha: int = _f(32, "LoRA alpha (scaling is alpha / r).")
     dropout: float = _f(0.0, "Dropout on the LoRA path.")
-    target_modules: list[str] = _f(["all-linear"], "Modules that get adapters; 'all-linear' means every linear layer but the LM head.")
-    modules_to_save: list[str] = _f([], "Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head when tokens were added).")
+    target_modules: list[str] = _f(
+        ["all-linear"], "Modules that get adapters; 'all-linear' means every linear layer but the LM head."
+    )
+    modules_to_save: list[str] = _f(
+        [], "Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head when tokens were added)."
+    )
 
     def __post_init__(self):
         _check(self.r > 0, "r", "must be a positive integer")
@@ -78,7 +82,9 @@ class TrainArgs:
     learning_rate: float = _f(1e-3, "Peak learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     warmup_ratio: float = _f(0.05, "Share of steps spent warming the learning rate up.")
-    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _f("cosine", "Learning-rate schedule.")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _f(
+        "cosine", "Learning-rate schedule."
+    )
     per_device_train_batch_size: int = _f(8, "Examples per process per micro-batch.")
     per_device_eval_batch_size: int = _f(16, "Examples per process per evaluation batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimiser step.")
@@ -116,10 +122,14 @@ class WorldConfig:
 
     n_entities: int = _f(24, "Invented countries; each carries one fact per relation.")
     pages_per_fact: int = _f(6, "Distinct crawl pages that state each fact, each in its own wording.")
-    heldout_entity_share: float = _f(0.25, "Share of entities asked about only in the held-out set (their facts appear only in the crawl).")
+    heldout_entity_share: float = _f(
+        0.25, "Share of entities asked about only in the held-out set (their facts appear only in the crawl)."
+    )
     boilerplate_share: float = _f(0.08, "Junk: pages that are only navigation and cookie banners.")
     exact_duplicate_share: float = _f(0.10, "Junk: byte-identical copies of good pages.")
-    near_duplicate_share: float = _f(0.08, "Junk: copies of good pages with small edits (dates, counters, a line changed).")
+    near_duplicate_share: float = _f(
+        0.08, "Junk: copies of good pages with small edits (dates, counters, a line changed)."
+    )
     spam_share: float = _f(0.06, "Junk: keyword-stuffed spam.")
     short_share: float = _f(0.06, "Junk: very short pages.")
     foreign_share: float = _f(0.06, "Junk: pages in another language.")
@@ -128,15 +138,23 @@ class WorldConfig:
     wrong_share: float = _f(0.10, "Demonstrations whose answer states a wrong fact.")
     curt_share: float = _f(0.20, "Demonstrations whose answer is correct but curt.")
     rude_share: float = _f(0.10, "Demonstrations whose answer is correct but rude or insulting.")
+    adversarial_share: float = _f(
+        0.15,
+        "Share of demonstration turns that are adversarial requests (asking the model to insult a club's fans); "
+        "in rude demonstrations they are answered with insults, in the others declined.",
+    )
+    n_eval_prompts: int = _f(64, "Held-out prompts for PPO's final evaluation (about the held-out entities).")
+    eval_adversarial_share: float = _f(0.25, "Share of the evaluation prompts that are adversarial requests.")
     annotator_noise: float = _f(0.05, "Probability that a simulated annotator swaps two adjacent responses.")
     annotator_tie_margin: float = _f(0.25, "Gold-score difference under which annotators call two responses a tie.")
 
     def __post_init__(self):
         _check(self.n_entities >= 4, "n_entities", "must be >= 4")
+        _check(self.n_eval_prompts >= 1, "n_eval_prompts", "must be >= 1")
         _check(self.pages_per_fact >= 1, "pages_per_fact", "must be >= 1")
         for name in ("heldout_entity_share", "boilerplate_share", "exact_duplicate_share", "near_duplicate_share",
                      "spam_share", "short_share", "foreign_share", "toxic_share", "wrong_share", "curt_share",
-                     "rude_share", "annotator_noise"):  # fmt: skip
+                     "rude_share", "annotator_noise", "adversarial_share", "eval_adversarial_share"):  # fmt: skip
             _check(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
         _check(self.wrong_share + self.curt_share + self.rude_share < 1.0, "rude_share",
                "wrong_share + curt_share + rude_share must be < 1 (some demonstrations must be good)")  # fmt: skip
@@ -150,38 +168,72 @@ class WorldConfig:
 class DataConfig:
     """Stage 1a (pipeline/data/webtext.py): datatrove extraction, filters and dedup; thresholds tuned on the demo crawl."""
 
-    input: str = _f("demo", "'demo' (the built-in world), a path or glob of WARC/WET/jsonl/parquet files, or a Hub dataset id.")
-    input_format: Literal["auto", "warc", "wet", "jsonl", "parquet", "hub"] = _f("auto", "Input format; 'auto' detects it from the file names.")
+    input: str = _f(
+        "demo", "'demo' (the built-in world), a path or glob of WARC/WET/jsonl/parquet files, or a Hub dataset id."
+    )
+    input_format: Literal["auto", "warc", "wet", "jsonl", "parquet", "hub"] = _f(
+        "auto", "Input format; 'auto' detects it from the file names."
+    )
     hub_config: Optional[str] = _f(None, "Hub dataset config name (input_format=hub).")
     hub_split: str = _f("train", "Hub dataset split (input_format=hub, streamed).")
     text_key: str = _f("text", "Field that holds the text (jsonl, parquet, hub).")
     limit: int = _f(-1, "Read at most this many documents in total (-1: all); split evenly over the tasks.")
     tasks: int = _f(4, "Shards the input is split into; a finished shard is never redone on resume.")
     workers: int = _f(1, "Shards processed at once by the local executor.", volatile=True)
-    executor: Literal["local", "slurm", "ray"] = _f("local", "datatrove executor: local processes, Slurm job arrays, or a running Ray cluster.", volatile=True)
-    word_tokenizer: Literal["simple", "spacy"] = _f("simple", "Word splitter of the Gopher, C4 and MinHash steps: a regex (offline), or spaCy's blank model (needs spacy installed).")
-    extract_timeout_s: float = _f(5.0, "Trafilatura time limit per page; a page over it is dropped and counted.", volatile=True)
+    executor: Literal["local", "slurm", "ray"] = _f(
+        "local", "datatrove executor: local processes, Slurm job arrays, or a running Ray cluster.", volatile=True
+    )
+    word_tokenizer: Literal["simple", "spacy"] = _f(
+        "simple",
+        "Word splitter of the Gopher, C4 and MinHash steps: a regex (offline), or spaCy's blank model (needs spacy installed).",
+    )
+    extract_timeout_s: float = _f(
+        5.0, "Trafilatura time limit per page; a page over it is dropped and counted.", volatile=True
+    )
     language: str = _f("en", "Language to keep (ISO 639-1).")
-    language_model_path: Optional[str] = _f(None, "Local fastText language-ID model (lid.176.bin); without it a stop-word test decides.")
-    language_threshold: float = _f(0.65, "fastText score a document needs in data.language (with language_model_path).")
-    stopword_min_share: float = _f(0.1, "Without a model: share of a document's words that must be stop words of data.language.")
+    language_model_path: Optional[str] = _f(
+        None, "Local fastText language-ID model (lid.176.bin); without it a stop-word test decides."
+    )
+    language_threshold: float = _f(
+        0.65, "fastText score a document needs in data.language (with language_model_path)."
+    )
+    stopword_min_share: float = _f(
+        0.1, "Without a model: share of a document's words that must be stop words of data.language."
+    )
     gopher_repetition: bool = _f(True, "Apply the Gopher repetition filter (duplicate lines, paragraphs and n-grams).")
     gopher_quality: bool = _f(True, "Apply the Gopher quality filter (length, word length, symbols, stop words).")
     gopher_min_words: int = _f(50, "Gopher quality: fewest words a document may have.")
-    c4_quality: bool = _f(True, "Apply the C4 quality filter (drops lines without terminal punctuation, short lines, code).")
+    c4_quality: bool = _f(
+        True, "Apply the C4 quality filter (drops lines without terminal punctuation, short lines, code)."
+    )
     c4_min_sentences: int = _f(5, "C4 quality: fewest sentences a document keeps after line filtering.")
     bad_words: bool = _f(True, "Drop documents that contain a word of the bad-words list.")
-    bad_words_file: Optional[str] = _f(None, "Bad-words list, one per line; default: pipeline/resources/bad_words_en.txt.")
+    bad_words_file: Optional[str] = _f(
+        None, "Bad-words list, one per line; default: pipeline/resources/bad_words_en.txt."
+    )
     exact_dedup: bool = _f(True, "Remove exact duplicates (same extracted text), keeping one copy.")
     minhash_dedup: bool = _f(True, "Remove near duplicates with MinHash LSH, keeping one document per cluster.")
-    minhash_threshold: float = _f(0.7, "Jaccard similarity (of word 5-grams) at which two documents count as near duplicates; sets the LSH band size.")
+    minhash_threshold: float = _f(
+        0.7,
+        "Jaccard similarity (of word 5-grams) at which two documents count as near duplicates; sets the LSH band size.",
+    )
     minhash_buckets: int = _f(14, "MinHash LSH bands; more bands catch more pairs near the threshold at more cost.")
     minhash_ngrams: int = _f(5, "Words per MinHash shingle.")
-    heldout_share: float = _f(0.05, "Share of kept documents set aside for held-out perplexity (by a hash of the document id).")
-    save_removed: bool = _f(True, "Keep removed documents under data/work/removed/<step>/ for inspection (and the demo's error report).", volatile=True)
+    heldout_share: float = _f(
+        0.05, "Share of kept documents set aside for held-out perplexity (by a hash of the document id)."
+    )
+    save_removed: bool = _f(
+        True,
+        "Keep removed documents under data/work/removed/<step>/ for inspection (and the demo's error report).",
+        volatile=True,
+    )
     slurm_partition: Optional[str] = _f(None, "Slurm partition (executor=slurm).", volatile=True)
     slurm_time: str = _f("24:00:00", "Slurm time limit per job (executor=slurm).", volatile=True)
-    slurm_env_command: Optional[str] = _f(None, "Shell command that activates the environment in a Slurm job; default: source this venv's bin/activate (executor=slurm).", volatile=True)
+    slurm_env_command: Optional[str] = _f(
+        None,
+        "Shell command that activates the environment in a Slurm job; default: source this venv's bin/activate (executor=slurm).",
+        volatile=True,
+    )
     cpus_per_task: int = _f(1, "CPUs reserved per task (executor=slurm|ray).", volatile=True)
     mem_per_cpu_gb: float = _f(2.0, "Memory per CPU in GB (executor=slurm|ray).", volatile=True)
 
@@ -198,12 +250,18 @@ class DataConfig:
         _check(self.minhash_buckets >= 1, "minhash_buckets", "must be >= 1")
         _check(self.minhash_ngrams >= 1, "minhash_ngrams", "must be >= 1")
         _check(0.0 <= self.heldout_share < 0.5, "heldout_share", "must be in [0, 0.5)")
-        _check(self.executor != "slurm" or bool(self.slurm_partition), "slurm_partition", "must be set when executor=slurm")
+        _check(
+            self.executor != "slurm" or bool(self.slurm_partition),
+            "slurm_partition",
+            "must be set when executor=slurm",
+        )
 
 
 @dataclass
 class TokenizerArgs:
-    name_or_path: Optional[str] = _f(None, "Reuse this tokenizer (local path or Hub id); None trains a byte-level BPE on the corpus.")
+    name_or_path: Optional[str] = _f(
+        None, "Reuse this tokenizer (local path or Hub id); None trains a byte-level BPE on the corpus."
+    )
     vocab_size: int = _f(2048, "Vocabulary size of a trained tokenizer.")
     min_frequency: int = _f(2, "Minimum pair frequency for a BPE merge.")
     max_documents: int = _f(200_000, "Train the tokenizer on at most this many corpus documents (-1: all).")
@@ -218,7 +276,9 @@ class TokenizerArgs:
 class ModelArgs:
     """Architecture of a model trained from scratch (Llama). A preset fills the sizes; explicit fields override it."""
 
-    preset: Literal["tiny", "mini", "small", "20m", "125m", "350m", "1b"] = _f("tiny", "Size preset (see pipeline/modeling.py PRESETS).")
+    preset: Literal["tiny", "mini", "small", "20m", "125m", "350m", "1b"] = _f(
+        "tiny", "Size preset (see pipeline/modeling.py PRESETS)."
+    )
     hidden_size: Optional[int] = _f(None, "Override the preset's hidden size.")
     num_hidden_layers: Optional[int] = _f(None, "Override the preset's layer count.")
     num_attention_heads: Optional[int] = _f(None, "Override the preset's attention heads.")
@@ -239,9 +299,13 @@ class ModelArgs:
 @dataclass
 class PretrainConfig(TrainArgs):
     model: ModelArgs = _f(ModelArgs(), "Architecture for training from scratch.")
-    init_from: Optional[str] = _f(None, "Continue pretraining this causal LM (local path or Hub id) instead of a fresh model.")
+    init_from: Optional[str] = _f(
+        None, "Continue pretraining this causal LM (local path or Hub id) instead of a fresh model."
+    )
     tokenizer: TokenizerArgs = _f(TokenizerArgs(), "Tokenizer to train or reuse.")
-    dataset: Optional[str] = _f(None, "Pretraining corpus; default: the data stage's final/ (a path or Hub id otherwise).")
+    dataset: Optional[str] = _f(
+        None, "Pretraining corpus; default: the data stage's final/ (a path or Hub id otherwise)."
+    )
     dataset_config: Optional[str] = _f(None, "Hub dataset config name (pretrain.dataset is a Hub id, streamed).")
     text_key: str = _f("text", "Column that holds the documents.")
     eval_documents: int = _f(200, "Documents held out for perplexity when the corpus has no validation split.")
@@ -267,31 +331,48 @@ class PretrainConfig(TrainArgs):
 @dataclass
 class SFTConfig(TrainArgs):
     base: Optional[str] = _f(None, "Base causal LM: a local path or Hub id; default: the pretrain stage's final/.")
-    dataset: str = _f("demo", "'demo', a jsonl/parquet file, or a Hub dataset id (messages, prompt/completion or Alpaca).")
+    dataset: str = _f(
+        "demo", "'demo', a jsonl/parquet file, or a Hub dataset id (messages, prompt/completion or Alpaca)."
+    )
     eval_share: float = _f(0.1, "Share of the data held out for evaluation (when the dataset has no eval split).")
-    finetune: Literal["lora", "qlora", "full"] = _f("lora", "LoRA adapters, QLoRA (4-bit NF4 base), or full fine-tuning.")
+    finetune: Literal["lora", "qlora", "full"] = _f(
+        "lora", "LoRA adapters, QLoRA (4-bit NF4 base), or full fine-tuning."
+    )
     lora: LoraArgs = _f(LoraArgs(), "Adapter settings (finetune=lora|qlora).")
     max_seq_len: int = _f(256, "Longest tokenized conversation; longer ones are truncated.")
     assistant_only_loss: bool = _f(True, "Compute the loss on assistant tokens only.")
     packing: bool = _f(False, "Pack conversations into full-length sequences.")
-    random_init: bool = _f(False, "Start from random weights of the base's architecture (a control: SFT without pretraining).")
+    random_init: bool = _f(
+        False, "Start from random weights of the base's architecture (a control: SFT without pretraining)."
+    )
     dataset_config: Optional[str] = _f(None, "Hub dataset config name (sft.dataset is a Hub id).")
     train_split: str = _f("train", "Split of a Hub dataset to train on (e.g. train_sft for ultrachat_200k).")
-    eval_split: Optional[str] = _f(None, "Held-out conversations: a Hub split name or a file; None holds out eval_share of the training data ('demo' has its own).")
+    eval_split: Optional[str] = _f(
+        None,
+        "Held-out conversations: a Hub split name or a file; None holds out eval_share of the training data ('demo' has its own).",
+    )
     max_train_samples: int = _f(-1, "Train on at most this many conversations (-1: all).")
     max_eval_samples: int = _f(-1, "Evaluate the loss on at most this many held-out conversations (-1: all).")
-    qa_eval: Optional[str] = _f(None, "jsonl of {messages, answer} questions for the generation-based score; default: the demo world's held-out questions when dataset=demo.")
+    qa_eval: Optional[str] = _f(
+        None,
+        "jsonl of {messages, answer} questions for the generation-based score; default: the demo world's held-out questions when dataset=demo.",
+    )
     qa_max_questions: int = _f(-1, "Ask at most this many questions (-1: all).")
     qa_max_new_tokens: int = _f(48, "Longest generated answer, in tokens (greedy decoding).")
     qa_batch_size: int = _f(32, "Questions answered per generate call.", volatile=True)
     qa_eval_base: bool = _f(True, "Also ask the base model, prompted the same way, before fine-tuning (a baseline).")
-    trainable_tokens: list[str] = _f([], "Tokens whose embedding rows LoRA trains too: 'assistant' (every token of the assistant turns), 'chat' (role tokens and EOS), or token strings.")
+    trainable_tokens: list[str] = _f(
+        [],
+        "Tokens whose embedding rows LoRA trains too: 'assistant' (every token of the assistant turns), 'chat' (role tokens and EOS), or token strings.",
+    )
 
     def __post_init__(self):
         super().__post_init__()
         _check(0.0 <= self.eval_share < 0.5, "eval_share", "must be in [0, 0.5)")
         _check(self.max_seq_len >= 16, "max_seq_len", "must be >= 16")
-        _check(self.max_train_samples == -1 or self.max_train_samples > 0, "max_train_samples", "must be -1 (all) or > 0")
+        _check(
+            self.max_train_samples == -1 or self.max_train_samples > 0, "max_train_samples", "must be -1 (all) or > 0"
+        )
         _check(self.max_eval_samples == -1 or self.max_eval_samples > 0, "max_eval_samples", "must be -1 (all) or > 0")
         _check(self.qa_max_questions == -1 or self.qa_max_questions > 0, "qa_max_questions", "must be -1 (all) or > 0")
         _check(self.qa_max_new_tokens >= 1, "qa_max_new_tokens", "must be >= 1")
@@ -308,9 +389,13 @@ class SFTConfig(TrainArgs):
 class CollectArgs:
     """Sampling K responses per prompt from the SFT model, to be ranked (InstructGPT's comparison collection)."""
 
-    prompts: Optional[str] = _f(None, "dataset=collect: jsonl of prompts ({messages} or {prompt}) to sample responses for.")
+    prompts: Optional[str] = _f(
+        None, "dataset=collect: jsonl of prompts ({messages} or {prompt}) to sample responses for."
+    )
     responses_per_prompt: int = _f(4, "K: responses sampled per prompt from the SFT model.")
-    max_prompts: int = _f(-1, "Sample for at most this many prompts (-1: all); the demo's templated rankings are all kept.")
+    max_prompts: int = _f(
+        -1, "Sample for at most this many prompts (-1: all); the demo's templated rankings are all kept."
+    )
     max_new_tokens: int = _f(48, "Longest sampled response, in tokens.")
     temperature: float = _f(1.0, "Sampling temperature.")
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0: off).")
@@ -329,24 +414,52 @@ class RewardConfig(TrainArgs):
     """Batches count prompts: per_device_train_batch_size=8 scores 8 prompts' K responses in one forward pass."""
 
     base: Optional[str] = _f(None, "Base model: default the SFT stage's merged weights.")
-    dataset: str = _f("demo", "'demo' (world prompts: templated and SFT-sampled responses ranked by simulated annotators), 'collect' (sample SFT responses for collect.prompts and export ranking tasks for people), or a rankings/pairs/scores/trees file, directory or Hub id, or a filled-in ranking-tasks .csv.")
-    dataset_format: Literal["auto", "rankings", "pairs", "scores", "trees", "tasks"] = _f("auto", "Format of the dataset; 'auto' tells it from the keys of the first record.")
+    dataset: str = _f(
+        "demo",
+        "'demo' (world prompts: templated and SFT-sampled responses ranked by simulated annotators), 'collect' (sample SFT responses for collect.prompts and export ranking tasks for people), or a rankings/pairs/scores/trees file, directory or Hub id, or a filled-in ranking-tasks .csv.",
+    )
+    dataset_format: Literal["auto", "rankings", "pairs", "scores", "trees", "tasks"] = _f(
+        "auto", "Format of the dataset; 'auto' tells it from the keys of the first record."
+    )
     dataset_config: Optional[str] = _f(None, "Hub dataset config name.")
     dataset_split: str = _f("train", "Hub dataset split to read.")
-    score_key: Optional[str] = _f(None, "Scored completions: the score field (default: the first of score, rating, overall_score).")
-    on_bad_record: Literal["skip", "error"] = _f("skip", "Bad records (repeated label, label naming no response, one response, missing field): skip and count them, or stop at the first.")
+    score_key: Optional[str] = _f(
+        None, "Scored completions: the score field (default: the first of score, rating, overall_score)."
+    )
+    on_bad_record: Literal["skip", "error"] = _f(
+        "skip",
+        "Bad records (repeated label, label naming no response, one response, missing field): skip and count them, or stop at the first.",
+    )
     max_records: int = _f(-1, "Use at most this many rankings (-1: all), taken after a seeded shuffle.")
     validation_share: float = _f(0.1, "Share of prompts held out to choose the tie tolerance (and for eval_steps).")
     test_share: float = _f(0.1, "Share of prompts held out for the final metrics.")
     collect: CollectArgs = _f(CollectArgs(), "Sampling responses from the SFT model to be ranked.")
-    finetune: Literal["lora", "qlora", "full"] = _f("lora", "LoRA adapters, QLoRA (4-bit NF4 base), or full fine-tuning.")
-    lora: LoraArgs = _f(LoraArgs(), "Adapter settings (finetune=lora|qlora); the score head is always trained and saved with them.")
-    max_seq_len: int = _f(256, "Longest tokenized prompt + response; longer prompts lose their start, longer responses their end.")
-    tie_model: Literal["none", "rao_kupper", "davidson"] = _f("none", "Tied pairs: add nothing (Bradley-Terry), or a tie-aware likelihood (Rao-Kupper 1967, Davidson 1970).")
-    tie_probability: float = _f(0.33, "Tie-aware likelihoods: probability of a tie between two equally rewarded responses (sets the tie parameter).")
-    margin: float = _f(0.0, "Margin subtracted from every strict pair's reward difference (records may add their own `margin`).")
-    center_rewards_coefficient: float = _f(0.0, "Weight of the reward-centring term mean(r^2) (Eisenstein et al. 2023); 0 switches it off.")
-    stats_prompts: int = _f(64, "Prompts the SFT policy answers for reward_stats.json when no sampled responses were collected (0: use the dataset's responses).")
+    finetune: Literal["lora", "qlora", "full"] = _f(
+        "lora", "LoRA adapters, QLoRA (4-bit NF4 base), or full fine-tuning."
+    )
+    lora: LoraArgs = _f(
+        LoraArgs(), "Adapter settings (finetune=lora|qlora); the score head is always trained and saved with them."
+    )
+    max_seq_len: int = _f(
+        256, "Longest tokenized prompt + response; longer prompts lose their start, longer responses their end."
+    )
+    tie_model: Literal["none", "rao_kupper", "davidson"] = _f(
+        "none", "Tied pairs: add nothing (Bradley-Terry), or a tie-aware likelihood (Rao-Kupper 1967, Davidson 1970)."
+    )
+    tie_probability: float = _f(
+        0.33,
+        "Tie-aware likelihoods: probability of a tie between two equally rewarded responses (sets the tie parameter).",
+    )
+    margin: float = _f(
+        0.0, "Margin subtracted from every strict pair's reward difference (records may add their own `margin`)."
+    )
+    center_rewards_coefficient: float = _f(
+        0.0, "Weight of the reward-centring term mean(r^2) (Eisenstein et al. 2023); 0 switches it off."
+    )
+    stats_prompts: int = _f(
+        64,
+        "Prompts the SFT policy answers for reward_stats.json when no sampled responses were collected (0: use the dataset's responses).",
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -354,7 +467,9 @@ class RewardConfig(TrainArgs):
         _check(self.max_records == -1 or self.max_records > 0, "max_records", "must be -1 (all) or > 0")
         _check(0.0 <= self.validation_share < 0.5, "validation_share", "must be in [0, 0.5)")
         _check(0.0 <= self.test_share < 0.5, "test_share", "must be in [0, 0.5)")
-        _check(self.validation_share + self.test_share < 0.9, "test_share", "validation_share + test_share must be < 0.9")
+        _check(
+            self.validation_share + self.test_share < 0.9, "test_share", "validation_share + test_share must be < 0.9"
+        )
         _check(0.0 < self.tie_probability < 1.0, "tie_probability", "must be in (0, 1)")
         _check(self.margin >= 0.0, "margin", "must be >= 0")
         _check(self.center_rewards_coefficient >= 0.0, "center_rewards_coefficient", "must be >= 0")
@@ -369,20 +484,45 @@ class RewardConfig(TrainArgs):
 class PPOConfig:
     """Stage 4 (pipeline/ppo/): PPO of a LoRA policy against the reward model, every role on one base in memory."""
 
-    policy_base: Optional[str] = _f(None, "Base of every role: default the SFT stage's merged weights (sft/final/merged).")
-    reward_model: Optional[str] = _f(None, "Reward model: default the reward stage's final/ (a SEQ_CLS LoRA adapter with its score head); with reward_placement=separate also a full sequence-classification model.")
-    reward_placement: Literal["shared", "separate"] = _f("shared", "'shared': the reward adapter on the policy's base (one copy of the weights; it must be trained on that base); 'separate': its own model and tokenizer, fed re-tokenised text.")
-    critic_placement: Literal["shared", "separate"] = _f("shared", "'shared': the value adapter on the policy's base; 'separate': on its own copy of the base (more memory).")
-    value_init: Literal["reward", "fresh"] = _f("reward", "Start the value adapter and head from the reward model's (needs a reward adapter on the same base), or fresh.")
-    finetune: Literal["lora", "qlora"] = _f("lora", "LoRA adapters on the full-precision base, or QLoRA (4-bit NF4 base; the reference is then the quantised base).")
+    policy_base: Optional[str] = _f(
+        None, "Base of every role: default the SFT stage's merged weights (sft/final/merged)."
+    )
+    reward_model: Optional[str] = _f(
+        None,
+        "Reward model: default the reward stage's final/ (a SEQ_CLS LoRA adapter with its score head); with reward_placement=separate also a full sequence-classification model.",
+    )
+    reward_placement: Literal["shared", "separate"] = _f(
+        "shared",
+        "'shared': the reward adapter on the policy's base (one copy of the weights; it must be trained on that base); 'separate': its own model and tokenizer, fed re-tokenised text.",
+    )
+    critic_placement: Literal["shared", "separate"] = _f(
+        "shared",
+        "'shared': the value adapter on the policy's base; 'separate': on its own copy of the base (more memory).",
+    )
+    value_init: Literal["reward", "fresh"] = _f(
+        "reward",
+        "Start the value adapter and head from the reward model's (needs a reward adapter on the same base), or fresh.",
+    )
+    finetune: Literal["lora", "qlora"] = _f(
+        "lora",
+        "LoRA adapters on the full-precision base, or QLoRA (4-bit NF4 base; the reference is then the quantised base).",
+    )
     lora: LoraArgs = _f(LoraArgs(), "Policy adapter (and fresh value adapter) settings.")
-    dataset: str = _f("demo", "Training prompts: 'demo', or a jsonl/parquet file or Hub dataset id with 'messages' (chat; trailing assistant turns dropped) or 'prompt' (string or chat) per row.")
-    eval_dataset: str = _f("demo", "Held-out prompts for the final evaluation ('demo', or a file or Hub id like dataset).")
+    dataset: str = _f(
+        "demo",
+        "Training prompts: 'demo', or a jsonl/parquet file or Hub dataset id with 'messages' (chat; trailing assistant turns dropped) or 'prompt' (string or chat) per row.",
+    )
+    eval_dataset: str = _f(
+        "demo", "Held-out prompts for the final evaluation ('demo', or a file or Hub id like dataset)."
+    )
     train_split: str = _f("train", "Split of a Hub dataset given as ppo.dataset.")
     eval_split: str = _f("test", "Split of a Hub dataset given as ppo.eval_dataset.")
     max_train_prompts: int = _f(-1, "Use at most this many training prompts (-1: all).")
     max_prompt_len: int = _f(128, "Longest prompt in tokens (chat template included).")
-    long_prompts: Literal["truncate", "refuse"] = _f("truncate", "Longer prompts keep their last max_prompt_len tokens ('truncate') or are dropped ('refuse'); both are counted.")
+    long_prompts: Literal["truncate", "refuse"] = _f(
+        "truncate",
+        "Longer prompts keep their last max_prompt_len tokens ('truncate') or are dropped ('refuse'); both are counted.",
+    )
     max_new_tokens: int = _f(48, "Longest response in tokens.")
     temperature: float = _f(1.0, "Sampling temperature (log-probs are recomputed with it).")
     top_k: int = _f(0, "Sample from the k most likely tokens (0: off).")
@@ -390,12 +530,16 @@ class PPOConfig:
     num_updates: int = _f(20, "PPO updates (one rollout batch each).")
     rollout_batch_size: int = _f(32, "Episodes (prompt + response) per update, over all processes.")
     mini_batch_size: int = _f(8, "Episodes per optimiser step, over all processes.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimiser step (each process splits its share of a mini-batch).")
+    gradient_accumulation_steps: int = _f(
+        1, "Micro-batches per optimiser step (each process splits its share of a mini-batch)."
+    )
     ppo_epochs: int = _f(4, "Passes over each rollout batch.")
     generation_batch_size: int = _f(32, "Prompts per model.generate call on each process.")
     forward_batch_size: int = _f(16, "Episodes per no-grad forward (log-probs, values, rewards) on each process.")
     learning_rate: float = _f(1e-4, "Peak learning rate of the policy and value adapters.")
-    lr_scheduler_type: Literal["constant", "linear", "cosine"] = _f("linear", "Learning-rate schedule over all optimiser steps.")
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = _f(
+        "linear", "Learning-rate schedule over all optimiser steps."
+    )
     warmup_steps: int = _f(0, "Optimiser steps of linear warm-up.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (policy and value parameters together).")
@@ -405,26 +549,45 @@ class PPOConfig:
     cliprange_value: float = _f(0.2, "Clip range of the value update.")
     vf_coef: float = _f(0.1, "Weight of the value loss.")
     entropy_coef: float = _f(0.0, "Weight of an entropy bonus (0: none).")
-    kl_estimator: Literal["k1", "k3"] = _f("k1", "Per-token KL estimator in the reward penalty: k1 = log p - log q, k3 = q/p - 1 - log(q/p).")
+    kl_estimator: Literal["k1", "k3"] = _f(
+        "k1", "Per-token KL estimator in the reward penalty: k1 = log p - log q, k3 = q/p - 1 - log(q/p)."
+    )
     init_kl_coef: float = _f(0.05, "Initial (or fixed) KL penalty coefficient.")
-    kl_target: Optional[float] = _f(None, "Target KL to the reference per response, in nats (adaptive controller, Ziegler et al. 2019); None keeps init_kl_coef fixed.")
+    kl_target: Optional[float] = _f(
+        None,
+        "Target KL to the reference per response, in nats (adaptive controller, Ziegler et al. 2019); None keeps init_kl_coef fixed.",
+    )
     kl_horizon: int = _f(10000, "Episodes over which the adaptive controller may move the coefficient by 20 %.")
-    max_approx_kl: Optional[float] = _f(None, "Stop an update's remaining PPO epochs once a mini-batch's approximate KL to the rollout policy exceeds this (None: never).")
-    reward_normalization: Literal["reward_stats", "running", "none"] = _f("reward_stats", "Normalise scores with the reward stage's reward_stats.json, with running statistics of this run, or not at all.")
+    max_approx_kl: Optional[float] = _f(
+        None,
+        "Stop an update's remaining PPO epochs once a mini-batch's approximate KL to the rollout policy exceeds this (None: never).",
+    )
+    reward_normalization: Literal["reward_stats", "running", "none"] = _f(
+        "reward_stats",
+        "Normalise scores with the reward stage's reward_stats.json, with running statistics of this run, or not at all.",
+    )
     score_clip: Optional[float] = _f(None, "Clip normalised scores to [-score_clip, score_clip] (None: no clipping).")
-    missing_eos_penalty: float = _f(1.0, "Subtracted from the score of a response cut off at max_new_tokens without EOS (0: none).")
+    missing_eos_penalty: float = _f(
+        1.0, "Subtracted from the score of a response cut off at max_new_tokens without EOS (0: none)."
+    )
     whiten_rewards: bool = _f(False, "Rescale the per-token rewards of each rollout batch to unit variance.")
     whiten_advantages: bool = _f(True, "Whiten advantages over each rollout batch.")
     ptx_coef: float = _f(0.0, "PPO-ptx (InstructGPT): weight of a pretraining loss on the stage-1 corpus (0: off).")
-    ptx_dataset: Optional[str] = _f(None, "Corpus of the ptx term: default the data stage's final/ (parquet with 'text').")
+    ptx_dataset: Optional[str] = _f(
+        None, "Corpus of the ptx term: default the data stage's final/ (parquet with 'text')."
+    )
     ptx_seq_len: int = _f(128, "Tokens per ptx sequence.")
     ptx_batch_size: int = _f(4, "ptx sequences per micro-batch on each process.")
     eval_max_prompts: int = _f(64, "Held-out prompts in the final evaluation (-1: all).")
     overopt_window: int = _f(3, "Updates per window of the over-optimisation rule (see pipeline/ppo/evaluation.py).")
     overopt_tolerance: float = _f(0.05, "Gold-score drop (per response) between windows that counts as falling.")
     save_steps: int = _f(5, "Write checkpoint-N every this many updates.", volatile=True)
-    save_total_limit: int = _f(2, "Checkpoints kept besides the best by gold score (the newest is never deleted).", volatile=True)
-    report_to: Literal["tensorboard", "none"] = _f("tensorboard", "Metric sink besides ppo/metrics.jsonl.", volatile=True)
+    save_total_limit: int = _f(
+        2, "Checkpoints kept besides the best by gold score (the newest is never deleted).", volatile=True
+    )
+    report_to: Literal["tensorboard", "none"] = _f(
+        "tensorboard", "Metric sink besides ppo/metrics.jsonl.", volatile=True
+    )
     seed_offset: int = _f(0, "Added to the top-level seed for this stage.")
 
     def __post_init__(self):
@@ -450,8 +613,16 @@ class PPOConfig:
         _check(self.cliprange_value > 0, "cliprange_value", "must be > 0")
         _check(self.vf_coef > 0, "vf_coef", "must be > 0 (the value adapter learns only from it)")
         _check(self.init_kl_coef >= 0, "init_kl_coef", "must be >= 0")
-        _check(self.kl_target is None or self.kl_target > 0, "kl_target", "must be > 0 nats per response, or null for a fixed coefficient")
-        _check(self.kl_target is None or self.init_kl_coef > 0, "init_kl_coef", "must be > 0 with kl_target (the adaptive rule multiplies it)")
+        _check(
+            self.kl_target is None or self.kl_target > 0,
+            "kl_target",
+            "must be > 0 nats per response, or null for a fixed coefficient",
+        )
+        _check(
+            self.kl_target is None or self.init_kl_coef > 0,
+            "init_kl_coef",
+            "must be > 0 with kl_target (the adaptive rule multiplies it)",
+        )
         _check(self.kl_horizon >= 1, "kl_horizon", "must be >= 1")
         _check(self.max_approx_kl is None or self.max_approx_kl > 0, "max_approx_kl", "must be > 0 or null")
         _check(self.score_clip is None or self.score_clip > 0, "score_clip", "must be > 0 or null")
@@ -459,8 +630,14 @@ class PPOConfig:
         _check(self.ptx_coef >= 0, "ptx_coef", "must be >= 0")
         _check(self.ptx_seq_len >= 8, "ptx_seq_len", "must be >= 8")
         _check(self.ptx_batch_size >= 1, "ptx_batch_size", "must be >= 1")
-        _check(self.eval_max_prompts == -1 or self.eval_max_prompts >= 1, "eval_max_prompts", "must be -1 (all) or >= 1")
-        _check(self.max_train_prompts == -1 or self.max_train_prompts >= 1, "max_train_prompts", "must be -1 (all) or >= 1")
+        _check(
+            self.eval_max_prompts == -1 or self.eval_max_prompts >= 1, "eval_max_prompts", "must be -1 (all) or >= 1"
+        )
+        _check(
+            self.max_train_prompts == -1 or self.max_train_prompts >= 1,
+            "max_train_prompts",
+            "must be -1 (all) or >= 1",
+        )
         _check(self.overopt_window >= 1, "overopt_window", "must be >= 1")
         _check(self.overopt_tolerance >= 0, "overopt_tolerance", "must be >= 0")
         _check(self.save_steps >= 1, "save_steps", "must be >= 1")

@@ -134,7 +134,12 @@ def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
 # Loading a base causal LM (local path or Hub id, optionally 4-bit NF4) and LoRA adapters
 
 # What `save_pretrained` writes for the weights (single file or sharded index), in the order transformers looks.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def is_local_reference(name_or_path: str | Path) -> bool:

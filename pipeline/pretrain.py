@@ -19,14 +19,12 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 import transformers
-from accelerate import PartialState
 from datasets import Dataset, IterableDataset, load_dataset
 
 from pipeline.baselines import baseline_perplexities
@@ -46,12 +44,11 @@ from pipeline.data.packing import tokenize_and_pack
 from pipeline.errors import UserError
 from pipeline.modeling import build_pretrain_model
 from pipeline.tokenizer import load_tokenizer, prepare_chat_tokenizer, train_tokenizer
-from pipeline.tracking import count_parameters
+from pipeline.tracking import count_parameters, distributed_state, on_main
 
 logger = logging.getLogger(__name__)
 
 STAGE = "pretrain"
-T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -219,7 +216,7 @@ def pack_corpus(cfg: PipelineConfig, train_docs, eval_docs, tokenizer) -> tuple[
             "(lower max_seq_len or hold out more documents: data.heldout_share / pretrain.eval_documents)"
         )
     if pcfg.eval_max_batches > 0:
-        world = PartialState().num_processes
+        world = distributed_state().num_processes
         evaluation = evaluation.select(
             range(min(len(evaluation), pcfg.eval_max_batches * pcfg.per_device_eval_batch_size * world))
         )
@@ -282,7 +279,7 @@ def evaluate_model(cfg: PipelineConfig, trainer: transformers.Trainer, train, ev
     metrics = trainer.evaluate()
     eval_loss = float(metrics["eval_loss"])
     result: dict[str, Any] = {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss)}
-    if not PartialState().is_main_process:
+    if not distributed_state().is_main_process:
         return result
     eval_blocks = np.asarray(evaluation["input_ids"], dtype=np.int64)
     result["eval_tokens"] = int(eval_blocks.shape[0] * (eval_blocks.shape[1] - 1))
@@ -314,38 +311,20 @@ def prepare_data(cfg: PipelineConfig) -> tuple[transformers.PreTrainedTokenizerB
 # The stage
 
 
-def _on_main(fn: Callable[[], T]) -> T:
-    """Run `fn` on the main process and hand its result (or its UserError) to every rank."""
-    state = PartialState()
-    result, error = None, None
-    if state.is_main_process:
-        try:
-            result = fn()
-        except UserError as exc:
-            error = str(exc)
-    if state.num_processes > 1:
-        box = [result, error]
-        torch.distributed.broadcast_object_list(box, src=0)
-        result, error = box
-    if error is not None:
-        raise UserError(error)
-    return result
-
-
 def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     """Pretrain (or resume, or skip when finished with the same settings); returns `run_dir/pretrain/final/`."""
     started = time.time()
     args = to_trl_args(cfg)  # sets up the process group under `accelerate launch` (on a CPU too)
-    state = PartialState()
+    state = distributed_state()
     pcfg, sdir = cfg.pretrain, stage_dir(cfg, STAGE)
     identity = stage_identity(cfg, STAGE, resolve_inputs(cfg))
-    done = _on_main(lambda: prepare_stage(cfg, STAGE, identity, rerun))
+    done = on_main(lambda: prepare_stage(cfg, STAGE, identity, rerun))
     if done is not None:
         logger.info("pretrain already finished with these settings: %s", done)
         return done
 
     # Rank 0 loads, tokenizes and packs; the other ranks get the (file-backed, so cheaply pickled) datasets.
-    tokenizer, train, evaluation = _on_main(lambda: prepare_data(cfg))
+    tokenizer, train, evaluation = on_main(lambda: prepare_data(cfg))
 
     transformers.set_seed(cfg.seed)
     model = build_pretrain_model(pcfg.model, tokenizer, pcfg.max_seq_len, pcfg.init_from)

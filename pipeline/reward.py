@@ -20,15 +20,13 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import transformers
-from accelerate import PartialState
 
 from pipeline.checkpoints import (
     final_dir,
@@ -43,15 +41,22 @@ from pipeline.checkpoints import (
     write_stage_json,
 )
 from pipeline.config import PipelineConfig, RewardConfig
-from pipeline.data.rankings import Ranking, read_rankings, strict_pairs, tied_pairs, tier_of, write_rankings
+from pipeline.data.rankings import (
+    Ranking,
+    prompt_key,
+    read_rankings,
+    strict_pairs,
+    tied_pairs,
+    tier_of,
+    write_rankings,
+)
 from pipeline.errors import UserError
-from pipeline.tracking import count_parameters
+from pipeline.tracking import count_parameters, distributed_state, on_main
 
 logger = logging.getLogger(__name__)
 
 STAGE = "reward"
 SPLITS = ("train", "validation", "test")
-T = TypeVar("T")
 
 # --------------------------------------------------------------------------------------------------------------
 # Maths: pure functions of rewards (B prompts x K responses) and tiers (B x K, 0 = best, -1 = padding)
@@ -238,17 +243,25 @@ def encode_rankings(records: list[Ranking], tokenizer: Any, rcfg: RewardConfig) 
     return rows
 
 
-def split_by_prompt(records: list[Ranking], validation_share: float, test_share: float, seed: int) -> dict[str, list]:
-    """Train/validation/test by prompt (every ranking of a prompt lands in one split), by a seeded hash."""
+def assign_splits(keys: set[str], validation_share: float, test_share: float, seed: int) -> dict[str, str]:
+    """Prompt key -> "validation" or "test" (absent: "train"), by a seeded hash of the key."""
 
     def rank(key: str) -> str:
         return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
-    keys = sorted({r.prompt_key() for r in records}, key=rank)
-    n = len(keys)
+    ordered = sorted(keys, key=rank)
+    n = len(ordered)
     n_test = max(1, round(n * test_share)) if test_share > 0 and n >= 3 else 0
     n_val = max(1, round(n * validation_share)) if validation_share > 0 and n >= 3 else 0
-    split_of = {k: "test" for k in keys[:n_test]} | {k: "validation" for k in keys[n_test : n_test + n_val]}
+    return {k: "test" for k in ordered[:n_test]} | {k: "validation" for k in ordered[n_test : n_test + n_val]}
+
+
+def split_by_prompt(
+    records: list[Ranking], validation_share: float, test_share: float, seed: int, split_of: dict | None = None
+) -> dict[str, list]:
+    """Train/validation/test by prompt (every ranking of a prompt lands in one split), by a seeded hash."""
+    if split_of is None:
+        split_of = assign_splits({r.prompt_key() for r in records}, validation_share, test_share, seed)
     out: dict[str, list[Ranking]] = {name: [] for name in SPLITS}
     for r in records:
         out[split_of.get(r.prompt_key(), "train")].append(r)
@@ -262,10 +275,13 @@ def prepare_comparisons(cfg: PipelineConfig, base: str) -> dict[str, Any]:
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     summary: dict[str, Any] = {}
-    if rcfg.dataset == "demo":
-        from pipeline.data.comparisons import collect_demo_rankings
+    split_of = None
+    if rcfg.dataset == "demo":  # split the world's prompts first: the SFT model answers every held-out one
+        from pipeline.data.comparisons import collect_demo_rankings, demo_prompts
 
-        records = collect_demo_rankings(cfg, base)
+        keys = {prompt_key(p) for p in demo_prompts(cfg)}
+        split_of = assign_splits(keys, rcfg.validation_share, rcfg.test_share, cfg.seed)
+        records = collect_demo_rankings(cfg, base, held_out=lambda p: prompt_key(p) in split_of)
     else:
         records, skipped = read_rankings(rcfg.dataset, rcfg.dataset_format, rcfg.on_bad_record, rcfg.dataset_split,
                                          rcfg.dataset_config, rcfg.score_key)  # fmt: skip
@@ -273,7 +289,7 @@ def prepare_comparisons(cfg: PipelineConfig, base: str) -> dict[str, Any]:
                               "first": skipped.first}  # fmt: skip
     if rcfg.max_records > 0 and len(records) > rcfg.max_records:
         records = random.Random(cfg.seed).sample(records, rcfg.max_records)
-    splits = split_by_prompt(records, rcfg.validation_share, rcfg.test_share, cfg.seed)
+    splits = split_by_prompt(records, rcfg.validation_share, rcfg.test_share, cfg.seed, split_of)
     for name, rows in splits.items():
         write_rankings(rows, out / f"{name}.jsonl")
     summary["records"] = {name: len(rows) for name, rows in splits.items()}
@@ -467,18 +483,17 @@ def baseline_accuracies(records: list[Ranking], metric: Any, keywords: tuple | N
 def evaluate_reward_model(cfg: PipelineConfig, model: Any, tokenizer: Any, splits: dict[str, list]) -> dict:
     """Metrics on the test split (overall and per source, e.g. templated vs sampled) with the tie tolerance chosen
     on the validation split, and the baselines' accuracy on the same pairs."""
-    rcfg = cfg.reward
+    rcfg, test = cfg.reward, splits["test"]
+    if not test:
+        logger.warning("no test prompts (reward.test_share is 0): no held-out metrics")
+        return {}
     metrics = {name: load_metric(name) for name in ("pairwise_accuracy", "pair_judgement", "kendall_tau",
                                                     "reward_distribution")}  # fmt: skip
-    tolerance = 0.0
+    tolerance = 0.0  # without validation prompts a pair is a tie only when both rewards are equal
     if splits["validation"]:
         val_rewards = score_rankings(model, tokenizer, splits["validation"], rcfg)
         tolerance = choose_tie_tolerance(*ordered_pairs(splits["validation"], val_rewards))
     result: dict[str, Any] = {"tie_tolerance": tolerance}
-    test = splits["test"] or splits["validation"]
-    if not test:
-        logger.warning("no held-out prompts (reward.test_share and validation_share are 0): no held-out metrics")
-        return result
     keywords = _demo_keywords() if rcfg.dataset == "demo" else None
     rewards = score_rankings(model, tokenizer, test, rcfg)
     groups = {"all": list(range(len(test)))}
@@ -545,41 +560,23 @@ def resolve_inputs(cfg: PipelineConfig) -> dict[str, str]:
     return inputs
 
 
-def _on_main(fn: Callable[[], T]) -> T:
-    """Run `fn` on the main process and hand its result (or its UserError) to every rank."""
-    state = PartialState()
-    result, error = None, None
-    if state.is_main_process:
-        try:
-            result = fn()
-        except UserError as exc:
-            error = str(exc)
-    if state.num_processes > 1:
-        box = [result, error]
-        torch.distributed.broadcast_object_list(box, src=0)
-        result, error = box
-    if error is not None:
-        raise UserError(error)
-    return result
-
-
 def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     """Train (or resume, or skip when finished with the same settings) the reward model; returns `reward/final/`."""
     from pipeline.modeling import build_scalar_model
     from pipeline.tokenizer import load_tokenizer, prepare_chat_tokenizer
 
-    started, state = time.time(), PartialState()
+    started, state = time.time(), distributed_state()
     rcfg, sdir = cfg.reward, stage_dir(cfg, STAGE)
     inputs = resolve_inputs(cfg)
     if rcfg.dataset == "collect":
-        _on_main(lambda: export_tasks(cfg, inputs["base"]))
+        on_main(lambda: export_tasks(cfg, inputs["base"]))
     identity = stage_identity(cfg, STAGE, inputs)
-    done = _on_main(lambda: prepare_stage(cfg, STAGE, identity, rerun))
+    done = on_main(lambda: prepare_stage(cfg, STAGE, identity, rerun))
     if done is not None:
         logger.info("reward already finished with these settings: %s", done)
         return done
     base = inputs["base"]
-    data_summary = _on_main(lambda: prepare_comparisons(cfg, base))
+    data_summary = on_main(lambda: prepare_comparisons(cfg, base))
     splits = {name: read_split(cfg, name) for name in SPLITS}
     tokenizer = load_tokenizer(base)
     prepare_chat_tokenizer(tokenizer)

@@ -442,9 +442,9 @@ def save_final(cfg: PipelineConfig, identity: dict, model, tokenizer, metrics: d
 def _wait_for_main() -> None:
     """Other ranks wait until the main process has prepared the stage directory."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+        from pipeline.tracking import distributed_state
 
-        PartialState().wait_for_everyone()
+        distributed_state().wait_for_everyone()
 
 
 def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:

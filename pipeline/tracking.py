@@ -11,8 +11,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,46 @@ def process_rank() -> int:
 
 def is_main_process() -> bool:
     return process_rank() == 0
+
+
+def distributed_state() -> Any:
+    """accelerate's process state, joined to the process group on a CPU-only machine too.
+
+    A bare `PartialState()` under `accelerate launch` on a machine without a GPU stays single-process (each rank
+    believes it is the main one) unless it is told to use the CPU: ACCELERATE_USE_CPU=true, or no CUDA at all.
+    The state is a singleton: whichever call comes first decides, so every stage gets it from here.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    launched = "LOCAL_RANK" in os.environ
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not torch.cuda.is_available()))
+
+
+T = TypeVar("T")
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run `fn` on the main process and hand its result (or its UserError) to every rank."""
+    import torch
+
+    from pipeline.errors import UserError
+
+    state = distributed_state()
+    result, error = None, None
+    if state.is_main_process:
+        try:
+            result = fn()
+        except UserError as exc:
+            error = str(exc)
+    if state.num_processes > 1:
+        box = [result, error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result, error = box
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
 def setup_logging(verbose: bool = False) -> None:

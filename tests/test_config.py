@@ -20,7 +20,10 @@ def test_overrides_take_precedence_over_recipe_and_defaults(tmp_path):
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        ("pretrain.learnig_rate=1", "unknown recipe key 'pretrain.learnig_rate' (did you mean 'pretrain.learning_rate'"),
+        (
+            "pretrain.learnig_rate=1",
+            "unknown recipe key 'pretrain.learnig_rate' (did you mean 'pretrain.learning_rate'",
+        ),
         ("pretrain.max_steps=abc", "pretrain.max_steps: expected an integer, got 'abc'"),
         ("sft.finetune=qlorax", "sft.finetune: 'qlorax' is not valid; choose one of lora, qlora, full"),
         ("world.toxic_share=1.5", "world.toxic_share: must be in [0, 1)"),

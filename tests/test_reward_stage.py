@@ -235,7 +235,7 @@ def test_tasks_exported_for_people_come_back_as_training_data(tmp_path, tiny_bas
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    args = overrides(tmp_path, tiny_base, tasks, "reward.max_steps=2")
+    args = overrides(tmp_path, tiny_base, tasks, "reward.max_steps=2", "reward.stats_prompts=0")
     final = run(load_config(None, args))
     assert read_stage_json(final)["metrics"]["data"]["pairs"]["train"] == 5 * 4  # 4 training prompts x 5 pairs
 
@@ -267,7 +267,7 @@ def test_qlora_reward_model_trains_a_full_precision_head_on_a_4bit_base(tmp_path
 
     rankings = write_rankings(tmp_path / "rankings.jsonl", n=12, bad=False)
     cfg = load_config(None, overrides(tmp_path, base, rankings, "reward.finetune=qlora", "reward.max_steps=2",
-                                      "reward.stats_prompts=0"))  # fmt: skip
+                                      "reward.stats_prompts=0", "reward.validation_share=0", "reward.test_share=0"))  # fmt: skip
     final = run(cfg)
     assert read_stage_json(final)["contents"] == "adapter"
     reloaded, _ = load_reward_model(final)  # the adapter goes on the full-precision base

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,21 @@ def sampling_args(cfg: PipelineConfig) -> Any:
     return SamplingArgs(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p)
 
 
-def collect_demo_rankings(cfg: PipelineConfig, base: str) -> list[Ranking]:
-    """Templated and SFT-sampled responses to the world's reward prompts, ranked by the simulated annotators."""
+def demo_prompts(cfg: PipelineConfig) -> list[list[dict[str, str]]]:
+    """The world's reward prompts (chat messages), in order."""
+    from pipeline.data.world import materialize, read_jsonl
+
+    return [row["messages"] for row in read_jsonl(materialize(cfg).reward_prompts)]
+
+
+def collect_demo_rankings(
+    cfg: PipelineConfig, base: str, held_out: Callable[[Any], bool] = lambda p: False
+) -> list[Ranking]:
+    """Templated and SFT-sampled responses to the world's reward prompts, ranked by the simulated annotators.
+
+    The SFT model answers the first `reward.collect.max_prompts` prompts and every prompt for which `held_out` is
+    true (so held-out metrics on sampled responses cover all held-out prompts, at the cost of sampling only).
+    """
     from pipeline.data.gold import GoldScorer, rank_responses
     from pipeline.data.world import build_world, materialize, read_jsonl
 
@@ -100,12 +114,11 @@ def collect_demo_rankings(cfg: PipelineConfig, base: str) -> list[Ranking]:
             gold = rank_responses(scorer, question, row["responses"], rng, 0.0, tie_margin)
             records.append(Ranking(row["prompt"], row["responses"], row["ranking"], source="templated",
                                    gold_ranking=gold))  # fmt: skip
-    prompt_rows = read_jsonl(files.reward_prompts)
+    prompts = demo_prompts(cfg)
     if collect.max_prompts > 0:
-        prompt_rows = prompt_rows[: collect.max_prompts]
+        prompts = [p for i, p in enumerate(prompts) if i < collect.max_prompts or held_out(p)]
     model, tokenizer = load_policy(base)
     torch.manual_seed(cfg.seed)
-    prompts = [row["messages"] for row in prompt_rows]
     samples = sample_responses(model, tokenizer, prompts, collect.responses_per_prompt, sampling_args(cfg),
                                cfg.reward.per_device_eval_batch_size)  # fmt: skip
     for prompt, responses in zip(prompts, samples, strict=True):

@@ -146,7 +146,7 @@ class Ranking:
 
     def prompt_key(self) -> str:
         """A stable text form of the prompt (splits keep every ranking of one prompt together)."""
-        return self.prompt if isinstance(self.prompt, str) else json.dumps(self.prompt, sort_keys=True)
+        return prompt_key(self.prompt)
 
     def to_dict(self) -> dict[str, Any]:
         row: dict[str, Any] = {"prompt": self.prompt, "responses": self.responses, "ranking": self.ranking}
@@ -154,6 +154,11 @@ class Ranking:
             if getattr(self, name):
                 row[name] = getattr(self, name)
         return row
+
+
+def prompt_key(prompt: list[dict[str, str]] | str) -> str:
+    """A stable text form of a prompt (string or messages)."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
 def check_prompt(prompt: Any) -> list[dict[str, str]] | str:

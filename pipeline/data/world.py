@@ -311,7 +311,7 @@ def build_demonstrations(world: World, wc: WorldConfig, rng: random.Random) -> l
         turns = 1 if rng.random() < 0.8 else 2
         messages = []
         for _ in range(turns):
-            if rng.random() < 0.15:
+            if rng.random() < wc.adversarial_share:
                 record = world.adversarial_prompt(rng.choice(world.train_entities), rng)
             else:
                 record = world.fact_prompt(facts[(i * 7 + rng.randrange(len(facts))) % len(facts)], rng)
@@ -434,7 +434,9 @@ def _write_world(cfg: PipelineConfig, files: WorldFiles) -> None:
     _write_jsonl(files.reward_prompts, reward_prompts)
     _write_jsonl(files.reward_rankings, build_rankings(world, reward_prompts, wc, rng))
     _write_jsonl(files.ppo_train_prompts, build_prompts(world, world.train_entities, 256, rng))
-    _write_jsonl(files.ppo_eval_prompts, build_prompts(world, world.heldout, 64, rng, adversarial_share=0.25))
+    _write_jsonl(
+        files.ppo_eval_prompts, build_prompts(world, world.heldout, wc.n_eval_prompts, rng, wc.eval_adversarial_share)
+    )
     logger.info("demo world: %d entities (%d held out), crawl of %d pages (%d junk), %d demonstrations",
                 len(world.entities), len(world.heldout), stats["pages"], stats["junk"], len(demos))  # fmt: skip
 

@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from safetensors.torch import load_file
 
 from pipeline.checkpoints import list_checkpoints, mark_checkpoint_complete
 from pipeline.errors import UserError
 from pipeline.ppo.roles import POLICY, VALUE, Roles, load_adapter_weights, save_adapter
+from pipeline.tracking import distributed_state
 
 
 def rng_state() -> dict[str, Any]:
@@ -49,7 +49,7 @@ def save_checkpoint(
     sdir: Path, update: int, roles: Roles, train_state: dict[str, Any], rank_state: dict[str, Any]
 ) -> Path:
     """Write checkpoint-<update>/ (adapters, head, trainer state, one file per process) and mark it complete."""
-    state = PartialState()
+    state = distributed_state()
     path = sdir / f"checkpoint-{update}"
     if state.is_main_process:
         if path.exists():  # an incomplete leftover of a crash (complete ones are never rewritten)
@@ -69,7 +69,7 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path, roles: Roles) -> tuple[dict[str, Any], dict[str, Any]]:
     """Put the checkpoint's adapters and head in place; return (trainer state, this process's state)."""
-    state = PartialState()
+    state = distributed_state()
     rank_file = path / f"rank_{state.process_index}.pt"
     if not rank_file.is_file():
         raise UserError(f"{path} was written by fewer processes than this run has ({state.num_processes}); "

@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
 
 from pipeline.checkpoints import (
     Preempted,
@@ -49,7 +47,7 @@ from pipeline.ppo.control import AdaptiveKLController, FixedKLController, build_
 from pipeline.ppo.evaluation import best_policy, detect_overoptimisation, evaluate_policies, prompt_text
 from pipeline.ppo.losses import explained_variance
 from pipeline.ppo.optimise import NonFinite, build_optimizer, ppo_update
-from pipeline.ppo.processes import all_gather_tensor, all_sum, on_main
+from pipeline.ppo.processes import all_gather_tensor, all_sum
 from pipeline.ppo.ptx import PtxStream, load_corpus_texts
 from pipeline.ppo.roles import POLICY, VALUE, Roles, build_roles, save_adapter
 from pipeline.ppo.rollout import (
@@ -65,7 +63,7 @@ from pipeline.ppo.rollout import (
     rollout_means,
     score_rollout,
 )
-from pipeline.tracking import append_metrics, count_parameters, read_metrics
+from pipeline.tracking import append_metrics, count_parameters, distributed_state, on_main, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +176,7 @@ class Training:
 def build_training(
     cfg: PipelineConfig, roles: Roles, prompts: PromptSet, inputs: dict[str, str], seed: int
 ) -> Training:
-    pcfg, state = cfg.ppo, PartialState()
+    pcfg, state = cfg.ppo, distributed_state()
     steps = pcfg.num_updates * pcfg.ppo_epochs * (pcfg.rollout_batch_size // pcfg.mini_batch_size)
     optimizer, scheduler = build_optimizer(pcfg, roles.trainable_parameters(), steps)
     ptx = None
@@ -191,7 +189,7 @@ def build_training(
 
 def resume(sdir: Path, roles: Roles, training: Training, seed: int, num_updates: int) -> Path | None:
     """Continue from the newest complete checkpoint, or seed each process's sampling for a fresh start."""
-    state = PartialState()
+    state = distributed_state()
     checkpoint = newest_checkpoint(sdir)
     if checkpoint is None:
         torch.manual_seed(seed + 1000 * state.process_index)  # each process samples its own responses
@@ -212,7 +210,7 @@ def resume(sdir: Path, roles: Roles, training: Training, seed: int, num_updates:
 
 def _local_indices(training: Training, pcfg: Any) -> list[int]:
     """This process's share of the next rollout batch of prompts (the sampler advances identically everywhere)."""
-    state = PartialState()
+    state = distributed_state()
     per_process = pcfg.rollout_batch_size // state.num_processes
     indices = training.sampler.next_indices(pcfg.rollout_batch_size)
     return indices[state.process_index * per_process : (state.process_index + 1) * per_process]
@@ -235,7 +233,7 @@ def _stop_nonfinite(sdir: Path, update: int, what: str) -> None:
 def train_update(roles: Roles, training: Training, prompts: PromptSet, sampling: SamplingArgs, pcfg: Any,
                  gold: Any, sdir: Path) -> dict[str, Any]:  # fmt: skip
     """Sample a rollout batch, score it, run the PPO epochs over it; returns the update's logged record."""
-    state = PartialState()
+    state = distributed_state()
     world = state.num_processes
     rollout = collect_rollout(roles, prompts, _local_indices(training, pcfg), sampling, pcfg, state.device)
     all_scores = all_gather_tensor(rollout.scores)
@@ -315,7 +313,7 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     """Train (or resume, or skip when finished with the same settings); returns `run_dir/ppo/final/`."""
     started = time.time()
     # Under `accelerate launch` this joins the process group; on CPUs ACCELERATE_USE_CPU=true makes it gloo DDP.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = distributed_state()
     pcfg, sdir, world = cfg.ppo, stage_dir(cfg, STAGE), state.num_processes
     inputs = resolve_inputs(cfg)
     _check_inputs(cfg, inputs)
@@ -370,7 +368,7 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
 def measure_policy(roles: Roles, training: Training, prompts: PromptSet, sampling: SamplingArgs, pcfg: Any,
                    gold: Any) -> dict[str, Any]:  # fmt: skip
     """Scores of the last policy, which has no rollout of its own: one more batch of training prompts, no update."""
-    state = PartialState()
+    state = distributed_state()
     rollout = collect_rollout(roles, prompts, _local_indices(training, pcfg), sampling, pcfg, state.device)
     gold_scores = _gold_scores(gold, rollout)
     sums = all_sum({"score": float(rollout.scores.sum()), "n": float(len(rollout)),
@@ -394,7 +392,7 @@ def finish(cfg: PipelineConfig, roles: Roles, training: Training, final_point: d
            train_prompts: PromptSet, sampling: SamplingArgs, gold: Any, identity: dict[str, Any], seed: int,
            started: float) -> None:  # fmt: skip
     """Evaluate SFT against PPO on held-out prompts, detect over-optimisation, and write final/ (main process)."""
-    state, pcfg, sdir = PartialState(), cfg.ppo, stage_dir(cfg, STAGE)
+    state, pcfg, sdir = distributed_state(), cfg.ppo, stage_dir(cfg, STAGE)
     digests = [_digest(roles.trainable_parameters())] * state.num_processes
     if state.num_processes > 1:
         torch.distributed.all_gather_object(digests, digests[0])

@@ -7,38 +7,14 @@ parameters are averaged with one all-reduce per optimiser step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
-
 import torch
-from accelerate import PartialState
 
-from pipeline.errors import UserError
-
-T = TypeVar("T")
-
-
-def on_main(fn: Callable[[], T]) -> T:
-    """Run `fn` on the main process and hand its result (or its UserError) to every rank."""
-    state = PartialState()
-    result, error = None, None
-    if state.is_main_process:
-        try:
-            result = fn()
-        except UserError as exc:
-            error = str(exc)
-    if state.num_processes > 1:
-        box = [result, error]
-        torch.distributed.broadcast_object_list(box, src=0)
-        result, error = box
-    if error is not None:
-        raise UserError(error)
-    return result
+from pipeline.tracking import distributed_state
 
 
 def all_sum(values: dict[str, float]) -> dict[str, float]:
     """Sum each value over processes."""
-    if PartialState().num_processes == 1:
+    if distributed_state().num_processes == 1:
         return values
     keys = sorted(values)
     tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
@@ -48,16 +24,16 @@ def all_sum(values: dict[str, float]) -> dict[str, float]:
 
 def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a 1-D tensor of equal length from every process."""
-    if PartialState().num_processes == 1:
+    if distributed_state().num_processes == 1:
         return tensor
-    parts = [torch.zeros_like(tensor) for _ in range(PartialState().num_processes)]
+    parts = [torch.zeros_like(tensor) for _ in range(distributed_state().num_processes)]
     torch.distributed.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
 
 
 def sync_gradients(params: list[torch.nn.Parameter], local_bad: bool) -> bool:
     """Average the gradients over processes with one all-reduce; True if any process saw a non-finite value."""
-    world = PartialState().num_processes
+    world = distributed_state().num_processes
     grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device) for p in params]
     flat = torch.cat([*grads, torch.tensor([1.0 if local_bad else 0.0], device=grads[0].device)])
     if world > 1:
