@@ -81,6 +81,11 @@ def _add_chat_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _add_report_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory, e.g. runs/demo")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
 # Commands that are not a single stage: name -> ("module:function" (default function: main), help, argument adder).
 EXTRA_COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
     "run": (
@@ -93,6 +98,11 @@ EXTRA_COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], No
         "pipeline.publish",
         "upload a finished stage's adapter and a model card to the Hub",
         _add_publish_args,
+    ),
+    "report": (
+        "pipeline.report",
+        "write RUN_DIR/report/index.html (and report.md) with every stage's plots and the final table",
+        _add_report_args,
     ),
     "chat": (
         "pipeline.chat",

@@ -503,7 +503,21 @@ def evaluate_reward_model(cfg: PipelineConfig, model: Any, tokenizer: Any, split
         records = [test[i] for i in index]
         result[group] = evaluate_split(records, [rewards[i] for i in index], tolerance, metrics)
         result[group]["baselines"] = baseline_accuracies(records, metrics["pairwise_accuracy"], keywords)
+        result[group]["rewards_by_place"] = rewards_by_place(records, [rewards[i] for i in index])
     return result
+
+
+def rewards_by_place(records: list[Ranking], rewards: list[list[float]]) -> dict[str, list[float]]:
+    """Held-out rewards grouped by the response's place in its evaluation ranking: best tier, worst tier, between
+    (the report's reward histograms)."""
+    out: dict[str, list[float]] = {"best": [], "between": [], "worst": []}
+    for record, scores in zip(records, rewards, strict=True):
+        tiers = tier_of(record.gold_tiers)
+        last = max(tiers)
+        for tier, score in zip(tiers, scores, strict=True):
+            place = "best" if tier == 0 else "worst" if tier == last else "between"
+            out[place].append(round(float(score), 4))
+    return out
 
 
 def _demo_keywords() -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -67,6 +67,18 @@ def on_main(fn: Callable[[], T]) -> T:
     return result
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the record (test runners swap it), not the one at set-up."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     if not is_main_process():
@@ -77,12 +89,19 @@ def setup_logging(verbose: bool = False) -> None:
         level=level,
         format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        stream=sys.stderr,
+        handlers=[_StderrHandler()],
         force=True,
     )
     # Libraries we drive are chatty at INFO; their warnings still show.
     for name in ("datasets", "datatrove", "httpx", "urllib3", "filelock", "fsspec", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if not verbose:  # datatrove logs every task through loguru at INFO; -v shows it
+        try:
+            from loguru import logger as loguru_logger
+
+            loguru_logger.disable("datatrove")
+        except ImportError:
+            pass
     try:
         import transformers
 
