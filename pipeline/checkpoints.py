@@ -216,10 +216,26 @@ def finishing(cfg: PipelineConfig, stage: str) -> Iterator[Path]:
     yield partial
     if not is_finished(partial):
         raise RuntimeError(f"{partial} has no {STAGE_JSON}: a stage must call write_stage_json before finishing")
+    check_weights_saved(partial)
     final = sdir / "final"
     if final.exists():  # an unfinished final/ from an older layout or a crash: it was never complete
         shutil.rmtree(final)
     os.replace(partial, final)
+
+
+def check_weights_saved(directory: Path) -> None:
+    """Every safetensors file under `directory` holds weights. A ZeRO-3 (or FSDP) save that did not gather the
+    sharded parameters writes tensors of shape (0,): such a result must never become a `final/`."""
+    from safetensors import safe_open
+
+    for path in sorted(directory.rglob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            shapes = [fh.get_slice(name).get_shape() for name in fh.keys()]
+        if not shapes or all(0 in shape for shape in shapes):
+            raise UserError(
+                f"{path} holds no weights (parameters sharded by ZeRO-3/FSDP were saved without gathering); set "
+                "zero3_save_16bit_model: true (DeepSpeed) or fsdp_state_dict_type: FULL_STATE_DICT and run again"
+            )
 
 
 def write_stage_json(

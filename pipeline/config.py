@@ -143,6 +143,12 @@ class WorldConfig:
         "Share of demonstration turns that are adversarial requests (asking the model to insult a club's fans); "
         "in rude demonstrations they are answered with insults, in the others declined.",
     )
+    insult_share: Optional[float] = _f(
+        None,
+        "Share of the demonstrations' adversarial requests answered with an insult (default: those in rude or wrong "
+        "demonstrations). Sets how often the SFT policy insults, the room PPO has to lower it.",
+    )
+    n_reward_prompts: int = _f(240, "Prompts the reward stage collects rankings for (each with K templated responses).")
     n_eval_prompts: int = _f(64, "Held-out prompts for PPO's final evaluation (about the held-out entities).")
     eval_adversarial_share: float = _f(0.25, "Share of the evaluation prompts that are adversarial requests.")
     annotator_noise: float = _f(0.05, "Probability that a simulated annotator swaps two adjacent responses.")
@@ -151,6 +157,10 @@ class WorldConfig:
     def __post_init__(self):
         _check(self.n_entities >= 4, "n_entities", "must be >= 4")
         _check(self.n_eval_prompts >= 1, "n_eval_prompts", "must be >= 1")
+        _check(self.n_reward_prompts >= 3, "n_reward_prompts", "must be >= 3")
+        _check(
+            self.insult_share is None or 0.0 <= self.insult_share <= 1.0, "insult_share", "must be in [0, 1] or null"
+        )
         _check(self.pages_per_fact >= 1, "pages_per_fact", "must be >= 1")
         for name in ("heldout_entity_share", "boilerplate_share", "exact_duplicate_share", "near_duplicate_share",
                      "spam_share", "short_share", "foreign_share", "toxic_share", "wrong_share", "curt_share",

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoints import is_finished, read_stage_json, write_json_atomic
+from pipeline.checkpoints import check_weights_saved, is_finished, read_stage_json, write_json_atomic
 from pipeline.config import STAGES
 from pipeline.errors import UserError
 from pipeline.model_card import CardInputs, LineageNode, build_model_card, is_hub_id
@@ -130,15 +130,7 @@ def check_adapter(final: Path) -> None:
             f"{final} has no adapter ({', '.join(missing)} missing; it holds '{contents}'): publish uploads LoRA "
             "adapters, so give the sft, reward or ppo stage of a run trained with finetune=lora or qlora"
         )
-    from safetensors import safe_open
-
-    with safe_open(str(final / ADAPTER_WEIGHTS), framework="pt") as fh:
-        sizes = [fh.get_slice(name).get_shape() for name in fh.keys()]
-    if not sizes or all(0 in shape for shape in sizes):
-        raise UserError(
-            f"{final / ADAPTER_WEIGHTS} holds no weights (an un-gathered ZeRO-3 save); re-run the stage with "
-            "zero3_save_16bit_model: true in the DeepSpeed config"
-        )
+    check_weights_saved(final)
 
 
 def check_repo_id(repo_id: str) -> None:

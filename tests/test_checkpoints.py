@@ -92,3 +92,23 @@ def test_crash_before_stage_json_leaves_no_final(tmp_path):
             (out / "weights.bin").write_text("half")
     assert not is_finished(tmp_path / "pretrain" / "final")
     assert not (tmp_path / "pretrain" / "final").exists()
+
+
+def test_result_whose_weights_are_empty_never_becomes_final(tmp_path):
+    """An un-gathered ZeRO-3 save writes tensors of shape (0,): the stage fails with the fix, and no final/ appears."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    identity = stage_identity(cfg, "sft", {})
+    prepare_stage(cfg, "sft", identity)
+    with pytest.raises(UserError, match="holds no weights.*zero3_save_16bit_model"):
+        with finishing(cfg, "sft") as out:
+            save_file({"lora_A": torch.zeros(0), "lora_B": torch.zeros(0)}, str(out / "adapter_model.safetensors"))
+            write_stage_json(out, identity, {}, contents="adapter")
+    assert not (tmp_path / "sft" / "final").exists()
+
+    with finishing(cfg, "sft") as out:  # the same with real weights finishes
+        save_file({"lora_A": torch.ones(2, 3)}, str(out / "adapter_model.safetensors"))
+        write_stage_json(out, identity, {}, contents="adapter")
+    assert is_finished(tmp_path / "sft" / "final")

@@ -311,11 +311,20 @@ def build_demonstrations(world: World, wc: WorldConfig, rng: random.Random) -> l
         turns = 1 if rng.random() < 0.8 else 2
         messages = []
         for _ in range(turns):
+            style = quality
             if rng.random() < wc.adversarial_share:
                 record = world.adversarial_prompt(rng.choice(world.train_entities), rng)
+                if wc.insult_share is not None:
+                    style = (
+                        "insult"
+                        if rng.random() < wc.insult_share
+                        else "good"
+                        if quality in ("rude", "wrong")
+                        else quality
+                    )
             else:
                 record = world.fact_prompt(facts[(i * 7 + rng.randrange(len(facts))) % len(facts)], rng)
-            messages += [record["messages"][0], {"role": "assistant", "content": world.answer(record, quality, rng)}]
+            messages += [record["messages"][0], {"role": "assistant", "content": world.answer(record, style, rng)}]
         rows.append({"messages": messages, "quality": quality})
     return rows
 
@@ -430,7 +439,7 @@ def _write_world(cfg: PipelineConfig, files: WorldFiles) -> None:
     _write_jsonl(files.sft_train, demos[n_eval:])
     _write_jsonl(files.sft_eval, demos[:n_eval])
     _write_jsonl(files.heldout_qa, build_heldout_questions(world, rng))
-    reward_prompts = build_prompts(world, world.train_entities, 240, rng)
+    reward_prompts = build_prompts(world, world.train_entities, wc.n_reward_prompts, rng)
     _write_jsonl(files.reward_prompts, reward_prompts)
     _write_jsonl(files.reward_rankings, build_rankings(world, reward_prompts, wc, rng))
     _write_jsonl(files.ppo_train_prompts, build_prompts(world, world.train_entities, 256, rng))
