@@ -99,6 +99,37 @@ class TrainArgs:
     report_to: Literal["tensorboard", "wandb", "none"] = _f("tensorboard", "Metric sink.", volatile=True)
     dataloader_num_workers: int = _f(0, "Data-loading worker processes.", volatile=True)
 
+    def trainer_kwargs(self, output_dir: str, seed: int) -> dict[str, Any]:
+        """The transformers.TrainingArguments keywords these settings map to (shared by every Trainer-based stage).
+
+        Checkpoint retention is ours (`checkpoints.trainer_checkpoint_callback`): the Trainer's own limit would delete
+        an old checkpoint before the new one is complete.
+        """
+        return dict(
+            output_dir=output_dir,
+            seed=seed,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_ratio,  # a float in [0, 1) is a share of the steps in transformers 5
+            lr_scheduler_type=self.lr_scheduler_type,
+            per_device_train_batch_size=self.per_device_train_batch_size,
+            per_device_eval_batch_size=self.per_device_eval_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            num_train_epochs=self.num_train_epochs,
+            max_steps=self.max_steps,
+            max_grad_norm=self.max_grad_norm,
+            activation_checkpointing=self.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
+            save_strategy="steps",
+            save_steps=self.save_steps,
+            save_total_limit=None,
+            logging_steps=self.logging_steps,
+            eval_strategy="steps" if self.eval_steps > 0 else "no",
+            eval_steps=self.eval_steps if self.eval_steps > 0 else None,
+            report_to=[] if self.report_to == "none" else [self.report_to],
+            dataloader_num_workers=self.dataloader_num_workers,
+            ddp_find_unused_parameters=False,
+        )
+
     def __post_init__(self):
         _check(self.learning_rate > 0, "learning_rate", "must be > 0")
         _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
@@ -148,7 +179,9 @@ class WorldConfig:
         "Share of the demonstrations' adversarial requests answered with an insult (default: those in rude or wrong "
         "demonstrations). Sets how often the SFT policy insults, the room PPO has to lower it.",
     )
-    n_reward_prompts: int = _f(240, "Prompts the reward stage collects rankings for (each with K templated responses).")
+    n_reward_prompts: int = _f(
+        240, "Prompts the reward stage collects rankings for (each with K templated responses)."
+    )
     n_eval_prompts: int = _f(64, "Held-out prompts for PPO's final evaluation (about the held-out entities).")
     eval_adversarial_share: float = _f(0.25, "Share of the evaluation prompts that are adversarial requests.")
     annotator_noise: float = _f(0.05, "Probability that a simulated annotator swaps two adjacent responses.")

@@ -225,31 +225,9 @@ def pack_corpus(cfg: PipelineConfig, train_docs, eval_docs, tokenizer) -> tuple[
 
 def to_trl_args(cfg: PipelineConfig) -> transformers.TrainingArguments:
     """The transformers TrainingArguments for this stage (retention is ours: `trainer_checkpoint_callback`)."""
-    pcfg = cfg.pretrain
     return transformers.TrainingArguments(
-        output_dir=str(stage_dir(cfg, STAGE)),
-        seed=cfg.seed,
-        learning_rate=pcfg.learning_rate,
-        weight_decay=pcfg.weight_decay,
-        warmup_steps=pcfg.warmup_ratio,  # a float in [0, 1) is a share of the steps
-        lr_scheduler_type=pcfg.lr_scheduler_type,
-        per_device_train_batch_size=pcfg.per_device_train_batch_size,
-        per_device_eval_batch_size=pcfg.per_device_eval_batch_size,
-        gradient_accumulation_steps=pcfg.gradient_accumulation_steps,
-        num_train_epochs=pcfg.num_train_epochs,
-        max_steps=pcfg.max_steps,
-        max_grad_norm=pcfg.max_grad_norm,
-        activation_checkpointing=pcfg.gradient_checkpointing,
-        save_strategy="steps",
-        save_steps=pcfg.save_steps,
-        save_total_limit=None,  # the Trainer would delete before the new checkpoint is marked complete
-        logging_steps=pcfg.logging_steps,
-        eval_strategy="steps" if pcfg.eval_steps > 0 else "no",
-        eval_steps=pcfg.eval_steps if pcfg.eval_steps > 0 else None,
-        report_to=[] if pcfg.report_to == "none" else [pcfg.report_to],
-        dataloader_num_workers=pcfg.dataloader_num_workers,
+        **cfg.pretrain.trainer_kwargs(str(stage_dir(cfg, STAGE)), cfg.seed),
         dataloader_pin_memory=torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,
         remove_unused_columns=False,
     )
 

@@ -354,33 +354,11 @@ class RankingTrainer(transformers.Trainer):
 
 def to_training_args(cfg: PipelineConfig) -> transformers.TrainingArguments:
     """The transformers TrainingArguments of this stage (checkpoint retention is ours: see checkpoints.py)."""
-    rcfg = cfg.reward
     return transformers.TrainingArguments(
-        output_dir=str(stage_dir(cfg, STAGE)),
-        seed=cfg.seed,
-        learning_rate=rcfg.learning_rate,
-        weight_decay=rcfg.weight_decay,
-        warmup_steps=rcfg.warmup_ratio,  # a float in [0, 1) is a share of the steps
-        lr_scheduler_type=rcfg.lr_scheduler_type,
-        per_device_train_batch_size=rcfg.per_device_train_batch_size,
-        per_device_eval_batch_size=rcfg.per_device_eval_batch_size,
-        gradient_accumulation_steps=rcfg.gradient_accumulation_steps,
-        num_train_epochs=rcfg.num_train_epochs,
-        max_steps=rcfg.max_steps,
-        max_grad_norm=rcfg.max_grad_norm,
-        activation_checkpointing=rcfg.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
-        save_strategy="steps",
-        save_steps=rcfg.save_steps,
-        save_total_limit=None,  # the Trainer would delete before the new checkpoint is marked complete
-        logging_steps=rcfg.logging_steps,
-        eval_strategy="steps" if rcfg.eval_steps > 0 else "no",
-        eval_steps=rcfg.eval_steps if rcfg.eval_steps > 0 else None,
+        **cfg.reward.trainer_kwargs(str(stage_dir(cfg, STAGE)), cfg.seed),
         prediction_loss_only=True,
         label_names=[],
-        report_to=[] if rcfg.report_to == "none" else [rcfg.report_to],
-        dataloader_num_workers=rcfg.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,
         remove_unused_columns=False,  # our columns (K sequences per row, tiers, margin) are not forward() arguments
         train_sampling_strategy="group_by_length",  # shuffled, then sorted by length within mega-batches
         length_column_name="length",

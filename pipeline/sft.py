@@ -233,36 +233,17 @@ def assistant_token_ids(tokenizer: PreTrainedTokenizerBase, train: Dataset) -> s
 def to_trl_args(cfg: PipelineConfig, has_eval: bool) -> trl.SFTConfig:
     """Our `SFTConfig` as trl's; checkpoints go to `run_dir/sft/checkpoint-N/`, pruned by us (never the newest)."""
     sft = cfg.sft
-    evaluate_during = has_eval and sft.eval_steps > 0
+    common = sft.trainer_kwargs(str(stage_dir(cfg, STAGE)), cfg.seed)
+    if not has_eval:
+        common.update(eval_strategy="no", eval_steps=None)
     return trl.SFTConfig(
-        output_dir=str(stage_dir(cfg, STAGE)),
-        seed=cfg.seed,
+        **common,
         data_seed=cfg.seed,
-        learning_rate=sft.learning_rate,
-        weight_decay=sft.weight_decay,
-        warmup_steps=sft.warmup_ratio,  # a float below 1 is a share of the steps in transformers 5
-        lr_scheduler_type=sft.lr_scheduler_type,
-        per_device_train_batch_size=sft.per_device_train_batch_size,
-        per_device_eval_batch_size=sft.per_device_eval_batch_size,
-        gradient_accumulation_steps=sft.gradient_accumulation_steps,
-        num_train_epochs=sft.num_train_epochs,
-        max_steps=sft.max_steps,
-        max_grad_norm=sft.max_grad_norm,
-        activation_checkpointing=sft.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
         bf16=default_dtype() == torch.bfloat16,
-        save_strategy="steps",
-        save_steps=sft.save_steps,
-        save_total_limit=None,  # the checkpoint callback prunes only after the newest checkpoint is complete
-        logging_steps=sft.logging_steps,
-        eval_strategy="steps" if evaluate_during else "no",
-        eval_steps=sft.eval_steps if evaluate_during else None,
-        report_to=[] if sft.report_to == "none" else [sft.report_to],
-        dataloader_num_workers=sft.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         max_length=sft.max_seq_len,
         packing=sft.packing,
         assistant_only_loss=sft.assistant_only_loss,
-        ddp_find_unused_parameters=False,
         disable_tqdm=True,
     )
 
