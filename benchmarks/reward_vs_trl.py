@@ -11,13 +11,18 @@ epochs with the same optimiser, schedule and learning rate, on the same token se
 With P strict pairs per prompt, trl encodes 2P sequences where we encode K, so at equal sequences per second the
 ideal speed-up in comparisons per second is 2P/K: 3x for tie-free K=4 (P=6) and 2.5x for C > B > A = D (P=5).
 Each step of both trainers holds the same number of sequences (ours `--prompts-per-step` x K, trl's half as many
-pairs). Held-out accuracy is measured on the same held-out strict pairs with the same scoring function.
+pairs). trl runs without its default activation checkpointing and bf16, as ours does here. Throughput is timed
+from the end of the first optimiser step to the end of the last (start-up and warm-up left out); each trainer runs
+`--rounds` times, alternating, and the best round counts. Held-out accuracy is measured on the same held-out strict
+pairs with the same scoring function.
 
 The data are synthetic rankings with a learnable rule: each response carries q "good" and 3 - q "bad" words among
-fillers; a higher q ranks higher, equal q ties. It prints figures; it is not a test. Timings are noisy on a shared
-machine: run it on a quiet one.
+fillers; a higher q ranks higher, equal q ties. Both tie-free (K=4) and tied (C > B > A = D) rankings are run. The
+rule is easy: at the default size both reach 1.000 held-out; a small run (--prompts 32 --epochs 1) compares
+accuracy below the ceiling. It prints figures; it is not a test. Timings are noisy on a shared machine: pin it to
+one core and check the "cpu busy" column (below 100% per thread, other work took the core).
 
-    .venv/bin/python benchmarks/reward_vs_trl.py --prompts 192 --epochs 2
+    OMP_NUM_THREADS=1 taskset -c 0 .venv/bin/python benchmarks/reward_vs_trl.py --prompts 192 --epochs 2
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import random
 import tempfile
 import time
@@ -87,6 +91,18 @@ def training_args(
     )  # fmt: skip
 
 
+class StepClock(transformers.TrainerCallback):
+    """Wall and process CPU time at the end of every optimiser step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.cpu: list[float] = []
+
+    def on_step_end(self, *_, **__):
+        self.times.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+
 def held_out_accuracy(model, records, sequences, pad_id) -> float:
     scores = score_sequences(model, [s for row in sequences for s in row], pad_id, batch_size=64).tolist()
     right = total = start = 0
@@ -109,44 +125,64 @@ def run_pattern(name: str, levels: list[int], args, tokenizer, model0) -> dict:
     train_ids, test_ids = encode(train), encode(test)
     pairs_per_prompt = len(strict_pairs(parse_ranking(train[0].ranking, len(levels))))
     k = len(levels)
-    comparisons = args.prompts * pairs_per_prompt * args.epochs
 
     ours_rows = [{"input_ids": ids, "tiers": tier_of(parse_ranking(r.ranking, k)), "margin": 0.0}
                  for r, ids in zip(train, train_ids, strict=True)]  # fmt: skip
     pair_rows = [{"chosen_ids": ids[i], "rejected_ids": ids[j]}
                  for r, ids in zip(train, train_ids, strict=True)
                  for i, j in strict_pairs(parse_ranking(r.ranking, k))]  # fmt: skip
-    results = {}
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for system in args.order:
+        for system in args.order * args.rounds:
             model = copy.deepcopy(model0)
+            epochs = args.ours_epochs if system == "ours" and args.ours_epochs else args.epochs
+            comparisons = args.prompts * pairs_per_prompt * epochs
             if system == "ours":
                 trainer = RankingTrainer(
                     model=model, train_dataset=Dataset.from_list(ours_rows), processing_class=tokenizer,
-                    args=training_args(tmp, args.lr, args.prompts_per_step, args.epochs, args.seed),
+                    args=training_args(tmp, args.lr, args.prompts_per_step, epochs, args.seed),
                     data_collator=RankingCollator(tokenizer.pad_token_id),
                 )  # fmt: skip
-                sequences = args.prompts * k * args.epochs
+                sequences = args.prompts * k * epochs
             else:
                 import trl
 
                 batch = args.prompts_per_step * k // 2  # same sequences per step: 2 per pair
                 trainer = trl.RewardTrainer(
                     model=model, train_dataset=Dataset.from_list(pair_rows), processing_class=tokenizer,
-                    args=training_args(tmp, args.lr, batch, args.epochs, args.seed, cls=trl.RewardConfig,
-                                       max_length=None, bf16=False),
+                    # trl.RewardConfig defaults to activation checkpointing and bf16; ours runs neither here
+                    args=training_args(tmp, args.lr, batch, epochs, args.seed, cls=trl.RewardConfig,
+                                       max_length=None, bf16=False, activation_checkpointing=False),
                 )  # fmt: skip
-                sequences = 2 * len(pair_rows) * args.epochs
-            started = time.perf_counter()
+                sequences = 2 * len(pair_rows) * epochs
+            clock = StepClock()
+            trainer.add_callback(clock)
             trainer.train()
-            seconds = time.perf_counter() - started
-            accuracy = held_out_accuracy(trainer.model, test, test_ids, tokenizer.pad_token_id)
-            results[system] = {"seconds": seconds, "comparisons_per_s": comparisons / seconds,
-                               "sequences_per_s": sequences / seconds, "steps": trainer.state.global_step,
-                               "accuracy": accuracy}  # fmt: skip
+            # Steady state: from the end of the first step (start-up and warm-up left out) to the end of the last,
+            # scaled back to all steps' work. CPU seconds of this process measure the same work undisturbed by other
+            # processes time-sharing the core (with one thread).
+            steps = trainer.state.global_step
+            scale = steps / (steps - 1)
+            seconds = (clock.times[-1] - clock.times[0]) * scale
+            cpu_seconds = (clock.cpu[-1] - clock.cpu[0]) * scale
+            row = {"comparisons_per_s": comparisons / seconds, "sequences_per_s": sequences / seconds,
+                   "comparisons_per_cpu_s": comparisons / cpu_seconds, "steps": steps,
+                   "cpu_share": cpu_seconds / seconds}  # fmt: skip
+            print(f"  {name} {system}: {row['comparisons_per_s']:.1f} comparisons/s, "
+                  f"{row['comparisons_per_cpu_s']:.1f} per CPU second, cpu busy {row['cpu_share']:.0%}", flush=True)  # fmt: skip
+            if system not in results:  # training is seeded: the accuracy of a repeat is the same
+                row["accuracy"] = held_out_accuracy(trainer.model, test, test_ids, tokenizer.pad_token_id)
+                results[system] = row
+            else:  # best of the rounds (the least disturbed), wall and CPU time each
+                best = results[system]
+                if row["comparisons_per_s"] > best["comparisons_per_s"]:
+                    best.update({k: row[k] for k in ("comparisons_per_s", "sequences_per_s", "cpu_share")})
+                best["comparisons_per_cpu_s"] = max(best["comparisons_per_cpu_s"], row["comparisons_per_cpu_s"])
     speedup = results["ours"]["comparisons_per_s"] / results["trl"]["comparisons_per_s"]
+    speedup_cpu = results["ours"]["comparisons_per_cpu_s"] / results["trl"]["comparisons_per_cpu_s"]
     ideal = 2 * pairs_per_prompt / k
-    return {"pattern": name, "K": k, "P": pairs_per_prompt, "ideal": ideal, "speedup": speedup, **results}
+    return {"pattern": name, "K": k, "P": pairs_per_prompt, "ideal": ideal, "speedup": speedup,
+            "speedup_cpu": speedup_cpu, **results}  # fmt: skip
 
 
 def main() -> None:
@@ -160,11 +196,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's, i.e. OMP_NUM_THREADS)")
     parser.add_argument("--order", nargs=2, default=["ours", "trl"], help="which trainer runs first")
+    parser.add_argument(
+        "--ours-epochs", type=float, help="epochs for ours only (default --epochs); e.g. 3x trl's for equal steps"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="train each this many times, alternating; best of")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("trl").setLevel(logging.ERROR)
     load_config(None)  # the project's config machinery imports cleanly (same environment as the stage)
@@ -174,17 +216,26 @@ def main() -> None:
     model0 = build_model(tokenizer, args.seed, args.hidden, args.layers)
     params = sum(p.numel() for p in model0.parameters())
     print(f"model: Llama hidden {args.hidden}, {args.layers} layers, {params / 1e6:.2f}M parameters, full fine-tuning; "
-          f"{args.prompts} training prompts, {args.epochs:g} epochs, {args.threads} threads, torch {torch.__version__}")  # fmt: skip
+          f"{args.prompts} training prompts, {args.epochs:g} epochs (ours {args.ours_epochs or args.epochs:g}), "
+          f"{args.threads} threads, torch {torch.__version__}")  # fmt: skip
     rows = [run_pattern(name, levels, args, tokenizer, model0) for name, levels in PATTERNS.items()]
     print()
     print(f"{'ranking':<15} {'K':>2} {'P':>2} | {'ours cmp/s':>10} {'trl cmp/s':>10} {'speed-up':>8} {'ideal':>6} "
-          f"{'of ideal':>8} | {'ours seq/s':>10} {'trl seq/s':>10} | {'ours acc':>8} {'trl acc':>8} | steps")  # fmt: skip
+          f"{'of ideal':>8} {'goal':>5} | {'of ideal, CPU s':>15} | {'ours seq/s':>10} {'trl seq/s':>10} | "
+          f"{'ours acc':>8} {'trl acc':>8} | {'steps':>10} | cpu busy")  # fmt: skip
     for r in rows:
         o, t = r["ours"], r["trl"]
         print(f"{r['pattern']:<15} {r['K']:>2} {r['P']:>2} | {o['comparisons_per_s']:>10.1f} "
-              f"{t['comparisons_per_s']:>10.1f} {r['speedup']:>7.2f}x {r['ideal']:>5.1f}x {r['speedup'] / r['ideal']:>8.2f} | "
-              f"{o['sequences_per_s']:>10.1f} {t['sequences_per_s']:>10.1f} | {o['accuracy']:>8.3f} {t['accuracy']:>8.3f} | "
-              f"{o['steps']} vs {t['steps']}")  # fmt: skip
+              f"{t['comparisons_per_s']:>10.1f} {r['speedup']:>7.2f}x {r['ideal']:>5.1f}x {r['speedup'] / r['ideal']:>8.2f} "
+              f"{'>=0.9':>5} | {r['speedup_cpu'] / r['ideal']:>15.2f} | {o['sequences_per_s']:>10.1f} "
+              f"{t['sequences_per_s']:>10.1f} | {o['accuracy']:>8.3f} {t['accuracy']:>8.3f} | "
+              f"{str(o['steps']) + ' vs ' + str(t['steps']):>10} | {o['cpu_share']:.0%} / {t['cpu_share']:.0%}")  # fmt: skip
+    print("goal: speed-up >= 0.9 of the ideal 2P/K in comparisons/s, held-out accuracy >= trl's. Best of the rounds.")
+    print(
+        "'of ideal, CPU s': the same ratio from comparisons per CPU second of the process (robust to other processes"
+    )
+    print("time-sharing the core). cpu busy: CPU time over wall time of the best runs (ours / trl); below 100% per")
+    print("thread, other work shared the core and the wall-clock figures are disturbed.")
 
 
 if __name__ == "__main__":
