@@ -5,10 +5,11 @@ in the project's environment; trl runs benchmarks/ppo_trl_side.py in its own vir
 (benchmarks/.venv-trl112: trl 1.12.0 beside the project's torch, transformers, peft and accelerate versions,
 installed from PyPI on the first run and reused afterwards). Two phases:
 
-- speed: a randomly initialised Llama of >= 50M parameters (default: the 125m preset's shape with 8 layers,
-  ~58M with the demo tokenizer), so that weights dominate memory; a LoRA reward adapter on it (random score head).
-  Measured: episodes per second over the updates after the first (warm-up excluded on both sides; from our
-  metrics.jsonl timestamps and a trl TrainerCallback) and the peak RSS of each process (os.wait4, whole process).
+- speed: a randomly initialised Llama of >= 50M parameters (default: the 125m preset, 12 layers, ~86M parameters
+  with the demo tokenizer); a LoRA reward adapter on it (random score head), fixed KL coefficient on both sides.
+  Measured: episodes per second over the updates after the first (warm-up excluded on both sides; taken when our
+  update's record is logged and at trl's on_step_end), the same per CPU-second of the process (steadier on a shared
+  machine), and the peak RSS of each process (os.wait4, whole process, imports included).
 - gold: the demo run's own models (sft/final/merged, reward/final) and its PPO settings (the run's config.yaml);
   both trained policies are then evaluated by our stage's evaluation code (pipeline/ppo/evaluation.py) on the
   world's held-out PPO prompts, each sampled --eval-samples times with the same random stream: gold score gained over
@@ -22,8 +23,12 @@ printed settings: it has only a fixed KL coefficient (ours adapts it towards ppo
 --trl-kl-coef, by default our initial coefficient), no gradient clipping, and the value model is a full copy of the
 reward model trained in full (as in trl's example), where ours is a LoRA adapter on the shared base.
 
-    .venv/bin/python benchmarks/ppo_vs_trl.py --run-dir runs/demo          # after: rlhf run recipes/demo.yaml --until reward
-    .venv/bin/python benchmarks/ppo_vs_trl.py --run-dir runs/demo --phases speed --layers 12   # the 125m preset
+    .venv/bin/rlhf run recipes/demo.yaml --until reward          # the gold phase's models, prompts and settings
+    OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/ppo_vs_trl.py --run-dir runs/demo
+    .venv/bin/python benchmarks/ppo_vs_trl.py --run-dir runs/demo --phases speed --layers 8   # ~58M, quicker
+
+The run dir may be a copy of a run (its reward adapter is then re-pointed at the copy's SFT model). Recorded
+figures: benchmarks/results/ppo_vs_trl.md.
 
 It prints figures (and writes them to --out, default WORK_DIR/results.json); it is not a test. Timings are noisy on
 a shared machine: run it on a quiet one.
@@ -385,17 +390,19 @@ def evaluate_child(spec_path: Path) -> None:
     Path(spec["out"]).write_text(json.dumps(reports, indent=1))
 
 
-def evaluate(phase: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def evaluate(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """Every trained policy (each side, each seed) against the SFT policy: {"ours": [report per seed], "trl": [...]}."""
     work = args.work_dir / "gold"
-    spec = {"recipe": phase["ours"]["recipe"], "threads": args.threads, "samples": args.eval_samples,
-            "seed": args.seed, "out": str(work / "eval.json"),
-            "adapters": {"ours": phase["ours"]["adapter"], "trl": phase["trl"]["adapter"]}}  # fmt: skip
+    adapters = {f"{side}/{k}": run[side]["adapter"] for k, run in enumerate(runs) for side in ("ours", "trl")}
+    spec = {"recipe": runs[0]["ours"]["recipe"], "threads": args.threads, "samples": args.eval_samples,
+            "seed": args.seed, "out": str(work / "eval.json"), "adapters": adapters}  # fmt: skip
     path = work / "eval_spec.json"
     path.write_text(json.dumps(spec, indent=1))
-    print("[gold] evaluating both policies on the held-out prompts", flush=True)
+    print(f"[gold] evaluating {len(adapters)} trained policies on the held-out prompts", flush=True)
     run_process([sys.executable, str(Path(__file__).resolve()), "--evaluate", str(path)], work / "eval.log",
                 args.threads)  # fmt: skip
-    return json.loads((work / "eval.json").read_text())
+    reports = json.loads((work / "eval.json").read_text())
+    return {side: [reports[f"{side}/{k}"] for k in range(len(runs))] for side in ("ours", "trl")}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -467,36 +474,49 @@ def print_speed(phase: dict[str, Any], label: str) -> dict[str, Any]:
     return ratios
 
 
-def print_gold(reports: dict[str, Any], phase: dict[str, Any]) -> dict[str, Any]:
-    o, t = reports["ours"], reports["trl"]
-    gain = {side: r["ppo_gold_score"] - r["sft_gold_score"] for side, r in reports.items()}
-    target = phase["ours_kl_target"]
-    rows = [("gold score, SFT policy", o["sft_gold_score"], t["sft_gold_score"]),
-            ("gold score, PPO policy", o["ppo_gold_score"], t["ppo_gold_score"]),
-            ("gold gain over SFT", gain["ours"], gain["trl"]),
-            ("KL to reference (nats/response)", o["kl_to_reference"], t["kl_to_reference"]),
-            (f"KL within target {target}", None if target is None else o["kl_to_reference"] <= target,
-             None if target is None else t["kl_to_reference"] <= target),
-            ("gold win rate vs SFT", o["gold_win_rate"], t["gold_win_rate"]),
-            ("reward-model score, PPO policy", o["ppo_rm_score"], t["ppo_rm_score"]),
-            ("insult rate, adversarial prompts", o["ppo_insult_rate"], t["ppo_insult_rate"]),
-            ("EOS rate, PPO policy", o["ppo_eos_rate"], t["ppo_eos_rate"])]  # fmt: skip
-    print(f"\n{'held-out evaluation (' + str(o['eval_prompts']) + ' episodes)':<34} {'ours':>10} {'trl 1.12':>10}")
-    for label, a, b in rows:
-        print(f"{label:<34} {_fmt(a):>10} {_fmt(b):>10}")
-    # The SFT responses are the same on both sides (same seed), so the gains differ by the PPO policies' gold means.
-    diff_sem = (_sem(o["ppo_gold_per_episode"]) ** 2 + _sem(t["ppo_gold_per_episode"]) ** 2) ** 0.5
-    print(
-        f"  standard errors (evaluation sampling only, one training run per side): gain ours "
-        f"{o['gold_gain_sem']:.3f}, trl {t['gold_gain_sem']:.3f}; SFT insult rate {_fmt(o['sft_insult_rate'])}"
-    )
-    print(f"  gold gain ours - trl = {gain['ours'] - gain['trl']:+.3f} +- {diff_sem:.3f} "
-          "(goal >= 0, with both KLs within the target)")  # fmt: skip
-    return {
-        "gold_gain": gain,
-        "gold_gain_difference": gain["ours"] - gain["trl"],
-        "gold_gain_difference_sem": diff_sem,
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of the values that are not None (None if there are none)."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def print_gold(evaluation: dict[str, list[dict[str, Any]]], phase: dict[str, Any]) -> dict[str, Any]:
+    """Per seed and averaged over seeds: gold gain over the SFT policy, KL to the reference, and the rest."""
+    o, t = evaluation["ours"], evaluation["trl"]
+    seeds, target = len(o), phase["ours_kl_target"]
+    gains = {
+        side: [r["ppo_gold_score"] - r["sft_gold_score"] for r in reports] for side, reports in evaluation.items()
     }
+    print(f"\n{'held-out evaluation, ' + str(o[0]['eval_prompts']) + ' episodes':<40} {'ours':>10} {'trl 1.12':>10}")
+    for k in range(seeds):
+        print(f"{'seed ' + str(k) + ': gold gain over SFT':<40} {gains['ours'][k]:>+10.3f} {gains['trl'][k]:>+10.3f}")
+        print(f"{'seed ' + str(k) + ': KL to reference':<40} {o[k]['kl_to_reference']:>10.3f} "
+              f"{t[k]['kl_to_reference']:>10.3f}")  # fmt: skip
+    rows = [("gold score, SFT policy", "sft_gold_score"), ("gold score, PPO policy", "ppo_gold_score"),
+            ("KL to reference (nats/response)", "kl_to_reference"), ("gold win rate vs SFT", "gold_win_rate"),
+            ("reward-model score, PPO policy", "ppo_rm_score"), ("insult rate, adversarial prompts", "ppo_insult_rate"),
+            ("EOS rate, PPO policy", "ppo_eos_rate")]  # fmt: skip
+    print(f"mean over {seeds} seed{'s' if seeds > 1 else ''}:")
+    for name, key in rows:
+        ours, trl = _mean([r[key] for r in o]), _mean([r[key] for r in t])
+        print(f"{'  ' + name:<40} {_fmt(ours):>10} {_fmt(trl):>10}")
+    mean_gain = {side: _mean(values) for side, values in gains.items()}
+    if seeds > 1:  # training and evaluation noise together: the spread of the gains over seeds
+        sem = {side: _sem(values) for side, values in gains.items()}
+        what = f"over {seeds} training seeds"
+    else:  # evaluation sampling only; the SFT responses are shared, so the gains differ by the PPO policies' means
+        sem = {side: _sem(reports[0]["ppo_gold_per_episode"]) for side, reports in evaluation.items()}
+        what = "evaluation sampling only, one training run per side"
+    diff_sem = (sem["ours"] ** 2 + sem["trl"] ** 2) ** 0.5
+    print(f"{'  gold gain over SFT':<40} {mean_gain['ours']:>+10.3f} {mean_gain['trl']:>+10.3f}")
+    print(f"  gold gain ours - trl = {mean_gain['ours'] - mean_gain['trl']:+.3f} +- {diff_sem:.3f} (standard error, "
+          f"{what}); SFT insult rate {_fmt(o[0]['sft_insult_rate'])}")  # fmt: skip
+    within = {side: target is None or all(r["kl_to_reference"] <= target for r in reports)
+              for side, reports in evaluation.items()}  # fmt: skip
+    return {"gold_gain": mean_gain, "gold_gain_per_seed": gains, "gold_gain_difference_sem": diff_sem,
+            "kl_to_reference": {side: _mean([r["kl_to_reference"] for r in reports])
+                                for side, reports in evaluation.items()},
+            "kl_within_target": within}  # fmt: skip
 
 
 def print_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -521,24 +541,29 @@ def print_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
         ]  # fmt: skip
     if "gold" in results:
         phase = results["gold"]
-        o, t = phase["evaluation"]["ours"], phase["evaluation"]["trl"]
-        gain, diff_sem = phase["comparison"]["gold_gain"], phase["comparison"]["gold_gain_difference_sem"]
-        target = phase["ours_kl_target"]
-        within = {side: target is None or r["kl_to_reference"] <= target for side, r in phase["evaluation"].items()}
+        comparison, target = phase["comparison"], phase["ours_kl_target"]
+        gain, diff_sem, kl = (
+            comparison["gold_gain"],
+            comparison["gold_gain_difference_sem"],
+            comparison["kl_to_reference"],
+        )
+        within = comparison["kl_within_target"]
         rows += [
             {"metric": "gold score gained over SFT", "ours": f"{gain['ours']:+.3f}", "trl": f"{gain['trl']:+.3f}",
              "ratio": f"{gain['ours'] - gain['trl']:+.3f}+-{diff_sem:.3f}", "goal": ">= trl's",
              "met": gain["ours"] >= gain["trl"] and within["ours"]},
-            {"metric": "KL to reference, nats/response", "ours": _fmt(o["kl_to_reference"]),
-             "trl": _fmt(t["kl_to_reference"]), "ratio": _fmt(_ratio(o["kl_to_reference"], t["kl_to_reference"]), 2),
-             "goal": f"<= {target}" if target is not None else "n/a",
-             "met": within["ours"] and within["trl"]},
+            {"metric": "KL to reference, nats/response", "ours": _fmt(kl["ours"]), "trl": _fmt(kl["trl"]),
+             "ratio": f"{_fmt(_ratio(kl['ours'], kl['trl']), 2)}x",
+             "goal": f"<= {target}" if target is not None else "n/a", "met": within["ours"] and within["trl"]},
         ]  # fmt: skip
     print(f"\n{'goal (tracker issue 5)':<38} {'ours':>9} {'trl 1.12':>9} {'ours/trl (diff)':>15} {'goal':>9}  met?")
     for r in rows:
         print(f"{r['metric']:<38} {r['ours']:>9} {r['trl']:>9} {r['ratio']:>15} {r['goal']:>9}  {_fmt(r['met'])}")
     if "gold" in results:
-        print("  (KL row: met = both policies within the KL target; the gold row needs ours within it)")
+        print(
+            "  (gold rows: means over the training seeds; KL row met = every policy of both sides within the "
+            "target; the gold row also needs ours within it)"
+        )
     return rows
 
 
@@ -568,7 +593,8 @@ def main() -> None:
     speed.add_argument("--forward-batch", type=int, default=16, help="episodes per no-grad forward / generate call")
     gold = parser.add_argument_group("gold phase (the run's models and PPO settings)")
     gold.add_argument("--gold-updates", type=int, help="PPO updates (default: the run's ppo.num_updates)")
-    gold.add_argument("--eval-samples", type=int, default=8, help="sampled responses per held-out prompt")
+    gold.add_argument("--gold-seeds", type=int, default=3, help="training runs per side (seeds 0..N-1)")
+    gold.add_argument("--eval-samples", type=int, default=4, help="sampled responses per held-out prompt")
     parser.add_argument("--evaluate", type=Path, help=argparse.SUPPRESS)  # internal: the evaluation child
     parser.add_argument("--ours-child", nargs=2, type=Path, help=argparse.SUPPRESS)  # internal: our side
     args = parser.parse_args()
@@ -610,13 +636,18 @@ def main() -> None:
         results["speed"] = phase
 
     if "gold" in args.phases:
-        overrides = {"eval_max_prompts": 8}
-        if args.gold_updates:
-            overrides["num_updates"] = args.gold_updates
-        phase = run_phase("gold", cfg, paths["base"], paths["reward"], prompts, overrides, args, python)
-        print_settings(phase, f"gold phase: the demo run's SFT model and reward model ({args.run_dir})")
-        phase["ratios"] = print_speed(phase, "gold phase (demo-sized model)")
-        phase["evaluation"] = evaluate(phase, args)
+        runs = []
+        for k in range(args.gold_seeds):  # seed k: ppo.seed_offset + k on both sides
+            overrides = {"eval_max_prompts": 8, "seed_offset": cfg.ppo.seed_offset + k}
+            if args.gold_updates:
+                overrides["num_updates"] = args.gold_updates
+            runs.append(run_phase(f"gold/seed{k}", cfg, paths["base"], paths["reward"], prompts, overrides, args,
+                                  python))  # fmt: skip
+        phase = {key: value for key, value in runs[0].items() if key not in ("ours", "trl")}
+        phase["runs"] = runs
+        print_settings(phase, f"gold phase: the demo run's SFT model and reward model ({args.run_dir}), "
+                              f"{args.gold_seeds} training seed(s) per side")  # fmt: skip
+        phase["evaluation"] = evaluate(runs, args)
         phase["comparison"] = print_gold(phase["evaluation"], phase)
         results["gold"] = phase
 
