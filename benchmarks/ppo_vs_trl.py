@@ -465,6 +465,8 @@ def print_speed(phase: dict[str, Any], label: str) -> dict[str, Any]:
           f"{_fmt(t['episodes_per_cpu_s']):>10} {_fmt(ratios['episodes_per_cpu_s'], 2):>9}  >= 2")  # fmt: skip
     print(f"{'peak RSS of the process (MB)':<34} {o['peak_rss_mb']:>10.0f} {t['peak_rss_mb']:>10.0f} "
           f"{_fmt(ratios['peak_rss'], 2):>9}  <= 0.6")  # fmt: skip
+    share = {side: _ratio(r["episodes_per_s"], r["episodes_per_cpu_s"]) for side, r in (("ours", o), ("trl", t))}
+    print(f"{'CPU time / wall time while timed':<34} {_fmt(share['ours'], 2):>10} {_fmt(share['trl'], 2):>10}")
     print(f"{'process wall time (s)':<34} {o['wall_seconds']:>10.0f} {t['wall_seconds']:>10.0f}")
     print(f"{'updates':<34} {o['updates']:>10} {t['updates']:>10}")
     print(f"  ours: generate {o['time_generate']:.0f} s, score {o['time_score']:.0f} s, optimise "
