@@ -353,6 +353,26 @@ def raise_if_preempted(sdir: Path) -> None:
         raise Preempted(f"pre-empted; the newest complete checkpoint is {newest}. Run the same command to resume")
 
 
+def train_from(trainer: Any, checkpoint: Path | None) -> Any:
+    """`trainer.train()`, resumed from `checkpoint` when there is one.
+
+    A checkpoint written at the last step (the run died between it and `final/`) is loaded, not trained on: the
+    transformers Trainer (5.x) resumed at `max_steps` runs one step more, so the result would differ from the
+    uninterrupted run's.
+    """
+    import transformers
+
+    if checkpoint is not None:
+        state = transformers.TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        if 0 < state.max_steps <= state.global_step:
+            trainer._load_from_checkpoint(str(checkpoint))
+            trainer.state = state
+            losses = [r["loss"] for r in state.log_history if "loss" in r]  # the logged ones: an approximation
+            loss = sum(losses) / len(losses) if losses else float("nan")
+            return transformers.trainer_utils.TrainOutput(state.global_step, loss, {"train_loss": loss})
+    return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+
 def trainer_checkpoint_callback(sdir: Path, keep: int) -> Any:
     """A transformers TrainerCallback for the Trainer-based stages.
 

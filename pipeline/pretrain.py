@@ -36,6 +36,7 @@ from pipeline.checkpoints import (
     raise_if_preempted,
     stage_dir,
     stage_identity,
+    train_from,
     trainer_checkpoint_callback,
     write_stage_json,
 )
@@ -323,7 +324,7 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
     train_started = time.time()
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    output = train_from(trainer, checkpoint)
     train_seconds = time.time() - train_started
     raise_if_preempted(sdir)
 

@@ -35,6 +35,7 @@ from pipeline.checkpoints import (
     read_stage_json,
     stage_dir,
     stage_identity,
+    train_from,
     trainer_checkpoint_callback,
     write_stage_json,
 )
@@ -366,7 +367,7 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     resume = newest_checkpoint(sdir)
     if resume is not None:
         logger.info("resuming sft from %s", resume)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = train_from(trainer, resume)
     raise_if_preempted(sdir)
     metrics: dict[str, Any] = {"train_loss": result.training_loss, **_rounded(result.metrics)}
     if held_out is not None:
