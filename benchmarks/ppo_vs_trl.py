@@ -10,10 +10,11 @@ installed from PyPI on the first run and reused afterwards). Two phases:
   Measured: episodes per second over the updates after the first (warm-up excluded on both sides; taken when our
   update's record is logged and at trl's on_step_end), the same per CPU-second of the process (steadier on a shared
   machine), and the peak RSS of each process (os.wait4, whole process, imports included).
-- gold: the demo run's own models (sft/final/merged, reward/final) and its PPO settings (the run's config.yaml);
-  both trained policies are then evaluated by our stage's evaluation code (pipeline/ppo/evaluation.py) on the
-  world's held-out PPO prompts, each sampled --eval-samples times with the same random stream: gold score gained over
-  the SFT policy, KL to the reference (the same k1 sum per response for both), gold win rate, insult rate.
+- gold: the demo run's own models (sft/final/merged, reward/final) and its PPO settings (the run's config.yaml),
+  trained --gold-seeds times per side (ppo.seed_offset 0, 1, ...); every trained policy is then evaluated by our
+  stage's evaluation code (pipeline/ppo/evaluation.py) on the world's held-out PPO prompts, each sampled
+  --eval-samples times with the same random stream: gold score gained over the SFT policy, KL to the reference (the
+  same k1 sum per response for both), gold win rate, insult rate; means over seeds and their standard error.
 
 Like with like: same base, reward model, prompts (the same token ids), LoRA settings and PPO settings (rollout
 batch, mini-batch, PPO epochs, response length, temperature, learning rate and schedule, AdamW eps, KL estimator,
@@ -250,8 +251,10 @@ def run_ours(cfg: Any, overrides: dict[str, Any], work: Path, threads: int) -> d
     last = records[-1]
     rates = steady_rates(marks["update_times"], marks["update_cpu_times"], ours.ppo.rollout_batch_size)
     return {**proc, **rates, "updates": len(records), "recipe": str(recipe),
-            "adapter": str(run_dir / "ppo" / "final"), "last_update": {k: last[k] for k in ("rm_score", "kl", "kl_coef")},
-            "time_generate": sum(r["time_generate"] for r in records), "time_score": sum(r["time_score"] for r in records),
+            "adapter": str(run_dir / "ppo" / "final"),
+            "last_update": {k: last[k] for k in ("rm_score", "kl", "kl_coef")},
+            "time_generate": sum(r["time_generate"] for r in records),
+            "time_score": sum(r["time_score"] for r in records),
             "time_optimise": sum(r["time_optimise"] for r in records)}  # fmt: skip
 
 
@@ -391,7 +394,7 @@ def evaluate_child(spec_path: Path) -> None:
 
 
 def evaluate(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    """Every trained policy (each side, each seed) against the SFT policy: {"ours": [report per seed], "trl": [...]}."""
+    """Every trained policy (each side, each seed) against the SFT policy: {"ours": [per seed], "trl": [...]}."""
     work = args.work_dir / "gold"
     adapters = {f"{side}/{k}": run[side]["adapter"] for k, run in enumerate(runs) for side in ("ours", "trl")}
     spec = {"recipe": runs[0]["ours"]["recipe"], "threads": args.threads, "samples": args.eval_samples,
@@ -434,18 +437,21 @@ def print_settings(phase: dict[str, Any], title: str) -> None:
     s = phase["settings"]
     print(f"\n{title}")
     print(f"  rollout batch {s['rollout_batch_size']} episodes (trl: per_device_train_batch_size, accumulation 1), "
-          f"mini-batch {s['mini_batch_size']} (trl: num_mini_batches {s['rollout_batch_size'] // s['mini_batch_size']}), "
+          f"mini-batch {s['mini_batch_size']} (trl: num_mini_batches "
+          f"{s['rollout_batch_size'] // s['mini_batch_size']}), "
           f"PPO epochs {s['ppo_epochs']} (num_ppo_epochs), {s['num_updates']} updates (total_episodes "
           f"{s['num_updates'] * s['rollout_batch_size']})")  # fmt: skip
     print(f"  response <= {s['max_new_tokens']} tokens, stop at EOS (trl: response_length, stop_token='eos'), "
           f"temperature {s['temperature']}, top-k off, top-p 1; no-grad forward / generation batch "
           f"{s['forward_batch_size']} (local_rollout_forward_batch_size)")  # fmt: skip
     print(f"  learning rate {s['learning_rate']} ({s['lr_scheduler_type']}), AdamW eps 1e-5, weight decay "
-          f"{s['weight_decay']}; LoRA {phase['lora']} on the policy (trl: peft_config; reference = adapter off)")  # fmt: skip
+          f"{s['weight_decay']}; LoRA {phase['lora']} on the policy "
+          "(trl: peft_config; reference = adapter off)")  # fmt: skip
     print(f"  KL {s['kl_estimator']}: ours init {phase['ours_init_kl_coef']} adaptive to target "
           f"{phase['ours_kl_target']} nats; trl fixed kl_coef {s['kl_coef']}; EOS penalty {s['missing_eos_penalty']} "
           f"(missing_eos_penalty); whiten rewards {s['whiten_rewards']}, advantages always; gamma {s['gamma']}, "
-          f"lambda {s['lam']}, clip {s['cliprange']}, value clip {s['cliprange_value']}, vf_coef {s['vf_coef']}")  # fmt: skip
+          f"lambda {s['lam']}, clip {s['cliprange']}, value clip {s['cliprange_value']}, "
+          f"vf_coef {s['vf_coef']}")  # fmt: skip
     affine = phase["score_affine"]
     norm = f"(score - {affine[0]:.3f}) / {affine[1]:.3f} on both sides" if affine else "none"
     print(f"  reward normalisation: {norm}; "
@@ -496,7 +502,8 @@ def print_gold(evaluation: dict[str, list[dict[str, Any]]], phase: dict[str, Any
               f"{t[k]['kl_to_reference']:>10.3f}")  # fmt: skip
     rows = [("gold score, SFT policy", "sft_gold_score"), ("gold score, PPO policy", "ppo_gold_score"),
             ("KL to reference (nats/response)", "kl_to_reference"), ("gold win rate vs SFT", "gold_win_rate"),
-            ("reward-model score, PPO policy", "ppo_rm_score"), ("insult rate, adversarial prompts", "ppo_insult_rate"),
+            ("reward-model score, PPO policy", "ppo_rm_score"),
+            ("insult rate, adversarial prompts", "ppo_insult_rate"),
             ("EOS rate, PPO policy", "ppo_eos_rate")]  # fmt: skip
     print(f"mean over {seeds} seed{'s' if seeds > 1 else ''}:")
     for name, key in rows:
@@ -574,8 +581,12 @@ def print_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "demo",
-                        help="a demo run with finished sft and reward stages (its models, prompts and PPO settings)")  # fmt: skip
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=ROOT / "runs" / "demo",
+        help="a demo run with finished sft and reward stages (models, prompts, PPO settings)",
+    )
     parser.add_argument("--phases", nargs="+", choices=["speed", "gold"], default=["speed", "gold"])
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-ppo-vs-trl")
     parser.add_argument("--out", type=Path, help="results JSON (default WORK_DIR/results.json)")
@@ -617,7 +628,8 @@ def main() -> None:
     load = os.getloadavg()
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "run_dir": str(args.run_dir),
                                "threads": args.threads, "cpus": os.cpu_count(), "load_average_before": load,
-                               "torch": torch.__version__, "trl": TRL_VERSION, "command": " ".join(sys.argv)}  # fmt: skip
+                               "torch": torch.__version__, "trl": TRL_VERSION,
+                               "command": " ".join(sys.argv)}  # fmt: skip
     print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; {args.threads} "
           f"threads per side; torch {torch.__version__}; sides run one after the other")  # fmt: skip
 
@@ -632,8 +644,12 @@ def main() -> None:
                      "kl_target": None}  # fmt: skip
         phase = run_phase("speed", cfg, base, reward, prompts, overrides, args, python)
         phase["model_parameters"] = params
-        print_settings(phase, f"speed phase: random Llama ({args.preset} preset, layers {args.layers or 'as preset'}), "
-                              f"{params / 1e6:.1f}M parameters, float32; fixed KL coefficient on both sides")  # fmt: skip
+        layers = args.layers or "as preset"
+        title = (
+            f"speed phase: random Llama ({args.preset} preset, layers {layers}), {params / 1e6:.1f}M "
+            "parameters, float32; fixed KL coefficient on both sides"
+        )
+        print_settings(phase, title)
         phase["ratios"] = print_speed(phase, "speed phase")
         results["speed"] = phase
 
