@@ -105,7 +105,7 @@ def run_pipeline(
         )
         logger.info("%s: %s", stage, {"rerun": "running again", "resumed": "resuming", "ran": "running"}[action])
         start = time.time()
-        if accelerate_config:
+        if accelerate_config and stage != "data":  # datatrove parallelises the data stage itself
             _launch(stage, recipe, overrides or [], force, accelerate_config)
             final = final_dir(cfg, stage)
         else:

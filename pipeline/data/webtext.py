@@ -122,7 +122,15 @@ def demo_source(cfg: PipelineConfig) -> tuple[Source, Path]:
 
 
 def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
-    """Extract, filter and deduplicate the corpus into `run_dir/data/final/`; an interrupted run resumes."""
+    """Extract, filter and deduplicate the corpus into `run_dir/data/final/`; an interrupted run resumes.
+
+    One process: datatrove parallelises the stage itself (`data.tasks`, `data.workers`, or a Slurm/Ray executor).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(
+            "the data stage runs in one process (datatrove parallelises it: data.workers, data.tasks, "
+            "data.executor); run `rlhf data RECIPE` without accelerate launch (`rlhf run` already does)"
+        )
     identity = stage_identity(cfg, STAGE, resolve_inputs(cfg))
     done = prepare_stage(cfg, STAGE, identity, rerun)
     if done is not None:
