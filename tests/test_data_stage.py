@@ -571,3 +571,11 @@ def test_demo_filter_scores_above_goal(tmp_path):
     assert min(report["filter"]["recall_by_type"].values()) >= 0.8
     stage = json.loads((final / "stage.json").read_text())
     assert stage["metrics"]["eval"]["filter"] == report["filter"]
+
+
+def test_a_multi_process_launch_of_the_data_stage_is_refused(tmp_path, monkeypatch):
+    """datatrove parallelises the stage itself; two ranks running it would write the same files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="runs in one process.*without accelerate launch"):
+        webtext.run(load_config(None, [f"run_dir={tmp_path}", "data.input=demo"]))
+    assert not (tmp_path / "data").exists()
