@@ -506,10 +506,11 @@ def test_demo_ppo_beats_sft_within_kl_target_and_kl_zero_overoptimises(tmp_path)
     assert report["kl_to_reference"] <= cfg.ppo.kl_target
     assert report["ppo_insult_rate"] < report["sft_insult_rate"]
 
-    # The same PPO without the KL penalty, for twice as many updates at a constant learning rate, on the same
-    # upstream: the reward model's score keeps rising while the gold score falls back below where it peaked.
+    # The same PPO without the KL penalty, for twice as many updates at a constant, 3x higher learning rate, on the
+    # same upstream: the reward model's score keeps rising while the gold score falls back below where it peaked.
+    # (At the recipe's 1e-3 the fall came too gradually for the rule's adjacent windows in 48 updates.)
     free = load_config(REPO / "recipes" / "demo.yaml", [f"run_dir={tmp_path / 'kl0'}", "ppo.init_kl_coef=0", "ppo.kl_target=null",
-                                                        "ppo.num_updates=48", "ppo.lr_scheduler_type=constant",
+                                                        "ppo.num_updates=48", "ppo.lr_scheduler_type=constant", "ppo.learning_rate=3e-3",
                                                         f"ppo.policy_base={run_dir / 'sft' / 'final' / 'merged'}",
                                                         f"ppo.reward_model={run_dir / 'reward' / 'final'}"])  # fmt: skip
     overopt = json.loads((loop.run(free) / "eval.json").read_text())["overoptimisation"]
