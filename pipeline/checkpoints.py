@@ -85,13 +85,26 @@ def stage_identity(cfg: PipelineConfig, stage: str, inputs: dict[str, Path | str
         if is_finished(path):
             entry["config_hash"] = read_stage_json(path).get("config_hash")
         described[role] = entry
-    upstream = {role: entry.get("config_hash", entry["path"]) for role, entry in described.items()}
+    upstream = {role: entry.get("config_hash") or _portable(inputs[role], cfg) for role, entry in described.items()}
     return {
         "stage": stage,
         "settings": settings,
         "inputs": described,
         "config_hash": hash_settings({"settings": settings, "inputs": upstream}),
     }
+
+
+def _portable(value: Path | str, cfg: PipelineConfig) -> str:
+    """An input as the hash sees it: inside the run directory, relative to it (so `runs/demo` and its absolute
+    spelling are the same run); another local path, resolved; anything else (a Hub id), as given."""
+    path = Path(value)
+    if not path.exists():
+        return str(value)
+    resolved = path.resolve()
+    try:
+        return "run_dir/" + resolved.relative_to(cfg.run_path.resolve()).as_posix()
+    except ValueError:
+        return str(resolved)
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -256,6 +269,22 @@ def write_stage_json(
         **(extra or {}),
     }
     write_json_atomic(path / STAGE_JSON, record)
+
+
+def stage_seconds(metrics: dict[str, Any]) -> float | None:
+    """How long a finished stage took, from its stage.json metrics (stages name it after what they time)."""
+    return next(
+        (metrics[k] for k in ("seconds", "stage_seconds", "train_seconds", "train_runtime") if k in metrics), None
+    )
+
+
+def metric(metrics: dict[str, Any], path: str) -> Any:
+    """A stage.json metric by dotted path ("test.templated.accuracy"); None when absent."""
+    for part in path.split("."):
+        if not isinstance(metrics, dict) or part not in metrics:
+            return None
+        metrics = metrics[part]
+    return metrics
 
 
 def package_versions() -> dict[str, str]:

@@ -112,3 +112,16 @@ def test_result_whose_weights_are_empty_never_becomes_final(tmp_path):
         save_file({"lora_A": torch.ones(2, 3)}, str(out / "adapter_model.safetensors"))
         write_stage_json(out, identity, {}, contents="adapter")
     assert is_finished(tmp_path / "sft" / "final")
+
+
+def test_identity_does_not_depend_on_how_run_dir_is_spelled(tmp_path, monkeypatch):
+    """`run_dir=runs/demo` and its absolute spelling are the same run: inputs inside it hash relative to it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo" / "world").mkdir(parents=True)
+    relative = load_config(None, ["run_dir=runs/demo"])
+    absolute = load_config(None, [f"run_dir={tmp_path / 'runs' / 'demo'}"])
+    one = stage_identity(relative, "sft", {"dataset": "runs/demo/world"})
+    two = stage_identity(absolute, "sft", {"dataset": tmp_path / "runs" / "demo" / "world"})
+    assert one["config_hash"] == two["config_hash"]
+    other = stage_identity(absolute, "sft", {"dataset": tmp_path / "runs"})  # a different input still counts
+    assert other["config_hash"] != two["config_hash"]
