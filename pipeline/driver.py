@@ -28,10 +28,12 @@ from typing import Any
 from pipeline.checkpoints import (
     final_dir,
     is_finished,
+    metric,
     newest_checkpoint,
     read_stage_json,
     stage_dir,
     stage_identity,
+    stage_seconds,
     write_json_atomic,
 )
 from pipeline.config import STAGES, PipelineConfig, build_config, load_config
@@ -39,13 +41,13 @@ from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# Metrics `rlhf status` shows per stage, when the stage recorded them.
+# Metrics `rlhf status` shows per stage (dotted paths into stage.json's metrics), when the stage recorded them.
 KEY_METRICS = {
-    "data": ("documents_out", "f1", "precision", "recall"),
+    "data": ("documents_read", "documents_kept", "eval.filter.f1"),
     "pretrain": ("perplexity", "perplexity_ratio_unigram", "cloze_accuracy"),
     "sft": ("eval_loss", "heldout_accuracy", "dispreferred_share"),
-    "reward": ("pairwise_accuracy", "pairwise_accuracy_sampled", "kendall_tau"),
-    "ppo": ("win_rate", "gold_score", "kl", "insult_rate"),
+    "reward": ("test.templated.accuracy", "test.sampled.accuracy", "test.all.accuracy", "test.all.kendall_tau"),
+    "ppo": ("gold_win_rate", "kl_to_reference", "sft_insult_rate", "ppo_insult_rate"),
 }
 
 
@@ -162,8 +164,9 @@ def status_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
         if is_finished(final):
             record = read_stage_json(final)
             metrics = record.get("metrics", {})
-            row["metrics"] = {k: metrics[k] for k in KEY_METRICS[stage] if k in metrics}
-            row["seconds"] = metrics.get("seconds") or metrics.get("train_seconds")
+            values = {k: metric(metrics, k) for k in KEY_METRICS[stage]}
+            row["metrics"] = {k: v for k, v in values.items() if v is not None}
+            row["seconds"] = stage_seconds(metrics)
         checkpoint = newest_checkpoint(stage_dir(cfg, stage))
         if checkpoint and row["state"] == "interrupted":
             row["checkpoint"] = checkpoint.name

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipeline.checkpoints import stage_seconds
 from pipeline.config import STAGES
 from pipeline.errors import UserError
 from pipeline.tracking import read_metrics
@@ -161,10 +162,6 @@ def _plot_histograms(out: Path, name: str, title: str, samples: dict[str, list[f
 
 def _metrics(stage: dict[str, Any]) -> dict[str, Any]:
     return (stage.get("record") or {}).get("metrics", {})
-
-
-def _scalars(metrics: dict[str, Any]) -> list[list[Any]]:
-    return [[k, v] for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
 def write_report(run_dir: Path) -> Path:
@@ -370,21 +367,7 @@ def _section_final(page: _Page, found: dict[str, dict[str, Any]]) -> None:
 
 def _section_times(page: _Page, found: dict[str, dict[str, Any]]) -> None:
     page.heading("Time per stage")
-    rows = [
-        [
-            s,
-            next(
-                (
-                    _metrics(found[s])[k]
-                    for k in ("seconds", "stage_seconds", "train_seconds", "train_runtime")
-                    if k in _metrics(found[s])
-                ),
-                None,
-            ),
-        ]
-        for s in STAGES
-        if found[s]["record"]
-    ]
+    rows = [[s, stage_seconds(_metrics(found[s]))] for s in STAGES if found[s]["record"]]
     page.table(["stage", "seconds"], rows)
 
 

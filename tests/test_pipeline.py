@@ -101,7 +101,9 @@ def start(tmp_path: Path, *args: str, wrapper: str = "") -> subprocess.Popen:
 
 
 def finals(tmp_path: Path) -> dict[str, dict]:
-    return {s: read_stage_json(tmp_path / "run" / s / "final") for s in STAGES if (tmp_path / "run" / s / "final").exists()}
+    return {
+        s: read_stage_json(tmp_path / "run" / s / "final") for s in STAGES if (tmp_path / "run" / s / "final").exists()
+    }
 
 
 def last_run(tmp_path: Path) -> dict[str, str]:
@@ -129,13 +131,28 @@ def test_run_chains_every_stage_and_writes_the_report(finished):
     assert records["reward"]["inputs"]["base"]["path"] == str(run / "sft" / "final" / "merged")
     assert records["ppo"]["inputs"]["reward"]["path"] == str(run / "reward" / "final")
     page = (run / "report" / "index.html").read_text()
-    for heading in ("web-text data", "pretraining", "supervised fine-tuning", "reward model", "PPO", "Base vs SFT vs PPO"):
+    for heading in (
+        "web-text data",
+        "pretraining",
+        "supervised fine-tuning",
+        "reward model",
+        "PPO",
+        "Base vs SFT vs PPO",
+    ):
         assert heading in page
     assert "Not run yet" not in page
     for png in ("data_filters.png", "pretrain_loss.png", "ppo_curves.png"):
         assert (run / "report" / png).stat().st_size > 1000
     status = rlhf(finished, "status", str(run)).stdout
     assert all(f"{stage} " in status for stage in STAGES) and status.count("finished") == 5
+    for shown in (
+        "documents_kept=",
+        "cloze_accuracy=",
+        "heldout_accuracy=",
+        "test.templated.accuracy=",
+        "gold_win_rate=",
+    ):
+        assert shown in status, shown
 
 
 def test_second_run_skips_every_finished_stage(finished):
