@@ -150,7 +150,7 @@ def test_run_chains_every_stage_and_writes_the_report(finished):
         "cloze_accuracy=",
         "heldout_accuracy=",
         "test.templated.accuracy=",
-        "gold_win_rate=",
+        "kl_to_reference=",
     ):
         assert shown in status, shown
 
