@@ -1,4 +1,4 @@
-"""What PPO needs from several processes: main-process work shared with all, sums, gathers, gradient averaging.
+"""What PPO needs from several processes: sums, gathers, gradient averaging (main-process work: tracking.on_main).
 
 The policy and value adapters are small, so instead of wrapping the model in DistributedDataParallel (which wants one
 forward per backward, while a PPO step runs the base twice, as policy and as critic) the gradients of the trainable
