@@ -95,16 +95,14 @@ def stage_identity(cfg: PipelineConfig, stage: str, inputs: dict[str, Path | str
 
 
 def _portable(value: Path | str, cfg: PipelineConfig) -> str:
-    """An input as the hash sees it: inside the run directory, relative to it (so `runs/demo` and its absolute
-    spelling are the same run); another local path, resolved; anything else (a Hub id), as given."""
-    path = Path(value)
-    if not path.exists():
-        return str(value)
-    resolved = path.resolve()
+    """An input as the hash sees it: a path inside the run directory, relative to it (so `runs/demo` and its absolute
+    spelling are the same run); anything else (another path, a Hub id) as given. Lexical only: an input that does not
+    exist yet (the demo world) must hash the same before and after it is written."""
+    absolute = Path(os.path.abspath(value))
     try:
-        return "run_dir/" + resolved.relative_to(cfg.run_path.resolve()).as_posix()
+        return "run_dir/" + absolute.relative_to(os.path.abspath(cfg.run_path)).as_posix()
     except ValueError:
-        return str(resolved)
+        return str(value)
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
