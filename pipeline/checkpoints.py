@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -317,6 +318,8 @@ def hardware() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        # this process's peak since the stage began (the driver resets it before each in-process stage)
+        info["cuda_peak_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info["world_size"] = world
     return info
@@ -397,7 +400,17 @@ def train_from(trainer: Any, checkpoint: Path | None) -> Any:
             losses = [r["loss"] for r in state.log_history if "loss" in r]  # the logged ones: an approximation
             loss = sum(losses) / len(losses) if losses else float("nan")
             return transformers.trainer_utils.TrainOutput(state.global_step, loss, {"train_loss": loss})
-    return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    for callback in trainer.callback_handler.callbacks:
+        if getattr(callback, "diverged", None):
+            step, what = callback.diverged
+            stage = Path(trainer.args.output_dir).name
+            raise UserError(
+                f"{stage}: training diverged at step {step} ({what} is NaN or inf); the checkpoints before it are "
+                f"kept and no result was written: lower {stage}.learning_rate (or {stage}.max_grad_norm) and run "
+                "again with --rerun"
+            )
+    return output
 
 
 def trainer_checkpoint_callback(sdir: Path, keep: int) -> Any:
@@ -406,17 +419,31 @@ def trainer_checkpoint_callback(sdir: Path, keep: int) -> Any:
     It marks each checkpoint complete once every rank wrote its part (so a crash mid-save never breaks resume), keeps
     the newest `keep` complete ones (the Trainer's own `save_total_limit` must be off: it rotates before a checkpoint
     is complete), logs metrics to `sdir/metrics.jsonl`, and on pre-emption saves a checkpoint and stops training
-    (the stage then calls `raise_if_preempted`).
+    (the stage then calls `raise_if_preempted`). Training that diverges (a logged loss or gradient norm, or a
+    trainable weight about to be saved, is NaN or inf) stops without saving; `train_from` then raises.
     """
     import transformers
 
     from pipeline.tracking import append_metrics, distributed_state
 
     class TrainerCheckpointCallback(transformers.TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
+        diverged: tuple[int, str] | None = None  # (step, what) once something is not finite
+
+        def _stop(self, control, step: int, what: str) -> None:
+            self.diverged = self.diverged or (step, what)
+            control.should_save = False
+            control.should_training_stop = True
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
             if preemption_requested():
                 control.should_save = True
                 control.should_training_stop = True
+            if control.should_save and model is not None:
+                bad = next(
+                    (n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()), None
+                )
+                if bad is not None:  # never write a checkpoint (or a result) with broken weights
+                    self._stop(control, state.global_step, f"the weight {bad}")
 
         def on_save(self, args, state, control, **kwargs):
             distributed_state().wait_for_everyone()  # each rank writes its own RNG state into the checkpoint
@@ -427,5 +454,9 @@ def trainer_checkpoint_callback(sdir: Path, keep: int) -> Any:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
                 append_metrics(sdir / "metrics.jsonl", {"step": state.global_step, **logs})
+            for key in ("loss", "grad_norm"):  # the same on every rank (DDP averages them)
+                value = (logs or {}).get(key)
+                if isinstance(value, float) and not math.isfinite(value):
+                    self._stop(control, state.global_step, f"the {key.replace('_', ' ')}")
 
     return TrainerCheckpointCallback()

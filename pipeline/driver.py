@@ -111,11 +111,20 @@ def run_pipeline(
             _launch(stage, recipe, overrides or [], force, accelerate_config)
             final = final_dir(cfg, stage)
         else:
+            _reset_cuda_peak()
             final = stage_module(stage).run(cfg, rerun=force)
         summary[stage] = {"action": action, "seconds": round(time.time() - start, 1), "final": str(final)}
         upstream_ran = True
     _record(cfg, summary)
     return summary
+
+
+def _reset_cuda_peak() -> None:
+    """Each stage's stage.json reports its own peak GPU memory, also when the driver runs several in one process."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _launch(stage: str, recipe: str | None, overrides: list[str], rerun: bool, accelerate_config: str) -> None:

@@ -12,6 +12,7 @@ Every sampling setting is passed to `model.generate` explicitly, so a `generatio
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -139,6 +140,16 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
     return tokenizer.eos_token_id, pad
 
 
+def mixed_precision(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Autocast on a GPU when the model mixes bf16/fp16 weights with float32 ones (the Trainer keeps trained copies
+    such as SFT's embedding rows in float32 beside a bf16 base); a no-op otherwise (CPU, or one dtype)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    half = dtypes & {torch.bfloat16, torch.float16}
+    if next(model.parameters()).device.type != "cuda" or not half or len(dtypes) == 1:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=half.pop())
+
+
 @torch.no_grad()
 def generate_ids(
     model: torch.nn.Module,
@@ -165,7 +176,10 @@ def generate_ids(
     try:
         for start in range(0, len(prompt_ids), batch_size):
             ids, mask = left_pad(prompt_ids[start : start + batch_size], pad_id)
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+            with mixed_precision(model):
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                )
             responses.extend(out[:, ids.shape[1] :].cpu())
     finally:
         model.train(was_training)

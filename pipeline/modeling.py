@@ -331,9 +331,10 @@ def train_only_rows(model: peft.PeftModel, module_names: list[str], rows: list[i
             if id(weight) in seen:
                 continue
             seen.add(id(weight))
-            mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-            mask[torch.as_tensor(rows, device=weight.device)] = 1.0
-            weight.register_hook(lambda grad, mask=mask: grad * mask)
+            mask = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+            mask[torch.as_tensor(rows, device=weight.device)] = True
+            # the weight may be cast after this (bf16 on a GPU), so the gradient keeps its own dtype
+            weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
 
 
 def merge_lora(
@@ -505,6 +506,8 @@ def score_sequences(
     model: torch.nn.Module, sequences: list[list[int]], pad_id: int, batch_size: int = 32
 ) -> torch.Tensor:
     """The scalar output for each token sequence (float32, on the CPU), in batches of similar lengths."""
+    from pipeline.generation import mixed_precision
+
     if not sequences:
         return torch.zeros(0)
     device = next(model.parameters()).device
@@ -516,7 +519,8 @@ def score_sequences(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             ids, mask = right_pad([sequences[i] for i in chunk], pad_id)
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            with mixed_precision(model):
+                out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             scores[chunk] = out.logits.squeeze(-1).float().cpu()
     finally:
         model.train(was_training)

@@ -43,7 +43,7 @@ from pipeline.checkpoints import (
 from pipeline.config import PipelineConfig, PretrainConfig
 from pipeline.data.packing import tokenize_and_pack
 from pipeline.errors import UserError
-from pipeline.modeling import build_pretrain_model
+from pipeline.modeling import build_pretrain_model, default_dtype
 from pipeline.tokenizer import load_tokenizer, prepare_chat_tokenizer, train_tokenizer
 from pipeline.tracking import count_parameters, distributed_state, on_main
 
@@ -228,6 +228,7 @@ def to_trl_args(cfg: PipelineConfig) -> transformers.TrainingArguments:
     """The transformers TrainingArguments for this stage (retention is ours: `trainer_checkpoint_callback`)."""
     return transformers.TrainingArguments(
         **cfg.pretrain.trainer_kwargs(str(stage_dir(cfg, STAGE)), cfg.seed),
+        bf16=default_dtype() == torch.bfloat16,  # autocast over float32 weights on a GPU with bf16; CPUs: float32
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
     )

@@ -355,8 +355,11 @@ class RankingTrainer(transformers.Trainer):
 
 def to_training_args(cfg: PipelineConfig) -> transformers.TrainingArguments:
     """The transformers TrainingArguments of this stage (checkpoint retention is ours: see checkpoints.py)."""
+    from pipeline.modeling import default_dtype
+
     return transformers.TrainingArguments(
         **cfg.reward.trainer_kwargs(str(stage_dir(cfg, STAGE)), cfg.seed),
+        bf16=default_dtype() == torch.bfloat16,  # as in SFT: bf16 autocast on a GPU that has it
         prediction_loss_only=True,
         label_names=[],
         dataloader_pin_memory=torch.cuda.is_available(),

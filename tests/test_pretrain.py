@@ -372,6 +372,33 @@ def test_continued_pretraining_starts_from_init_from(reference, corpus, tmp_path
     assert first_loss == pytest.approx(_losses(reference)[STEPS], abs=0.6)
 
 
+def test_diverging_training_stops_without_saving_broken_weights(corpus, tmp_path, monkeypatch):
+    """Training that blows up (here: the optimiser's fourth step writes NaN into the weights, as an overflow would)
+    stops with a one-line error naming the step; no final/ is written and every kept checkpoint holds finite weights."""
+    from pipeline import pretrain
+
+    step = torch.optim.AdamW.step
+    calls = []
+
+    def overflowing_step(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", corpus, max_steps=12, save_steps=2)
+    with pytest.raises(UserError, match=r"pretrain: training diverged at step [45] .*lower pretrain.learning_rate"):
+        pretrain.run(load_config(recipe))
+    sdir = tmp_path / "run" / "pretrain"
+    assert not (sdir / "final").exists()
+    assert [c.name for c in sorted(sdir.glob("checkpoint-*"))] == ["checkpoint-2"]  # not checkpoint-4 (broken)
+    weights = load_file(sdir / "checkpoint-2" / "model.safetensors")
+    assert all(t.isfinite().all() for t in weights.values())
+
+
 def test_streamed_hub_corpus_is_packed_on_the_fly(corpus, tmp_path, monkeypatch):
     """A Hub id goes through `load_dataset(id, streaming=True)`; here the id resolves to local parquet files."""
     import datasets

@@ -80,7 +80,7 @@ def minhash_bands(threshold: float, buckets: int) -> tuple[int, int, float]:
 
 def check_settings(data: DataConfig) -> None:
     """Settings that only the local machine can judge (files, installed packages), checked before any work starts."""
-    from pipeline.data.filters import STOP_WORDS
+    from pipeline.data.stopwords import STOP_WORDS
 
     for key in ("language_model_path", "bad_words_file"):
         path = getattr(data, key)
@@ -91,7 +91,8 @@ def check_settings(data: DataConfig) -> None:
             f"data.language={data.language!r} has no stop-word list (known: {', '.join(STOP_WORDS)}); "
             "give a fastText model with data.language_model_path"
         )
-    word_tokenizer(data)  # spaCy installed when asked for
+    if data.word_tokenizer == "spacy":
+        word_tokenizer(data)  # spaCy installed
 
 
 def build_passes(cfg: PipelineConfig, source: Source, work: Path) -> list[Pass]:
