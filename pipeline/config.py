@@ -567,7 +567,12 @@ class PPOConfig:
         "Longer prompts keep their last max_prompt_len tokens ('truncate') or are dropped ('refuse'); both are counted.",
     )
     max_new_tokens: int = _f(48, "Longest response in tokens.")
-    temperature: float = _f(1.0, "Sampling temperature (log-probs are recomputed with it).")
+    temperature: float = _f(1.0, "Sampling temperature (the log-probs are those of softmax(logits / temperature)).")
+    rollout_logprobs: Literal["generation", "recompute"] = _f(
+        "generation",
+        "Where the rollout's policy log-probs and entropy come from: the logits of the sampling pass ('generation') "
+        "or one more forward pass over prompt + response ('recompute'); equal up to float rounding.",
+    )
     top_k: int = _f(0, "Sample from the k most likely tokens (0: off).")
     top_p: float = _f(1.0, "Nucleus sampling mass (1.0: off).")
     num_updates: int = _f(20, "PPO updates (one rollout batch each).")

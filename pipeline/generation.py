@@ -150,7 +150,124 @@ def mixed_precision(model: torch.nn.Module) -> contextlib.AbstractContextManager
     return torch.autocast("cuda", dtype=half.pop())
 
 
+# Rows of logits reduced at once by the two functions below: bounds their float32 temporaries (exp, softmax) to
+# about 16 MB whatever the vocabulary, instead of several [batch, length, vocab] tensors.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(logits: torch.Tensor) -> tuple[int, tuple[torch.Tensor, ...]]:
+    flat = logits.reshape(-1, logits.shape[-1])
+    step = max(1, _CHUNK_ELEMENTS // flat.shape[-1])
+    return step, flat.split(step)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) at `tokens` (shape of `tokens`): the log-probs of the distribution sampled
+    from (top-k / top-p filters aside). Computed as gathered logit - logsumexp, a chunk of rows at a time."""
+    step, chunks = _row_chunks(logits)
+    out = []
+    for rows, ids in zip(chunks, tokens.reshape(-1).split(step), strict=True):
+        z = rows.float() if temperature == 1.0 else rows.float() / temperature
+        out.append(z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, -1))
+    return torch.cat(out).view(tokens.shape)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) along the last axis: logsumexp(z) - sum softmax(z) * z."""
+    _, chunks = _row_chunks(logits)
+    out = []
+    for rows in chunks:
+        z = rows.float() if temperature == 1.0 else rows.float() / temperature
+        lse = torch.logsumexp(z, -1)
+        out.append(lse - ((z - lse.unsqueeze(-1)).exp() * z).sum(-1))
+    return torch.cat(out).view(logits.shape[:-1])
+
+
+@dataclass
+class SampledIds:
+    """Token ids sampled by `sample_ids`; with `with_logprobs`, the log-prob and entropy of each response position.
+
+    `logprobs` and `entropy` ([prompts, response_len], 0 after the first EOS) are computed from the raw logits that
+    `model.generate` sampled from (before top-k / top-p), at the sampling temperature: the same quantities a
+    separate forward pass over prompt + response gives, up to float rounding (KV cache against full attention).
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    ended: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+
+def _pad_rows(rows: list[torch.Tensor], width: int, value: float | int, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : row.shape[0]] = row
+    return out
+
+
 @torch.no_grad()
+def sample_ids(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    sampling: SamplingArgs,
+    eos_id: int,
+    pad_id: int,
+    batch_size: int = 16,
+    with_logprobs: bool = False,
+) -> SampledIds:
+    """Sample responses to tokenized prompts (see `SampledIds`).
+
+    Prompts go through `model.generate` in chunks of `batch_size`, left-padded, with the KV cache; the chunks are
+    padded to one width afterwards. Sampling uses torch's global generator (seed it for reproducible samples).
+    """
+    if not prompt_ids:
+        raise ValueError("sample_ids needs at least one prompt")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise UserError("an empty prompt cannot be sampled from (it has no tokens)")
+    device = next(model.parameters()).device
+    config = _generation_config(sampling, eos_id, pad_id)
+    if with_logprobs:  # raw logits of each step (trl 1.12's PPOTrainer takes its rollout log-probs from them too)
+        config.return_dict_in_generate, config.output_logits = True, True
+    temperature = sampling.temperature if sampling.do_sample else 1.0
+    was_training = model.training
+    model.eval()
+    responses: list[torch.Tensor] = []
+    logprobs: list[torch.Tensor] = []
+    entropy: list[torch.Tensor] = []
+    try:
+        for start in range(0, len(prompt_ids), batch_size):
+            ids, mask = left_pad(prompt_ids[start : start + batch_size], pad_id)
+            with mixed_precision(model):
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                )
+            sequences = out.sequences if with_logprobs else out
+            new = sequences[:, ids.shape[1] :]
+            responses.extend(new.cpu())
+            if with_logprobs:
+                steps = range(new.shape[1])  # out.logits: one [chunk, vocab] tensor per new token
+                logprobs.extend(torch.stack([logprobs_from_logits(out.logits[t], new[:, t], temperature)
+                                             for t in steps], 1).cpu())  # fmt: skip
+                entropy.extend(torch.stack([entropy_from_logits(out.logits[t], temperature) for t in steps], 1).cpu())
+            del out
+    finally:
+        model.train(was_training)
+    all_prompts, all_masks = left_pad(prompt_ids, pad_id)
+    width = max(r.shape[0] for r in responses)
+    response_ids = _pad_rows(responses, width, pad_id, torch.long)
+    response_mask, ended = mask_after_eos(response_ids, eos_id)
+    response_ids = response_ids.masked_fill(response_mask == 0, pad_id)
+    batch = SampledIds(all_prompts, all_masks, response_ids, response_mask, ended)
+    if with_logprobs:
+        after_eos = response_mask == 0
+        batch.logprobs = _pad_rows(logprobs, width, 0.0, torch.float32).masked_fill(after_eos, 0.0)
+        batch.entropy = _pad_rows(entropy, width, 0.0, torch.float32).masked_fill(after_eos, 0.0)
+    return batch
+
+
 def generate_ids(
     model: torch.nn.Module,
     prompt_ids: Sequence[Sequence[int]],
@@ -159,38 +276,9 @@ def generate_ids(
     pad_id: int,
     batch_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample responses to tokenized prompts: (prompt_ids, prompt_mask, response_ids, response_mask, ended).
-
-    Prompts go through `model.generate` in chunks of `batch_size`, left-padded, with the KV cache; the chunks are
-    padded to one width afterwards. Sampling uses torch's global generator (seed it for reproducible samples).
-    """
-    if not prompt_ids:
-        raise ValueError("generate_ids needs at least one prompt")
-    if any(len(p) == 0 for p in prompt_ids):
-        raise UserError("an empty prompt cannot be sampled from (it has no tokens)")
-    device = next(model.parameters()).device
-    config = _generation_config(sampling, eos_id, pad_id)
-    was_training = model.training
-    model.eval()
-    responses: list[torch.Tensor] = []
-    try:
-        for start in range(0, len(prompt_ids), batch_size):
-            ids, mask = left_pad(prompt_ids[start : start + batch_size], pad_id)
-            with mixed_precision(model):
-                out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
-                )
-            responses.extend(out[:, ids.shape[1] :].cpu())
-    finally:
-        model.train(was_training)
-    all_prompts, all_masks = left_pad(prompt_ids, pad_id)
-    width = max(r.shape[0] for r in responses)
-    response_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(responses):
-        response_ids[i, : r.shape[0]] = r
-    response_mask, ended = mask_after_eos(response_ids, eos_id)
-    response_ids = response_ids.masked_fill(response_mask == 0, pad_id)
-    return all_prompts, all_masks, response_ids, response_mask, ended
+    """Sample responses to tokenized prompts: (prompt_ids, prompt_mask, response_ids, response_mask, ended)."""
+    b = sample_ids(model, prompt_ids, sampling, eos_id, pad_id, batch_size)
+    return b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask, b.ended
 
 
 def decode_responses(

@@ -210,6 +210,38 @@ def test_ppo_end_to_end_trains_adapters_and_writes_final(reference, upstream, tm
     assert len(samples) == 4 and {"prompt", "sft", "ppo", "sft_gold_score", "ppo_gold_score"} <= set(samples[0])
 
 
+def test_rollout_logprobs_from_generation_give_a_first_ratio_of_one(reference, upstream, tmp_path, tiny_tokenizer):
+    """The rollout keeps the log-probs of the sampling pass; the first PPO epoch, whose policy has not moved yet,
+    recomputes them with gradients: the ratio must be 1 up to float rounding (and equal the recompute path's)."""
+    import dataclasses
+
+    from pipeline.generation import SamplingArgs, tokenize_prompts
+    from pipeline.ppo.rollout import PromptSet, collect_rollout, episode_inputs
+
+    _, _, roles = reference  # its policy adapter has trained, so sampling must run with it active
+    pcfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream)).ppo
+    assert pcfg.rollout_logprobs == "generation"
+    texts = ["The capital of", "Veloria exports", "Hello", "What is", "Tell me"]
+    prompts = PromptSet([{"prompt": t} for t in texts], tokenize_prompts(tiny_tokenizer, texts))
+    sampling = SamplingArgs(pcfg.max_new_tokens, pcfg.temperature)
+    rollouts = {}
+    for source in ("generation", "recompute"):
+        torch.manual_seed(3)
+        rollouts[source] = collect_rollout(roles, prompts, range(5), sampling,
+                                           dataclasses.replace(pcfg, rollout_logprobs=source), torch.device("cpu"))  # fmt: skip
+    ours, recomputed = rollouts["generation"], rollouts["recompute"]
+    assert torch.equal(ours.response_ids, recomputed.response_ids)  # the same samples either way
+    mask = ours.response_mask.bool()
+    assert torch.allclose(ours.logprobs[mask], recomputed.logprobs[mask], atol=1e-5)
+    assert torch.allclose(ours.entropy[mask], recomputed.entropy[mask], atol=1e-5)
+    ids, attention, p_len, r_len = episode_inputs(ours.prompt_ids, ours.prompt_mask, ours.response_ids,
+                                                  ours.response_mask, torch.arange(5))  # fmt: skip
+    with torch.enable_grad():
+        logprobs, _ = roles.policy_logprobs(ids, attention, p_len, pcfg.temperature)
+    ratio = torch.exp(logprobs.detach() - ours.logprobs[:, :r_len])[mask[:, :r_len]]
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
+
+
 def _saved_tokenizer(tokenizer, tmp_path: Path) -> Path:
     out = tmp_path / "tok"
     tokenizer.save_pretrained(out)

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from pipeline.generation import mask_after_eos
+from pipeline.generation import entropy_from_logits, logprobs_from_logits, mask_after_eos
 
 __all__ = [
     "masked_mean",
@@ -142,20 +142,6 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r} (valid: k1, k3)")
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) at `tokens`: the log-probs of the distribution that was sampled from."""
-    logits = logits.float() / temperature
-    # gather - logsumexp instead of log_softmax: no second [batch, length, vocab] tensor for large vocabularies
-    return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) along the last axis: logsumexp(z) - sum softmax(z) * z."""
-    logits = logits.float()
-    probs = logits.softmax(-1)
-    return torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
 
 
 def apply_missing_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -7,6 +7,9 @@ alive at a time. Non-finite losses or gradients on any process stop the update b
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from typing import Any
 
 import torch
@@ -25,6 +28,25 @@ def build_optimizer(pcfg: Any, params: list[torch.nn.Parameter], total_steps: in
     optimizer = torch.optim.AdamW(params, lr=pcfg.learning_rate, eps=1e-5, weight_decay=pcfg.weight_decay)
     scheduler = transformers.get_scheduler(pcfg.lr_scheduler_type, optimizer, pcfg.warmup_steps, total_steps)
     return optimizer, scheduler
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    libc = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None  # glibc only
+
+
+def release_freed_memory() -> None:
+    """Give the memory freed by a backward pass back to the operating system (glibc's malloc_trim; elsewhere a no-op).
+
+    Each pass with gradients allocates and frees some hundred MB of activations in blocks below glibc's mmap
+    threshold; left in the heap, fragmented, they made the resident size creep up update after update (3 updates of
+    the 125m-shaped speed benchmark, benchmarks/ppo_vs_trl.py: peak RSS 2.28 GB without it, 1.87 GB with it, in
+    the same time).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class NonFinite(Exception):
@@ -73,12 +95,14 @@ def ppo_update(
                     stats["ptx_loss"] += weight * float(ptx_loss)
                 bad |= not bool(torch.isfinite(loss))
                 (loss * weight).backward()
+                release_freed_memory()
                 values = roles.values(ids, mask, p_len)
                 vf_loss, vf_clip = clipped_value_loss(
                     values, old["values"], old["returns"], resp_mask, pcfg.cliprange_value
                 )
                 bad |= not bool(torch.isfinite(vf_loss))
                 (pcfg.vf_coef * vf_loss * weight).backward()
+                release_freed_memory()
                 for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
                                    ("value_clip_fraction", vf_clip), ("approx_kl", approx_kl)):  # fmt: skip
                     stats[key] += weight * float(value.detach())

@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import PPOConfig
 from pipeline.errors import UserError
-from pipeline.generation import Prompt
+from pipeline.generation import Prompt, entropy_from_logits, logprobs_from_logits
 from pipeline.modeling import (
     WEIGHT_FILES,
     build_lora_config,
@@ -43,7 +43,6 @@ from pipeline.modeling import (
     reward_scores,
     right_pad,
 )
-from pipeline.ppo.losses import entropy_from_logits, logprobs_from_logits
 from pipeline.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -293,10 +292,10 @@ def response_logprobs(
     matmul per prompt token.
     """
     states = hidden_states(model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
-    logits = model.get_base_model().get_output_embeddings()(states).float() / temperature
+    logits = model.get_base_model().get_output_embeddings()(states)
     tokens = input_ids[:, prompt_len:]
-    logprobs = logprobs_from_logits(logits, tokens)
-    entropy = entropy_from_logits(logits) if with_entropy else None
+    logprobs = logprobs_from_logits(logits, tokens, temperature)
+    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
     return logprobs, entropy
 
 

@@ -1,7 +1,8 @@
 """Prompts and rollouts: which prompts each update samples, the sampled episodes, and their rewards and advantages.
 
-A rollout batch: sample responses with the policy (KV cache, left padding, stop at EOS), then without gradients the
-policy's log-probs (recomputed with the sampling temperature), the reference's, the values, and the reward model's
+A rollout batch: sample responses with the policy (KV cache, left padding, stop at EOS), keeping the log-prob and
+entropy of each sampled token from the sampling pass's logits (with ppo.rollout_logprobs=recompute, from one more
+forward pass instead), then without gradients the reference's log-probs, the values, and the reward model's
 scores. `score_rollout` turns them into per-token rewards (KL penalty on every token, normalised score on the last
 one), advantages (GAE, whitened) and returns.
 """
@@ -20,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import PPOConfig
 from pipeline.errors import UserError
-from pipeline.generation import SamplingArgs, decode_responses, generate_ids, tokenize_prompts
+from pipeline.generation import SamplingArgs, decode_responses, sample_ids, tokenize_prompts
 from pipeline.ppo.losses import (
     apply_missing_eos_penalty,
     gae_advantages,
@@ -212,30 +213,39 @@ def collect_rollout(
     tokenizer = roles.tokenizer
     records = [prompts.records[i] for i in indices]
     started = time.perf_counter()
-    prompt_ids, prompt_mask, response_ids, response_mask, ended = generate_ids(
+    from_generation = pcfg.rollout_logprobs == "generation"
+    sampled = sample_ids(
         roles.generation_model(),
         [prompts.ids[i] for i in indices],
         sampling,
         tokenizer.eos_token_id,
         tokenizer.pad_token_id,
         pcfg.generation_batch_size,
+        with_logprobs=from_generation,
     )
+    prompt_ids, prompt_mask = sampled.prompt_ids, sampled.prompt_mask
+    response_ids, response_mask = sampled.response_ids, sampled.response_mask
     generated = time.perf_counter()
     texts = decode_responses(tokenizer, response_ids, response_mask)
     n, width = response_ids.shape
-    logprobs, ref_logprobs, values, entropy = (torch.zeros(n, width) for _ in range(4))
+    ref_logprobs, values = torch.zeros(n, width), torch.zeros(n, width)
+    if from_generation:
+        logprobs, entropy = sampled.logprobs, sampled.entropy
+    else:
+        logprobs, entropy = torch.zeros(n, width), torch.zeros(n, width)
     for start in range(0, n, pcfg.forward_batch_size):
         rows = torch.arange(start, min(n, start + pcfg.forward_batch_size))
         ids, mask, p_len, r_len = episode_inputs(prompt_ids, prompt_mask, response_ids, response_mask, rows)
         ids, mask = ids.to(device), mask.to(device)
-        lp, ent = roles.policy_logprobs(ids, mask, p_len, sampling.temperature, with_entropy=True)
-        logprobs[rows, :r_len], entropy[rows, :r_len] = lp.float().cpu(), ent.float().cpu()
+        if not from_generation:
+            lp, ent = roles.policy_logprobs(ids, mask, p_len, sampling.temperature, with_entropy=True)
+            logprobs[rows, :r_len], entropy[rows, :r_len] = lp.float().cpu(), ent.float().cpu()
         ref_logprobs[rows, :r_len] = roles.reference_logprobs(ids, mask, p_len, sampling.temperature).float().cpu()
         values[rows, :r_len] = roles.values(ids, mask, p_len).float().cpu()
     scores = roles.reward.score([r["prompt"] for r in records], texts, pcfg.forward_batch_size)
     done = time.perf_counter()
     timings = {"time_generate": generated - started, "time_score": done - generated}
-    return Rollout(records, texts, prompt_ids, prompt_mask, response_ids, response_mask, ended, logprobs,
+    return Rollout(records, texts, prompt_ids, prompt_mask, response_ids, response_mask, sampled.ended, logprobs,
                    ref_logprobs, values * response_mask, entropy, scores, timings)  # fmt: skip
 
 
