@@ -22,7 +22,11 @@ EOS penalty, whitening, GAE, clip ranges, value coefficient); the reward model's
 stage's reward_stats.json on both sides (trl's score head is rescaled). What trl 1.12 cannot do is listed in the
 printed settings: it has only a fixed KL coefficient (ours adapts it towards ppo.kl_target; trl gets the fixed
 --trl-kl-coef, by default our initial coefficient), no gradient clipping, and the value model is a full copy of the
-reward model trained in full (as in trl's example), where ours is a LoRA adapter on the shared base.
+reward model trained in full (as in trl's example), where ours is a LoRA adapter on the shared base whose head starts
+as the reward head divided by the reward_stats std (trl's value model starts on the raw score scale, as its example
+sets it up). Smaller differences of trl 1.12 itself: its score lands one token after EOS (ours: on EOS), its reward
+model reads the sampled ids (ours: the re-tokenised text + EOS, as the reward stage trained), its learning rate steps
+once per update (ours: per optimiser step), and its old log-probs come from generate's logits (ours: a forward pass).
 
     .venv/bin/rlhf run recipes/demo.yaml --until reward          # the gold phase's models, prompts and settings
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/ppo_vs_trl.py --run-dir runs/demo
@@ -476,7 +480,8 @@ def print_settings(phase: dict[str, Any], title: str) -> None:
     norm = f"(score - {affine[0]:.3f}) / {affine[1]:.3f} on both sides" if affine else "none"
     print(f"  reward normalisation: {norm}; "
           f"gradient clipping: ours {phase['ours_max_grad_norm']}, trl none; value model: ours a LoRA adapter + head "
-          "on the shared base, trl a full copy of the reward model trained in full")  # fmt: skip
+          "on the shared base (head / reward_stats std), trl a full copy of the reward model trained in full (raw "
+          "head)")  # fmt: skip
     if phase.get("ours_set"):
         print(f"  ABLATION, our side only: ppo {phase['ours_set']}")
 
