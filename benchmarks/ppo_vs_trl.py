@@ -11,7 +11,7 @@ installed from PyPI on the first run and reused afterwards). Two phases:
   update's record is logged and at trl's on_step_end), the same per CPU-second of the process (steadier on a shared
   machine), and the peak RSS of each process (os.wait4, whole process, imports included).
 - gold: the demo run's own models (sft/final/merged, reward/final) and its PPO settings (the run's config.yaml),
-  trained --gold-seeds times per side (ppo.seed_offset 0, 1, ...); every trained policy is then evaluated by our
+  trained --gold-seeds times per side (ppo.seed_offset 0, 1, ..., or from --first-seed); every trained policy is then evaluated by our
   stage's evaluation code (pipeline/ppo/evaluation.py) on the world's held-out PPO prompts, each sampled
   --eval-samples times with the same random stream: gold score gained over the SFT policy, KL to the reference (the
   same k1 sum per response for both), gold win rate, insult rate; means over seeds and their standard error.
@@ -421,6 +421,8 @@ def reuse_trl(path: Path, runs: list[dict[str, Any]], args: argparse.Namespace) 
     earlier = json.loads(path.read_text())["gold"]
     if len(earlier["runs"]) < len(runs):
         raise SystemExit(f"--trl-from {path} has {len(earlier['runs'])} seeds, this run needs {len(runs)}")
+    if earlier.get("first_seed", 0) != args.first_seed:
+        raise SystemExit(f"--trl-from {path} starts at seed {earlier.get('first_seed', 0)}; give that --first-seed")
     evaluation = earlier.get("eval", {"samples": 4, "seed": 0})  # results written before this key: the defaults
     if (evaluation["samples"], evaluation["seed"]) != (args.eval_samples, args.seed):
         raise SystemExit(f"--trl-from {path} was evaluated with {evaluation}; give the same --eval-samples, --seed")
@@ -518,14 +520,15 @@ def _mean(values: list[float | None]) -> float | None:
 def print_gold(evaluation: dict[str, list[dict[str, Any]]], phase: dict[str, Any]) -> dict[str, Any]:
     """Per seed and averaged over seeds: gold gain over the SFT policy, KL to the reference, and the rest."""
     o, t = evaluation["ours"], evaluation["trl"]
-    seeds, target = len(o), phase["ours_kl_target"]
+    seeds, target, first = len(o), phase["ours_kl_target"], phase.get("first_seed", 0)
     gains = {
         side: [r["ppo_gold_score"] - r["sft_gold_score"] for r in reports] for side, reports in evaluation.items()
     }
     print(f"\n{'held-out evaluation, ' + str(o[0]['eval_prompts']) + ' episodes':<40} {'ours':>10} {'trl 1.12':>10}")
     for k in range(seeds):
-        print(f"{'seed ' + str(k) + ': gold gain over SFT':<40} {gains['ours'][k]:>+10.3f} {gains['trl'][k]:>+10.3f}")
-        print(f"{'seed ' + str(k) + ': KL to reference':<40} {o[k]['kl_to_reference']:>10.3f} "
+        seed = f"seed {first + k}"
+        print(f"{seed + ': gold gain over SFT':<40} {gains['ours'][k]:>+10.3f} {gains['trl'][k]:>+10.3f}")
+        print(f"{seed + ': KL to reference':<40} {o[k]['kl_to_reference']:>10.3f} "
               f"{t[k]['kl_to_reference']:>10.3f}")  # fmt: skip
     rows = [("gold score, SFT policy", "sft_gold_score"), ("gold score, PPO policy", "ppo_gold_score"),
             ("KL to reference (nats/response)", "kl_to_reference"), ("gold win rate vs SFT", "gold_win_rate"),
@@ -667,6 +670,7 @@ def main() -> None:
     gold = parser.add_argument_group("gold phase (the run's models and PPO settings)")
     gold.add_argument("--gold-updates", type=int, help="PPO updates (default: the run's ppo.num_updates)")
     gold.add_argument("--gold-seeds", type=int, default=3, help="training runs per side (seeds 0..N-1)")
+    gold.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1 (more seeds in another run)")
     gold.add_argument("--eval-samples", type=int, default=4, help="sampled responses per held-out prompt")
     parser.add_argument("--evaluate", type=Path, help=argparse.SUPPRESS)  # internal: the evaluation child
     parser.add_argument("--ours-child", nargs=2, type=Path, help=argparse.SUPPRESS)  # internal: our side
@@ -722,7 +726,7 @@ def main() -> None:
 
     if "gold" in args.phases:
         runs = []
-        for k in range(args.gold_seeds):  # seed k: ppo.seed_offset + k on both sides
+        for k in range(args.first_seed, args.first_seed + args.gold_seeds):  # seed k: ppo.seed_offset + k, both sides
             overrides = {"eval_max_prompts": 8, "seed_offset": cfg.ppo.seed_offset + k}
             if args.gold_updates:
                 overrides["num_updates"] = args.gold_updates
@@ -732,6 +736,7 @@ def main() -> None:
         phase = {key: value for key, value in runs[0].items() if key not in ("ours", "trl")}
         phase["runs"] = runs
         phase["eval"] = {"samples": args.eval_samples, "seed": args.seed}
+        phase["first_seed"] = args.first_seed
         print_settings(phase, f"gold phase: the demo run's SFT model and reward model ({args.run_dir}), "
                               f"{args.gold_seeds} training seed(s) per side")  # fmt: skip
         phase["evaluation"] = evaluate(runs, args)
