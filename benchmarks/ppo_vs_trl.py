@@ -11,7 +11,7 @@ installed from PyPI on the first run and reused afterwards). Two phases:
   update's record is logged and at trl's on_step_end), the same per CPU-second of the process (steadier on a shared
   machine), and the peak RSS of each process (os.wait4, whole process, imports included).
 - gold: the demo run's own models (sft/final/merged, reward/final) and its PPO settings (the run's config.yaml),
-  trained --gold-seeds times per side (ppo.seed_offset 0, 1, ...); every trained policy is then evaluated by our
+  trained --gold-seeds times per side (ppo.seed_offset 0, 1, ..., or from --first-seed); every trained policy is then evaluated by our
   stage's evaluation code (pipeline/ppo/evaluation.py) on the world's held-out PPO prompts, each sampled
   --eval-samples times with the same random stream: gold score gained over the SFT policy, KL to the reference (the
   same k1 sum per response for both), gold win rate, insult rate; means over seeds and their standard error.
@@ -22,7 +22,11 @@ EOS penalty, whitening, GAE, clip ranges, value coefficient); the reward model's
 stage's reward_stats.json on both sides (trl's score head is rescaled). What trl 1.12 cannot do is listed in the
 printed settings: it has only a fixed KL coefficient (ours adapts it towards ppo.kl_target; trl gets the fixed
 --trl-kl-coef, by default our initial coefficient), no gradient clipping, and the value model is a full copy of the
-reward model trained in full (as in trl's example), where ours is a LoRA adapter on the shared base.
+reward model trained in full (as in trl's example), where ours is a LoRA adapter on the shared base whose head starts
+as the reward head divided by the reward_stats std (trl's value model starts on the raw score scale, as its example
+sets it up). Smaller differences of trl 1.12 itself: its score lands one token after EOS (ours: on EOS), its reward
+model reads the sampled ids (ours: the re-tokenised text + EOS, as the reward stage trained), its learning rate steps
+once per update (ours: per optimiser step), and its old log-probs come from generate's logits (ours: a forward pass).
 
     .venv/bin/rlhf run recipes/demo.yaml --until reward          # the gold phase's models, prompts and settings
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/ppo_vs_trl.py --run-dir runs/demo
@@ -313,6 +317,7 @@ def check_comparable(pcfg: Any) -> None:
 def run_phase(name: str, cfg: Any, base: Path, reward: Path, prompts: dict[str, Path], overrides: dict[str, Any],
               args: argparse.Namespace, python: Path) -> dict[str, Any]:  # fmt: skip
     """Prepare the shared inputs, then run ours and trl one after the other."""
+    from pipeline.config import save_config
     from pipeline.ppo.roles import read_reward_stats
     from pipeline.tokenizer import load_tokenizer
 
@@ -336,11 +341,13 @@ def run_phase(name: str, cfg: Any, base: Path, reward: Path, prompts: dict[str, 
             "eval_prompts": str(work / "eval_ids.jsonl"), "seed": cfg.seed + pcfg.seed_offset,
             "score_affine": [stats["mean"], stats["std"]] if stats else None,
             "lora": lora_for_trl(pcfg, base), "settings": settings_for(pcfg, args.trl_kl_coef)}  # fmt: skip
-    print(f"\n[{name}] {n_train} training prompts; running ours, then trl (logs in {work})", flush=True)
+    save_config(dataclasses.replace(cfg, ppo=pcfg), work / "recipe.yaml")  # the shared settings, for evaluation
+    order = [side for side in args.order if side in args.sides]
+    print(f"\n[{name}] {n_train} training prompts; running {', then '.join(order)} (logs in {work})", flush=True)
     sides = {}
-    for side in args.order:
+    for side in order:
         if side == "ours":
-            sides["ours"] = run_ours(cfg, overrides, work, args.threads)
+            sides["ours"] = run_ours(cfg, {**overrides, **args.ours_set}, work, args.threads)
         else:
             sides["trl"] = run_trl(python, spec, work, args.threads)
         print(f"[{name}] {side}: {sides[side]['episodes_per_s'] or float('nan'):.3f} episodes/s "
@@ -348,7 +355,8 @@ def run_phase(name: str, cfg: Any, base: Path, reward: Path, prompts: dict[str, 
               f"{sides[side]['peak_rss_mb']:.0f} MB, {sides[side]['wall_seconds']:.0f} s", flush=True)  # fmt: skip
     return {"settings": spec["settings"], "lora": spec["lora"], "score_affine": spec["score_affine"],
             "ours_kl_target": pcfg.kl_target, "ours_init_kl_coef": pcfg.init_kl_coef,
-            "ours_max_grad_norm": pcfg.max_grad_norm, **sides}  # fmt: skip
+            "ours_max_grad_norm": pcfg.max_grad_norm, "ours_set": args.ours_set, "recipe": str(work / "recipe.yaml"),
+            **sides}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -396,8 +404,8 @@ def evaluate_child(spec_path: Path) -> None:
 def evaluate(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     """Every trained policy (each side, each seed) against the SFT policy: {"ours": [per seed], "trl": [...]}."""
     work = args.work_dir / "gold"
-    adapters = {f"{side}/{k}": run[side]["adapter"] for k, run in enumerate(runs) for side in ("ours", "trl")}
-    spec = {"recipe": runs[0]["ours"]["recipe"], "threads": args.threads, "samples": args.eval_samples,
+    adapters = {f"{side}/{k}": run[side]["adapter"] for k, run in enumerate(runs) for side in args.sides}
+    spec = {"recipe": runs[0]["recipe"], "threads": args.threads, "samples": args.eval_samples,
             "seed": args.seed, "out": str(work / "eval.json"), "adapters": adapters}  # fmt: skip
     path = work / "eval_spec.json"
     path.write_text(json.dumps(spec, indent=1))
@@ -405,7 +413,25 @@ def evaluate(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, 
     run_process([sys.executable, str(Path(__file__).resolve()), "--evaluate", str(path)], work / "eval.log",
                 args.threads)  # fmt: skip
     reports = json.loads((work / "eval.json").read_text())
-    return {side: [reports[f"{side}/{k}"] for k in range(len(runs))] for side in ("ours", "trl")}
+    return {side: [reports[f"{side}/{k}"] for k in range(len(runs))] for side in args.sides}
+
+
+def reuse_trl(path: Path, runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """trl's trained runs and their evaluations from an earlier gold phase (results.json) with the same settings."""
+    earlier = json.loads(path.read_text())["gold"]
+    if len(earlier["runs"]) < len(runs):
+        raise SystemExit(f"--trl-from {path} has {len(earlier['runs'])} seeds, this run needs {len(runs)}")
+    if earlier.get("first_seed", 0) != args.first_seed:
+        raise SystemExit(f"--trl-from {path} starts at seed {earlier.get('first_seed', 0)}; give that --first-seed")
+    evaluation = earlier.get("eval", {"samples": 4, "seed": 0})  # results written before this key: the defaults
+    if (evaluation["samples"], evaluation["seed"]) != (args.eval_samples, args.seed):
+        raise SystemExit(f"--trl-from {path} was evaluated with {evaluation}; give the same --eval-samples, --seed")
+    for k, run in enumerate(runs):
+        if earlier["runs"][k]["settings"] != run["settings"] or earlier["runs"][k]["lora"] != run["lora"]:
+            raise SystemExit(f"--trl-from {path}: seed {k} ran with other PPO settings; train trl again")
+        run["trl"] = earlier["runs"][k]["trl"]
+    print(f"[gold] trl's {len(runs)} trained policies and their evaluations reused from {path}", flush=True)
+    return earlier["evaluation"]["trl"][: len(runs)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -456,7 +482,10 @@ def print_settings(phase: dict[str, Any], title: str) -> None:
     norm = f"(score - {affine[0]:.3f}) / {affine[1]:.3f} on both sides" if affine else "none"
     print(f"  reward normalisation: {norm}; "
           f"gradient clipping: ours {phase['ours_max_grad_norm']}, trl none; value model: ours a LoRA adapter + head "
-          "on the shared base, trl a full copy of the reward model trained in full")  # fmt: skip
+          "on the shared base (head / reward_stats std), trl a full copy of the reward model trained in full (raw "
+          "head)")  # fmt: skip
+    if phase.get("ours_set"):
+        print(f"  ABLATION, our side only: ppo {phase['ours_set']}")
 
 
 def print_speed(phase: dict[str, Any], label: str) -> dict[str, Any]:
@@ -491,14 +520,15 @@ def _mean(values: list[float | None]) -> float | None:
 def print_gold(evaluation: dict[str, list[dict[str, Any]]], phase: dict[str, Any]) -> dict[str, Any]:
     """Per seed and averaged over seeds: gold gain over the SFT policy, KL to the reference, and the rest."""
     o, t = evaluation["ours"], evaluation["trl"]
-    seeds, target = len(o), phase["ours_kl_target"]
+    seeds, target, first = len(o), phase["ours_kl_target"], phase.get("first_seed", 0)
     gains = {
         side: [r["ppo_gold_score"] - r["sft_gold_score"] for r in reports] for side, reports in evaluation.items()
     }
     print(f"\n{'held-out evaluation, ' + str(o[0]['eval_prompts']) + ' episodes':<40} {'ours':>10} {'trl 1.12':>10}")
     for k in range(seeds):
-        print(f"{'seed ' + str(k) + ': gold gain over SFT':<40} {gains['ours'][k]:>+10.3f} {gains['trl'][k]:>+10.3f}")
-        print(f"{'seed ' + str(k) + ': KL to reference':<40} {o[k]['kl_to_reference']:>10.3f} "
+        seed = f"seed {first + k}"
+        print(f"{seed + ': gold gain over SFT':<40} {gains['ours'][k]:>+10.3f} {gains['trl'][k]:>+10.3f}")
+        print(f"{seed + ': KL to reference':<40} {o[k]['kl_to_reference']:>10.3f} "
               f"{t[k]['kl_to_reference']:>10.3f}")  # fmt: skip
     rows = [("gold score, SFT policy", "sft_gold_score"), ("gold score, PPO policy", "ppo_gold_score"),
             ("KL to reference (nats/response)", "kl_to_reference"), ("gold win rate vs SFT", "gold_win_rate"),
@@ -579,6 +609,19 @@ def print_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def parse_setting(item: str) -> tuple[str, Any]:
+    """KEY=VALUE of --ours-set, the value read as YAML (1e9, null, fresh)."""
+    import yaml
+
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--ours-set {item!r} is not KEY=VALUE")
+    try:
+        return key, float(text) if not text.lstrip("-").isdigit() else int(text)  # YAML reads 1e9 as a string
+    except ValueError:
+        return key, yaml.safe_load(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -593,6 +636,26 @@ def main() -> None:
     parser.add_argument("--venv", type=Path, default=ROOT / "benchmarks" / ".venv-trl112", help="trl's environment")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per side (pin the run with taskset)")
     parser.add_argument("--order", nargs=2, default=["ours", "trl"], help="which side runs first")
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        choices=["ours", "trl"],
+        default=["ours", "trl"],
+        help="sides to train (gold phase; without trl, give --trl-from)",
+    )
+    parser.add_argument(
+        "--trl-from",
+        type=Path,
+        help="gold phase: reuse trl's trained policies and evaluations "
+        "from this earlier results.json (same settings, seeds, --eval-samples and --seed)",
+    )
+    parser.add_argument(
+        "--ours-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="ablation: ppo settings for our side only, e.g. max_grad_norm=1e9 (printed)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="evaluation sampling seed and the speed models' seed")
     parser.add_argument("--trl-kl-coef", type=float, help="trl's fixed kl_coef (default: our ppo.init_kl_coef)")
     speed = parser.add_argument_group("speed phase (random model; the other PPO settings are the run's)")
@@ -607,10 +670,18 @@ def main() -> None:
     gold = parser.add_argument_group("gold phase (the run's models and PPO settings)")
     gold.add_argument("--gold-updates", type=int, help="PPO updates (default: the run's ppo.num_updates)")
     gold.add_argument("--gold-seeds", type=int, default=3, help="training runs per side (seeds 0..N-1)")
+    gold.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1 (more seeds in another run)")
     gold.add_argument("--eval-samples", type=int, default=4, help="sampled responses per held-out prompt")
     parser.add_argument("--evaluate", type=Path, help=argparse.SUPPRESS)  # internal: the evaluation child
     parser.add_argument("--ours-child", nargs=2, type=Path, help=argparse.SUPPRESS)  # internal: our side
     args = parser.parse_args()
+    args.ours_set = dict(parse_setting(item) for item in args.ours_set)
+    if (
+        (args.sides == ["ours"]) != bool(args.trl_from)
+        or args.sides == ["trl"]
+        or (args.trl_from and "speed" in args.phases)
+    ):
+        parser.error("--sides ours goes with --phases gold and --trl-from (trl's runs), and only with them")
     if args.evaluate:
         evaluate_child(args.evaluate)
         return
@@ -655,17 +726,22 @@ def main() -> None:
 
     if "gold" in args.phases:
         runs = []
-        for k in range(args.gold_seeds):  # seed k: ppo.seed_offset + k on both sides
+        for k in range(args.first_seed, args.first_seed + args.gold_seeds):  # seed k: ppo.seed_offset + k, both sides
             overrides = {"eval_max_prompts": 8, "seed_offset": cfg.ppo.seed_offset + k}
             if args.gold_updates:
                 overrides["num_updates"] = args.gold_updates
             runs.append(run_phase(f"gold/seed{k}", cfg, paths["base"], paths["reward"], prompts, overrides, args,
                                   python))  # fmt: skip
+        trl_reports = reuse_trl(args.trl_from, runs, args) if args.trl_from else None
         phase = {key: value for key, value in runs[0].items() if key not in ("ours", "trl")}
         phase["runs"] = runs
+        phase["eval"] = {"samples": args.eval_samples, "seed": args.seed}
+        phase["first_seed"] = args.first_seed
         print_settings(phase, f"gold phase: the demo run's SFT model and reward model ({args.run_dir}), "
                               f"{args.gold_seeds} training seed(s) per side")  # fmt: skip
         phase["evaluation"] = evaluate(runs, args)
+        if trl_reports is not None:
+            phase["evaluation"]["trl"] = trl_reports
         phase["comparison"] = print_gold(phase["evaluation"], phase)
         results["gold"] = phase
 

@@ -544,7 +544,7 @@ class PPOConfig:
     )
     value_init: Literal["reward", "fresh"] = _f(
         "reward",
-        "Start the value adapter and head from the reward model's (needs a reward adapter on the same base), or fresh.",
+        "Start the value adapter and head from the reward model's (needs a reward adapter on the same base; with reward_normalization=reward_stats the head is divided by its std, the scale of the returns), or fresh.",
     )
     finetune: Literal["lora", "qlora"] = _f(
         "lora",

@@ -242,6 +242,20 @@ def test_rollout_logprobs_from_generation_give_a_first_ratio_of_one(reference, u
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
 
 
+def test_value_head_starts_as_the_reward_head_on_the_normalised_scale(upstream):
+    from pipeline.config import LoraArgs, PPOConfig
+    from pipeline.ppo.roles import build_roles
+
+    reward = upstream / "reward" / "final"  # reward_stats.json: std 0.5
+    score = load_file(reward / "adapter_model.safetensors")["base_model.model.score.weight"]
+    for normalization, std in (("reward_stats", 0.5), ("none", 1.0)):
+        pcfg = PPOConfig(reward_normalization=normalization, lora=LoraArgs(r=4, alpha=8))
+        roles = build_roles(pcfg, str(upstream / "sft" / "final" / "merged"), str(reward), torch.device("cpu"))
+        # returns are built from (score - mean) / std, so the critic starts predicting scores divided by std
+        assert torch.allclose(roles.value_head.weight.detach(), score / std)
+        assert roles.value_head.bias is None  # as the reward model's head: value/ still loads like it
+
+
 def _saved_tokenizer(tokenizer, tmp_path: Path) -> Path:
     out = tmp_path / "tok"
     tokenizer.save_pretrained(out)

@@ -204,6 +204,15 @@ def scalar_head(hidden_size: int, state: dict[str, torch.Tensor] | None, device:
     return head.to(device)
 
 
+def rescaled_head_state(head: dict[str, torch.Tensor], std: float) -> dict[str, torch.Tensor]:
+    """A score head's weights divided by `std`: it then outputs scores on the scale of (score - mean) / std.
+
+    The mean is not subtracted: the head keeps its form (no bias, as the reward model's), so value/ still loads like
+    the reward model; a constant offset hardly moves whitened advantages, and the critic learns it.
+    """
+    return {key: value.float() / std for key, value in head.items()}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Forward passes of the roles
 
@@ -437,7 +446,13 @@ def _add_critic(
     if pcfg.value_init == "reward":
         load_adapter_weights(critic, VALUE, reward.lora)
     hidden = base.config.get_text_config().hidden_size
-    return critic, scalar_head(hidden, reward.head if pcfg.value_init == "reward" else None, device)
+    if pcfg.value_init != "reward":
+        return critic, scalar_head(hidden, None, device)
+    head = reward.head
+    stats = read_reward_stats(str(reward.path)) if pcfg.reward_normalization == "reward_stats" else None
+    if stats is not None:  # the critic predicts returns built from normalised scores: start it on their scale
+        head = rescaled_head_state(head, stats["std"])
+    return critic, scalar_head(hidden, head, device)
 
 
 def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch.device) -> Roles:
