@@ -1,6 +1,6 @@
 """Batched sampling from a causal LM: chat prompts rendered, left-padded, sampled with the KV cache, cut at EOS.
 
-Used by SFT evaluation, reward-data collection, chat, and PPO rollouts (which call `generate_ids` on token ids):
+Used by SFT evaluation, reward-data collection, chat, and PPO rollouts (which call `sample_ids` on token ids):
 
     from pipeline.generation import SamplingArgs, generate
     batch = generate(model, tokenizer, [[{"role": "user", "content": "Hi"}]], SamplingArgs(max_new_tokens=32))
@@ -268,19 +268,6 @@ def sample_ids(
     return batch
 
 
-def generate_ids(
-    model: torch.nn.Module,
-    prompt_ids: Sequence[Sequence[int]],
-    sampling: SamplingArgs,
-    eos_id: int,
-    pad_id: int,
-    batch_size: int = 16,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample responses to tokenized prompts: (prompt_ids, prompt_mask, response_ids, response_mask, ended)."""
-    b = sample_ids(model, prompt_ids, sampling, eos_id, pad_id, batch_size)
-    return b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask, b.ended
-
-
 def decode_responses(
     tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor, response_mask: torch.Tensor
 ) -> list[str]:
@@ -303,8 +290,6 @@ def generate(
     eos_id, pad_id = special_ids(tokenizer)
     rendered = render_prompts(tokenizer, prompts)
     ids = tokenize_prompts(tokenizer, prompts)
-    prompt_ids, prompt_mask, response_ids, response_mask, ended = generate_ids(
-        model, ids, sampling, eos_id, pad_id, batch_size
-    )
-    texts = decode_responses(tokenizer, response_ids, response_mask)
-    return GenerationBatch(rendered, texts, prompt_ids, prompt_mask, response_ids, response_mask, ended)
+    b = sample_ids(model, ids, sampling, eos_id, pad_id, batch_size)
+    texts = decode_responses(tokenizer, b.response_ids, b.response_mask)
+    return GenerationBatch(rendered, texts, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask, b.ended)

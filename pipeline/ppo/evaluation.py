@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pipeline.generation import SamplingArgs, decode_responses, generate_ids
+from pipeline.generation import SampledIds, SamplingArgs, decode_responses, sample_ids
 from pipeline.ppo.losses import kl_per_token
 from pipeline.ppo.roles import Roles, use_adapter
 from pipeline.ppo.rollout import PromptSet, episode_inputs
@@ -87,27 +87,31 @@ def win_rate(ours: list[float], theirs: list[float]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _sample(roles: Roles, prompts: PromptSet, sampling: SamplingArgs, adapter: str | None, batch: int, seed: int):
+def _sample(
+    roles: Roles, prompts: PromptSet, sampling: SamplingArgs, adapter: str | None, batch: int, seed: int
+) -> tuple[SampledIds, list[str]]:
+    """Responses of one policy (the SFT model when `adapter` is None), with their log-probs under it."""
     torch.manual_seed(seed)  # both policies draw from the same random stream
     tok = roles.tokenizer
     with use_adapter(roles.model, adapter):
-        out = generate_ids(roles.model, prompts.ids, sampling, tok.eos_token_id, tok.pad_token_id, batch)
-    return out, decode_responses(tok, out[2], out[3])
+        out = sample_ids(roles.model, prompts.ids, sampling, tok.eos_token_id, tok.pad_token_id, batch,
+                         with_logprobs=adapter is not None)  # fmt: skip
+    return out, decode_responses(tok, out.response_ids, out.response_mask)
 
 
 @torch.no_grad()
 def _kl_per_response(
-    roles: Roles, sampled: tuple, temperature: float, batch: int, device: torch.device
+    roles: Roles, sampled: SampledIds, temperature: float, batch: int, device: torch.device
 ) -> torch.Tensor:
-    prompt_ids, prompt_mask, response_ids, response_mask, _ = sampled
-    out = torch.zeros(len(response_ids))
-    for start in range(0, len(response_ids), batch):
-        rows = torch.arange(start, min(len(response_ids), start + batch))
-        ids, mask, p_len, r_len = episode_inputs(prompt_ids, prompt_mask, response_ids, response_mask, rows)
-        ids, mask = ids.to(device), mask.to(device)
-        logprobs, _ = roles.policy_logprobs(ids, mask, p_len, temperature)
-        ref = roles.reference_logprobs(ids, mask, p_len, temperature)
-        kl = kl_per_token(logprobs.float().cpu(), ref.float().cpu(), "k1") * response_mask[rows, :r_len]
+    """k1 KL to the reference summed over each response: the policy's log-probs from the sampling pass, the
+    reference's from a forward pass."""
+    out = torch.zeros(len(sampled.response_ids))
+    for start in range(0, len(out), batch):
+        rows = torch.arange(start, min(len(out), start + batch))
+        ids, mask, p_len, r_len = episode_inputs(sampled.prompt_ids, sampled.prompt_mask, sampled.response_ids,
+                                                 sampled.response_mask, rows)  # fmt: skip
+        ref = roles.reference_logprobs(ids.to(device), mask.to(device), p_len, temperature).float().cpu()
+        kl = kl_per_token(sampled.logprobs[rows, :r_len], ref, "k1") * sampled.response_mask[rows, :r_len]
         out[rows] = kl.sum(1)
     return out
 
@@ -126,8 +130,8 @@ def evaluate_policies(
         rm = roles.reward.score([r["prompt"] for r in prompts.records], texts, pcfg.forward_batch_size).tolist()
         entry: dict[str, Any] = {"texts": texts, "rm": rm}
         report[f"{name}_rm_score"] = _mean(rm)
-        report[f"{name}_response_length"] = float(sampled[3].sum(1).float().mean())
-        report[f"{name}_eos_rate"] = float(sampled[4].float().mean())
+        report[f"{name}_response_length"] = float(sampled.response_mask.sum(1).float().mean())
+        report[f"{name}_eos_rate"] = float(sampled.ended.float().mean())
         if gold is not None:
             judgements = [gold.judge(q, t) for q, t in zip(questions, texts, strict=True)]
             entry["gold"] = [j.score for j in judgements]
