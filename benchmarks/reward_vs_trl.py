@@ -32,11 +32,11 @@ import copy
 import logging
 import random
 import tempfile
-import time
 
 import torch
 import transformers
 from datasets import Dataset
+from step_clock import StepClock  # benchmarks/ is this script's directory
 
 from pipeline.config import load_config
 from pipeline.data.rankings import Ranking, parse_ranking, ranking_from_scores, strict_pairs, tier_of
@@ -89,18 +89,6 @@ def training_args(
         lr_scheduler_type="linear", warmup_steps=0.05, save_strategy="no", report_to=[], logging_steps=10_000,
         disable_tqdm=True, remove_unused_columns=False, dataloader_pin_memory=False, **extra,
     )  # fmt: skip
-
-
-class StepClock(transformers.TrainerCallback):
-    """Wall and process CPU time at the end of every optimiser step."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self.cpu: list[float] = []
-
-    def on_step_end(self, *_, **__):
-        self.times.append(time.perf_counter())
-        self.cpu.append(time.process_time())
 
 
 def held_out_accuracy(model, records, sequences, pad_id) -> float:

@@ -27,7 +27,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 MODES = ("lora", "qlora", "full")
@@ -124,21 +123,12 @@ def _peak_rss_mb() -> float:
 def measure(mode: str, base: Path, data: Path, args: argparse.Namespace) -> dict:
     """Train `args.steps` steps in `mode` in this process; return throughput and memory figures."""
     import torch
-    import transformers
+    from step_clock import StepClock  # benchmarks/ is this script's directory
 
     from pipeline.config import load_config
     from pipeline.data.conversations import load_conversations
     from pipeline.sft import build_trainer, load_tokenizer_and_model
     from pipeline.tracking import count_parameters
-
-    class Clock(transformers.TrainerCallback):
-        def __init__(self):
-            self.times: list[float] = []
-            self.cpu: list[float] = []
-
-        def on_step_end(self, *_, **__):
-            self.times.append(time.perf_counter())
-            self.cpu.append(time.process_time())
 
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(None, [
@@ -149,7 +139,7 @@ def measure(mode: str, base: Path, data: Path, args: argparse.Namespace) -> dict
         tokenizer, model, _ = load_tokenizer_and_model(cfg, str(base))
         conversations, _ = load_conversations(data, tokenizer)
         trainer = build_trainer(cfg, model, tokenizer, conversations, None)
-        clock = Clock()
+        clock = StepClock()
         trainer.add_callback(clock)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
