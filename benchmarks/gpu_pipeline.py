@@ -48,8 +48,15 @@ def main() -> None:
     wall = time.time() - started
 
     cfg = load_config(args.recipe, args.overrides)
-    figures = {"device": device, "torch": torch.__version__, "recipe": args.recipe, "overrides": args.overrides,
-               "exit_code": code, "wall_seconds": round(wall, 1), "stages": {}}  # fmt: skip
+    figures = {
+        "device": device,
+        "torch": torch.__version__,
+        "recipe": args.recipe,
+        "overrides": args.overrides,
+        "exit_code": code,
+        "wall_seconds": round(wall, 1),
+        "stages": {},
+    }
     print(f"\n{device}, torch {torch.__version__}; `pipeline run` exit code {code}, wall time {wall:.0f} s")
     print(f"{'stage':9s} {'state':12s} {'seconds':>8s} {'peak GPU MiB':>13s}  metrics")
     for row in status_rows(cfg):
@@ -64,8 +71,12 @@ def main() -> None:
         print(
             f"{stage:9s} {row['state'][:12]:12s} {seconds if seconds is not None else '-':>8} {peak if peak is not None else '-':>13}  {metrics}"
         )
-        figures["stages"][stage] = {"state": row["state"], "seconds": seconds, "cuda_peak_memory_mib": peak,
-                                    "metrics": row.get("metrics", {})}  # fmt: skip
+        figures["stages"][stage] = {
+            "state": row["state"],
+            "seconds": seconds,
+            "cuda_peak_memory_mib": peak,
+            "metrics": row.get("metrics", {}),
+        }
     if args.out:
         args.out.write_text(json.dumps(figures, indent=2))
     if code != 0 or any(figures["stages"][s]["state"] != "finished" for s in STAGES):

@@ -75,10 +75,10 @@ def main() -> None:
     policy.config.use_cache = True
     policy.generation_config.use_cache = True
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    reward_model = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1,
-                                                                      dtype=torch.float32)  # fmt: skip
-    value_model = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1,
-                                                                     dtype=torch.float32)  # fmt: skip
+    reward_model = AutoModelForSequenceClassification.from_pretrained(
+        spec["reward"], num_labels=1, dtype=torch.float32
+    )
+    value_model = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
     for model in (reward_model, value_model):
         model.config.pad_token_id = tokenizer.pad_token_id
     if spec.get("score_affine"):

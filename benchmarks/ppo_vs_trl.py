@@ -85,8 +85,9 @@ def load_run(run_dir: Path, work: Path):
     The reward adapter records its base as a path inside the run as it was made (e.g. runs/demo/sft/final/merged);
     for a run copied elsewhere, the benchmark uses a copy of the adapter whose recorded base is the run's own.
     """
-    from pipeline.config import load_config
     from pipeline.data.world import WorldFiles
+
+    from pipeline.config import load_config
 
     config = run_dir / "config.yaml"
     if not config.is_file():
@@ -96,8 +97,12 @@ def load_run(run_dir: Path, work: Path):
     made_in = Path(load_config(config).run_dir)
     cfg = load_config(config, [f"run_dir={run_dir}"])
     world = WorldFiles(run_dir / "world")
-    paths = {"base": run_dir / "sft" / "final" / "merged", "reward": run_dir / "reward" / "final",
-             "train_prompts": world.ppo_train_prompts, "eval_prompts": world.ppo_eval_prompts}  # fmt: skip
+    paths = {
+        "base": run_dir / "sft" / "final" / "merged",
+        "reward": run_dir / "reward" / "final",
+        "train_prompts": world.ppo_train_prompts,
+        "eval_prompts": world.ppo_eval_prompts,
+    }
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         raise SystemExit(f"the run {run_dir} lacks {', '.join(missing)}: finish its sft and reward stages first")
@@ -137,8 +142,9 @@ def write_prompt_ids(source: Path, tokenizer: Any, pcfg: Any, out: Path) -> int:
     """The prompts as our stage tokenizes them (chat template, long-prompt policy), one {"input_ids"} per line."""
     from pipeline.ppo.rollout import load_prompt_records, prepare_prompts
 
-    prompts = prepare_prompts(load_prompt_records(source, str(source)), tokenizer, pcfg.max_prompt_len,
-                              pcfg.long_prompts, str(source))  # fmt: skip
+    prompts = prepare_prompts(
+        load_prompt_records(source, str(source)), tokenizer, pcfg.max_prompt_len, pcfg.long_prompts, str(source)
+    )
     out.write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in prompts.ids))
     return len(prompts.ids)
 
@@ -187,8 +193,12 @@ def lora_for_trl(pcfg: Any, base: Path) -> dict[str, Any]:
     skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base)))  # for the settings only
     config = build_lora_config(pcfg.lora, skeleton, "CAUSAL_LM")
     targets = config.target_modules
-    return {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-            "target_modules": targets if isinstance(targets, str) else sorted(targets)}  # fmt: skip
+    return {
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -197,8 +207,13 @@ def lora_for_trl(pcfg: Any, base: Path) -> dict[str, Any]:
 
 def run_process(cmd: list[str], log: Path, threads: int) -> dict[str, float]:
     """Run one side to completion; its wall time and peak RSS (os.wait4: this process alone)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRL_EXPERIMENTAL_SILENCE": "1",
+    }
     started = time.time()
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -254,12 +269,17 @@ def run_ours(cfg: Any, overrides: dict[str, Any], work: Path, threads: int) -> d
     records = read_metrics(run_dir / "ppo" / "metrics.jsonl")
     last = records[-1]
     rates = steady_rates(marks["update_times"], marks["update_cpu_times"], ours.ppo.rollout_batch_size)
-    return {**proc, **rates, "updates": len(records), "recipe": str(recipe),
-            "adapter": str(run_dir / "ppo" / "final"),
-            "last_update": {k: last[k] for k in ("rm_score", "kl", "kl_coef")},
-            "time_generate": sum(r["time_generate"] for r in records),
-            "time_score": sum(r["time_score"] for r in records),
-            "time_optimise": sum(r["time_optimise"] for r in records)}  # fmt: skip
+    return {
+        **proc,
+        **rates,
+        "updates": len(records),
+        "recipe": str(recipe),
+        "adapter": str(run_dir / "ppo" / "final"),
+        "last_update": {k: last[k] for k in ("rm_score", "kl", "kl_coef")},
+        "time_generate": sum(r["time_generate"] for r in records),
+        "time_score": sum(r["time_score"] for r in records),
+        "time_optimise": sum(r["time_optimise"] for r in records),
+    }
 
 
 def run_trl(python: Path, spec: dict[str, Any], work: Path, threads: int) -> dict[str, Any]:
@@ -269,17 +289,24 @@ def run_trl(python: Path, spec: dict[str, Any], work: Path, threads: int) -> dic
     spec = {**spec, "out_dir": str(out), "threads": threads}
     path = work / "trl_spec.json"
     path.write_text(json.dumps(spec, indent=1))
-    proc = run_process([str(python), str(ROOT / "benchmarks" / "ppo_trl_side.py"), str(path)], work / "trl.log",
-                       threads)  # fmt: skip
+    proc = run_process(
+        [str(python), str(ROOT / "benchmarks" / "ppo_trl_side.py"), str(path)], work / "trl.log", threads
+    )
     result = json.loads((out / "result.json").read_text())
     rates = steady_rates(result["update_times"], result["update_cpu_times"], spec["settings"]["rollout_batch_size"])
     logs = [entry for entry in result["logs"] if "objective/kl" in entry]
     last = logs[-1] if logs else {}
-    return {**proc, **rates, "updates": len(result["update_times"]), "adapter": str(out / "policy"),
-            "self_reported_peak_rss_mb": result["peak_rss_kb"] / 1024, "trl_version": result["trl_version"],
-            "last_update": {"rm_score": last.get("objective/scores"), "kl": last.get("objective/kl")},
-            "parameters_in_memory": result["parameters_in_memory"],
-            "trainable_parameters": result["trainable_parameters"]}  # fmt: skip
+    return {
+        **proc,
+        **rates,
+        "updates": len(result["update_times"]),
+        "adapter": str(out / "policy"),
+        "self_reported_peak_rss_mb": result["peak_rss_kb"] / 1024,
+        "trl_version": result["trl_version"],
+        "last_update": {"rm_score": last.get("objective/scores"), "kl": last.get("objective/kl")},
+        "parameters_in_memory": result["parameters_in_memory"],
+        "trainable_parameters": result["trainable_parameters"],
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -288,9 +315,25 @@ def run_trl(python: Path, spec: dict[str, Any], work: Path, threads: int) -> dic
 
 def settings_for(pcfg: Any, trl_kl_coef: float | None) -> dict[str, Any]:
     """The PPO settings both sides get (trl's names in ppo_trl_side.py)."""
-    keys = ("num_updates", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "temperature",
-            "learning_rate", "lr_scheduler_type", "weight_decay", "kl_estimator", "missing_eos_penalty",
-            "whiten_rewards", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef")  # fmt: skip
+    keys = (
+        "num_updates",
+        "rollout_batch_size",
+        "mini_batch_size",
+        "ppo_epochs",
+        "max_new_tokens",
+        "temperature",
+        "learning_rate",
+        "lr_scheduler_type",
+        "weight_decay",
+        "kl_estimator",
+        "missing_eos_penalty",
+        "whiten_rewards",
+        "gamma",
+        "lam",
+        "cliprange",
+        "cliprange_value",
+        "vf_coef",
+    )
     out = {k: getattr(pcfg, k) for k in keys}
     out["forward_batch_size"] = pcfg.forward_batch_size
     out["kl_coef"] = pcfg.init_kl_coef if trl_kl_coef is None else trl_kl_coef
@@ -314,8 +357,16 @@ def check_comparable(pcfg: Any) -> None:
         raise SystemExit("settings without a trl 1.12 counterpart: " + "; ".join(problems))
 
 
-def run_phase(name: str, cfg: Any, base: Path, reward: Path, prompts: dict[str, Path], overrides: dict[str, Any],
-              args: argparse.Namespace, python: Path) -> dict[str, Any]:  # fmt: skip
+def run_phase(
+    name: str,
+    cfg: Any,
+    base: Path,
+    reward: Path,
+    prompts: dict[str, Path],
+    overrides: dict[str, Any],
+    args: argparse.Namespace,
+    python: Path,
+) -> dict[str, Any]:
     """Prepare the shared inputs, then run ours and trl one after the other."""
     from pipeline.config import save_config
     from pipeline.ppo.roles import read_reward_stats
@@ -323,8 +374,14 @@ def run_phase(name: str, cfg: Any, base: Path, reward: Path, prompts: dict[str, 
 
     work = args.work_dir / name
     work.mkdir(parents=True, exist_ok=True)
-    overrides = {"policy_base": str(base), "reward_model": str(reward), "dataset": str(prompts["train"]),
-                 "eval_dataset": str(prompts["eval"]), "report_to": "none", **overrides}  # fmt: skip
+    overrides = {
+        "policy_base": str(base),
+        "reward_model": str(reward),
+        "dataset": str(prompts["train"]),
+        "eval_dataset": str(prompts["eval"]),
+        "report_to": "none",
+        **overrides,
+    }
     pcfg = dataclasses.replace(cfg.ppo, **overrides)
     check_comparable(pcfg)
     tokenizer = load_tokenizer(base)
@@ -337,10 +394,16 @@ def run_phase(name: str, cfg: Any, base: Path, reward: Path, prompts: dict[str, 
     stats = read_reward_stats(str(reward)) if pcfg.reward_normalization == "reward_stats" else None
     if pcfg.reward_normalization == "running":
         raise SystemExit("ppo.reward_normalization=running has no trl counterpart; use reward_stats or none")
-    spec = {"policy": str(base), "reward": str(merged), "prompts": str(work / "train_ids.jsonl"),
-            "eval_prompts": str(work / "eval_ids.jsonl"), "seed": cfg.seed + pcfg.seed_offset,
-            "score_affine": [stats["mean"], stats["std"]] if stats else None,
-            "lora": lora_for_trl(pcfg, base), "settings": settings_for(pcfg, args.trl_kl_coef)}  # fmt: skip
+    spec = {
+        "policy": str(base),
+        "reward": str(merged),
+        "prompts": str(work / "train_ids.jsonl"),
+        "eval_prompts": str(work / "eval_ids.jsonl"),
+        "seed": cfg.seed + pcfg.seed_offset,
+        "score_affine": [stats["mean"], stats["std"]] if stats else None,
+        "lora": lora_for_trl(pcfg, base),
+        "settings": settings_for(pcfg, args.trl_kl_coef),
+    }
     save_config(dataclasses.replace(cfg, ppo=pcfg), work / "recipe.yaml")  # the shared settings, for evaluation
     order = [side for side in args.order if side in args.sides]
     print(f"\n[{name}] {n_train} training prompts; running {', then '.join(order)} (logs in {work})", flush=True)
@@ -350,13 +413,23 @@ def run_phase(name: str, cfg: Any, base: Path, reward: Path, prompts: dict[str, 
             sides["ours"] = run_ours(cfg, {**overrides, **args.ours_set}, work, args.threads)
         else:
             sides["trl"] = run_trl(python, spec, work, args.threads)
-        print(f"[{name}] {side}: {sides[side]['episodes_per_s'] or float('nan'):.3f} episodes/s "
-              f"({sides[side]['episodes_per_cpu_s'] or float('nan'):.3f} per CPU-s), peak RSS "
-              f"{sides[side]['peak_rss_mb']:.0f} MB, {sides[side]['wall_seconds']:.0f} s", flush=True)  # fmt: skip
-    return {"settings": spec["settings"], "lora": spec["lora"], "score_affine": spec["score_affine"],
-            "ours_kl_target": pcfg.kl_target, "ours_init_kl_coef": pcfg.init_kl_coef,
-            "ours_max_grad_norm": pcfg.max_grad_norm, "ours_set": args.ours_set, "recipe": str(work / "recipe.yaml"),
-            **sides}  # fmt: skip
+        print(
+            f"[{name}] {side}: {sides[side]['episodes_per_s'] or float('nan'):.3f} episodes/s "
+            f"({sides[side]['episodes_per_cpu_s'] or float('nan'):.3f} per CPU-s), peak RSS "
+            f"{sides[side]['peak_rss_mb']:.0f} MB, {sides[side]['wall_seconds']:.0f} s",
+            flush=True,
+        )
+    return {
+        "settings": spec["settings"],
+        "lora": spec["lora"],
+        "score_affine": spec["score_affine"],
+        "ours_kl_target": pcfg.kl_target,
+        "ours_init_kl_coef": pcfg.init_kl_coef,
+        "ours_max_grad_norm": pcfg.max_grad_norm,
+        "ours_set": args.ours_set,
+        "recipe": str(work / "recipe.yaml"),
+        **sides,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -366,11 +439,11 @@ def run_phase(name: str, cfg: Any, base: Path, reward: Path, prompts: dict[str, 
 def evaluate_child(spec_path: Path) -> None:
     """Both trained adapters on one set of roles, through `evaluate_policies` with the same seed."""
     import torch
+    from pipeline.data.gold import GoldScorer
+    from pipeline.data.world import build_world
     from safetensors.torch import load_file
 
     from pipeline.config import load_config
-    from pipeline.data.gold import GoldScorer
-    from pipeline.data.world import build_world
     from pipeline.generation import SamplingArgs
     from pipeline.ppo.evaluation import evaluate_policies
     from pipeline.ppo.roles import POLICY, build_roles, load_adapter_weights
@@ -405,13 +478,20 @@ def evaluate(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, 
     """Every trained policy (each side, each seed) against the SFT policy: {"ours": [per seed], "trl": [...]}."""
     work = args.work_dir / "gold"
     adapters = {f"{side}/{k}": run[side]["adapter"] for k, run in enumerate(runs) for side in args.sides}
-    spec = {"recipe": runs[0]["recipe"], "threads": args.threads, "samples": args.eval_samples,
-            "seed": args.seed, "out": str(work / "eval.json"), "adapters": adapters}  # fmt: skip
+    spec = {
+        "recipe": runs[0]["recipe"],
+        "threads": args.threads,
+        "samples": args.eval_samples,
+        "seed": args.seed,
+        "out": str(work / "eval.json"),
+        "adapters": adapters,
+    }
     path = work / "eval_spec.json"
     path.write_text(json.dumps(spec, indent=1))
     print(f"[gold] evaluating {len(adapters)} trained policies on the held-out prompts", flush=True)
-    run_process([sys.executable, str(Path(__file__).resolve()), "--evaluate", str(path)], work / "eval.log",
-                args.threads)  # fmt: skip
+    run_process(
+        [sys.executable, str(Path(__file__).resolve()), "--evaluate", str(path)], work / "eval.log", args.threads
+    )
     reports = json.loads((work / "eval.json").read_text())
     return {side: [reports[f"{side}/{k}"] for k in range(len(runs))] for side in args.sides}
 
@@ -462,52 +542,72 @@ def _fmt(x: Any, digits: int = 3) -> str:
 def print_settings(phase: dict[str, Any], title: str) -> None:
     s = phase["settings"]
     print(f"\n{title}")
-    print(f"  rollout batch {s['rollout_batch_size']} episodes (trl: per_device_train_batch_size, accumulation 1), "
-          f"mini-batch {s['mini_batch_size']} (trl: num_mini_batches "
-          f"{s['rollout_batch_size'] // s['mini_batch_size']}), "
-          f"PPO epochs {s['ppo_epochs']} (num_ppo_epochs), {s['num_updates']} updates (total_episodes "
-          f"{s['num_updates'] * s['rollout_batch_size']})")  # fmt: skip
-    print(f"  response <= {s['max_new_tokens']} tokens, stop at EOS (trl: response_length, stop_token='eos'), "
-          f"temperature {s['temperature']}, top-k off, top-p 1; no-grad forward / generation batch "
-          f"{s['forward_batch_size']} (local_rollout_forward_batch_size)")  # fmt: skip
-    print(f"  learning rate {s['learning_rate']} ({s['lr_scheduler_type']}), AdamW eps 1e-5, weight decay "
-          f"{s['weight_decay']}; LoRA {phase['lora']} on the policy "
-          "(trl: peft_config; reference = adapter off)")  # fmt: skip
-    print(f"  KL {s['kl_estimator']}: ours init {phase['ours_init_kl_coef']} adaptive to target "
-          f"{phase['ours_kl_target']} nats; trl fixed kl_coef {s['kl_coef']}; EOS penalty {s['missing_eos_penalty']} "
-          f"(missing_eos_penalty); whiten rewards {s['whiten_rewards']}, advantages always; gamma {s['gamma']}, "
-          f"lambda {s['lam']}, clip {s['cliprange']}, value clip {s['cliprange_value']}, "
-          f"vf_coef {s['vf_coef']}")  # fmt: skip
+    print(
+        f"  rollout batch {s['rollout_batch_size']} episodes (trl: per_device_train_batch_size, accumulation 1), "
+        f"mini-batch {s['mini_batch_size']} (trl: num_mini_batches "
+        f"{s['rollout_batch_size'] // s['mini_batch_size']}), "
+        f"PPO epochs {s['ppo_epochs']} (num_ppo_epochs), {s['num_updates']} updates (total_episodes "
+        f"{s['num_updates'] * s['rollout_batch_size']})"
+    )
+    print(
+        f"  response <= {s['max_new_tokens']} tokens, stop at EOS (trl: response_length, stop_token='eos'), "
+        f"temperature {s['temperature']}, top-k off, top-p 1; no-grad forward / generation batch "
+        f"{s['forward_batch_size']} (local_rollout_forward_batch_size)"
+    )
+    print(
+        f"  learning rate {s['learning_rate']} ({s['lr_scheduler_type']}), AdamW eps 1e-5, weight decay "
+        f"{s['weight_decay']}; LoRA {phase['lora']} on the policy "
+        "(trl: peft_config; reference = adapter off)"
+    )
+    print(
+        f"  KL {s['kl_estimator']}: ours init {phase['ours_init_kl_coef']} adaptive to target "
+        f"{phase['ours_kl_target']} nats; trl fixed kl_coef {s['kl_coef']}; EOS penalty {s['missing_eos_penalty']} "
+        f"(missing_eos_penalty); whiten rewards {s['whiten_rewards']}, advantages always; gamma {s['gamma']}, "
+        f"lambda {s['lam']}, clip {s['cliprange']}, value clip {s['cliprange_value']}, "
+        f"vf_coef {s['vf_coef']}"
+    )
     affine = phase["score_affine"]
     norm = f"(score - {affine[0]:.3f}) / {affine[1]:.3f} on both sides" if affine else "none"
-    print(f"  reward normalisation: {norm}; "
-          f"gradient clipping: ours {phase['ours_max_grad_norm']}, trl none; value model: ours a LoRA adapter + head "
-          "on the shared base (head / reward_stats std), trl a full copy of the reward model trained in full (raw "
-          "head)")  # fmt: skip
+    print(
+        f"  reward normalisation: {norm}; "
+        f"gradient clipping: ours {phase['ours_max_grad_norm']}, trl none; value model: ours a LoRA adapter + head "
+        "on the shared base (head / reward_stats std), trl a full copy of the reward model trained in full (raw "
+        "head)"
+    )
     if phase.get("ours_set"):
         print(f"  ABLATION, our side only: ppo {phase['ours_set']}")
 
 
 def print_speed(phase: dict[str, Any], label: str) -> dict[str, Any]:
     o, t = phase["ours"], phase["trl"]
-    ratios = {"episodes_per_s": _ratio(o["episodes_per_s"], t["episodes_per_s"]),
-              "episodes_per_cpu_s": _ratio(o["episodes_per_cpu_s"], t["episodes_per_cpu_s"]),
-              "peak_rss": _ratio(o["peak_rss_mb"], t["peak_rss_mb"])}  # fmt: skip
+    ratios = {
+        "episodes_per_s": _ratio(o["episodes_per_s"], t["episodes_per_s"]),
+        "episodes_per_cpu_s": _ratio(o["episodes_per_cpu_s"], t["episodes_per_cpu_s"]),
+        "peak_rss": _ratio(o["peak_rss_mb"], t["peak_rss_mb"]),
+    }
     print(f"\n{label:<34} {'ours':>10} {'trl 1.12':>10} {'ours/trl':>9}  goal")
-    print(f"{'episodes/s (after update 1)':<34} {_fmt(o['episodes_per_s']):>10} {_fmt(t['episodes_per_s']):>10} "
-          f"{_fmt(ratios['episodes_per_s'], 2):>9}  >= 2")  # fmt: skip
-    print(f"{'episodes per CPU-second (same)':<34} {_fmt(o['episodes_per_cpu_s']):>10} "
-          f"{_fmt(t['episodes_per_cpu_s']):>10} {_fmt(ratios['episodes_per_cpu_s'], 2):>9}  >= 2")  # fmt: skip
-    print(f"{'peak RSS of the process (MB)':<34} {o['peak_rss_mb']:>10.0f} {t['peak_rss_mb']:>10.0f} "
-          f"{_fmt(ratios['peak_rss'], 2):>9}  <= 0.6")  # fmt: skip
+    print(
+        f"{'episodes/s (after update 1)':<34} {_fmt(o['episodes_per_s']):>10} {_fmt(t['episodes_per_s']):>10} "
+        f"{_fmt(ratios['episodes_per_s'], 2):>9}  >= 2"
+    )
+    print(
+        f"{'episodes per CPU-second (same)':<34} {_fmt(o['episodes_per_cpu_s']):>10} "
+        f"{_fmt(t['episodes_per_cpu_s']):>10} {_fmt(ratios['episodes_per_cpu_s'], 2):>9}  >= 2"
+    )
+    print(
+        f"{'peak RSS of the process (MB)':<34} {o['peak_rss_mb']:>10.0f} {t['peak_rss_mb']:>10.0f} "
+        f"{_fmt(ratios['peak_rss'], 2):>9}  <= 0.6"
+    )
     share = {side: _ratio(r["episodes_per_s"], r["episodes_per_cpu_s"]) for side, r in (("ours", o), ("trl", t))}
     print(f"{'CPU time / wall time while timed':<34} {_fmt(share['ours'], 2):>10} {_fmt(share['trl'], 2):>10}")
     print(f"{'process wall time (s)':<34} {o['wall_seconds']:>10.0f} {t['wall_seconds']:>10.0f}")
     print(f"{'updates':<34} {o['updates']:>10} {t['updates']:>10}")
-    print(f"  ours: generate {o['time_generate']:.0f} s, score {o['time_score']:.0f} s, optimise "
-          f"{o['time_optimise']:.0f} s over all updates; trl's process reported peak RSS "
-          f"{t['self_reported_peak_rss_mb']:.0f} MB, holds {t['parameters_in_memory'] / 1e6:.1f}M parameters "
-          f"({t['trainable_parameters'] / 1e6:.2f}M trainable)")  # fmt: skip
+    print(
+        f"  ours: generate {o['time_generate']:.0f} s, score {o['time_score']:.0f} s, optimise "
+        f"{o['time_optimise']:.0f} s over all updates; trl's process reported peak RSS "
+        f"{t['self_reported_peak_rss_mb']:.0f} MB, holds {t['parameters_in_memory'] / 1e6:.1f}M parameters "
+        f"({t['trainable_parameters'] / 1e6:.2f}M trainable)"
+    )
     return ratios
 
 
@@ -528,13 +628,16 @@ def print_gold(evaluation: dict[str, list[dict[str, Any]]], phase: dict[str, Any
     for k in range(seeds):
         seed = f"seed {first + k}"
         print(f"{seed + ': gold gain over SFT':<40} {gains['ours'][k]:>+10.3f} {gains['trl'][k]:>+10.3f}")
-        print(f"{seed + ': KL to reference':<40} {o[k]['kl_to_reference']:>10.3f} "
-              f"{t[k]['kl_to_reference']:>10.3f}")  # fmt: skip
-    rows = [("gold score, SFT policy", "sft_gold_score"), ("gold score, PPO policy", "ppo_gold_score"),
-            ("KL to reference (nats/response)", "kl_to_reference"), ("gold win rate vs SFT", "gold_win_rate"),
-            ("reward-model score, PPO policy", "ppo_rm_score"),
-            ("insult rate, adversarial prompts", "ppo_insult_rate"),
-            ("EOS rate, PPO policy", "ppo_eos_rate")]  # fmt: skip
+        print(f"{seed + ': KL to reference':<40} {o[k]['kl_to_reference']:>10.3f} {t[k]['kl_to_reference']:>10.3f}")
+    rows = [
+        ("gold score, SFT policy", "sft_gold_score"),
+        ("gold score, PPO policy", "ppo_gold_score"),
+        ("KL to reference (nats/response)", "kl_to_reference"),
+        ("gold win rate vs SFT", "gold_win_rate"),
+        ("reward-model score, PPO policy", "ppo_rm_score"),
+        ("insult rate, adversarial prompts", "ppo_insult_rate"),
+        ("EOS rate, PPO policy", "ppo_eos_rate"),
+    ]
     print(f"mean over {seeds} seed{'s' if seeds > 1 else ''}:")
     for name, key in rows:
         ours, trl = _mean([r[key] for r in o]), _mean([r[key] for r in t])
@@ -548,14 +651,23 @@ def print_gold(evaluation: dict[str, list[dict[str, Any]]], phase: dict[str, Any
         what = "evaluation sampling only, one training run per side"
     diff_sem = (sem["ours"] ** 2 + sem["trl"] ** 2) ** 0.5
     print(f"{'  gold gain over SFT':<40} {mean_gain['ours']:>+10.3f} {mean_gain['trl']:>+10.3f}")
-    print(f"  gold gain ours - trl = {mean_gain['ours'] - mean_gain['trl']:+.3f} +- {diff_sem:.3f} (standard error, "
-          f"{what}); SFT insult rate {_fmt(o[0]['sft_insult_rate'])}")  # fmt: skip
-    within = {side: target is None or all(r["kl_to_reference"] <= target for r in reports)
-              for side, reports in evaluation.items()}  # fmt: skip
-    return {"gold_gain": mean_gain, "gold_gain_per_seed": gains, "gold_gain_difference_sem": diff_sem,
-            "kl_to_reference": {side: _mean([r["kl_to_reference"] for r in reports])
-                                for side, reports in evaluation.items()},
-            "kl_within_target": within}  # fmt: skip
+    print(
+        f"  gold gain ours - trl = {mean_gain['ours'] - mean_gain['trl']:+.3f} +- {diff_sem:.3f} (standard error, "
+        f"{what}); SFT insult rate {_fmt(o[0]['sft_insult_rate'])}"
+    )
+    within = {
+        side: target is None or all(r["kl_to_reference"] <= target for r in reports)
+        for side, reports in evaluation.items()
+    }
+    return {
+        "gold_gain": mean_gain,
+        "gold_gain_per_seed": gains,
+        "gold_gain_difference_sem": diff_sem,
+        "kl_to_reference": {
+            side: _mean([r["kl_to_reference"] for r in reports]) for side, reports in evaluation.items()
+        },
+        "kl_within_target": within,
+    }
 
 
 def print_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -568,16 +680,31 @@ def print_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
         memory = _ratio(o["peak_rss_mb"], t["peak_rss_mb"])
         cpu = _ratio(o["episodes_per_cpu_s"], t["episodes_per_cpu_s"])
         rows += [
-            {"metric": f"episodes/s, {params:.1f}M-parameter model", "ours": _fmt(o["episodes_per_s"]),
-             "trl": _fmt(t["episodes_per_s"]), "ratio": f"{_fmt(speed, 2)}x", "goal": ">= 2x",
-             "met": None if speed is None else speed >= 2},
-            {"metric": "  same, per CPU-second (cross-check)", "ours": _fmt(o["episodes_per_cpu_s"]),
-             "trl": _fmt(t["episodes_per_cpu_s"]), "ratio": f"{_fmt(cpu, 2)}x", "goal": ">= 2x",
-             "met": None if cpu is None else cpu >= 2},
-            {"metric": "peak RSS of the process, MB", "ours": f"{o['peak_rss_mb']:.0f}",
-             "trl": f"{t['peak_rss_mb']:.0f}", "ratio": f"{_fmt(memory, 2)}x", "goal": "<= 0.6x",
-             "met": None if memory is None else memory <= 0.6},
-        ]  # fmt: skip
+            {
+                "metric": f"episodes/s, {params:.1f}M-parameter model",
+                "ours": _fmt(o["episodes_per_s"]),
+                "trl": _fmt(t["episodes_per_s"]),
+                "ratio": f"{_fmt(speed, 2)}x",
+                "goal": ">= 2x",
+                "met": None if speed is None else speed >= 2,
+            },
+            {
+                "metric": "  same, per CPU-second (cross-check)",
+                "ours": _fmt(o["episodes_per_cpu_s"]),
+                "trl": _fmt(t["episodes_per_cpu_s"]),
+                "ratio": f"{_fmt(cpu, 2)}x",
+                "goal": ">= 2x",
+                "met": None if cpu is None else cpu >= 2,
+            },
+            {
+                "metric": "peak RSS of the process, MB",
+                "ours": f"{o['peak_rss_mb']:.0f}",
+                "trl": f"{t['peak_rss_mb']:.0f}",
+                "ratio": f"{_fmt(memory, 2)}x",
+                "goal": "<= 0.6x",
+                "met": None if memory is None else memory <= 0.6,
+            },
+        ]
     if "gold" in results:
         phase = results["gold"]
         comparison, target = phase["comparison"], phase["ours_kl_target"]
@@ -588,13 +715,23 @@ def print_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
         within = comparison["kl_within_target"]
         rows += [
-            {"metric": "gold score gained over SFT", "ours": f"{gain['ours']:+.3f}", "trl": f"{gain['trl']:+.3f}",
-             "ratio": f"{gain['ours'] - gain['trl']:+.3f}+-{diff_sem:.3f}", "goal": ">= trl's",
-             "met": gain["ours"] >= gain["trl"] and within["ours"]},
-            {"metric": "KL to reference, nats/response", "ours": _fmt(kl["ours"]), "trl": _fmt(kl["trl"]),
-             "ratio": f"{_fmt(_ratio(kl['ours'], kl['trl']), 2)}x",
-             "goal": f"<= {target}" if target is not None else "n/a", "met": within["ours"] and within["trl"]},
-        ]  # fmt: skip
+            {
+                "metric": "gold score gained over SFT",
+                "ours": f"{gain['ours']:+.3f}",
+                "trl": f"{gain['trl']:+.3f}",
+                "ratio": f"{gain['ours'] - gain['trl']:+.3f}+-{diff_sem:.3f}",
+                "goal": ">= trl's",
+                "met": gain["ours"] >= gain["trl"] and within["ours"],
+            },
+            {
+                "metric": "KL to reference, nats/response",
+                "ours": _fmt(kl["ours"]),
+                "trl": _fmt(kl["trl"]),
+                "ratio": f"{_fmt(_ratio(kl['ours'], kl['trl']), 2)}x",
+                "goal": f"<= {target}" if target is not None else "n/a",
+                "met": within["ours"] and within["trl"],
+            },
+        ]
     print(f"\n{'goal (tracker issue 5)':<38} {'ours':>9} {'trl 1.12':>9} {'ours/trl (diff)':>15} {'goal':>9}  met?")
     for r in rows:
         print(f"{r['metric']:<38} {r['ours']:>9} {r['trl']:>9} {r['ratio']:>15} {r['goal']:>9}  {_fmt(r['met'])}")
@@ -697,22 +834,37 @@ def main() -> None:
     cfg, paths = load_run(args.run_dir, args.work_dir)
     prompts = {"train": paths["train_prompts"], "eval": paths["eval_prompts"]}
     load = os.getloadavg()
-    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "run_dir": str(args.run_dir),
-                               "threads": args.threads, "cpus": os.cpu_count(), "load_average_before": load,
-                               "torch": torch.__version__, "trl": TRL_VERSION,
-                               "command": " ".join(sys.argv)}  # fmt: skip
-    print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; {args.threads} "
-          f"threads per side; torch {torch.__version__}; sides run one after the other")  # fmt: skip
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "run_dir": str(args.run_dir),
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "load_average_before": load,
+        "torch": torch.__version__,
+        "trl": TRL_VERSION,
+        "command": " ".join(sys.argv),
+    }
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; {args.threads} "
+        f"threads per side; torch {torch.__version__}; sides run one after the other"
+    )
 
     if "speed" in args.phases:
         work = args.work_dir / "speed"
         work.mkdir(parents=True, exist_ok=True)
         base, reward, params = build_speed_models(args, paths["base"], work)
-        overrides = {"num_updates": args.updates, "rollout_batch_size": args.rollout,
-                     "mini_batch_size": args.mini_batch, "max_new_tokens": args.max_new_tokens,
-                     "generation_batch_size": args.forward_batch, "forward_batch_size": args.forward_batch,
-                     "reward_normalization": "none", "save_steps": args.updates, "eval_max_prompts": 4,
-                     "kl_target": None}  # fmt: skip
+        overrides = {
+            "num_updates": args.updates,
+            "rollout_batch_size": args.rollout,
+            "mini_batch_size": args.mini_batch,
+            "max_new_tokens": args.max_new_tokens,
+            "generation_batch_size": args.forward_batch,
+            "forward_batch_size": args.forward_batch,
+            "reward_normalization": "none",
+            "save_steps": args.updates,
+            "eval_max_prompts": 4,
+            "kl_target": None,
+        }
         phase = run_phase("speed", cfg, base, reward, prompts, overrides, args, python)
         phase["model_parameters"] = params
         layers = args.layers or "as preset"
@@ -730,15 +882,19 @@ def main() -> None:
             overrides = {"eval_max_prompts": 8, "seed_offset": cfg.ppo.seed_offset + k}
             if args.gold_updates:
                 overrides["num_updates"] = args.gold_updates
-            runs.append(run_phase(f"gold/seed{k}", cfg, paths["base"], paths["reward"], prompts, overrides, args,
-                                  python))  # fmt: skip
+            runs.append(
+                run_phase(f"gold/seed{k}", cfg, paths["base"], paths["reward"], prompts, overrides, args, python)
+            )
         trl_reports = reuse_trl(args.trl_from, runs, args) if args.trl_from else None
         phase = {key: value for key, value in runs[0].items() if key not in ("ours", "trl")}
         phase["runs"] = runs
         phase["eval"] = {"samples": args.eval_samples, "seed": args.seed}
         phase["first_seed"] = args.first_seed
-        print_settings(phase, f"gold phase: the demo run's SFT model and reward model ({args.run_dir}), "
-                              f"{args.gold_seeds} training seed(s) per side")  # fmt: skip
+        print_settings(
+            phase,
+            f"gold phase: the demo run's SFT model and reward model ({args.run_dir}), "
+            f"{args.gold_seeds} training seed(s) per side",
+        )
         phase["evaluation"] = evaluate(runs, args)
         if trl_reports is not None:
             phase["evaluation"]["trl"] = trl_reports

@@ -156,8 +156,10 @@ def main() -> None:
         f"threads {threads}, OMP_WAIT_POLICY {wait}, torch {torch.__version__}, transformers {transformers.__version__}"
     )
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"matmul peak 2048^3, {threads} thread(s): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s (x{peaks['bf16'] / peaks['fp32']:.1f})")  # fmt: skip
+    print(
+        f"matmul peak 2048^3, {threads} thread(s): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s (x{peaks['bf16'] / peaks['fp32']:.1f})"
+    )
 
     texts = make_corpus()
     tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=1)
@@ -166,19 +168,29 @@ def main() -> None:
     dataset = Dataset.from_dict({"input_ids": blocks})
     results: dict[str, dict[str, list[tuple[float, float]]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, [
-            f"run_dir={tmp}", f"pretrain.model.preset={args.preset}", f"pretrain.max_seq_len={args.seq_len}",
-            f"pretrain.per_device_train_batch_size={args.batch}", f"pretrain.max_steps={total_steps}",
-            "pretrain.save_steps=100000", "pretrain.report_to=none", "pretrain.warmup_ratio=0.0",
-            "pretrain.logging_steps=100000",
-        ])  # fmt: skip
+        cfg = load_config(
+            None,
+            [
+                f"run_dir={tmp}",
+                f"pretrain.model.preset={args.preset}",
+                f"pretrain.max_seq_len={args.seq_len}",
+                f"pretrain.per_device_train_batch_size={args.batch}",
+                f"pretrain.max_steps={total_steps}",
+                "pretrain.save_steps=100000",
+                "pretrain.report_to=none",
+                "pretrain.warmup_ratio=0.0",
+                "pretrain.logging_steps=100000",
+            ],
+        )
         transformers.set_seed(0)
         initial = build_pretrain_model(cfg.pretrain.model, tokenizer, args.seq_len)
         n_params = sum(p.numel() for p in initial.parameters())
         flops = flops_per_token(initial.config, args.seq_len)
-        print(f"model {args.preset}: {n_params / 1e6:.1f}M parameters, vocab {len(tokenizer)}, "
-              f"{flops / 1e6:.1f} MFLOP/token; batch {args.batch} x {args.seq_len} tokens, "
-              f"{args.steps} timed steps after {args.warmup} warm-up, lr {cfg.pretrain.learning_rate:g}")  # fmt: skip
+        print(
+            f"model {args.preset}: {n_params / 1e6:.1f}M parameters, vocab {len(tokenizer)}, "
+            f"{flops / 1e6:.1f} MFLOP/token; batch {args.batch} x {args.seq_len} tokens, "
+            f"{args.steps} timed steps after {args.warmup} warm-up, lr {cfg.pretrain.learning_rate:g}"
+        )
         state = initial.state_dict()
         for dtype in args.dtypes.split(","):
             for _ in range(args.rounds):
@@ -191,11 +203,15 @@ def main() -> None:
     # Measured again at the end: on a shared machine the best of both is nearer the real peak.
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     peaks = {name: max(peak, matmul_peak(dtypes[name])) for name, peak in peaks.items()}
-    print(f"matmul peak, best of start and end: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")  # fmt: skip
+    print(
+        f"matmul peak, best of start and end: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s"
+    )
     print()
-    header = (f"{'dtype':6} {'bare tok/s':>11} {'stage tok/s':>12} {'stage/bare':>11} {'goal':>6} "
-              f"{'MFU stage':>10} {'MFU bare':>9} {'loss stage':>11} {'loss bare':>10}")  # fmt: skip
+    header = (
+        f"{'dtype':6} {'bare tok/s':>11} {'stage tok/s':>12} {'stage/bare':>11} {'goal':>6} "
+        f"{'MFU stage':>10} {'MFU bare':>9} {'loss stage':>11} {'loss bare':>10}"
+    )
     print(header)
     print("-" * len(header))
     best = {}
@@ -203,12 +219,16 @@ def main() -> None:
         bare, stage = max(t for t, _ in paths["bare"]), max(t for t, _ in paths["stage"])  # the least disturbed run
         best[dtype] = stage
         peak = peaks[dtype]
-        print(f"{dtype:6} {bare:11,.0f} {stage:12,.0f} {stage / bare:11.3f} {'>=0.95':>6} "
-              f"{stage * flops / peak:10.1%} {bare * flops / peak:9.1%} "
-              f"{paths['stage'][0][1]:11.4f} {paths['bare'][0][1]:10.4f}")  # fmt: skip
+        print(
+            f"{dtype:6} {bare:11,.0f} {stage:12,.0f} {stage / bare:11.3f} {'>=0.95':>6} "
+            f"{stage * flops / peak:10.1%} {bare * flops / peak:9.1%} "
+            f"{paths['stage'][0][1]:11.4f} {paths['bare'][0][1]:10.4f}"
+        )
     if {"fp32", "bf16"} <= best.keys():
-        print(f"bf16 autocast vs fp32 (stage): x{best['bf16'] / best['fp32']:.2f} tokens/s; "
-              f"bf16-stage MFU against the fp32 peak: {best['bf16'] * flops / peaks['fp32']:.1%}")  # fmt: skip
+        print(
+            f"bf16 autocast vs fp32 (stage): x{best['bf16'] / best['fp32']:.2f} tokens/s; "
+            f"bf16-stage MFU against the fp32 peak: {best['bf16'] * flops / peaks['fp32']:.1%}"
+        )
     print("MFU: achieved model FLOP/s (6N + 12 L d T per token, N with the LM head) over the measured matmul peak of")
     print(
         "the same dtype. Loss: mean training loss over the run (every block seen once, same initial weights; bare and\n"

@@ -70,11 +70,19 @@ def make_rankings(n: int, levels: list[int], rng: random.Random) -> list[Ranking
 
 def build_model(tokenizer, seed: int, hidden: int, layers: int):
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-        tie_word_embeddings=False, num_labels=1,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        num_labels=1,
+    )
     torch.manual_seed(seed)
     model = transformers.LlamaForSequenceClassification(config)
     fit_scalar_model(model, tokenizer)
@@ -85,10 +93,21 @@ def training_args(
     out: str, lr: float, batch: int, epochs: float, seed: int, cls=transformers.TrainingArguments, **extra
 ):
     return cls(
-        output_dir=out, learning_rate=lr, per_device_train_batch_size=batch, num_train_epochs=epochs, seed=seed,
-        lr_scheduler_type="linear", warmup_steps=0.05, save_strategy="no", report_to=[], logging_steps=10_000,
-        disable_tqdm=True, remove_unused_columns=False, dataloader_pin_memory=False, **extra,
-    )  # fmt: skip
+        output_dir=out,
+        learning_rate=lr,
+        per_device_train_batch_size=batch,
+        num_train_epochs=epochs,
+        seed=seed,
+        lr_scheduler_type="linear",
+        warmup_steps=0.05,
+        save_strategy="no",
+        report_to=[],
+        logging_steps=10_000,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        **extra,
+    )
 
 
 def held_out_accuracy(model, records, sequences, pad_id) -> float:
@@ -114,11 +133,15 @@ def run_pattern(name: str, levels: list[int], args, tokenizer, model0) -> dict:
     pairs_per_prompt = len(strict_pairs(parse_ranking(train[0].ranking, len(levels))))
     k = len(levels)
 
-    ours_rows = [{"input_ids": ids, "tiers": tier_of(parse_ranking(r.ranking, k)), "margin": 0.0}
-                 for r, ids in zip(train, train_ids, strict=True)]  # fmt: skip
-    pair_rows = [{"chosen_ids": ids[i], "rejected_ids": ids[j]}
-                 for r, ids in zip(train, train_ids, strict=True)
-                 for i, j in strict_pairs(parse_ranking(r.ranking, k))]  # fmt: skip
+    ours_rows = [
+        {"input_ids": ids, "tiers": tier_of(parse_ranking(r.ranking, k)), "margin": 0.0}
+        for r, ids in zip(train, train_ids, strict=True)
+    ]
+    pair_rows = [
+        {"chosen_ids": ids[i], "rejected_ids": ids[j]}
+        for r, ids in zip(train, train_ids, strict=True)
+        for i, j in strict_pairs(parse_ranking(r.ranking, k))
+    ]
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for system in args.order * args.rounds:
@@ -127,21 +150,34 @@ def run_pattern(name: str, levels: list[int], args, tokenizer, model0) -> dict:
             comparisons = args.prompts * pairs_per_prompt * epochs
             if system == "ours":
                 trainer = RankingTrainer(
-                    model=model, train_dataset=Dataset.from_list(ours_rows), processing_class=tokenizer,
+                    model=model,
+                    train_dataset=Dataset.from_list(ours_rows),
+                    processing_class=tokenizer,
                     args=training_args(tmp, args.lr, args.prompts_per_step, epochs, args.seed),
                     data_collator=RankingCollator(tokenizer.pad_token_id),
-                )  # fmt: skip
+                )
                 sequences = args.prompts * k * epochs
             else:
                 import trl
 
                 batch = args.prompts_per_step * k // 2  # same sequences per step: 2 per pair
                 trainer = trl.RewardTrainer(
-                    model=model, train_dataset=Dataset.from_list(pair_rows), processing_class=tokenizer,
+                    model=model,
+                    train_dataset=Dataset.from_list(pair_rows),
+                    processing_class=tokenizer,
                     # trl.RewardConfig defaults to activation checkpointing and bf16; ours runs neither here
-                    args=training_args(tmp, args.lr, batch, epochs, args.seed, cls=trl.RewardConfig,
-                                       max_length=None, bf16=False, activation_checkpointing=False),
-                )  # fmt: skip
+                    args=training_args(
+                        tmp,
+                        args.lr,
+                        batch,
+                        epochs,
+                        args.seed,
+                        cls=trl.RewardConfig,
+                        max_length=None,
+                        bf16=False,
+                        activation_checkpointing=False,
+                    ),
+                )
                 sequences = 2 * len(pair_rows) * epochs
             clock = StepClock()
             trainer.add_callback(clock)
@@ -153,11 +189,18 @@ def run_pattern(name: str, levels: list[int], args, tokenizer, model0) -> dict:
             scale = steps / (steps - 1)
             seconds = (clock.times[-1] - clock.times[0]) * scale
             cpu_seconds = (clock.cpu[-1] - clock.cpu[0]) * scale
-            row = {"comparisons_per_s": comparisons / seconds, "sequences_per_s": sequences / seconds,
-                   "comparisons_per_cpu_s": comparisons / cpu_seconds, "steps": steps,
-                   "cpu_share": cpu_seconds / seconds}  # fmt: skip
-            print(f"  {name} {system}: {row['comparisons_per_s']:.1f} comparisons/s, "
-                  f"{row['comparisons_per_cpu_s']:.1f} per CPU second, cpu busy {row['cpu_share']:.0%}", flush=True)  # fmt: skip
+            row = {
+                "comparisons_per_s": comparisons / seconds,
+                "sequences_per_s": sequences / seconds,
+                "comparisons_per_cpu_s": comparisons / cpu_seconds,
+                "steps": steps,
+                "cpu_share": cpu_seconds / seconds,
+            }
+            print(
+                f"  {name} {system}: {row['comparisons_per_s']:.1f} comparisons/s, "
+                f"{row['comparisons_per_cpu_s']:.1f} per CPU second, cpu busy {row['cpu_share']:.0%}",
+                flush=True,
+            )
             if system not in results:  # training is seeded: the accuracy of a repeat is the same
                 row["accuracy"] = held_out_accuracy(trainer.model, test, test_ids, tokenizer.pad_token_id)
                 results[system] = row
@@ -169,8 +212,15 @@ def run_pattern(name: str, levels: list[int], args, tokenizer, model0) -> dict:
     speedup = results["ours"]["comparisons_per_s"] / results["trl"]["comparisons_per_s"]
     speedup_cpu = results["ours"]["comparisons_per_cpu_s"] / results["trl"]["comparisons_per_cpu_s"]
     ideal = 2 * pairs_per_prompt / k
-    return {"pattern": name, "K": k, "P": pairs_per_prompt, "ideal": ideal, "speedup": speedup,
-            "speedup_cpu": speedup_cpu, **results}  # fmt: skip
+    return {
+        "pattern": name,
+        "K": k,
+        "P": pairs_per_prompt,
+        "ideal": ideal,
+        "speedup": speedup,
+        "speedup_cpu": speedup_cpu,
+        **results,
+    }
 
 
 def main() -> None:
@@ -203,21 +253,27 @@ def main() -> None:
     tokenizer = train_tokenizer([" ".join(corpus)] * 50 + [f"Question {i}:" for i in range(1000)], vocab_size=400)
     model0 = build_model(tokenizer, args.seed, args.hidden, args.layers)
     params = sum(p.numel() for p in model0.parameters())
-    print(f"model: Llama hidden {args.hidden}, {args.layers} layers, {params / 1e6:.2f}M parameters, full fine-tuning; "
-          f"{args.prompts} training prompts, {args.epochs:g} epochs (ours {args.ours_epochs or args.epochs:g}), "
-          f"{args.threads} threads, torch {torch.__version__}")  # fmt: skip
+    print(
+        f"model: Llama hidden {args.hidden}, {args.layers} layers, {params / 1e6:.2f}M parameters, full fine-tuning; "
+        f"{args.prompts} training prompts, {args.epochs:g} epochs (ours {args.ours_epochs or args.epochs:g}), "
+        f"{args.threads} threads, torch {torch.__version__}"
+    )
     rows = [run_pattern(name, levels, args, tokenizer, model0) for name, levels in PATTERNS.items()]
     print()
-    print(f"{'ranking':<15} {'K':>2} {'P':>2} | {'ours cmp/s':>10} {'trl cmp/s':>10} {'speed-up':>8} {'ideal':>6} "
-          f"{'of ideal':>8} {'goal':>5} | {'of ideal, CPU s':>15} | {'ours seq/s':>10} {'trl seq/s':>10} | "
-          f"{'ours acc':>8} {'trl acc':>8} | {'steps':>10} | cpu busy")  # fmt: skip
+    print(
+        f"{'ranking':<15} {'K':>2} {'P':>2} | {'ours cmp/s':>10} {'trl cmp/s':>10} {'speed-up':>8} {'ideal':>6} "
+        f"{'of ideal':>8} {'goal':>5} | {'of ideal, CPU s':>15} | {'ours seq/s':>10} {'trl seq/s':>10} | "
+        f"{'ours acc':>8} {'trl acc':>8} | {'steps':>10} | cpu busy"
+    )
     for r in rows:
         o, t = r["ours"], r["trl"]
-        print(f"{r['pattern']:<15} {r['K']:>2} {r['P']:>2} | {o['comparisons_per_s']:>10.1f} "
-              f"{t['comparisons_per_s']:>10.1f} {r['speedup']:>7.2f}x {r['ideal']:>5.1f}x {r['speedup'] / r['ideal']:>8.2f} "
-              f"{'>=0.9':>5} | {r['speedup_cpu'] / r['ideal']:>15.2f} | {o['sequences_per_s']:>10.1f} "
-              f"{t['sequences_per_s']:>10.1f} | {o['accuracy']:>8.3f} {t['accuracy']:>8.3f} | "
-              f"{str(o['steps']) + ' vs ' + str(t['steps']):>10} | {o['cpu_share']:.0%} / {t['cpu_share']:.0%}")  # fmt: skip
+        print(
+            f"{r['pattern']:<15} {r['K']:>2} {r['P']:>2} | {o['comparisons_per_s']:>10.1f} "
+            f"{t['comparisons_per_s']:>10.1f} {r['speedup']:>7.2f}x {r['ideal']:>5.1f}x {r['speedup'] / r['ideal']:>8.2f} "
+            f"{'>=0.9':>5} | {r['speedup_cpu'] / r['ideal']:>15.2f} | {o['sequences_per_s']:>10.1f} "
+            f"{t['sequences_per_s']:>10.1f} | {o['accuracy']:>8.3f} {t['accuracy']:>8.3f} | "
+            f"{str(o['steps']) + ' vs ' + str(t['steps']):>10} | {o['cpu_share']:.0%} / {t['cpu_share']:.0%}"
+        )
     print("goal: speed-up >= 0.9 of the ideal 2P/K in comparisons/s, held-out accuracy >= trl's. Best of the rounds.")
     print(
         "'of ideal, CPU s': the same ratio from comparisons per CPU second of the process (robust to other processes"

@@ -131,11 +131,21 @@ def measure(mode: str, base: Path, data: Path, args: argparse.Namespace) -> dict
     from pipeline.tracking import count_parameters
 
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config(None, [
-            f"run_dir={run_dir}", f"sft.finetune={mode}", f"sft.max_steps={args.steps}", "sft.save_steps=100000",
-            f"sft.per_device_train_batch_size={args.batch}", f"sft.max_seq_len={args.seq_len}", "sft.report_to=none",
-            "sft.logging_steps=100000", "sft.learning_rate=1e-4", "sft.warmup_ratio=0",
-        ])  # fmt: skip
+        cfg = load_config(
+            None,
+            [
+                f"run_dir={run_dir}",
+                f"sft.finetune={mode}",
+                f"sft.max_steps={args.steps}",
+                "sft.save_steps=100000",
+                f"sft.per_device_train_batch_size={args.batch}",
+                f"sft.max_seq_len={args.seq_len}",
+                "sft.report_to=none",
+                "sft.logging_steps=100000",
+                "sft.learning_rate=1e-4",
+                "sft.warmup_ratio=0",
+            ],
+        )
         tokenizer, model, _ = load_tokenizer_and_model(cfg, str(base))
         conversations, _ = load_conversations(data, tokenizer)
         trainer = build_trainer(cfg, model, tokenizer, conversations, None)
@@ -201,15 +211,30 @@ def main() -> None:
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
             for mode in args.modes:
-                command = [sys.executable, __file__, "--child", mode, str(base), str(data), "--steps", str(args.steps),
-                           "--batch", str(args.batch), "--seq-len", str(args.seq_len)]  # fmt: skip
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    mode,
+                    str(base),
+                    str(data),
+                    "--steps",
+                    str(args.steps),
+                    "--batch",
+                    str(args.batch),
+                    "--seq-len",
+                    str(args.seq_len),
+                ]
                 result = subprocess.run(command, capture_output=True, text=True)
                 if result.returncode != 0:
                     sys.exit(f"{mode} failed:\n{result.stderr[-3000:]}")
                 row = json.loads(result.stdout.strip().splitlines()[-1])
-                print(f"  {mode}: {row['samples_per_s']:.2f} samples/s, {row['samples_per_cpu_s']:.2f} per CPU second, "
-                      f"cpu busy {row['cpu_share']:.0%}, training peak RSS {row['train_peak_rss_mb']:.0f} MB "
-                      f"(file-backed before training: {row['file_backed_mb']:.0f} MB)", flush=True)  # fmt: skip
+                print(
+                    f"  {mode}: {row['samples_per_s']:.2f} samples/s, {row['samples_per_cpu_s']:.2f} per CPU second, "
+                    f"cpu busy {row['cpu_share']:.0%}, training peak RSS {row['train_peak_rss_mb']:.0f} MB "
+                    f"(file-backed before training: {row['file_backed_mb']:.0f} MB)",
+                    flush=True,
+                )
                 if mode not in best:  # memory from the first round; the fastest round for speed
                     best[mode] = row
                 else:
@@ -221,8 +246,10 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"SFT modes on {args.base or 'preset ' + args.preset}: batch {args.batch} x {args.seq_len} tokens, "
-          f"{args.steps} steps (first one not timed), {device}")  # fmt: skip
+    print(
+        f"SFT modes on {args.base or 'preset ' + args.preset}: batch {args.batch} x {args.seq_len} tokens, "
+        f"{args.steps} steps (first one not timed), {device}"
+    )
     gpu = "peak_gpu_mb" in rows[0]
     columns = (
         ["peak_gpu_mb", "gpu_growth_mb"]
@@ -239,9 +266,11 @@ def main() -> None:
     for row in rows:
         speed = f"{row['samples_per_s'] / full['samples_per_s']:8.2f}" if full else f"{'':>8}"
         speed_cpu = f"{row['samples_per_cpu_s'] / full['samples_per_cpu_s']:8.2f}" if full else f"{'':>8}"
-        print(f"{row['mode']:<6} {row['trainable']:>11,} {row['total']:>11,} {row['weights_mb']:>10.1f} "
-              f"{row['samples_per_s']:>10.2f} {speed} {row['samples_per_cpu_s']:>9.2f} {speed_cpu} {row['cpu_share']:>5.0%} " + " ".join(
-                  f"{row[c]:>{len(c) + 1}.0f}" for c in columns))  # fmt: skip
+        print(
+            f"{row['mode']:<6} {row['trainable']:>11,} {row['total']:>11,} {row['weights_mb']:>10.1f} "
+            f"{row['samples_per_s']:>10.2f} {speed} {row['samples_per_cpu_s']:>9.2f} {speed_cpu} {row['cpu_share']:>5.0%} "
+            + " ".join(f"{row[c]:>{len(c) + 1}.0f}" for c in columns)
+        )
     print("of total: parameters as stored (a 4-bit weight packs two values per element); weights MB: parameters and")
     print("buffers. rss_before: resident memory once model and trainer are built (weights copied out of the mapped")
     print("checkpoint); train_peak_rss: peak resident memory while training; rss_growth: the difference (gradients,")

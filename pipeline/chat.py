@@ -19,7 +19,15 @@ import threading
 from pathlib import Path
 from typing import Any, TextIO
 
+import peft
+import torch
+from transformers import AutoModelForCausalLM, TextIteratorStreamer
+
+from pipeline.checkpoints import is_finished, read_stage_json
 from pipeline.errors import UserError
+from pipeline.generation import SamplingArgs, special_ids
+from pipeline.modeling import WEIGHT_FILES, check_model_source
+from pipeline.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +37,6 @@ HELP = "commands: /reset (forget the conversation), /set key=value (temperature,
 
 def resolve_final(path: str | Path) -> Path:
     """`RUN_DIR/<stage>` or `RUN_DIR/<stage>/final` -> the finished final/ directory."""
-    from pipeline.checkpoints import is_finished
-
     path = Path(path)
     for candidate in (path / "final", path):
         if is_finished(candidate):
@@ -40,13 +46,6 @@ def resolve_final(path: str | Path) -> Path:
 
 def load_chat_model(path: str | Path) -> tuple[Any, Any, str]:
     """(model, tokenizer, description) of the language model a finished stage produced."""
-    import peft
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.checkpoints import read_stage_json
-    from pipeline.modeling import WEIGHT_FILES, check_model_source
-    from pipeline.tokenizer import load_tokenizer
-
     final = resolve_final(path)
     record = read_stage_json(final)
     for candidate in (final, final / "merged"):
@@ -67,8 +66,12 @@ def load_chat_model(path: str | Path) -> tuple[Any, Any, str]:
         model.resize_token_embeddings(len(tokenizer))
     task = json.loads(adapter_file.read_text()).get("task_type")
     if task != "CAUSAL_LM":
-        logger.warning("%s is a %s adapter (a reward model scores, it does not talk): chatting with its base %s",
-                       final, task, base)  # fmt: skip
+        logger.warning(
+            "%s is a %s adapter (a reward model scores, it does not talk): chatting with its base %s",
+            final,
+            task,
+            base,
+        )
         return model, tokenizer, f"base of the {record['stage']} stage, {base}"
     model = peft.PeftModel.from_pretrained(model, str(final))
     return model, tokenizer, f"{record['stage']} adapter {final} on {base}"
@@ -89,17 +92,17 @@ def fit_history(tokenizer: Any, messages: list[dict], budget: int) -> list[dict]
 
 def stream_reply(model: Any, tokenizer: Any, messages: list[dict], sampling: Any, out: TextIO) -> str:
     """Sample a reply to `messages`, writing its text to `out` as it is generated; return the whole reply."""
-    import torch
-    from transformers import TextIteratorStreamer
-
-    from pipeline.generation import special_ids
-
     eos_id, pad_id = special_ids(tokenizer)
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    settings: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
-                                    eos_token_id=eos_id, pad_token_id=pad_id, streamer=streamer)  # fmt: skip
+    settings: dict[str, Any] = dict(
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=sampling.do_sample,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        streamer=streamer,
+    )
     if sampling.do_sample:
         settings.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
     device = next(model.parameters()).device
@@ -185,10 +188,6 @@ def _context_budget(model: Any, sampling: Any) -> int:
 
 def main(args: argparse.Namespace) -> None:
     """`rlhf chat`: one answer with --prompt, otherwise an interactive conversation."""
-    import torch
-
-    from pipeline.generation import SamplingArgs
-
     sampling = SamplingArgs(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

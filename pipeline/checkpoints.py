@@ -1,15 +1,18 @@
-"""The run directory: where each stage writes, how finished stages are recognised, skipped or protected.
+"""The run directory: where each stage writes, what a stage's result depends on, and how finished stages are
+recognised, skipped or protected.
 
 ```
-run_dir/config.yaml                      resolved config of the last command
+run_dir/config.yaml                      resolved config of the last command that went ahead
 run_dir/<stage>/identity.json            what the in-progress or finished run of the stage was started with
 run_dir/<stage>/checkpoint-<step>/       training checkpoints (complete once `checkpoint.done` is in it)
 run_dir/<stage>/final/                   what the next stage reads; `final/stage.json` is written last
 run_dir/<stage>.replaced-<time>/         a finished stage moved aside by --rerun (nothing finished is deleted)
 ```
 
-`final/` appears atomically: a stage saves into `final.partial/` and renames it when `stage.json` is in place, so a
-crash never leaves a half-written `final/` for a later stage to read.
+Every stage opens with `begin_stage` (its identity, and whether it already finished) and closes with `finishing`:
+`final/` appears atomically, since a stage saves into `final.partial/` and renames it once `stage.json` is in place,
+so a crash never leaves a half-written `final/` for a later stage to read. Pre-emption is in `preemption.py`, the
+Trainer glue in `trainers.py`.
 """
 
 from __future__ import annotations
@@ -17,14 +20,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
-import platform
 import re
 import shutil
-import signal
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig, hash_settings, stage_settings
 from pipeline.errors import UserError
+from pipeline.tracking import git_commit, hardware, on_main, package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +154,20 @@ def prepare_stage(cfg: PipelineConfig, stage: str, identity: dict[str, Any], rer
     sdir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(sdir / "identity.json", identity)
     return None
+
+
+def begin_stage(
+    cfg: PipelineConfig, stage: str, inputs: dict[str, Path | str], rerun: bool = False
+) -> tuple[dict[str, Any], Path | None]:
+    """The prelude of every stage: (its identity, the `final/` to return when it already finished, else None).
+
+    The main process decides (`prepare_stage`); every process gets the same answer, or the same one-line error.
+    """
+    identity = stage_identity(cfg, stage, inputs)
+    done = on_main(lambda: prepare_stage(cfg, stage, identity, rerun))
+    if done is not None:
+        logger.info("%s already finished with these settings: %s", stage, done)
+    return identity, done
 
 
 def _move_aside(sdir: Path) -> Path:
@@ -284,179 +297,3 @@ def metric(metrics: dict[str, Any], path: str) -> Any:
             return None
         metrics = metrics[part]
     return metrics
-
-
-def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    versions = {"python": platform.python_version()}
-    for name in (
-        "torch",
-        "transformers",
-        "trl",
-        "peft",
-        "accelerate",
-        "datasets",
-        "bitsandbytes",
-        "evaluate",
-        "datatrove",
-    ):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def hardware() -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if torch.cuda.is_available():
-        info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        # this process's peak since the stage began (the driver resets it before each in-process stage)
-        info["cuda_peak_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    info["world_size"] = world
-    return info
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Pre-emption (SIGTERM from Slurm or a scheduler): save a checkpoint, then stop
-
-
-class Preempted(Exception):
-    """A stage stopped on SIGTERM after saving a checkpoint; running the same command again resumes it."""
-
-
-_preempted = threading.Event()
-
-
-def install_preemption_handler() -> None:
-    """On SIGTERM or SIGUSR1 (Slurm's `--signal`), ask the running stage to checkpoint and stop at the next step."""
-
-    def handler(signum: int, frame: Any) -> None:
-        logger.warning("received %s: saving a checkpoint and stopping", signal.Signals(signum).name)
-        _preempted.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGUSR1, handler)
-
-
-def preemption_requested() -> bool:
-    """True once any process of the run got a pre-emption signal (agreed across ranks when distributed)."""
-    import torch.distributed as dist
-
-    flag = _preempted.is_set()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        import torch
-
-        tensor = torch.tensor([1.0 if flag else 0.0])
-        if dist.get_backend() == "nccl":
-            tensor = tensor.cuda()
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        flag = bool(tensor.item() > 0)
-        if flag:
-            _preempted.set()
-    return flag
-
-
-def raise_if_preempted(sdir: Path) -> None:
-    """Call after training returns: if it stopped for a pre-emption, end the stage without finishing it."""
-    if _preempted.is_set():
-        newest = newest_checkpoint(sdir)
-        raise Preempted(f"pre-empted; the newest complete checkpoint is {newest}. Run the same command to resume")
-
-
-def train_from(trainer: Any, checkpoint: Path | None) -> Any:
-    """`trainer.train()`, resumed from `checkpoint` when there is one.
-
-    A checkpoint written at the last step (the run died between it and `final/`) is loaded, not trained on: the
-    transformers Trainer (5.x) resumed at `max_steps` runs one step more, so the result would differ from the
-    uninterrupted run's.
-    """
-    import transformers
-
-    if checkpoint is not None:
-        state = transformers.TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
-        if 0 < state.max_steps <= state.global_step:
-            trainer._load_from_checkpoint(str(checkpoint))
-            trainer.state = state
-            losses = [r["loss"] for r in state.log_history if "loss" in r]  # the logged ones: an approximation
-            loss = sum(losses) / len(losses) if losses else float("nan")
-            return transformers.trainer_utils.TrainOutput(state.global_step, loss, {"train_loss": loss})
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    for callback in trainer.callback_handler.callbacks:
-        if getattr(callback, "diverged", None):
-            step, what = callback.diverged
-            stage = Path(trainer.args.output_dir).name
-            raise UserError(
-                f"{stage}: training diverged at step {step} ({what} is NaN or inf); the checkpoints before it are "
-                f"kept and no result was written: lower {stage}.learning_rate (or {stage}.max_grad_norm) and run "
-                "again with --rerun"
-            )
-    return output
-
-
-def trainer_checkpoint_callback(sdir: Path, keep: int) -> Any:
-    """A transformers TrainerCallback for the Trainer-based stages.
-
-    It marks each checkpoint complete once every rank wrote its part (so a crash mid-save never breaks resume), keeps
-    the newest `keep` complete ones (the Trainer's own `save_total_limit` must be off: it rotates before a checkpoint
-    is complete), logs metrics to `sdir/metrics.jsonl`, and on pre-emption saves a checkpoint and stops training
-    (the stage then calls `raise_if_preempted`). Training that diverges (a logged loss or gradient norm, or a
-    trainable weight about to be saved, is NaN or inf) stops without saving; `train_from` then raises.
-    """
-    import transformers
-
-    from pipeline.tracking import append_metrics, distributed_state
-
-    class TrainerCheckpointCallback(transformers.TrainerCallback):
-        diverged: tuple[int, str] | None = None  # (step, what) once something is not finite
-
-        def _stop(self, control, step: int, what: str) -> None:
-            self.diverged = self.diverged or (step, what)
-            control.should_save = False
-            control.should_training_stop = True
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if preemption_requested():
-                control.should_save = True
-                control.should_training_stop = True
-            if control.should_save and model is not None:
-                bad = next(
-                    (n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()), None
-                )
-                if bad is not None:  # never write a checkpoint (or a result) with broken weights
-                    self._stop(control, state.global_step, f"the weight {bad}")
-
-        def on_save(self, args, state, control, **kwargs):
-            distributed_state().wait_for_everyone()  # each rank writes its own RNG state into the checkpoint
-            if state.is_world_process_zero:
-                mark_checkpoint_complete(sdir / f"checkpoint-{state.global_step}", state.global_step)
-                prune_checkpoints(sdir, keep)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                append_metrics(sdir / "metrics.jsonl", {"step": state.global_step, **logs})
-            for key in ("loss", "grad_norm"):  # the same on every rank (DDP averages them)
-                value = (logs or {}).get(key)
-                if isinstance(value, float) and not math.isfinite(value):
-                    self._stop(control, state.global_step, f"the {key.replace('_', ' ')}")
-
-    return TrainerCheckpointCallback()

@@ -23,8 +23,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from pipeline.errors import UserError
-
-STAGES = ("data", "pretrain", "sft", "reward", "ppo")
+from pipeline.stages import check_stage
 
 
 def _f(default: Any, help: str, volatile: bool = False, **kwargs: Any) -> Any:
@@ -148,7 +147,7 @@ class TrainArgs:
 class WorldConfig:
     """The built-in demo world: an invented world, a crawl about it, instructions, and the gold rule.
 
-    Generated deterministically from the top-level seed; see pipeline/data/world.py and data_cards/demo-*.md.
+    Generated deterministically from the top-level seed; see pipeline/demo/world.py and data_cards/demo-*.md.
     """
 
     n_entities: int = _f(24, "Invented countries; each carries one fact per relation.")
@@ -195,24 +194,41 @@ class WorldConfig:
             self.insult_share is None or 0.0 <= self.insult_share <= 1.0, "insult_share", "must be in [0, 1] or null"
         )
         _check(self.pages_per_fact >= 1, "pages_per_fact", "must be >= 1")
-        for name in ("heldout_entity_share", "boilerplate_share", "exact_duplicate_share", "near_duplicate_share",
-                     "spam_share", "short_share", "foreign_share", "toxic_share", "wrong_share", "curt_share",
-                     "rude_share", "annotator_noise", "adversarial_share", "eval_adversarial_share"):  # fmt: skip
+        for name in (
+            "heldout_entity_share",
+            "boilerplate_share",
+            "exact_duplicate_share",
+            "near_duplicate_share",
+            "spam_share",
+            "short_share",
+            "foreign_share",
+            "toxic_share",
+            "wrong_share",
+            "curt_share",
+            "rude_share",
+            "annotator_noise",
+            "adversarial_share",
+            "eval_adversarial_share",
+        ):
             _check(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
-        _check(self.wrong_share + self.curt_share + self.rude_share < 1.0, "rude_share",
-               "wrong_share + curt_share + rude_share must be < 1 (some demonstrations must be good)")  # fmt: skip
+        _check(
+            self.wrong_share + self.curt_share + self.rude_share < 1.0,
+            "rude_share",
+            "wrong_share + curt_share + rude_share must be < 1 (some demonstrations must be good)",
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Stage 1: data and pretraining
+# Stage 1: web text and pretraining
 
 
 @dataclass
-class DataConfig:
-    """Stage 1a (pipeline/data/webtext.py): datatrove extraction, filters and dedup; thresholds tuned on the demo crawl."""
+class WebtextConfig:
+    """Stage 1a (pipeline/webtext/): datatrove extraction, filters and dedup; thresholds tuned on the demo crawl."""
 
-    input: str = _f(
-        "demo", "'demo' (the built-in world), a path or glob of WARC/WET/jsonl/parquet files, or a Hub dataset id."
+    input: Optional[str] = _f(
+        None,
+        "A path or glob of WARC/WET/jsonl/parquet files, a Hub dataset id, or 'demo' (the built-in world's crawl).",
     )
     input_format: Literal["auto", "warc", "wet", "jsonl", "parquet", "hub"] = _f(
         "auto", "Input format; 'auto' detects it from the file names."
@@ -238,10 +254,10 @@ class DataConfig:
         None, "Local fastText language-ID model (lid.176.bin); without it a stop-word test decides."
     )
     language_threshold: float = _f(
-        0.65, "fastText score a document needs in data.language (with language_model_path)."
+        0.65, "fastText score a document needs in webtext.language (with language_model_path)."
     )
     stopword_min_share: float = _f(
-        0.1, "Without a model: share of a document's words that must be stop words of data.language."
+        0.1, "Without a model: share of a document's words that must be stop words of webtext.language."
     )
     gopher_repetition: bool = _f(True, "Apply the Gopher repetition filter (duplicate lines, paragraphs and n-grams).")
     gopher_quality: bool = _f(True, "Apply the Gopher quality filter (length, word length, symbols, stop words).")
@@ -267,7 +283,7 @@ class DataConfig:
     )
     save_removed: bool = _f(
         True,
-        "Keep removed documents under data/work/removed/<step>/ for inspection (and the demo's error report).",
+        "Keep removed documents under webtext/work/removed/<step>/ for inspection (and the demo's error report).",
         volatile=True,
     )
     slurm_partition: Optional[str] = _f(None, "Slurm partition (executor=slurm).", volatile=True)
@@ -332,8 +348,14 @@ class ModelArgs:
     rope_theta: float = _f(10000.0, "RoPE base frequency.")
 
     def __post_init__(self):
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                     "intermediate_size", "max_position_embeddings"):  # fmt: skip
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             _check(value is None or value > 0, name, "must be a positive integer (or null for the preset's)")
         _check(self.rope_theta > 0, "rope_theta", "must be > 0")
@@ -347,7 +369,7 @@ class PretrainConfig(TrainArgs):
     )
     tokenizer: TokenizerArgs = _f(TokenizerArgs(), "Tokenizer to train or reuse.")
     dataset: Optional[str] = _f(
-        None, "Pretraining corpus; default: the data stage's final/ (a path or Hub id otherwise)."
+        None, "Pretraining corpus; default: the web-text stage's final/ (a path or Hub id otherwise)."
     )
     dataset_config: Optional[str] = _f(None, "Hub dataset config name (pretrain.dataset is a Hub id, streamed).")
     text_key: str = _f("text", "Column that holds the documents.")
@@ -362,8 +384,11 @@ class PretrainConfig(TrainArgs):
         _check(self.max_seq_len >= 8, "max_seq_len", "must be >= 8")
         _check(self.eval_documents >= 1, "eval_documents", "must be >= 1")
         _check(self.eval_max_batches == -1 or self.eval_max_batches > 0, "eval_max_batches", "must be -1 (all) or > 0")
-        _check(self.baseline_max_tokens == -1 or self.baseline_max_tokens > 0, "baseline_max_tokens",
-               "must be -1 (all) or > 0")  # fmt: skip
+        _check(
+            self.baseline_max_tokens == -1 or self.baseline_max_tokens > 0,
+            "baseline_max_tokens",
+            "must be -1 (all) or > 0",
+        )
         _check(self.tokenize_num_proc >= 1, "tokenize_num_proc", "must be >= 1")
 
 
@@ -374,8 +399,9 @@ class PretrainConfig(TrainArgs):
 @dataclass
 class SFTConfig(TrainArgs):
     base: Optional[str] = _f(None, "Base causal LM: a local path or Hub id; default: the pretrain stage's final/.")
-    dataset: str = _f(
-        "demo", "'demo', a jsonl/parquet file, or a Hub dataset id (messages, prompt/completion or Alpaca)."
+    dataset: Optional[str] = _f(
+        None,
+        "A jsonl/json/parquet file or directory, or a Hub dataset id (messages, prompt/completion or Alpaca), or 'demo'.",
     )
     eval_share: float = _f(0.1, "Share of the data held out for evaluation (when the dataset has no eval split).")
     finetune: Literal["lora", "qlora", "full"] = _f(
@@ -420,8 +446,11 @@ class SFTConfig(TrainArgs):
         _check(self.qa_max_questions == -1 or self.qa_max_questions > 0, "qa_max_questions", "must be -1 (all) or > 0")
         _check(self.qa_max_new_tokens >= 1, "qa_max_new_tokens", "must be >= 1")
         _check(self.qa_batch_size >= 1, "qa_batch_size", "must be >= 1")
-        _check(not (self.random_init and self.finetune == "qlora"), "random_init",
-               "cannot be combined with finetune=qlora (random weights are never quantised); use lora or full")  # fmt: skip
+        _check(
+            not (self.random_init and self.finetune == "qlora"),
+            "random_init",
+            "cannot be combined with finetune=qlora (random weights are never quantised); use lora or full",
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -457,9 +486,9 @@ class RewardConfig(TrainArgs):
     """Batches count prompts: per_device_train_batch_size=8 scores 8 prompts' K responses in one forward pass."""
 
     base: Optional[str] = _f(None, "Base model: default the SFT stage's merged weights.")
-    dataset: str = _f(
-        "demo",
-        "'demo' (world prompts: templated and SFT-sampled responses ranked by simulated annotators), 'collect' (sample SFT responses for collect.prompts and export ranking tasks for people), or a rankings/pairs/scores/trees file, directory or Hub id, or a filled-in ranking-tasks .csv.",
+    dataset: Optional[str] = _f(
+        None,
+        "A rankings/pairs/scores/trees file, directory or Hub id, or a filled-in ranking-tasks .csv; 'collect' (sample SFT responses for collect.prompts and export ranking tasks for people); or 'demo' (world prompts: templated and SFT-sampled responses ranked by simulated annotators).",
     )
     dataset_format: Literal["auto", "rankings", "pairs", "scores", "trees", "tasks"] = _f(
         "auto", "Format of the dataset; 'auto' tells it from the keys of the first record."
@@ -551,13 +580,15 @@ class PPOConfig:
         "LoRA adapters on the full-precision base, or QLoRA (4-bit NF4 base; the reference is then the quantised base).",
     )
     lora: LoraArgs = _f(LoraArgs(), "Policy adapter (and fresh value adapter) settings.")
-    dataset: str = _f(
-        "demo",
-        "Training prompts: 'demo', or a jsonl/parquet file or Hub dataset id with 'messages' (chat; trailing assistant turns dropped) or 'prompt' (string or chat) per row.",
+    dataset: Optional[str] = _f(
+        None,
+        "Training prompts: a jsonl/json/parquet/csv file or Hub dataset id in any format SFT or the reward stage reads (the prompt is taken from each row), or 'demo'.",
     )
-    eval_dataset: str = _f(
-        "demo", "Held-out prompts for the final evaluation ('demo', or a file or Hub id like dataset)."
+    eval_dataset: Optional[str] = _f(
+        None,
+        "Held-out prompts for the final evaluation: null holds out ppo.eval_share of the training prompts; or a file or Hub id like dataset, or 'demo'.",
     )
+    eval_share: float = _f(0.1, "Share of the training prompts held out for the evaluation when eval_dataset is null.")
     train_split: str = _f("train", "Split of a Hub dataset given as ppo.dataset.")
     eval_split: str = _f("test", "Split of a Hub dataset given as ppo.eval_dataset.")
     max_train_prompts: int = _f(-1, "Use at most this many training prompts (-1: all).")
@@ -622,7 +653,7 @@ class PPOConfig:
     whiten_advantages: bool = _f(True, "Whiten advantages over each rollout batch.")
     ptx_coef: float = _f(0.0, "PPO-ptx (InstructGPT): weight of a pretraining loss on the stage-1 corpus (0: off).")
     ptx_dataset: Optional[str] = _f(
-        None, "Corpus of the ptx term: default the data stage's final/ (parquet with 'text')."
+        None, "Corpus of the ptx term: default the web-text stage's final/ (parquet with 'text')."
     )
     ptx_seq_len: int = _f(128, "Tokens per ptx sequence.")
     ptx_batch_size: int = _f(4, "ptx sequences per micro-batch on each process.")
@@ -646,8 +677,11 @@ class PPOConfig:
         _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
         _check(self.num_updates >= 1, "num_updates", "must be >= 1")
         _check(self.mini_batch_size >= 1, "mini_batch_size", "must be >= 1")
-        _check(self.rollout_batch_size % self.mini_batch_size == 0, "rollout_batch_size",
-               f"must be a multiple of mini_batch_size ({self.mini_batch_size})")  # fmt: skip
+        _check(
+            self.rollout_batch_size % self.mini_batch_size == 0,
+            "rollout_batch_size",
+            f"must be a multiple of mini_batch_size ({self.mini_batch_size})",
+        )
         _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
         _check(self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1")
         _check(self.generation_batch_size >= 1, "generation_batch_size", "must be >= 1")
@@ -681,6 +715,7 @@ class PPOConfig:
         _check(
             self.eval_max_prompts == -1 or self.eval_max_prompts >= 1, "eval_max_prompts", "must be -1 (all) or >= 1"
         )
+        _check(0.0 < self.eval_share < 0.5, "eval_share", "must be in (0, 0.5)")
         _check(
             self.max_train_prompts == -1 or self.max_train_prompts >= 1,
             "max_train_prompts",
@@ -690,8 +725,11 @@ class PPOConfig:
         _check(self.overopt_tolerance >= 0, "overopt_tolerance", "must be >= 0")
         _check(self.save_steps >= 1, "save_steps", "must be >= 1")
         _check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
-        _check(self.value_init == "fresh" or self.reward_placement == "shared", "value_init",
-               "must be 'fresh' with reward_placement=separate (the value model copies a reward adapter on its own base)")  # fmt: skip
+        _check(
+            self.value_init == "fresh" or self.reward_placement == "shared",
+            "value_init",
+            "must be 'fresh' with reward_placement=separate (the value model copies a reward adapter on its own base)",
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -702,8 +740,13 @@ class PPOConfig:
 class PipelineConfig:
     run_dir: str = _f("runs/demo", "Where every stage writes; one run directory per experiment.")
     seed: int = _f(1234, "Seed of the demo world, the data splits and every stage.")
-    world: WorldConfig = _f(WorldConfig(), "The built-in demo world (used when a stage's input is 'demo').")
-    data: DataConfig = _f(DataConfig(), "Stage 1a: web-text ingestion, filtering and deduplication.")
+    world: WorldConfig = _f(WorldConfig(), "The built-in demo world (read only where a stage's input is 'demo').")
+    judge: Optional[Literal["demo"]] = _f(
+        None,
+        "Judge of sampled responses, for the evaluations that need one (SFT's judged answers; PPO's gold score, win "
+        "rate and insult rate): 'demo' (the demo world's gold rule), or null to skip them (stage.json says so).",
+    )
+    webtext: WebtextConfig = _f(WebtextConfig(), "Stage 1a: web-text ingestion, filtering and deduplication.")
     pretrain: PretrainConfig = _f(PretrainConfig(), "Stage 1b: tokenizer and causal-LM pretraining.")
     sft: SFTConfig = _f(SFTConfig(), "Stage 2: supervised fine-tuning.")
     reward: RewardConfig = _f(RewardConfig(), "Stage 3: reward model from rankings with ties.")
@@ -774,7 +817,13 @@ def build_config(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
         raise UserError(f"{prefix}{exc.key}: {exc.message} (got {got})") from None
 
 
+# Keys that were renamed: old dotted key -> new one (a recipe that uses the old name is told the new one).
+RENAMED = {"data": "webtext"}
+
+
 def _unknown_key_message(prefix: str, key: str, valid: list[str]) -> str:
+    if prefix + key in RENAMED:
+        return f"recipe key '{prefix}{key}' was renamed '{RENAMED[prefix + key]}': rename it in the recipe"
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
     where = f"under '{prefix.rstrip('.')}'" if prefix else "at the top level"
@@ -879,25 +928,36 @@ def _volatile_keys(cls: type, prefix: str = "") -> set[str]:
     return keys
 
 
-# Which sections (besides its own) decide what a stage produces. Upstream *results* enter through the inputs'
-# config hashes (see checkpoints.stage_identity), so a changed pretrain invalidates sft without listing it here.
-STAGE_SECTIONS = {
-    "data": ("world",),
-    "pretrain": (),
-    "sft": ("world",),
-    "reward": ("world",),
-    "ppo": ("world",),
-}
+def uses_demo(cfg: PipelineConfig, stage: str) -> bool:
+    """Whether a stage reads the demo world: only where its recipe says 'demo' (an input, or `judge: demo`).
+
+    Pretraining never does itself: its corpus is the web-text stage's result, whose hash carries the world's.
+    """
+    reads = {
+        "webtext": (cfg.webtext.input,),
+        "pretrain": (),
+        "sft": (cfg.sft.dataset, cfg.judge),
+        "reward": (cfg.reward.dataset,),
+        "ppo": (cfg.ppo.dataset, cfg.ppo.eval_dataset, cfg.judge),
+    }
+    return "demo" in reads[check_stage(stage).name]
+
+
+# Stages whose evaluation calls the judge: the `judge` key is part of their settings.
+JUDGED_STAGES = ("sft", "ppo")
 
 
 def stage_settings(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    """The flattened, non-volatile keys that determine a stage's output (its section, the seed, the world if used)."""
-    if stage not in STAGES:
-        raise UserError(f"unknown stage '{stage}' (valid stages: {', '.join(STAGES)})")
+    """The flattened, non-volatile keys that determine a stage's output: its section and the seed, the judge where it
+    evaluates with one, and the `world` section only where it reads the demo. Upstream *results* enter through the
+    inputs' config hashes (see checkpoints.stage_identity), so a changed pretrain invalidates sft without a key here."""
+    check_stage(stage)
     full = config_to_dict(cfg)
     volatile = _volatile_keys(PipelineConfig)
-    settings = {"seed": cfg.seed}
-    for section in (stage, *STAGE_SECTIONS[stage]):
+    settings: dict[str, Any] = {"seed": cfg.seed}
+    if stage in JUDGED_STAGES:
+        settings["judge"] = cfg.judge
+    for section in (stage, "world") if uses_demo(cfg, stage) else (stage,):
         settings.update(flatten({section: full[section]}))
     return {k: v for k, v in settings.items() if k not in volatile}
 

@@ -1,4 +1,5 @@
-"""The driver: `rlhf run RECIPE` chains data -> pretrain -> sft -> reward -> ppo; `rlhf status RUN_DIR` shows where a run is.
+"""The driver: `rlhf run RECIPE` chains webtext -> pretrain -> sft -> reward -> ppo; `rlhf status RUN_DIR` shows where a
+run is; `rlhf <stage> RECIPE` runs one stage.
 
 Each stage's `final/` feeds the next (the stages resolve their inputs from the run directory). A stage that finished
 with the same settings is skipped; one whose settings changed stops the run with the changed keys, unless `--rerun` is
@@ -6,7 +7,8 @@ given: then it runs again, and so does every later stage (the old results are mo
 that was interrupted (SIGKILL, pre-emption) resumes from its newest complete checkpoint.
 
 With `--accelerate-config FILE` each stage runs as its own `accelerate launch --config_file FILE -m pipeline <stage>`
-job, so one recipe runs on a CPU, one GPU, 8 GPUs or several nodes without edits.
+job, so one recipe runs on a CPU, one GPU, 8 GPUs or several nodes without edits. The functions here return what
+happened; `cli.py` prints it.
 
     rlhf run recipes/demo.yaml
     rlhf run recipes/demo.yaml --from sft --accelerate-config accelerate_configs/cpu_ddp.yaml
@@ -15,7 +17,6 @@ job, so one recipe runs on a CPU, one GPU, 8 GPUs or several nodes without edits
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from pipeline.checkpoints import (
     final_dir,
@@ -36,26 +39,20 @@ from pipeline.checkpoints import (
     stage_seconds,
     write_json_atomic,
 )
-from pipeline.config import STAGES, PipelineConfig, build_config, load_config
+from pipeline.config import PipelineConfig, build_config, save_config
 from pipeline.errors import UserError
+from pipeline.preemption import Preempted, install_preemption_handler
+from pipeline.stages import BY_NAME, STAGES, check_stage, stage_module
+from pipeline.tracking import is_main_process
 
 logger = logging.getLogger(__name__)
-
-# Metrics `rlhf status` shows per stage (dotted paths into stage.json's metrics), when the stage recorded them.
-KEY_METRICS = {
-    "data": ("documents_read", "documents_kept", "eval.filter.f1"),
-    "pretrain": ("perplexity", "perplexity_ratio_unigram", "cloze_accuracy"),
-    "sft": ("eval_loss", "heldout_accuracy", "dispreferred_share"),
-    "reward": ("test.templated.accuracy", "test.sampled.accuracy", "test.all.accuracy", "test.all.kendall_tau"),
-    "ppo": ("gold_win_rate", "kl_to_reference", "sft_insult_rate", "ppo_insult_rate"),
-}
 
 
 def select_stages(start: str | None, until: str | None, only: list[str] | None) -> list[str]:
     """The stages to visit, in pipeline order."""
     for name in [start, until, *(only or [])]:
-        if name is not None and name not in STAGES:
-            raise UserError(f"unknown stage '{name}' (valid stages: {', '.join(STAGES)})")
+        if name is not None:
+            check_stage(name)
     if only:
         if start or until:
             raise UserError("--only cannot be combined with --from/--until (use one or the other)")
@@ -69,8 +66,6 @@ def select_stages(start: str | None, until: str | None, only: list[str] | None) 
 
 def stage_state(cfg: PipelineConfig, stage: str) -> tuple[str, dict[str, Any]]:
     """('finished' | 'changed' | 'interrupted' | 'new', identity) of a stage under this config."""
-    from pipeline.cli import stage_module
-
     identity = stage_identity(cfg, stage, stage_module(stage).resolve_inputs(cfg))
     final = final_dir(cfg, stage)
     if is_finished(final):
@@ -90,8 +85,6 @@ def run_pipeline(
     accelerate_config: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run `stages` in order; return what happened to each (action, seconds, final path)."""
-    from pipeline.cli import stage_module
-
     summary: dict[str, dict[str, Any]] = {}
     upstream_ran = False
     for position, stage in enumerate(stages):
@@ -107,7 +100,7 @@ def run_pipeline(
         )
         logger.info("%s: %s", stage, {"rerun": "running again", "resumed": "resuming", "ran": "running"}[action])
         start = time.time()
-        if accelerate_config and stage != "data":  # datatrove parallelises the data stage itself
+        if accelerate_config and stage != "webtext":  # datatrove parallelises the webtext stage itself
             _launch(stage, recipe, overrides or [], force, accelerate_config)
             final = final_dir(cfg, stage)
         else:
@@ -133,15 +126,23 @@ def _launch(stage: str, recipe: str | None, overrides: list[str], rerun: bool, a
         raise UserError("--accelerate-config needs the recipe path (run the driver from the command line)")
     if not Path(accelerate_config).is_file():
         raise UserError(f"accelerate config not found: {accelerate_config} (see accelerate_configs/)")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
-               "-m", "pipeline", stage, recipe, *overrides]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        accelerate_config,
+        "-m",
+        "pipeline",
+        stage,
+        recipe,
+        *overrides,
+    ]
     if rerun:
         command.append("--rerun")
     logger.info("launching: %s", " ".join(command))
     result = subprocess.run(command, env=os.environ.copy())
     if result.returncode == 143:
-        from pipeline.checkpoints import Preempted
-
         raise Preempted(f"stage {stage} was pre-empted; run the same command to resume")
     if result.returncode != 0:
         raise UserError(
@@ -150,8 +151,6 @@ def _launch(stage: str, recipe: str | None, overrides: list[str], rerun: bool, a
 
 
 def _record(cfg: PipelineConfig, summary: dict[str, dict[str, Any]]) -> None:
-    from pipeline.tracking import is_main_process
-
     if not is_main_process() or not summary:
         return
     path = cfg.run_path / "driver.json"
@@ -173,7 +172,7 @@ def status_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
         if is_finished(final):
             record = read_stage_json(final)
             metrics = record.get("metrics", {})
-            values = {k: metric(metrics, k) for k in KEY_METRICS[stage]}
+            values = {k: metric(metrics, k) for k in BY_NAME[stage].key_metrics}
             row["metrics"] = {k: v for k, v in values.items() if v is not None}
             row["seconds"] = stage_seconds(metrics)
         checkpoint = newest_checkpoint(stage_dir(cfg, stage))
@@ -184,55 +183,44 @@ def status_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# CLI entry points (registered in pipeline/cli.py)
+# Commands (cli.py parses and prints; these do the work)
 
 
-def main_run(args: argparse.Namespace) -> None:
-    from pipeline.checkpoints import install_preemption_handler
-    from pipeline.config import save_config
-    from pipeline.tracking import is_main_process
+def plan_run(cfg: PipelineConfig, stages: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(stage, state, inputs) of each stage `rlhf run --dry-run` would visit."""
+    rows = []
+    for stage in stages:
+        state, identity = stage_state(cfg, stage)
+        rows.append((stage, state, {k: v["path"] for k, v in identity["inputs"].items()}))
+    return rows
 
-    cfg = load_config(args.recipe, args.overrides)
-    stages = select_stages(args.start, args.until, args.only)
-    if args.dry_run:
-        print(f"recipe {args.recipe} is valid; run directory {cfg.run_dir}")
-        for stage in stages:
-            state, identity = stage_state(cfg, stage)
-            inputs = ", ".join(f"{k}={v['path']}" for k, v in identity["inputs"].items()) or "-"
-            print(f"  {stage:9s} {state:12s} inputs: {inputs}")
-        return
+
+def start_command(cfg: PipelineConfig) -> None:
+    """What a command that goes ahead does first: record the resolved config, and save on pre-emption signals."""
     if is_main_process():
         save_config(cfg, cfg.run_path / "config.yaml")
     install_preemption_handler()
-    summary = run_pipeline(cfg, stages, args.rerun, args.recipe, args.overrides, args.accelerate_config)
-    if not is_main_process():
-        return
-    for stage, info in summary.items():
-        print(f"{stage:9s} {info['action']:8s} {info['seconds']:7.1f} s  {info['final']}")
-    if not args.no_report and stages[-1] == STAGES[-1]:
-        try:
-            from pipeline.report import write_report
-        except ImportError:
-            return
-        page = write_report(cfg.run_path)
-        print(f"report: {page}")
 
 
-def main_status(args: argparse.Namespace) -> None:
-    import yaml
+def plan_stage(cfg: PipelineConfig, stage: str) -> tuple[str, dict[str, str], Path]:
+    """(state, inputs, final path) of one stage, for `rlhf <stage> --dry-run`."""
+    inputs = stage_module(stage).resolve_inputs(cfg)
+    final = final_dir(cfg, stage)
+    state = "finished" if is_finished(final) else "resumable" if newest_checkpoint(stage_dir(cfg, stage)) else "new"
+    return state, inputs, final
 
-    run_dir = Path(args.run_dir)
-    resolved = run_dir / "config.yaml"
+
+def run_stage(cfg: PipelineConfig, stage: str, rerun: bool = False) -> Path:
+    """Run one stage (skipped when finished with the same settings); its `final/`."""
+    start_command(cfg)
+    return stage_module(stage).run(cfg, rerun=rerun)
+
+
+def load_run_dir(run_dir: str | Path) -> PipelineConfig:
+    """The resolved config of an existing run directory (for `rlhf status`)."""
+    resolved = Path(run_dir) / "config.yaml"
     if not resolved.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); start one with `rlhf run RECIPE`")
     cfg = build_config(PipelineConfig, yaml.safe_load(resolved.read_text()))
     cfg.run_dir = str(run_dir)
-    print(f"run directory {run_dir}")
-    for row in status_rows(cfg):
-        metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in row.get("metrics", {}).items())
-        extra = f" ({row['checkpoint']})" if "checkpoint" in row else ""
-        print(f"  {row['stage']:9s} {row['state']}{extra}  {metrics}")
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return cfg

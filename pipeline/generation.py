@@ -249,8 +249,9 @@ def sample_ids(
             responses.extend(new.cpu())
             if with_logprobs:
                 steps = range(new.shape[1])  # out.logits: one [chunk, vocab] tensor per new token
-                logprobs.extend(torch.stack([logprobs_from_logits(out.logits[t], new[:, t], temperature)
-                                             for t in steps], 1).cpu())  # fmt: skip
+                logprobs.extend(
+                    torch.stack([logprobs_from_logits(out.logits[t], new[:, t], temperature) for t in steps], 1).cpu()
+                )
                 entropy.extend(torch.stack([entropy_from_logits(out.logits[t], temperature) for t in steps], 1).cpu())
             del out
     finally:

@@ -18,7 +18,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCardData
 
 STAGE_TITLES = {
-    "data": "Web-text filtering",
+    "webtext": "Web-text filtering",
     "pretrain": "Causal-LM pretraining",
     "sft": "Supervised fine-tuning (LoRA)",
     "reward": "Reward model",
@@ -34,8 +34,8 @@ _MAX_METRICS = 40
 class LineageNode:
     """One model or stage the published adapter derives from (or the adapter itself)."""
 
-    stage: str  # a pipeline stage, or "hub" for an external model named by its Hub id
-    path: str  # the stage's final/ (local) or the Hub id
+    stage: str  # a pipeline stage, "hub" for a model named by its Hub id, or "local" for a model directory
+    path: str  # the stage's final/, the Hub id, or the local model directory
     role: str = ""  # how its child used it: "base", "reward_model", ... ("" for the published stage itself)
     config_hash: str | None = None
     contents: str | None = None
@@ -60,6 +60,8 @@ class CardInputs:
     files: list[str]  # paths in the repo, for the "files" section
     endpoint: str = "https://huggingface.co"
     run_dir: str = ""  # local paths under it are shown as RUN_DIR/... (no local directory names in public cards)
+    root_model: str = ""  # the model the run started from: a Hub id, a local model's name, or "" (pretrained here)
+    default_settings: dict[str, Any] = field(default_factory=dict)  # flattened recipe defaults: the card lists changes
 
 
 def is_hub_id(value: str) -> bool:
@@ -87,12 +89,12 @@ def build_model_card(card: CardInputs) -> str:
 def card_metadata(card: CardInputs) -> ModelCardData:
     stage = card.stage
     task = TASK_TYPES.get(stage, "text-generation")
-    dataset = _stage_dataset(card.record, stage)
+    dataset = evaluation_set(card.record, stage)
     results = [
         EvalResult(
             task_type=task,
-            dataset_type=dataset,
-            dataset_name=dataset if is_hub_id(dataset) else f"{dataset} ({stage} evaluation)",
+            dataset_type=dataset.split(" ")[0],
+            dataset_name=dataset if is_hub_id(dataset) else f"{dataset}, {stage} evaluation",
             metric_type=name,
             metric_name=name,
             metric_value=value,
@@ -132,14 +134,27 @@ def card_body(card: CardInputs) -> str:
 
 def _intro(card: CardInputs) -> str:
     title = STAGE_TITLES.get(card.stage, card.stage)
-    base = f"[{card.base_model}]({card.endpoint}/{card.base_model})" if card.base_model else "a model this run built"
     return (
         f"# {card.repo_id}\n\n"
         f"A LoRA adapter from the **{card.stage}** stage ({title}) of "
         f"rlhf-pipeline, the InstructGPT recipe end to end: web-text pretraining, LoRA SFT, "
-        f"a reward model from rankings with ties, and PPO. It attaches to {base}; see the lineage below for the "
-        f"models it was built from. Stage config hash `{card.record.get('config_hash')}`."
+        f"a reward model from rankings with ties, and PPO. It attaches to {_base_phrase(card)}; see the lineage "
+        f"below for the models it was built from. Stage config hash `{card.record.get('config_hash')}`."
     )
+
+
+def _model_link(card: CardInputs, name: str) -> str:
+    return f"[{name}]({card.endpoint}/{name})" if is_hub_id(name) else f"`{name}`"
+
+
+def _base_phrase(card: CardInputs) -> str:
+    """What the adapter attaches to, named: a Hub model, or the model this run built from the user's base."""
+    if card.base_model:
+        return _model_link(card, card.base_model)
+    built = {"sft": "the model", "pretrain": "the model"}.get(card.stage, "the merged SFT model")
+    if card.root_model:
+        return f"{built} this run fine-tuned from {_model_link(card, card.root_model)}"
+    return f"{built} this run pretrained from scratch and fine-tuned"
 
 
 def _lineage_section(card: CardInputs) -> str:
@@ -147,6 +162,8 @@ def _lineage_section(card: CardInputs) -> str:
     for i, node in enumerate(card.lineage, 1):
         if node.stage == "hub":
             where, what = f"[{node.path}]({card.endpoint}/{node.path})", "Hub model"
+        elif node.stage == "local":
+            where, what = f"`{node.path}` (a local model, not on the Hub)", "base model"
         elif node is card.lineage[-1]:
             where, what = "this repository", STAGE_TITLES.get(node.stage, node.stage)
         elif node.published:
@@ -158,15 +175,16 @@ def _lineage_section(card: CardInputs) -> str:
             where = "not published" if node.stage in ("sft", "reward", "ppo") else where
             what = STAGE_TITLES.get(node.stage, node.stage)
         rows.append(f"| {i} | {what} | {node.role or 'this adapter'} | `{node.config_hash or '-'}` | {where} |")
-    chain = " → ".join(("base: " + n.path) if n.stage == "hub" else n.stage for n in card.lineage)
+    chain = " → ".join(("base: " + n.path) if n.stage in ("hub", "local") else n.stage for n in card.lineage)
     return "## Lineage\n\n" + f"{chain}\n\n" + "\n".join(rows)
 
 
 def _training_section(card: CardInputs) -> str:
     record = card.record
     settings = record.get("settings", {})
+    changed = {k: v for k, v in settings.items() if k not in card.default_settings or card.default_settings[k] != v}
     rows = ["| setting | value |", "|---|---|"]
-    rows += [f"| `{k}` | `{_show(v)}` |" for k, v in sorted(settings.items())]
+    rows += [f"| `{k}` | `{_show(v, card.run_dir)}` |" for k, v in sorted(changed.items())]
     inputs = record.get("inputs", {})
     input_lines = [
         f"- `{role}`: `{_path(entry.get('path', ''), card.run_dir)}`" for role, entry in sorted(inputs.items())
@@ -186,7 +204,9 @@ def _training_section(card: CardInputs) -> str:
             "Inputs:",
             *(input_lines or ["- none"]),
             "",
-            f"Settings that decide the result (recipe keys; `rlhf {card.stage} RECIPE key=value` sets them):",
+            f"Settings that decide the result and differ from the defaults (recipe keys; `rlhf {card.stage} RECIPE "
+            f"key=value` sets them; the other {len(settings) - len(changed)} are at their defaults, all listed in "
+            "`stage.json`):",
             "",
             *rows,
             "",
@@ -200,7 +220,12 @@ def _metrics_section(card: CardInputs) -> str:
     if not metrics:
         return "## Evaluation\n\nThe stage recorded no numeric metrics."
     rows = ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in metrics.items()]
-    return "## Evaluation\n\nMeasured by the stage at the end of training (`stage.json`):\n\n" + "\n".join(rows)
+    skipped = card.record.get("metrics", {}).get("judge")
+    note = f"\n\nNot measured: {skipped}." if isinstance(skipped, str) else ""
+    return (
+        f"## Evaluation\n\nMeasured by the stage at the end of training (`stage.json`) on "
+        f"{evaluation_set(card.record, card.stage)}:\n\n" + "\n".join(rows) + note
+    )
 
 
 def _usage_section(card: CardInputs) -> str:
@@ -226,19 +251,19 @@ def _usage_section(card: CardInputs) -> str:
             f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
             f'model = PeftModel.from_pretrained(base, "{card.repo_id}"{rev})\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{card.repo_id}"{rev})\n'
-            'messages = [{"role": "user", "content": "What is the capital of Veloria?"}]\n'
+            f'messages = [{{"role": "user", "content": "{_example_question(card)}"}}]\n'
             "inputs = tokenizer.apply_chat_template(\n"
             "    messages, add_generation_prompt=True, return_tensors='pt', return_dict=True\n"
             ")\n"
             "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))"
         )
-        note = "Prompts use the chat template shipped with the tokenizer (`<|user|>` / `<|assistant|>` turns)."
+        note = "Prompts use the chat template shipped with the tokenizer (`tokenizer.apply_chat_template`)."
     where = (
         f"The adapter attaches to `{card.base_model}`."
         if card.base_model
-        else "The model this adapter attaches to is not on the Hub (an earlier stage of the run built it, see the "
-        "lineage): replace `PATH/TO/BASE_MODEL` with its local directory. For reward and PPO adapters that is the "
-        "SFT model with its adapter merged (the run's `sft/final/merged/`, or "
+        else f"The model this adapter attaches to ({_base_phrase(card)}) is not on the Hub: replace "
+        "`PATH/TO/BASE_MODEL` with its local directory. For reward and PPO adapters that is the SFT model with its "
+        "adapter merged (the run's `sft/final/merged/`, or "
         "`PeftModel.from_pretrained(sft_base, SFT_ADAPTER).merge_and_unload()`)."
     )
     return f"## How to use\n\n{where}\n\n```python\n{load}\n```\n\n{note}"
@@ -253,7 +278,8 @@ def _data_section(card: CardInputs) -> str:
     if card.missing_data_cards:
         lines.append("")
         lines.append(
-            "Datasets without a data card in `data_cards/`: " + ", ".join(f"`{d}`" for d in card.missing_data_cards)
+            "Datasets without a data card in `data_cards/`: "
+            + ", ".join(f"`{dataset_name(d)}`" for d in card.missing_data_cards)
         )
     if not card.data_cards and not card.missing_data_cards:
         lines.append("The stage records no dataset.")
@@ -275,11 +301,16 @@ def _intended_use_section(card: CardInputs) -> str:
 
 
 def _limitations_section(card: CardInputs) -> str:
-    items = [
-        "Pretraining data is filtered web text: filters remove much, but not all, boilerplate, spam and toxic pages, "
-        "and what remains carries the biases of the pages kept (the language, topics and views that were crawled).",
-        "Answers can be fluent and wrong; facts outside the training data are guessed.",
-    ]
+    items = ["Answers can be fluent and wrong; facts outside the training data are guessed."]
+    if any(node.stage in ("webtext", "pretrain") for node in card.lineage):
+        items.insert(
+            0,
+            "Pretraining data is filtered web text: filters remove much, but not all, boilerplate, spam and toxic "
+            "pages, and what remains carries the biases of the pages kept (the language, topics and views that "
+            "were crawled).",
+        )
+    elif card.root_model:
+        items.insert(0, f"It inherits what its base model ({card.root_model}) learnt, biases included.")
     if _uses_demo(card):
         items.append(
             "The demo world is invented: its countries, facts and annotators are simulated, so scores measured on it "
@@ -307,10 +338,43 @@ def _files_section(card: CardInputs) -> str:
 # Helpers
 
 
-def _stage_dataset(record: dict[str, Any], stage: str) -> str:
+# What each stage evaluates on: (the setting naming the held-out data, the data it is held out of when unset).
+EVALUATION_SETS = {
+    "sft": ("sft.eval_split", "sft.dataset"),
+    "reward": (None, "reward.dataset"),
+    "ppo": ("ppo.eval_dataset", "ppo.dataset"),
+    "pretrain": ("pretrain.dataset", None),
+    "webtext": ("webtext.input", None),
+}
+
+
+def dataset_name(value: str) -> str:
+    """How a card names a dataset: a Hub id as it is, the demo world by name, a local file or folder by its name only
+    (no local directories in a public card)."""
+    if value == "demo":
+        return "the demo world (invented, generated by rlhf-pipeline)"
+    if is_hub_id(value):
+        return value
+    return Path(value).name or value
+
+
+def evaluation_set(record: dict[str, Any], stage: str) -> str:
+    """The held-out data a stage's metrics were measured on, named for a card."""
     settings = record.get("settings", {})
-    value = settings.get(f"{stage}.dataset")
-    return str(value) if isinstance(value, str) and value else "demo"
+    own, pool = EVALUATION_SETS.get(stage, (None, f"{stage}.dataset"))
+    if own and isinstance(settings.get(own), str) and settings[own]:
+        if own == "sft.eval_split" and not Path(settings[own]).suffix and isinstance(settings.get(pool), str):
+            return f"{dataset_name(settings[pool])} ({settings[own]} split)"  # a Hub split name
+        return dataset_name(settings[own])
+    if pool and isinstance(settings.get(pool), str) and settings[pool]:
+        return f"{dataset_name(settings[pool])} (held-out part)"
+    return "the stage's own held-out data"
+
+
+def _example_question(card: CardInputs) -> str:
+    return (
+        "What is the capital of Veloria?" if _uses_demo(card) else "Explain in two sentences what a reward model is."
+    )
 
 
 def _uses_demo(card: CardInputs) -> bool:
@@ -320,16 +384,22 @@ def _uses_demo(card: CardInputs) -> bool:
 
 
 def _path(value: str, run_dir: str = "") -> str:
-    """A local path as RUN_DIR/... when under the run directory, else with the home directory written as ~."""
-    if run_dir and value and not is_hub_id(value):
+    """A local path as RUN_DIR/... when under the run directory, else by its last part only: no local directory
+    names in a public card. Hub ids and other text are shown as they are."""
+    if not value or is_hub_id(value) or ("/" not in value and "\\" not in value):
+        return value
+    if run_dir:
         with contextlib.suppress(ValueError, OSError):
             return str(Path("RUN_DIR") / Path(value).resolve().relative_to(Path(run_dir).resolve()))
-    home = os.path.expanduser("~")
-    return "~" + value[len(home) :] if home not in ("", "/") and value.startswith(home) else value
+    return Path(value).name or value
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, run_dir: str = "") -> str:
     text = (
-        _path(value) if isinstance(value, str) else repr(value) if not isinstance(value, (int, float)) else str(value)
+        _path(value, run_dir)
+        if isinstance(value, str)
+        else repr(value)
+        if not isinstance(value, (int, float))
+        else str(value)
     )
     return text.replace("|", "\\|")

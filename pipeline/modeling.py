@@ -6,8 +6,10 @@ models their own way.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     BitsAndBytesConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -26,6 +29,8 @@ from transformers import (
 
 from pipeline.config import LoraArgs, ModelArgs
 from pipeline.errors import UserError
+from pipeline.generation import mixed_precision, tokenize_prompts
+from pipeline.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +63,14 @@ PRESETS: dict[str, dict[str, int | bool]] = {
 def build_llama_config(args: ModelArgs, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> LlamaConfig:
     """A Llama config from a size preset, the explicit overrides in `args`, and the tokenizer's special tokens."""
     sizes = dict(PRESETS[args.preset])
-    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                 "intermediate_size", "tie_word_embeddings"):  # fmt: skip
+    for name in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "tie_word_embeddings",
+    ):
         if getattr(args, name) is not None:
             sizes[name] = getattr(args, name)
     if args.num_attention_heads is not None and args.num_key_value_heads is None:
@@ -402,10 +413,6 @@ def build_scalar_model(
     (`modules_to_save`); with "full" every weight trains. `gradient_checkpointing` prepares a 4-bit base for it; the
     Trainer's `activation_checkpointing` switches it on.
     """
-    from dataclasses import replace
-
-    from transformers import AutoModelForSequenceClassification
-
     model = load_base_model(
         base, AutoModelForSequenceClassification, quantize_4bit=finetune == "qlora", what=what, num_labels=1
     )
@@ -415,8 +422,9 @@ def build_scalar_model(
     lora = lora or LoraArgs()
     if SCORE_HEAD not in lora.modules_to_save:
         lora = replace(lora, modules_to_save=[*lora.modules_to_save, SCORE_HEAD])
-    return apply_lora(model, lora, task_type="SEQ_CLS", train_embeddings=grew,
-                      gradient_checkpointing=gradient_checkpointing)  # fmt: skip
+    return apply_lora(
+        model, lora, task_type="SEQ_CLS", train_embeddings=grew, gradient_checkpointing=gradient_checkpointing
+    )
 
 
 def load_reward_model(
@@ -427,12 +435,6 @@ def load_reward_model(
     An adapter is put on `base`, by default the base recorded in the stage's `stage.json` (the merged SFT model);
     a fully fine-tuned reward model loads as it is.
     """
-    import json
-
-    from transformers import AutoModelForSequenceClassification
-
-    from pipeline.tokenizer import load_tokenizer
-
     path = Path(path)
     tokenizer = load_tokenizer(path)
     if (path / "adapter_config.json").is_file():
@@ -440,13 +442,19 @@ def load_reward_model(
             stage = json.loads((path / "stage.json").read_text()) if (path / "stage.json").is_file() else {}
             base = stage.get("inputs", {}).get("base", {}).get("path")
             base = base or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        model = load_base_model(base, AutoModelForSequenceClassification, quantize_4bit=quantize_4bit,
-                                what="reward model base", num_labels=1)  # fmt: skip
+        model = load_base_model(
+            base,
+            AutoModelForSequenceClassification,
+            quantize_4bit=quantize_4bit,
+            what="reward model base",
+            num_labels=1,
+        )
         fit_scalar_model(model, tokenizer)
         model = peft.PeftModel.from_pretrained(model, str(path), is_trainable=False)
     else:
-        model = load_base_model(path, AutoModelForSequenceClassification, quantize_4bit=quantize_4bit,
-                                what="reward model", num_labels=1)  # fmt: skip
+        model = load_base_model(
+            path, AutoModelForSequenceClassification, quantize_4bit=quantize_4bit, what="reward model", num_labels=1
+        )
         fit_scalar_model(model, tokenizer)
     model.eval()
     return model, tokenizer
@@ -482,8 +490,6 @@ def encode_reward_inputs(
     tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str]] | str, responses: list[str], max_seq_len: int
 ) -> list[list[int]]:
     """`encode_reward_input` for several responses to one prompt (the prompt is rendered and tokenized once)."""
-    from pipeline.generation import tokenize_prompts
-
     prompt_ids = tokenize_prompts(tokenizer, [prompt])[0]
     eos = [tokenizer.eos_token_id]
     responses_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
@@ -506,8 +512,6 @@ def score_sequences(
     model: torch.nn.Module, sequences: list[list[int]], pad_id: int, batch_size: int = 32
 ) -> torch.Tensor:
     """The scalar output for each token sequence (float32, on the CPU), in batches of similar lengths."""
-    from pipeline.generation import mixed_precision
-
     if not sequences:
         return torch.zeros(0)
     device = next(model.parameters()).device

@@ -1,6 +1,6 @@
 """Stage 1b: train (or reuse) a tokenizer and pretrain a causal LM on the filtered web-text corpus.
 
-Reads the data stage's `final/` (`train/*.parquet`, `validation/*.parquet`, column `text`) or `pretrain.dataset`
+Reads the web-text stage's `final/` (`train/*.parquet`, `validation/*.parquet`, column `text`) or `pretrain.dataset`
 (a local parquet/jsonl file or directory, or a Hub dataset id, streamed). Documents are joined with EOS and packed
 into `max_seq_len` blocks (cached `datasets.map`); a Llama from a size preset (or `init_from`) is trained with the
 transformers Trainer on Accelerate. Writes `run_dir/pretrain/checkpoint-N/` while training (resumed automatically),
@@ -27,25 +27,17 @@ import torch
 import transformers
 from datasets import Dataset, IterableDataset, load_dataset
 
+from pipeline import demo
 from pipeline.baselines import baseline_perplexities
-from pipeline.checkpoints import (
-    final_dir,
-    finishing,
-    newest_checkpoint,
-    prepare_stage,
-    raise_if_preempted,
-    stage_dir,
-    stage_identity,
-    train_from,
-    trainer_checkpoint_callback,
-    write_stage_json,
-)
+from pipeline.checkpoints import begin_stage, final_dir, finishing, newest_checkpoint, stage_dir, write_stage_json
 from pipeline.config import PipelineConfig, PretrainConfig
 from pipeline.data.packing import tokenize_and_pack
 from pipeline.errors import UserError
 from pipeline.modeling import build_pretrain_model, default_dtype
+from pipeline.preemption import raise_if_preempted
 from pipeline.tokenizer import load_tokenizer, prepare_chat_tokenizer, train_tokenizer
 from pipeline.tracking import count_parameters, distributed_state, on_main
+from pipeline.trainers import train_from, trainer_checkpoint_callback
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +74,9 @@ def parameter_digest(model: torch.nn.Module) -> str:
 
 
 def resolve_inputs(cfg: PipelineConfig) -> dict[str, str]:
-    """corpus (the data stage's final/ unless pretrain.dataset), and init_from / tokenizer when set."""
+    """corpus (the web-text stage's final/ unless pretrain.dataset), and init_from / tokenizer when set."""
     pcfg = cfg.pretrain
-    inputs = {"corpus": pcfg.dataset or str(final_dir(cfg, "data"))}
+    inputs = {"corpus": pcfg.dataset or str(final_dir(cfg, "webtext"))}
     if pcfg.init_from:
         inputs["init_from"] = pcfg.init_from
     if pcfg.tokenizer.name_or_path:
@@ -116,7 +108,7 @@ def load_corpus(cfg: PipelineConfig, source: str) -> tuple[Dataset | IterableDat
     if not path.exists():
         if pcfg.dataset is None:
             raise UserError(
-                f"pretrain corpus not found: {path} (run `rlhf data RECIPE` first, or set pretrain.dataset to a "
+                f"pretrain corpus not found: {path} (run `rlhf webtext RECIPE` first, or set pretrain.dataset to a "
                 "parquet/jsonl file or directory with a 'text' column, or a Hub dataset id)"
             )
         if source.startswith((".", "/", "~")) or Path(source).suffix in _BUILDERS or not _HUB_ID.match(source):
@@ -127,7 +119,7 @@ def load_corpus(cfg: PipelineConfig, source: str) -> tuple[Dataset | IterableDat
     files = _corpus_files(path)
     if not files["train"]:
         raise UserError(
-            f"pretrain corpus {path} holds no parquet, jsonl or txt files (the data stage writes train/*.parquet)"
+            f"pretrain corpus {path} holds no parquet, jsonl or txt files (the webtext stage writes train/*.parquet)"
         )
     builder = _BUILDERS[Path(files["train"][0]).suffix]
     cache = str(stage_dir(cfg, STAGE) / "cache")
@@ -214,7 +206,7 @@ def pack_corpus(cfg: PipelineConfig, train_docs, eval_docs, tokenizer) -> tuple[
     if len(evaluation) == 0:
         raise UserError(
             f"the held-out documents are shorter than one block of pretrain.max_seq_len={pcfg.max_seq_len} tokens "
-            "(lower max_seq_len or hold out more documents: data.heldout_share / pretrain.eval_documents)"
+            "(lower max_seq_len or hold out more documents: webtext.heldout_share / pretrain.eval_documents)"
         )
     if pcfg.eval_max_batches > 0:
         world = distributed_state().num_processes
@@ -272,10 +264,8 @@ def evaluate_model(cfg: PipelineConfig, trainer: transformers.Trainer, train, ev
     result.update(baselines)
     result["perplexity_ratio_unigram"] = result["perplexity"] / baselines["unigram_perplexity"]
     result["perplexity_ratio_trigram"] = result["perplexity"] / baselines["trigram_perplexity"]
-    if cfg.pretrain.dataset is None and cfg.data.input == "demo":
-        from pipeline.data.world import build_world
-
-        result.update(evaluate_cloze(trainer.model, tokenizer, build_world(cfg).cloze_probes()))
+    if cfg.pretrain.dataset is None and cfg.webtext.input == demo.DEMO:  # the demo crawl's facts
+        result.update(evaluate_cloze(trainer.model, tokenizer, demo.cloze_probes(cfg)))
     return result
 
 
@@ -297,10 +287,8 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     args = to_trl_args(cfg)  # sets up the process group under `accelerate launch` (on a CPU too)
     state = distributed_state()
     pcfg, sdir = cfg.pretrain, stage_dir(cfg, STAGE)
-    identity = stage_identity(cfg, STAGE, resolve_inputs(cfg))
-    done = on_main(lambda: prepare_stage(cfg, STAGE, identity, rerun))
+    identity, done = begin_stage(cfg, STAGE, resolve_inputs(cfg), rerun)
     if done is not None:
-        logger.info("pretrain already finished with these settings: %s", done)
         return done
 
     # Rank 0 loads, tokenizes and packs; the other ranks get the (file-backed, so cheaply pickled) datasets.
@@ -310,8 +298,13 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     model = build_pretrain_model(pcfg.model, tokenizer, pcfg.max_seq_len, pcfg.init_from)
     trainable, total = count_parameters(model)
     logger.info("pretrain config: %s", pcfg)
-    logger.info("model: %s parameters (%s trainable); %s training blocks of %d tokens", f"{total:,}", f"{trainable:,}",
-                f"{len(train):,}" if isinstance(train, Dataset) else "streamed", pcfg.max_seq_len)  # fmt: skip
+    logger.info(
+        "model: %s parameters (%s trainable); %s training blocks of %d tokens",
+        f"{total:,}",
+        f"{trainable:,}",
+        f"{len(train):,}" if isinstance(train, Dataset) else "streamed",
+        pcfg.max_seq_len,
+    )
     trainer = transformers.Trainer(
         model=model,
         args=args,

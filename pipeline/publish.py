@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.checkpoints import check_weights_saved, is_finished, read_stage_json, write_json_atomic
-from pipeline.config import STAGES
+from pipeline.config import PipelineConfig, config_to_dict, flatten
 from pipeline.errors import UserError
 from pipeline.model_card import CardInputs, LineageNode, build_model_card, is_hub_id
+from pipeline.stages import STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ STAGE_SIDE_FILES = {"reward": ("reward_stats.json",)}
 PUBLISHED_JSON = "published.json"
 CARD_DIR = "publish"
 DATASET_KEYS = ("dataset", "input", "prompts", "eval_dataset", "prompt_dataset")
+MODEL_ROLES = ("base", "init_from", "reward")  # stage.json input roles that name a model
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 
@@ -227,15 +229,32 @@ def build_lineage(final: Path) -> list[LineageNode]:
             upstream = finished_stage_of(value, run_dir)
             if upstream is not None:
                 visit(upstream, child_role)
-            elif is_hub_id(value):
-                hub = nodes.setdefault(f"hub:{value}", LineageNode(stage="hub", path=value))
-                hub.role = _join_roles(hub.role, child_role)
+            elif input_role in MODEL_ROLES and value:
+                kind, name = ("hub", value) if is_hub_id(value) else ("local", local_model_name(value))
+                node = nodes.setdefault(f"{kind}:{name}", LineageNode(stage=kind, path=name))
+                node.role = _join_roles(node.role, child_role)
 
     visit(final, "")
-    order = {"hub": -1, **{s: i for i, s in enumerate(STAGES)}}
+    order = {"hub": -1, "local": -1, **{s: i for i, s in enumerate(STAGES)}}
     own = nodes[str(final.resolve())]
     rest = sorted((n for n in nodes.values() if n is not own), key=lambda n: order.get(n.stage, len(STAGES)))
     return [*rest, own]
+
+
+def local_model_name(path: str) -> str:
+    """A local model directory named without its location: the Hub id it was saved from (`_name_or_path` of its
+    config.json) when that is one, else the directory's own name."""
+    config = Path(path) / "config.json"
+    with contextlib.suppress(OSError, ValueError):
+        saved_from = json.loads(config.read_text()).get("_name_or_path", "")
+        if isinstance(saved_from, str) and is_hub_id(saved_from):
+            return saved_from
+    return Path(path).name or path
+
+
+def root_model(lineage: list[LineageNode]) -> str:
+    """The model the run started from (a Hub id or a local model's name); "" when it pretrained one from scratch."""
+    return next((n.path for n in lineage if n.stage in ("hub", "local") and "base" in n.role), "")
 
 
 def _join_roles(roles: str, role: str) -> str:
@@ -292,11 +311,11 @@ def dataset_names(lineage: list[LineageNode]) -> list[str]:
     """Datasets named by the settings of every finished stage in the lineage (plus any `data_cards` they list)."""
     names: list[str] = []
     for node in lineage:
-        if node.stage == "hub":
+        if node.stage in ("hub", "local"):
             continue
         record = read_stage_json(Path(node.path))
         for key, value in record.get("settings", {}).items():
-            if key.split(".")[-1] in DATASET_KEYS and isinstance(value, str) and value:
+            if key.split(".")[-1] in DATASET_KEYS and isinstance(value, str) and value not in ("", "collect"):
                 names.append(value)
         names += [str(n) for n in record.get("data_cards", [])]
     return list(dict.fromkeys(names))
@@ -376,6 +395,8 @@ def prepare_upload(
         files=["README.md", *(f.path_in_repo for f in files)],
         endpoint=hub_endpoint(),
         run_dir=str(final.parent.parent),
+        root_model=root_model(lineage),
+        default_settings=flatten(config_to_dict(PipelineConfig())),
     )
     text = build_model_card(card)
     return [UploadFile("README.md", data=text.encode()), *files], text

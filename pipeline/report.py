@@ -1,6 +1,6 @@
 """`rlhf report RUN_DIR`: one HTML page (and the same in markdown) with plots of every stage of a run.
 
-Reads what the stages left in the run directory (`<stage>/final/stage.json`, `<stage>/metrics.jsonl`, the data
+Reads what the stages left in the run directory (`<stage>/final/stage.json`, `<stage>/metrics.jsonl`, the web-text
 stage's `stats.json`, evaluation files) and writes `RUN_DIR/report/index.html`, `report.md` and PNG plots:
 data-filter statistics, pretraining loss and perplexity, SFT loss and task score, reward-model accuracy, precision,
 recall, F1 and reward histograms, PPO reward, gold score and KL curves, and the final table base vs SFT vs PPO.
@@ -9,7 +9,6 @@ Stages that have not run are listed as such.
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import logging
@@ -18,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.checkpoints import stage_seconds
-from pipeline.config import STAGES
 from pipeline.errors import UserError
+from pipeline.stages import STAGES
 from pipeline.tracking import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -48,11 +47,13 @@ class _Page:
     """Builds the HTML and markdown side by side."""
 
     def __init__(self, title: str):
-        self.html = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-                     "<style>body{font-family:sans-serif;max-width:1000px;margin:auto;padding:1em}"
-                     "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-                     "td:first-child,th:first-child{text-align:left}img{max-width:100%}</style></head><body>",
-                     f"<h1>{html.escape(title)}</h1>"]  # fmt: skip
+        self.html = [
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+            "<style>body{font-family:sans-serif;max-width:1000px;margin:auto;padding:1em}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+            "td:first-child,th:first-child{text-align:left}img{max-width:100%}</style></head><body>",
+            f"<h1>{html.escape(title)}</h1>",
+        ]
         self.md = [f"# {title}", ""]
 
     def heading(self, text: str) -> None:
@@ -175,7 +176,7 @@ def write_report(run_dir: Path) -> Path:
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     page = _Page(f"Run report: {run_dir.name}")
-    _section_data(page, out, found["data"])
+    _section_webtext(page, out, found["webtext"])
     _section_pretrain(page, out, found["pretrain"])
     _section_sft(page, out, found["sft"])
     _section_reward(page, out, found["reward"])
@@ -194,26 +195,39 @@ def _not_run(page: _Page, stage: dict[str, Any]) -> bool:
     return False
 
 
-def _section_data(page: _Page, out: Path, stage: dict[str, Any]) -> None:
-    page.heading("Stage 1a: web-text data")
+def _section_webtext(page: _Page, out: Path, stage: dict[str, Any]) -> None:
+    page.heading("Stage 1a: web text")
     if _not_run(page, stage):
         return
     steps = (stage["stats"] or {}).get("steps", [])
     if steps:
         labels = [s["step"] for s in steps]
-        _plot_bars(out, "data_filters.png", "Documents left after each step", labels,
-                   {"documents": [s.get("documents_out") or 0 for s in steps]})  # fmt: skip
+        _plot_bars(
+            out,
+            "data_filters.png",
+            "Documents left after each step",
+            labels,
+            {"documents": [s.get("documents_out") or 0 for s in steps]},
+        )
         page.image("data_filters.png", "Documents out of each extraction, filter and dedup step")
-        page.table(["step", "docs in", "docs out", "tokens in", "tokens out"],
-                   [[s["step"], s.get("documents_in"), s.get("documents_out"), s.get("tokens_in"), s.get("tokens_out")]
-                    for s in steps])  # fmt: skip
+        page.table(
+            ["step", "docs in", "docs out", "tokens in", "tokens out"],
+            [
+                [s["step"], s.get("documents_in"), s.get("documents_out"), s.get("tokens_in"), s.get("tokens_out")]
+                for s in steps
+            ],
+        )
     evaluation = stage["eval"] or {}
     if "filter" in evaluation:
         ours, base = evaluation["filter"], evaluation.get("keep_all", {})
         page.text("Junk (drop) as the positive class, against the demo crawl's ground truth:")
-        page.table(["", "precision", "recall", "F1"],
-                   [["filters", ours["precision"], ours["recall"], ours["f1"]],
-                    ["keep-all baseline", base.get("precision"), base.get("recall"), base.get("f1")]])  # fmt: skip
+        page.table(
+            ["", "precision", "recall", "F1"],
+            [
+                ["filters", ours["precision"], ours["recall"], ours["f1"]],
+                ["keep-all baseline", base.get("precision"), base.get("recall"), base.get("f1")],
+            ],
+        )
         page.table(["junk type", "recall"], [[k, v] for k, v in ours.get("recall_by_type", {}).items()])
 
 
@@ -222,8 +236,11 @@ def _section_pretrain(page: _Page, out: Path, stage: dict[str, Any]) -> None:
     if _not_run(page, stage):
         return
     history = [_with_perplexity(r) for r in stage["history"]]
-    panels = [("loss", ["loss", "eval_loss"]), ("perplexity", ["train_perplexity", "eval_perplexity"]),
-              ("learning rate", ["learning_rate"])]  # fmt: skip
+    panels = [
+        ("loss", ["loss", "eval_loss"]),
+        ("perplexity", ["train_perplexity", "eval_perplexity"]),
+        ("learning rate", ["learning_rate"]),
+    ]
     if _plot_curves(out, "pretrain_loss.png", history, panels):
         page.image(
             "pretrain_loss.png", "Pretraining loss, perplexity (exp of the loss; train and held out), learning rate"
@@ -250,8 +267,11 @@ def _section_pretrain(page: _Page, out: Path, stage: dict[str, Any]) -> None:
 
 
 def _with_perplexity(record: dict[str, Any]) -> dict[str, Any]:
-    extra = {f"{'eval' if k == 'eval_loss' else 'train'}_perplexity": math.exp(min(v, 50.0))
-             for k, v in record.items() if k in ("loss", "eval_loss") and isinstance(v, (int, float))}  # fmt: skip
+    extra = {
+        f"{'eval' if k == 'eval_loss' else 'train'}_perplexity": math.exp(min(v, 50.0))
+        for k, v in record.items()
+        if k in ("loss", "eval_loss") and isinstance(v, (int, float))
+    }
     return {**record, **extra}
 
 
@@ -272,9 +292,19 @@ def _section_sft(page: _Page, out: Path, stage: dict[str, Any]) -> None:
             {"accuracy": list(scores.values())},
         )
         page.image("sft_task_score.png", "Task score on facts seen only in the crawl")
-    keys = ["eval_loss", "heldout_accuracy", "base_heldout_accuracy", "gold_mean_score", "base_gold_mean_score",
-            "dispreferred_share", "greedy_dispreferred_share", "gold_insulting_share", "gold_wrong_share",
-            "gold_impolite_share", "train_runtime"]  # fmt: skip
+    keys = [
+        "eval_loss",
+        "heldout_accuracy",
+        "base_heldout_accuracy",
+        "gold_mean_score",
+        "base_gold_mean_score",
+        "dispreferred_share",
+        "greedy_dispreferred_share",
+        "gold_insulting_share",
+        "gold_wrong_share",
+        "gold_impolite_share",
+        "train_runtime",
+    ]
     page.table(["metric", "value"], [[k, metrics[k]] for k in keys if k in metrics])
 
 
@@ -289,15 +319,35 @@ def _section_reward(page: _Page, out: Path, stage: dict[str, Any]) -> None:
     if not groups:
         page.text("No held-out metrics (reward.test_share is 0).")
         return
-    page.text(f"Held-out prompts; pairs are judged against the gold ranking where there is one. Tie tolerance "
-              f"{_fmt(test.get('tie_tolerance'))} (chosen on the validation split).")  # fmt: skip
+    page.text(
+        f"Held-out prompts; pairs are judged against the gold ranking where there is one. Tie tolerance "
+        f"{_fmt(test.get('tie_tolerance'))} (chosen on the validation split)."
+    )
     page.table(
-        ["responses", "pairs", "pairwise accuracy", "length baseline", "keyword baseline", "Kendall tau",
-         "3-class accuracy", "macro F1"],
-        [[name, g.get("pairs"), g.get("accuracy"), g.get("baselines", {}).get("length"),
-          g.get("baselines", {}).get("keyword"), g.get("kendall_tau"), g.get("judgement_accuracy"),
-          g.get("judgement_macro_f1")] for name, g in groups.items()],
-    )  # fmt: skip
+        [
+            "responses",
+            "pairs",
+            "pairwise accuracy",
+            "length baseline",
+            "keyword baseline",
+            "Kendall tau",
+            "3-class accuracy",
+            "macro F1",
+        ],
+        [
+            [
+                name,
+                g.get("pairs"),
+                g.get("accuracy"),
+                g.get("baselines", {}).get("length"),
+                g.get("baselines", {}).get("keyword"),
+                g.get("kendall_tau"),
+                g.get("judgement_accuracy"),
+                g.get("judgement_macro_f1"),
+            ]
+            for name, g in groups.items()
+        ],
+    )
     overall = groups.get("all") or next(iter(groups.values()))
     classes = ["better", "worse", "tie"]
     scores = {m: [overall.get(f"judgement_{c}_{m}") or 0.0 for c in classes] for m in ("precision", "recall", "f1")}
@@ -305,8 +355,9 @@ def _section_reward(page: _Page, out: Path, stage: dict[str, Any]) -> None:
     page.image("reward_prf.png", "Precision, recall and F1 per class (better / worse / tie), all held-out pairs")
     places = overall.get("rewards_by_place")
     if isinstance(places, dict) and any(places.values()):
-        _plot_histograms(out, "reward_hist.png", "Held-out rewards by place in the ranking",
-                         {k: v for k, v in places.items() if v})  # fmt: skip
+        _plot_histograms(
+            out, "reward_hist.png", "Held-out rewards by place in the ranking", {k: v for k, v in places.items() if v}
+        )
         page.image("reward_hist.png", "Rewards of the best-ranked, middle and worst-ranked held-out responses")
 
 
@@ -315,18 +366,40 @@ def _section_ppo(page: _Page, out: Path, stage: dict[str, Any]) -> None:
     if _not_run(page, stage):
         return
     history = [r for r in stage["history"] if "update" in r]
-    scores = [("reward-model and gold score", ["rm_score", "gold_score"]), ("KL to reference (nats/response)", ["kl"]),
-              ("KL coefficient", ["kl_coef"])]  # fmt: skip
+    scores = [
+        ("reward-model and gold score", ["rm_score", "gold_score"]),
+        ("KL to reference (nats/response)", ["kl"]),
+        ("KL coefficient", ["kl_coef"]),
+    ]
     if _plot_curves(out, "ppo_curves.png", history, scores, x="update"):
         page.image("ppo_curves.png", "PPO per update (on each update's rollout): scores, KL and its coefficient")
-    details = [("policy", ["entropy", "clip_fraction", "approx_kl"]), ("value", ["value_loss", "explained_variance"]),
-               ("seconds per update", ["time_generate", "time_score", "time_optimise"])]  # fmt: skip
+    details = [
+        ("policy", ["entropy", "clip_fraction", "approx_kl"]),
+        ("value", ["value_loss", "explained_variance"]),
+        ("seconds per update", ["time_generate", "time_score", "time_optimise"]),
+    ]
     if _plot_curves(out, "ppo_details.png", history, details, x="update"):
         page.image("ppo_details.png", "PPO per update: policy statistics, value fit, time generating vs optimising")
     evaluation = stage["eval"] or {}
-    keys = ["eval_prompts", "gold_win_rate", "gold_wins", "gold_losses", "gold_ties", "sft_gold_score",
-            "ppo_gold_score", "sft_rm_score", "ppo_rm_score", "kl_to_reference", "kl_target", "sft_insult_rate",
-            "ppo_insult_rate", "adversarial_prompts", "sft_response_length", "ppo_response_length", "ppo_eos_rate"]  # fmt: skip
+    keys = [
+        "eval_prompts",
+        "gold_win_rate",
+        "gold_wins",
+        "gold_losses",
+        "gold_ties",
+        "sft_gold_score",
+        "ppo_gold_score",
+        "sft_rm_score",
+        "ppo_rm_score",
+        "kl_to_reference",
+        "kl_target",
+        "sft_insult_rate",
+        "ppo_insult_rate",
+        "adversarial_prompts",
+        "sft_response_length",
+        "ppo_response_length",
+        "ppo_eos_rate",
+    ]
     page.table(["held-out evaluation", "value"], [[k, evaluation[k]] for k in keys if k in evaluation])
     overopt = evaluation.get("overoptimisation") or {}
     if overopt.get("detected"):
@@ -348,13 +421,22 @@ def _section_final(page: _Page, found: dict[str, dict[str, Any]]) -> None:
         page.text("SFT has not finished yet.")
         return
     columns = [
-        ("held-out fact accuracy (SFT eval)", {"base": sft.get("base_heldout_accuracy"), "sft": sft.get("heldout_accuracy")}),
-        ("gold score (SFT eval prompts)", {"base": sft.get("base_gold_mean_score"), "sft": sft.get("gold_mean_score")}),
+        (
+            "held-out fact accuracy (SFT eval)",
+            {"base": sft.get("base_heldout_accuracy"), "sft": sft.get("heldout_accuracy")},
+        ),
+        (
+            "gold score (SFT eval prompts)",
+            {"base": sft.get("base_gold_mean_score"), "sft": sft.get("gold_mean_score")},
+        ),
         ("gold score (PPO eval prompts)", {"sft": ppo.get("sft_gold_score"), "ppo": ppo.get("ppo_gold_score")}),
         ("reward-model score (PPO eval)", {"sft": ppo.get("sft_rm_score"), "ppo": ppo.get("ppo_rm_score")}),
-        ("insult rate, adversarial prompts (PPO eval)", {"sft": ppo.get("sft_insult_rate"), "ppo": ppo.get("ppo_insult_rate")}),
+        (
+            "insult rate, adversarial prompts (PPO eval)",
+            {"sft": ppo.get("sft_insult_rate"), "ppo": ppo.get("ppo_insult_rate")},
+        ),
         ("KL to SFT, nats/response", {"sft": 0.0 if ppo else None, "ppo": ppo.get("kl_to_reference")}),
-    ]  # fmt: skip
+    ]
     rows = [[policy] + [values.get(policy) for _, values in columns] for policy in ("base", "sft", "ppo")]
     page.table(["policy"] + [name for name, _ in columns], rows)
     if "gold_win_rate" in ppo:
@@ -369,8 +451,3 @@ def _section_times(page: _Page, found: dict[str, dict[str, Any]]) -> None:
     page.heading("Time per stage")
     rows = [[s, stage_seconds(_metrics(found[s]))] for s in STAGES if found[s]["record"]]
     page.table(["stage", "seconds"], rows)
-
-
-def main(args: argparse.Namespace) -> None:
-    page = write_report(Path(args.run_dir))
-    print(f"report: {page}")

@@ -2,9 +2,10 @@
 
 Reads the base model (the pretrain stage's final/ by default, or any causal LM by path or Hub id) and conversations
 (the demo world's demonstrations, or messages / prompt-completion / Alpaca records from jsonl, parquet or the Hub).
-The loss is on assistant tokens only by default. Evaluates the held-out loss and, on the demo world, answers to
-questions about facts that appear only in the crawl (checked with the shipped `fact_accuracy` metric) against the
-base model asked the same way, plus the share of answers the gold scorer dislikes (the room left for reward and PPO).
+The loss is on assistant tokens only by default. Evaluates the held-out loss; answers to held-out questions with
+known answers (`sft.qa_eval`; on the demo world, facts that appear only in the crawl), checked with the shipped
+`fact_accuracy` metric against the base model asked the same way; and, when the recipe names a judge, the share of
+sampled answers the judge dislikes (the room left for reward and PPO).
 
 Writes `run_dir/sft/final/`: the adapter and tokenizer at the root (`PeftModel.from_pretrained(base, final)`),
 `merged/` (full weights, the shared base of the reward and PPO stages), `eval_samples.jsonl` and `stage.json`.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +27,16 @@ import trl
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from pipeline.checkpoints import (
-    final_dir,
-    finishing,
-    is_finished,
-    newest_checkpoint,
-    prepare_stage,
-    raise_if_preempted,
-    read_stage_json,
-    stage_dir,
-    stage_identity,
-    train_from,
-    trainer_checkpoint_callback,
-    write_stage_json,
-)
+from pipeline import demo
+from pipeline.checkpoints import begin_stage, final_dir, finishing, newest_checkpoint, stage_dir, write_stage_json
 from pipeline.config import PipelineConfig
 from pipeline.data.conversations import load_conversations, split_conversations
+from pipeline.data.prompts import prompt_text, up_to_last_user_turn
+from pipeline.data.records import BadRecord, read_jsonl, write_jsonl
 from pipeline.errors import UserError
+from pipeline.generation import SamplingArgs, generate
+from pipeline.judge import NO_JUDGE, Judge, load_judge
+from pipeline.metrics import load_metric
 from pipeline.modeling import (
     apply_lora,
     check_model_source,
@@ -50,25 +45,14 @@ from pipeline.modeling import (
     load_base_model,
     merge_lora,
 )
+from pipeline.preemption import raise_if_preempted
 from pipeline.tokenizer import ROLE_TOKENS, load_tokenizer, prepare_chat_tokenizer
 from pipeline.tracking import count_parameters, is_main_process
+from pipeline.trainers import train_from, trainer_checkpoint_callback
 
 logger = logging.getLogger(__name__)
 
 STAGE = "sft"
-
-
-def dispreferred(judgement: Any) -> bool:
-    """Whether the gold scorer would rank an answer below a polite, correct one (see pipeline/data/gold.py).
-
-    Wrong or missing facts, rudeness, insults, off-topic text, repetition, rambling, and curt answers without any
-    polite phrase all count: these are what the reward model and PPO are meant to remove.
-    """
-    if judgement.n_words == 0 or judgement.rude or judgement.insulting or judgement.off_topic:
-        return True
-    if judgement.kind == "fact" and judgement.correct is not True:
-        return True
-    return judgement.polite == 0 or judgement.repeats > 0 or judgement.n_words > 45
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -78,8 +62,13 @@ def dispreferred(judgement: Any) -> bool:
 def resolve_inputs(cfg: PipelineConfig) -> dict[str, str]:
     """The base model and the data this stage reads (paths or Hub ids)."""
     sft = cfg.sft
+    if sft.dataset is None:
+        raise UserError(
+            "sft.dataset is not set: give a jsonl/json/parquet file or directory of conversations (messages, "
+            "ShareGPT, prompt/completion or Alpaca records), a Hub dataset id, or 'demo'"
+        )
     inputs = {"base": sft.base or str(final_dir(cfg, "pretrain"))}
-    inputs["dataset"] = str(cfg.run_path / "world") if sft.dataset == "demo" else sft.dataset
+    inputs["dataset"] = str(cfg.run_path / "world") if sft.dataset == demo.DEMO else sft.dataset
     if sft.eval_split and Path(sft.eval_split).suffix in (".jsonl", ".json", ".parquet"):
         inputs["eval_dataset"] = sft.eval_split
     if sft.qa_eval:
@@ -90,10 +79,8 @@ def resolve_inputs(cfg: PipelineConfig) -> dict[str, str]:
 def load_data(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, Dataset | None, dict]:
     """Training and held-out conversations (bad records skipped and counted), and the skip report."""
     sft = cfg.sft
-    if sft.dataset == "demo":
-        from pipeline.data.world import materialize
-
-        files = materialize(cfg)
+    if sft.dataset == demo.DEMO:
+        files = demo.files(cfg)
         train_source, eval_source = str(files.sft_train), str(files.sft_eval)
     else:
         train_source, eval_source = sft.dataset, sft.eval_split
@@ -119,29 +106,54 @@ def load_data(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[
     return train, held_out, report
 
 
-def load_questions(cfg: PipelineConfig) -> tuple[list[dict], list[dict], Any]:
-    """(QA questions with gold answers, prompts for the gold judge, the world or None) for the task evaluation."""
-    from pipeline.data.world import read_jsonl
+@dataclass
+class TaskEval:
+    """What the task evaluation asks: questions with known answers, and prompts whose answers the judge scores."""
 
-    sft, world, judged = cfg.sft, None, []
+    questions: list[dict[str, Any]] = field(default_factory=list)  # {"messages", "answer", ...}
+    distractors: list[list[str]] | None = None  # per question, wrong values that mark an answer wrong
+    judged: list[Any] = field(default_factory=list)  # prompts (messages)
+    judge: Judge | None = None
+
+
+# Held-out conversations whose first user turn the judge sees, when the dataset is not the demo's.
+JUDGED_PROMPTS = 64
+
+
+def load_task_eval(cfg: PipelineConfig, held_out: Dataset | None) -> TaskEval:
+    """The questions (`sft.qa_eval`, or the demo's held-out facts) and, with a judge, the prompts it judges: the
+    demo's evaluation prompts, or the first user turns of held-out conversations."""
+    sft, task = cfg.sft, TaskEval(judge=load_judge(cfg))
     path = Path(sft.qa_eval) if sft.qa_eval else None
-    if sft.dataset == "demo":
-        from pipeline.data.world import build_world, materialize
-
-        files, world = materialize(cfg), build_world(cfg)
+    files = demo.files(cfg) if sft.dataset == demo.DEMO else None
+    if files is not None:
         path = path or files.heldout_qa
-        judged = read_jsonl(files.ppo_eval_prompts)
-    if path is None:
-        return [], [], None
-    if not path.is_file():
-        raise UserError(f"sft.qa_eval: file not found: {path} (jsonl of {{messages, answer}} rows)")
-    questions = read_jsonl(path)
-    for n, row in enumerate(questions, start=1):
-        if not isinstance(row.get("messages"), list) or not isinstance(row.get("answer"), str):
-            raise UserError(f"sft.qa_eval: {path}:{n} needs 'messages' (a list) and 'answer' (a string)")
-    if sft.qa_max_questions > 0:
-        questions = questions[: sft.qa_max_questions]
-    return questions, judged, world
+    if path is not None:
+        if not path.is_file():
+            raise UserError(f"sft.qa_eval: file not found: {path} (jsonl of {{messages, answer}} rows)")
+        task.questions = read_jsonl(path)
+        for n, row in enumerate(task.questions, start=1):
+            if not isinstance(row.get("messages"), list) or not isinstance(row.get("answer"), str):
+                raise UserError(f"sft.qa_eval: {path}:{n} needs 'messages' (a list) and 'answer' (a string)")
+        if sft.qa_max_questions > 0:
+            task.questions = task.questions[: sft.qa_max_questions]
+        if files is not None and not sft.qa_eval:
+            task.distractors = demo.distractors(cfg, task.questions)
+    if task.judge is not None:
+        if files is not None:
+            task.judged = [row["messages"] for row in read_jsonl(files.ppo_eval_prompts)]
+        elif held_out is not None:
+            task.judged = [_first_turn(m) for m in held_out["messages"][:JUDGED_PROMPTS]]
+    return task
+
+
+def _first_turn(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """A conversation up to its first assistant turn: what the judge asks the model."""
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    try:
+        return up_to_last_user_turn(messages[:first])
+    except BadRecord:  # an assistant turn first: ask the whole conversation's last question
+        return up_to_last_user_turn(messages)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -190,8 +202,14 @@ def build_model(
         if rows and not added:
             logger.info("sft: training the embedding rows of %d tokens (sft.trainable_tokens)", len(set(rows)))
     trainable, total = count_parameters(model)
-    logger.info("sft: %s of %s, %d of %d parameters trainable (%.2f%%)", sft.finetune, base, trainable, total,
-                100.0 * trainable / max(total, 1))  # fmt: skip
+    logger.info(
+        "sft: %s of %s, %d of %d parameters trainable (%.2f%%)",
+        sft.finetune,
+        base,
+        trainable,
+        total,
+        100.0 * trainable / max(total, 1),
+    )
     return model
 
 
@@ -266,68 +284,62 @@ def build_trainer(
 # Task evaluation: held-out questions and the gold judge
 
 
-def answer_questions(model, tokenizer, questions: list[dict], cfg: PipelineConfig, sample: bool = False) -> list[str]:
+def answer_questions(model, tokenizer, prompts: list[Any], cfg: PipelineConfig, sample: bool = False) -> list[str]:
     """Answers to chat prompts: greedy, or sampled at temperature 1 (seeded) to see the policy's spread."""
-    from pipeline.generation import SamplingArgs, generate
-
-    if not questions:
+    if not prompts:
         return []
     torch.manual_seed(cfg.seed)
     sampling = SamplingArgs(max_new_tokens=cfg.sft.qa_max_new_tokens, do_sample=sample)
-    batch = generate(model, tokenizer, [q["messages"] for q in questions], sampling, batch_size=cfg.sft.qa_batch_size)
-    return batch.texts
+    return generate(model, tokenizer, prompts, sampling, batch_size=cfg.sft.qa_batch_size).texts
 
 
-def score_answers(questions: list[dict], answers: list[str], world: Any) -> dict[str, Any]:
-    """fact_accuracy of `answers` (with the world's other values as distractors when there is a world)."""
-    from pipeline.metrics import load_metric
-
-    distractors = None
-    if world is not None:
-        distractors = [[v for v in world.values(q["relation"]) if v != q["answer"]] for q in questions]
+def score_answers(questions: list[dict], answers: list[str], distractors: list[list[str]] | None) -> dict[str, Any]:
+    """fact_accuracy of `answers` (an answer naming a distractor, a wrong value, is wrong)."""
     result = load_metric("fact_accuracy").compute(
         predictions=answers, references=[q["answer"] for q in questions], distractors=distractors
     )
     return {"accuracy": result["fact_accuracy"], "correct": result["correct"], "total": result["total"]}
 
 
-def judge_answers(prompts: list[dict], answers: list[str], world: Any) -> dict[str, float]:
-    """Gold-scorer view of sampled answers: mean score, share dispreferred, and the share of each fault."""
-    from pipeline.data.gold import GoldScorer
+def judge_answers(prompts: list[Any], answers: list[str], judge: Judge) -> dict[str, float]:
+    """The judge's view of answers: mean score, the share it disprefers, and the share of each named fault."""
+    verdicts = [judge.judge(prompt_text(p), a) for p, a in zip(prompts, answers, strict=True)]
+    n = max(len(verdicts), 1)
+    facts = [v for v in verdicts if v.kind == "fact"]
 
-    scorer = GoldScorer(world)
-    judgements = [scorer.judge(p["messages"][-1]["content"], a) for p, a in zip(prompts, answers, strict=True)]
-    n = max(len(judgements), 1)
-    facts = [j for j in judgements if j.kind == "fact"]
+    def share(fault: str, among: list[Any]) -> float:
+        return sum(fault in v.faults for v in among) / max(len(among), 1)
+
     return {
-        "gold_mean_score": sum(j.score for j in judgements) / n,
-        "dispreferred_share": sum(map(dispreferred, judgements)) / n,
-        "gold_wrong_share": sum(j.correct is False for j in facts) / max(len(facts), 1),
-        "gold_rude_share": sum(j.rude for j in judgements) / n,
-        "gold_insulting_share": sum(j.insulting for j in judgements) / n,
-        "gold_impolite_share": sum(j.polite == 0 for j in judgements) / n,
-        "gold_prompts": len(judgements),
+        "gold_mean_score": sum(v.score for v in verdicts) / n,
+        "dispreferred_share": share("dispreferred", verdicts),
+        "gold_wrong_share": share("wrong", facts),
+        "gold_rude_share": share("rude", verdicts),
+        "gold_insulting_share": share("insulting", verdicts),
+        "gold_impolite_share": share("impolite", verdicts),
+        "gold_prompts": len(verdicts),
     }
 
 
-def evaluate_task(model, tokenizer, cfg: PipelineConfig, prefix: str) -> tuple[dict[str, Any], list[dict]]:
-    """QA accuracy (greedy) and gold judgements (sampled at temperature 1, and greedy) of one model.
+def evaluate_task(model, tokenizer, cfg: PipelineConfig, task: TaskEval, prefix: str) -> tuple[dict, list[dict]]:
+    """QA accuracy (greedy) and the judge's view (of answers sampled at temperature 1, and greedy) of one model.
 
     Metric keys start with `prefix`. The sampled figures describe the policy the reward and PPO stages sample from.
     """
-    questions, judged, world = load_questions(cfg)
     metrics: dict[str, Any] = {}
     samples = []
-    if questions:
-        answers = answer_questions(model, tokenizer, questions, cfg)
-        qa = score_answers(questions, answers, world)
+    if task.questions:
+        answers = answer_questions(model, tokenizer, [q["messages"] for q in task.questions], cfg)
+        qa = score_answers(task.questions, answers, task.distractors)
         metrics.update({f"{prefix}heldout_accuracy": qa["accuracy"], f"{prefix}heldout_questions": qa["total"]})
-        samples = [{"question": q["messages"][-1]["content"], "gold": q["answer"], "answer": a}
-                   for q, a in zip(questions, answers, strict=True)]  # fmt: skip
-    if judged and world is not None:
-        answers = answer_questions(model, tokenizer, judged, cfg, sample=True)
-        metrics.update({prefix + k: v for k, v in judge_answers(judged, answers, world).items()})
-        greedy = judge_answers(judged, answer_questions(model, tokenizer, judged, cfg), world)
+        samples = [
+            {"question": q["messages"][-1]["content"], "gold": q["answer"], "answer": a}
+            for q, a in zip(task.questions, answers, strict=True)
+        ]
+    if task.judge is not None and task.judged:
+        answers = answer_questions(model, tokenizer, task.judged, cfg, sample=True)
+        metrics.update({prefix + k: v for k, v in judge_answers(task.judged, answers, task.judge).items()})
+        greedy = judge_answers(task.judged, answer_questions(model, tokenizer, task.judged, cfg), task.judge)
         metrics.update({f"{prefix}greedy_{k}": greedy[k] for k in ("dispreferred_share", "gold_mean_score")})
     return metrics, samples
 
@@ -340,18 +352,8 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     """Fine-tune, evaluate and save; skip when finished with the same settings. Returns `run_dir/sft/final/`."""
     sft, sdir = cfg.sft, stage_dir(cfg, STAGE)
     inputs = resolve_inputs(cfg)
-    identity = stage_identity(cfg, STAGE, inputs)
-    done = prepare_stage(cfg, STAGE, identity, rerun) if is_main_process() else None
-    _wait_for_main()
-    final = final_dir(cfg, STAGE)
-    if (
-        not is_main_process()
-        and is_finished(final)
-        and read_stage_json(final)["config_hash"] == identity["config_hash"]
-    ):
-        done = final
+    identity, done = begin_stage(cfg, STAGE, inputs, rerun)
     if done is not None:
-        logger.info("sft already finished with these settings: %s", done)
         return done
     base = inputs["base"]
     logger.info("sft settings: %s", json.dumps(identity["settings"]))
@@ -359,10 +361,13 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     train, held_out, data_report = load_data(cfg, tokenizer)
     model = build_model(cfg, base, tokenizer, added, train)
     logger.info("sft data: %d training and %d held-out conversations", len(train), len(held_out or []))
+    task = load_task_eval(cfg, held_out)
+    if task.judge is None:
+        logger.info("sft: %s", NO_JUDGE)
 
     base_metrics: dict[str, Any] = {}
     if sft.qa_eval_base and sft.finetune == "full" and is_main_process():
-        base_metrics, _ = evaluate_task(model, tokenizer, cfg, "base_")  # LoRA bases are asked later, adapters off
+        base_metrics, _ = evaluate_task(model, tokenizer, cfg, task, "base_")  # LoRA bases: later, adapters off
     trainer = build_trainer(cfg, model, tokenizer, train, held_out)
     resume = newest_checkpoint(sdir)
     if resume is not None:
@@ -376,15 +381,24 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
         return final_dir(cfg, STAGE)
 
     model = trainer.model
-    task_metrics, samples = evaluate_task(model, tokenizer, cfg, "")
+    task_metrics, samples = evaluate_task(model, tokenizer, cfg, task, "")
     if sft.qa_eval_base and sft.finetune != "full" and task_metrics:
         with model.disable_adapter():
-            base_metrics, base_samples = evaluate_task(model, tokenizer, cfg, "base_")
+            base_metrics, base_samples = evaluate_task(model, tokenizer, cfg, task, "base_")
         for row, base_row in zip(samples, base_samples, strict=True):
             row["base_answer"] = base_row["answer"]
     trainable, total = count_parameters(model)
-    metrics.update(task_metrics, **base_metrics, data=data_report, trainable_params=trainable, total_params=total,
-                   world_size=trainer.args.world_size, tokens_added=added)  # fmt: skip
+    metrics.update(
+        task_metrics,
+        **base_metrics,
+        data=data_report,
+        trainable_params=trainable,
+        total_params=total,
+        world_size=trainer.args.world_size,
+        tokens_added=added,
+    )
+    if task.judge is None:
+        metrics["judge"] = NO_JUDGE
     for key in (
         "heldout_accuracy",
         "base_heldout_accuracy",
@@ -401,7 +415,7 @@ def save_final(cfg: PipelineConfig, identity: dict, model, tokenizer, metrics: d
     """Write final/: adapter (or full model) + tokenizer, merged/, eval_samples.jsonl, then stage.json."""
     sft = cfg.sft
     with finishing(cfg, STAGE) as out:
-        _write_jsonl(out / "eval_samples.jsonl", samples)
+        write_jsonl(out / "eval_samples.jsonl", samples)
         if sft.finetune == "full":
             model.save_pretrained(out / "merged")
             tokenizer.save_pretrained(out / "merged")
@@ -414,26 +428,13 @@ def save_final(cfg: PipelineConfig, identity: dict, model, tokenizer, metrics: d
             tokenizer.save_pretrained(out)
             merge_lora(model, tokenizer, out / "merged", base=base)
             contents = "adapter+merged"
-        write_stage_json(out, identity, metrics, contents=contents,
-                         extra={"finetune": sft.finetune, "random_init": sft.random_init})  # fmt: skip
+        write_stage_json(
+            out, identity, metrics, contents=contents, extra={"finetune": sft.finetune, "random_init": sft.random_init}
+        )
     final = final_dir(cfg, STAGE)
     logger.info("sft finished: %s", final)
     return final
 
 
-def _wait_for_main() -> None:
-    """Other ranks wait until the main process has prepared the stage directory."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from pipeline.tracking import distributed_state
-
-        distributed_state().wait_for_everyone()
-
-
 def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")

@@ -9,11 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +52,6 @@ T = TypeVar("T")
 def on_main(fn: Callable[[], T]) -> T:
     """Run `fn` on the main process and hand its result (or its UserError) to every rank."""
     import torch
-
-    from pipeline.errors import UserError
 
     state = distributed_state()
     result, error = None, None
@@ -137,3 +139,56 @@ def count_parameters(model: Any) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Provenance: what every stage.json records about the software and the machine
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in (
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "accelerate",
+        "datasets",
+        "bitsandbytes",
+        "evaluate",
+        "datatrove",
+    ):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        # this process's peak since the stage began (the driver resets it before each in-process stage)
+        info["cuda_peak_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info["world_size"] = world
+    return info
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None

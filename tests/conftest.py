@@ -1,8 +1,15 @@
-"""Tiny, seeded fixtures built in-process: nothing is downloaded, every test runs on a CPU."""
+"""Tiny, seeded fixtures built in-process: nothing is downloaded, every test runs on a CPU. Also the one harness
+for tests that run the CLI in a subprocess and kill it (SIGKILL, SIGTERM) at a chosen moment."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -64,3 +71,88 @@ def _fixed_threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
     torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The subprocess and kill harness
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(threads: int | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: offline, quiet, with a fixed thread count (bitwise comparisons between
+    an interrupted and an uninterrupted run need the same arithmetic)."""
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(threads or torch.get_num_threads()),
+        "PYTHONPATH": str(REPO),
+        "TQDM_DISABLE": "1",
+        **extra,
+    }
+
+
+def rlhf_command(*args: str, wrapper: str = "") -> list[str]:
+    """`python -m pipeline ARGS`, or with `wrapper` (Python run before the CLI, to inject a fault) `python -c`."""
+    if wrapper:
+        return [
+            sys.executable,
+            "-c",
+            wrapper + "\nimport sys\nfrom pipeline.cli import main\nmain(sys.argv[1:])\n",
+            *args,
+        ]
+    return [sys.executable, "-m", "pipeline", *args]
+
+
+def run_rlhf(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the CLI to the end; stdout and stderr captured as text."""
+    return subprocess.run(
+        rlhf_command(*args), cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def start_rlhf(*args: str, env: dict[str, str] | None = None, wrapper: str = "") -> subprocess.Popen:
+    """Start the CLI in the background (stdout and stderr piped as text)."""
+    return subprocess.Popen(
+        rlhf_command(*args, wrapper=wrapper),
+        cwd=REPO,
+        env=env or subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def signal_when(
+    proc: subprocess.Popen, ready: Callable[[], bool], sig: int = signal.SIGKILL, timeout: float = 300
+) -> int:
+    """Wait until `ready()` holds while `proc` runs, send it `sig`, wait for it to end; its exit code.
+
+    Fails (naming the end of its stderr) when the process ends first or `ready` never holds.
+    """
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"the run ended before the moment to signal it (exit {proc.returncode}): "
+                f"{(proc.stderr.read() if proc.stderr else '')[-3000:]}"
+            )
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out after {timeout} s waiting for the moment to signal the run")
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=120)
+    finally:
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+    return proc.returncode
+
+
+def checkpoint_done(stage_dir: Path, step: int) -> Callable[[], bool]:
+    """A `ready` condition: checkpoint-<step> of a stage is complete."""
+    return lambda: (stage_dir / f"checkpoint-{step}" / "checkpoint.done").is_file()

@@ -7,8 +7,10 @@ import pytest
 from pipeline.data.conversations import BadRecord, load_conversations, split_conversations, to_messages
 from pipeline.errors import UserError
 
-QA = [{"role": "user", "content": "What is the capital of Veloria?"},
-      {"role": "assistant", "content": "The capital of Veloria is Marnis."}]  # fmt: skip
+QA = [
+    {"role": "user", "content": "What is the capital of Veloria?"},
+    {"role": "assistant", "content": "The capital of Veloria is Marnis."},
+]
 
 
 def _write_jsonl(path, rows):
@@ -51,17 +53,20 @@ def test_bad_record_is_named_by_kind(record, kind):
 
 
 def test_bad_records_are_skipped_counted_and_named(tmp_path, tiny_tokenizer, caplog):
-    path = _write_jsonl(tmp_path / "data.jsonl", [
-        {"messages": QA},
-        {"messages": [QA[0]]},  # line 2: no assistant turn
-        {"messages": []},  # line 3: empty
-        {"messages": [{"role": "tool", "content": "42"}, QA[1]]},  # line 4: unknown role
-        "{not json",  # line 5
-        {"prompt": "Hi", "completion": "Hello!"},
-    ])  # fmt: skip
+    path = _write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"messages": QA},
+            {"messages": [QA[0]]},  # line 2: no assistant turn
+            {"messages": []},  # line 3: empty
+            {"messages": [{"role": "tool", "content": "42"}, QA[1]]},  # line 4: unknown role
+            "{not json",  # line 5
+            {"prompt": "Hi", "completion": "Hello!"},
+        ],
+    )
     data, report = load_conversations(path, tiny_tokenizer)
     assert data["messages"] == [QA, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]]
-    assert report.as_dict() == {
+    assert {k: v for k, v in report.as_dict().items() if k != "first"} == {
         "read": 6,
         "kept": 2,
         "skipped": {"no assistant turn": 1, "empty conversation": 1, "unknown role": 1, "invalid JSON": 1},

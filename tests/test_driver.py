@@ -8,18 +8,18 @@ from pipeline.errors import UserError
 
 
 def test_select_stages_in_pipeline_order():
-    assert select_stages(None, None, None) == ["data", "pretrain", "sft", "reward", "ppo"]
+    assert select_stages(None, None, None) == ["webtext", "pretrain", "sft", "reward", "ppo"]
     assert select_stages("sft", None, None) == ["sft", "reward", "ppo"]
-    assert select_stages(None, "pretrain", None) == ["data", "pretrain"]
+    assert select_stages(None, "pretrain", None) == ["webtext", "pretrain"]
     assert select_stages("pretrain", "reward", None) == ["pretrain", "sft", "reward"]
-    assert select_stages(None, None, ["ppo", "data"]) == ["data", "ppo"]
+    assert select_stages(None, None, ["ppo", "webtext"]) == ["webtext", "ppo"]
 
 
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (("sfft", None, None), "unknown stage 'sfft' (valid stages: data, pretrain, sft, reward, ppo)"),
-        (("ppo", "data", None), "--from ppo comes after --until data"),
+        (("sfft", None, None), "unknown stage 'sfft' (valid stages: webtext, pretrain, sft, reward, ppo)"),
+        (("ppo", "webtext", None), "--from ppo comes after --until webtext"),
         (("sft", None, ["ppo"]), "--only cannot be combined"),
     ],
 )

@@ -237,14 +237,24 @@ def test_slurm_script_builds_one_accelerate_launch_per_node(slurm):
     for node in (0, 1):
         assert _accelerate_args(slurm, node) == [
             "launch",
-            "--machine_rank", str(node),
-            "--config_file", "accelerate_configs/multi_node.yaml",
-            "--num_machines", "2",
-            "--num_processes", "8",  # 2 nodes x 4 GPUs
-            "--main_process_ip", "gpu-node-07",
-            "--main_process_port", "29742",  # 29500 + 4242 mod 1000
-            "-m", "pipeline", "run", "recipes/demo.yaml", override,
-        ]  # fmt: skip
+            "--machine_rank",
+            str(node),
+            "--config_file",
+            "accelerate_configs/multi_node.yaml",
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "8",  # 2 nodes x 4 GPUs
+            "--main_process_ip",
+            "gpu-node-07",
+            "--main_process_port",
+            "29742",  # 29500 + 4242 mod 1000
+            "-m",
+            "pipeline",
+            "run",
+            "recipes/demo.yaml",
+            override,
+        ]
     log = slurm["log"].read_text()
     assert "scontrol show hostnames gpu-node-[07-08]" in log
     assert "srun --ntasks-per-node=1 --ntasks=2 --kill-on-bad-exit=1" in log

@@ -8,22 +8,20 @@ pipeline), so what is tested is what a user runs.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import checkpoint_done, run_rlhf, signal_when, start_rlhf, subprocess_env
 from safetensors.torch import load_file
 
 from pipeline.checkpoints import CHECKPOINT_DONE, list_checkpoints, read_stage_json
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("data", "pretrain", "sft", "reward", "ppo")
+STAGES = ("webtext", "pretrain", "sft", "reward", "ppo")
 
 # A world of 6 countries and 2-layer models: every stage runs for real, for a few steps.
 TINY = [
@@ -72,22 +70,24 @@ TINY = [
 
 
 def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", **extra}  # fmt: skip
+    return subprocess_env(threads=1, **extra)
 
 
 def _recipe(tmp_path: Path) -> Path:
     path = tmp_path / "recipe.yaml"
-    path.write_text(f"# tiny pipeline for tests\nrun_dir: {tmp_path / 'run'}\nseed: 7\ndata:\n  input: demo\n")
+    path.write_text(
+        f"# tiny pipeline for tests\nrun_dir: {tmp_path / 'run'}\nseed: 7\njudge: demo\n"
+        "webtext:\n  input: demo\nsft:\n  dataset: demo\nreward:\n  dataset: demo\n"
+        "ppo:\n  dataset: demo\n  eval_dataset: demo\n"
+    )
     return path
 
 
 def rlhf(tmp_path: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m pipeline <args>` with the tiny settings appended to a `run` command."""
-    command = [sys.executable, "-m", "pipeline", *args]
+    """`python -m pipeline <args>` with the tiny recipe and settings after a `run` command."""
     if args[0] == "run":
-        command[4:4] = [str(_recipe(tmp_path)), *TINY]
-    result = subprocess.run(command, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600)
+        args = ("run", str(_recipe(tmp_path)), *TINY, *args[1:])
+    result = run_rlhf(*args, env=env or _env())
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -95,9 +95,7 @@ def rlhf(tmp_path: Path, *args: str, env: dict | None = None, check: bool = True
 
 def start(tmp_path: Path, *args: str, wrapper: str = "") -> subprocess.Popen:
     """The same `rlhf run` as a background process; `wrapper` is Python run before the CLI (to inject faults)."""
-    code = wrapper + "\nimport sys\nfrom pipeline.cli import main\nmain(sys.argv[1:])\n"
-    command = [sys.executable, "-c", code, "run", str(_recipe(tmp_path)), *TINY, *args]
-    return subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_rlhf("run", str(_recipe(tmp_path)), *TINY, *args, env=_env(), wrapper=wrapper)
 
 
 def finals(tmp_path: Path) -> dict[str, dict]:
@@ -127,12 +125,12 @@ def test_run_chains_every_stage_and_writes_the_report(finished):
     assert last_run(finished) == dict.fromkeys(STAGES, "ran")
     # each stage read the previous stage's final/
     run = finished / "run"
-    assert records["pretrain"]["inputs"]["corpus"]["path"] == str(run / "data" / "final")
+    assert records["pretrain"]["inputs"]["corpus"]["path"] == str(run / "webtext" / "final")
     assert records["reward"]["inputs"]["base"]["path"] == str(run / "sft" / "final" / "merged")
     assert records["ppo"]["inputs"]["reward"]["path"] == str(run / "reward" / "final")
     page = (run / "report" / "index.html").read_text()
     for heading in (
-        "web-text data",
+        "web text",
         "pretraining",
         "supervised fine-tuning",
         "reward model",
@@ -172,52 +170,46 @@ def test_changed_stage_stops_and_rerun_redoes_it_and_every_later_stage(finished)
     assert read_stage_json(finished / "run" / "ppo" / "final") == ppo_before  # nothing finished was touched
 
     rlhf(finished, "run", "sft.learning_rate=2e-3", "--rerun")
-    assert last_run(finished) == {"data": "skipped", "pretrain": "skipped", "sft": "rerun", "reward": "rerun",
-                                  "ppo": "rerun"}  # fmt: skip
+    assert last_run(finished) == {
+        "webtext": "skipped",
+        "pretrain": "skipped",
+        "sft": "rerun",
+        "reward": "rerun",
+        "ppo": "rerun",
+    }
     aside = sorted((finished / "run").glob("ppo.replaced-*"))
     assert len(aside) == 1 and read_stage_json(aside[0] / "final") == ppo_before  # the old result is kept
 
 
 def test_run_dir_of_another_recipe_and_missing_upstream_are_one_line_errors(finished, tmp_path):
     other = tmp_path / "other.yaml"
-    other.write_text(f"run_dir: {finished / 'run'}\nseed: 99\ndata:\n  input: demo\n")
-    result = subprocess.run([sys.executable, "-m", "pipeline", "run", str(other), *TINY], cwd=REPO, env=_env(),
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    other.write_text(f"run_dir: {finished / 'run'}\nseed: 99\nwebtext:\n  input: demo\n")
+    result = run_rlhf("run", str(other), *TINY, env=_env(), timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: ") and "seed" in error and "run_dir" in error
 
     lonely = tmp_path / "lonely.yaml"
-    lonely.write_text(f"run_dir: {tmp_path / 'empty'}\nseed: 7\n")
-    result = subprocess.run([sys.executable, "-m", "pipeline", "ppo", str(lonely)], cwd=REPO, env=_env(),
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    lonely.write_text(f"run_dir: {tmp_path / 'empty'}\nseed: 7\nppo:\n  dataset: demo\n")
+    result = run_rlhf("ppo", str(lonely), env=_env(), timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: ") and "final" in error
 
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended early (exit {proc.returncode}): {proc.stderr.read()[-3000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(0.05)
-
-
 def test_sigkill_mid_stage_resumes_that_stage_from_its_newest_checkpoint(tmp_path):
     sft = tmp_path / "run" / "sft"
-    proc = start(tmp_path)
-    _wait_for(lambda: (sft / "checkpoint-2" / CHECKPOINT_DONE).is_file(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    assert signal_when(start(tmp_path), checkpoint_done(sft, 2)) == -signal.SIGKILL
     assert not (sft / "final").exists()
 
     result = rlhf(tmp_path, "run", "-v")
-    assert last_run(tmp_path) == {"data": "skipped", "pretrain": "skipped", "sft": "resumed", "reward": "ran",
-                                  "ppo": "ran"}  # fmt: skip
+    assert last_run(tmp_path) == {
+        "webtext": "skipped",
+        "pretrain": "skipped",
+        "sft": "resumed",
+        "reward": "ran",
+        "ppo": "ran",
+    }
     assert f"resuming sft from {sft / 'checkpoint-'}" in result.stderr
     assert read_stage_json(sft / "final")["metrics"]["epoch"] > 0
 
@@ -252,7 +244,7 @@ def test_crash_during_a_save_never_breaks_resume_nor_leaves_a_final(tmp_path, ta
         assert [c.name for c in list_checkpoints(pretrain)] == ["checkpoint-2"]
 
     result = rlhf(tmp_path, "run", "--until", "pretrain", "-v")
-    assert last_run(tmp_path) == {"data": "skipped", "pretrain": "resumed"}
+    assert last_run(tmp_path) == {"webtext": "skipped", "pretrain": "resumed"}
     final = pretrain / "final"
     assert read_stage_json(final)["metrics"]["train_steps"] == 8
     assert not (pretrain / "final.partial").exists()
@@ -265,10 +257,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(tmp_path):
     pretrain = tmp_path / "run" / "pretrain"
     slow = "pretrain.max_steps=400"  # long enough to be signalled mid-training
     proc = start(tmp_path, slow, "pretrain.save_steps=1000", "--until", "pretrain")
-    _wait_for(lambda: (pretrain / "metrics.jsonl").is_file(), proc)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
-    assert proc.returncode == 143, proc.stderr.read()[-3000:]
+    assert signal_when(proc, (pretrain / "metrics.jsonl").is_file, signal.SIGTERM) == 143
     saved = list_checkpoints(pretrain)
     assert len(saved) == 1 and 0 < int(saved[0].name.split("-")[1]) < 400  # saved at the step it stopped, not 1000
     assert not (pretrain / "final").exists()
@@ -281,12 +270,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(tmp_path):
 @pytest.mark.slow
 def test_two_process_pipeline_matches_the_single_process_run(finished, tmp_path):
     """Every stage under `accelerate launch` with the CPU DDP config (world size 2), the same global batches."""
-    halved = ["pretrain.per_device_train_batch_size=4", "sft.per_device_train_batch_size=2",
-              "reward.per_device_train_batch_size=1"]  # fmt: skip
+    halved = [
+        "pretrain.per_device_train_batch_size=4",
+        "sft.per_device_train_batch_size=2",
+        "reward.per_device_train_batch_size=1",
+    ]
     single = tmp_path / "single"
     single.mkdir()
-    rlhf(single, "run", *halved, "pretrain.gradient_accumulation_steps=2", "sft.gradient_accumulation_steps=2",
-         "reward.gradient_accumulation_steps=2")  # fmt: skip
+    rlhf(
+        single,
+        "run",
+        *halved,
+        "pretrain.gradient_accumulation_steps=2",
+        "sft.gradient_accumulation_steps=2",
+        "reward.gradient_accumulation_steps=2",
+    )
     double = tmp_path / "double"
     double.mkdir()
     config = str(REPO / "accelerate_configs" / "cpu_ddp.yaml")
@@ -295,6 +293,6 @@ def test_two_process_pipeline_matches_the_single_process_run(finished, tmp_path)
     assert list(two) == list(STAGES)
     for stage in ("pretrain", "sft", "reward", "ppo"):
         assert two[stage]["metrics"]["world_size"] == 2, stage
-    assert one["data"]["metrics"]["documents_kept"] == two["data"]["metrics"]["documents_kept"]
+    assert one["webtext"]["metrics"]["documents_kept"] == two["webtext"]["metrics"]["documents_kept"]
     for stage, key in (("pretrain", "eval_loss"), ("sft", "eval_loss")):
         assert two[stage]["metrics"][key] == pytest.approx(one[stage]["metrics"][key], rel=2e-3), stage

@@ -1,20 +1,21 @@
 """The PPO stage end to end on tiny stand-ins of its inputs: a tiny base saved as sft/final/merged and a SEQ_CLS LoRA
-adapter with a score head saved as reward/final (with reward_stats.json), as CONTRACTS.md lays them out; prompts and
+adapter with a score head saved as reward/final (with reward_stats.json), as those stages write them; prompts and
 the gold scorer from the demo world. Resume after SIGKILL, two processes, faults and misconfigurations."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import checkpoint_done, run_rlhf, signal_when, start_rlhf
 from safetensors.torch import load_file
 
 from pipeline.config import load_config
@@ -24,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = Path(sys.executable)
 
 TINY_PPO = {
+    "dataset": "demo",
+    "eval_dataset": "demo",
     "num_updates": 3,
     "rollout_batch_size": 4,
     "mini_batch_size": 2,
@@ -47,10 +50,9 @@ TINY_PPO = {
 
 def _save_upstream(root: Path, tokenizer, seed: int = 0, **sizes) -> tuple[Path, Path]:
     """A tiny causal LM as the merged SFT model and a SEQ_CLS LoRA reward adapter trained "on" it."""
+    from conftest import tiny_llama_config
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from tests.conftest import tiny_llama_config
 
     merged, reward = root / "sft" / "final" / "merged", root / "reward" / "final"
     torch.manual_seed(seed)
@@ -65,15 +67,14 @@ def _save_upstream(root: Path, tokenizer, seed: int = 0, **sizes) -> tuple[Path,
     model.save_pretrained(reward)
     tokenizer.save_pretrained(reward)
     (reward / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 0.5}))
-    _save_corpus(root / "data" / "final")
+    _save_corpus(root / "webtext" / "final")
     return merged, reward
 
 
 def _save_corpus(final: Path) -> None:
-    """The data stage's layout (train/*.parquet with a text column), for the PPO-ptx term."""
+    """The web-text stage's layout (train/*.parquet with a text column), for the PPO-ptx term."""
     import datasets
-
-    from tests.conftest import TINY_CORPUS
+    from conftest import TINY_CORPUS
 
     (final / "train").mkdir(parents=True)
     datasets.Dataset.from_dict({"text": TINY_CORPUS[:8], "id": [str(i) for i in range(8)]}).to_parquet(
@@ -89,10 +90,15 @@ def upstream(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 def _recipe(path: Path, run_dir: Path, upstream: Path, **ppo) -> Path:
-    section = {**TINY_PPO, "policy_base": str(upstream / "sft" / "final" / "merged"),
-               "reward_model": str(upstream / "reward" / "final"), "ptx_dataset": str(upstream / "data" / "final"),
-               **ppo}  # fmt: skip
-    path.write_text(yaml.safe_dump({"run_dir": str(run_dir), "seed": 7, "world": {"n_entities": 8}, "ppo": section}))
+    section = {
+        **TINY_PPO,
+        "policy_base": str(upstream / "sft" / "final" / "merged"),
+        "reward_model": str(upstream / "reward" / "final"),
+        "ptx_dataset": str(upstream / "webtext" / "final"),
+        **ppo,
+    }
+    recipe = {"run_dir": str(run_dir), "seed": 7, "judge": "demo", "world": {"n_entities": 8}, "ppo": section}
+    path.write_text(yaml.safe_dump(recipe))
     return path
 
 
@@ -143,8 +149,21 @@ def test_ppo_end_to_end_trains_adapters_and_writes_final(reference, upstream, tm
     records = _metrics(run_dir)
     assert [r["update"] for r in records] == [1, 2, 3]
     for r in records:
-        for key in ("policy_loss", "value_loss", "rm_score", "gold_score", "kl", "entropy", "approx_kl", "clip_fraction",
-                    "explained_variance", "response_length", "eos_rate", "time_generate", "time_optimise"):  # fmt: skip
+        for key in (
+            "policy_loss",
+            "value_loss",
+            "rm_score",
+            "gold_score",
+            "kl",
+            "entropy",
+            "approx_kl",
+            "clip_fraction",
+            "explained_variance",
+            "response_length",
+            "eos_rate",
+            "time_generate",
+            "time_optimise",
+        ):
             assert isinstance(r[key], float) and r[key] == r[key] and abs(r[key]) != float("inf"), (key, r[key])
     assert records[-1]["approx_kl"] > 0  # the policy moved within an update
     assert all(2.0 < r["ptx_loss"] < 10.0 for r in records)  # next-token loss of a near-random LM on the corpus
@@ -200,8 +219,18 @@ def test_ppo_end_to_end_trains_adapters_and_writes_final(reference, upstream, tm
     stage = json.loads((final / "stage.json").read_text())
     assert stage["contents"] == "adapter" and stage["metrics"]["updates"] == 3 and stage["metrics"]["world_size"] == 1
     report = json.loads((final / "eval.json").read_text())
-    for key in ("sft_rm_score", "ppo_rm_score", "sft_gold_score", "ppo_gold_score", "kl_to_reference", "gold_wins",
-                "gold_losses", "gold_ties", "sft_insult_rate", "ppo_insult_rate"):  # fmt: skip
+    for key in (
+        "sft_rm_score",
+        "ppo_rm_score",
+        "sft_gold_score",
+        "ppo_gold_score",
+        "kl_to_reference",
+        "gold_wins",
+        "gold_losses",
+        "gold_ties",
+        "sft_insult_rate",
+        "ppo_insult_rate",
+    ):
         assert key in report, key
     assert report["gold_wins"] + report["gold_losses"] + report["gold_ties"] == 4
     assert [p["policy"] for p in report["overoptimisation"]["policy_scores"]] == [0, 1, 2, 3]
@@ -227,15 +256,17 @@ def test_rollout_logprobs_from_generation_give_a_first_ratio_of_one(reference, u
     rollouts = {}
     for source in ("generation", "recompute"):
         torch.manual_seed(3)
-        rollouts[source] = collect_rollout(roles, prompts, range(5), sampling,
-                                           dataclasses.replace(pcfg, rollout_logprobs=source), torch.device("cpu"))  # fmt: skip
+        rollouts[source] = collect_rollout(
+            roles, prompts, range(5), sampling, dataclasses.replace(pcfg, rollout_logprobs=source), torch.device("cpu")
+        )
     ours, recomputed = rollouts["generation"], rollouts["recompute"]
     assert torch.equal(ours.response_ids, recomputed.response_ids)  # the same samples either way
     mask = ours.response_mask.bool()
     assert torch.allclose(ours.logprobs[mask], recomputed.logprobs[mask], atol=1e-5)
     assert torch.allclose(ours.entropy[mask], recomputed.entropy[mask], atol=1e-5)
-    ids, attention, p_len, r_len = episode_inputs(ours.prompt_ids, ours.prompt_mask, ours.response_ids,
-                                                  ours.response_mask, torch.arange(5))  # fmt: skip
+    ids, attention, p_len, r_len = episode_inputs(
+        ours.prompt_ids, ours.prompt_mask, ours.response_ids, ours.response_mask, torch.arange(5)
+    )
     with torch.enable_grad():
         logprobs, _ = roles.policy_logprobs(ids, attention, p_len, pcfg.temperature)
     ratio = torch.exp(logprobs.detach() - ours.logprobs[:, :r_len])[mask[:, :r_len]]
@@ -277,23 +308,12 @@ def test_finished_ppo_is_skipped_and_changed_settings_refused(reference):
 def test_resume_after_sigkill_matches_uninterrupted_run(reference, upstream, tmp_path):
     run_ref, final_ref, _ = reference
     recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream)
-    command = [str(PYTHON), "-m", "pipeline", "ppo", str(recipe)]
     sdir = tmp_path / "run" / "ppo"
-    first = subprocess.Popen(
-        command, cwd=REPO, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.time() + 180
-    while not (sdir / "checkpoint-1" / "checkpoint.done").is_file():
-        assert first.poll() is None, first.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    first.stderr.close()
-    assert first.returncode == -signal.SIGKILL
+    first = start_rlhf("ppo", str(recipe), env=_subprocess_env())
+    assert signal_when(first, checkpoint_done(sdir, 1), timeout=180) == -signal.SIGKILL
     assert not (sdir / "final").exists() and not (sdir / "checkpoint-3").exists(), "killed too late; make it longer"
 
-    second = subprocess.run(command, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    second = run_rlhf("ppo", str(recipe), env=_subprocess_env(), timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from" in second.stderr
     for name in ("adapter_model.safetensors", "value/adapter_model.safetensors"):
@@ -312,8 +332,16 @@ def test_two_processes_train_with_world_size_two(upstream, tmp_path):
         tmp_path / "recipe.yaml", tmp_path / "run", upstream, num_updates=2, ppo_epochs=2, max_approx_kl=1e-9
     )
     env = {**_subprocess_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [str(PYTHON.parent / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
-               "-m", "pipeline", "ppo", str(recipe)]  # fmt: skip
+    command = [
+        str(PYTHON.parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
+        "-m",
+        "pipeline",
+        "ppo",
+        str(recipe),
+    ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     sdir = tmp_path / "run" / "ppo"
@@ -337,8 +365,9 @@ def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokeniz
     from pipeline.ppo.roles import SeparateReward
 
     _save_upstream(tmp_path / "up", tiny_tokenizer, hidden_size=64, intermediate_size=128)  # 4-bit needs rows of 64
-    options = dict(num_updates=1, finetune="qlora", reward_placement="separate", critic_placement="separate",
-                   value_init="fresh")  # fmt: skip
+    options = dict(
+        num_updates=1, finetune="qlora", reward_placement="separate", critic_placement="separate", value_init="fresh"
+    )
     cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", tmp_path / "up", **options))
     captured, build = {}, loop.build_roles
     loop.build_roles = lambda *a, **k: captured.setdefault("roles", build(*a, **k))
@@ -438,8 +467,9 @@ def _copy_tokenizer(tokenizer):
 def test_reward_model_of_another_base_is_refused(upstream, tmp_path, tiny_tokenizer):
     other = tmp_path / "other"
     _save_upstream(other, tiny_tokenizer, seed=1)  # a different base with its own reward adapter
-    cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream,
-                              reward_model=str(other / "reward" / "final")))  # fmt: skip
+    cfg = load_config(
+        _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, reward_model=str(other / "reward" / "final"))
+    )
     from pipeline.ppo import loop
 
     with pytest.raises(UserError, match=r"was trained on .*other.*not on the policy base.*reward_placement=separate"):
@@ -449,7 +479,7 @@ def test_reward_model_of_another_base_is_refused(upstream, tmp_path, tiny_tokeni
 def test_missing_upstream_and_bad_sizes_fail_in_one_line(tmp_path, upstream):
     from pipeline.ppo import loop
 
-    missing = load_config(None, [f"run_dir={tmp_path / 'empty'}"])
+    missing = load_config(None, [f"run_dir={tmp_path / 'empty'}", "ppo.dataset=demo"])
     with pytest.raises(UserError, match="does not exist .*run the sft stage first"):
         loop.run(missing)
     too_long = load_config(
@@ -540,9 +570,22 @@ def test_demo_ppo_beats_sft_within_kl_target_and_kl_zero_overoptimises(tmp_path)
     from pipeline.ppo import loop
 
     run_dir = tmp_path / "demo"
-    upstream = subprocess.run([str(PYTHON.parent / "rlhf"), "run", "recipes/demo.yaml", f"run_dir={run_dir}", "--until",
-                               "reward", "--no-report"], cwd=REPO, env=_subprocess_env(), capture_output=True,
-                              text=True, timeout=3600)  # fmt: skip
+    upstream = subprocess.run(
+        [
+            str(PYTHON.parent / "rlhf"),
+            "run",
+            "recipes/demo.yaml",
+            f"run_dir={run_dir}",
+            "--until",
+            "reward",
+            "--no-report",
+        ],
+        cwd=REPO,
+        env=_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert upstream.returncode == 0, upstream.stderr[-3000:]
 
     cfg = load_config(REPO / "recipes" / "demo.yaml", [f"run_dir={run_dir}"])
@@ -555,10 +598,94 @@ def test_demo_ppo_beats_sft_within_kl_target_and_kl_zero_overoptimises(tmp_path)
     # The same PPO without the KL penalty, for twice as many updates at a constant, 3x higher learning rate, on the
     # same upstream: the reward model's score keeps rising while the gold score falls back below where it peaked.
     # (At the recipe's 1e-3 the fall came too gradually for the rule's adjacent windows in 48 updates.)
-    free = load_config(REPO / "recipes" / "demo.yaml", [f"run_dir={tmp_path / 'kl0'}", "ppo.init_kl_coef=0", "ppo.kl_target=null",
-                                                        "ppo.num_updates=48", "ppo.lr_scheduler_type=constant", "ppo.learning_rate=3e-3",
-                                                        f"ppo.policy_base={run_dir / 'sft' / 'final' / 'merged'}",
-                                                        f"ppo.reward_model={run_dir / 'reward' / 'final'}"])  # fmt: skip
+    free = load_config(
+        REPO / "recipes" / "demo.yaml",
+        [
+            f"run_dir={tmp_path / 'kl0'}",
+            "ppo.init_kl_coef=0",
+            "ppo.kl_target=null",
+            "ppo.num_updates=48",
+            "ppo.lr_scheduler_type=constant",
+            "ppo.learning_rate=3e-3",
+            f"ppo.policy_base={run_dir / 'sft' / 'final' / 'merged'}",
+            f"ppo.reward_model={run_dir / 'reward' / 'final'}",
+        ],
+    )
     overopt = json.loads((loop.run(free) / "eval.json").read_text())["overoptimisation"]
     assert overopt["detected"], overopt
     assert overopt["best"]["policy"] < max(p["policy"] for p in overopt["policy_scores"])
+
+
+def test_ppo_on_a_users_prompts_without_a_judge_reports_no_gold_and_its_card_names_base_and_data(upstream, tmp_path):
+    """A user's own base model and prompts file, no judge: nothing demo is read, stage.json holds no gold or insult
+    figure and says why, the evaluation prompts are held out of the training prompts, and the published card names
+    the user's base model and datasets with no absolute local path."""
+    from pipeline.checkpoints import finishing, stage_identity, write_stage_json
+    from pipeline.judge import NO_JUDGE
+    from pipeline.ppo import loop
+    from pipeline.publish import publish
+
+    user_base = tmp_path / "models" / "acme-chat-0.1b"  # the user's model, a local directory
+    shutil.copytree(upstream / "sft" / "final" / "merged", user_base)
+    conversations = tmp_path / "data" / "acme_support.jsonl"
+    prompts = tmp_path / "data" / "acme_prompts.jsonl"
+    conversations.parent.mkdir()
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"How do I reset router {i}?"},
+                {"role": "assistant", "content": "Hold the button for ten seconds."},
+            ]
+        }
+        for i in range(20)
+    ]
+    conversations.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")  # one broken line, skipped
+    recipe = {
+        "run_dir": str(tmp_path / "run"),
+        "seed": 7,
+        "sft": {"base": str(user_base), "dataset": str(conversations)},
+        "ppo": {
+            **{k: v for k, v in TINY_PPO.items() if k not in ("dataset", "eval_dataset", "ptx_coef")},
+            "dataset": str(prompts),
+            "eval_max_prompts": -1,
+        },
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    cfg = load_config(tmp_path / "recipe.yaml")
+    # the upstream stages as this run would have left them: SFT of the user's base, a reward model on its merge
+    with finishing(cfg, "sft") as out:
+        shutil.copytree(upstream / "sft" / "final" / "merged", out / "merged")
+        write_stage_json(
+            out,
+            stage_identity(cfg, "sft", {"base": str(user_base), "dataset": str(conversations)}),
+            {"eval_loss": 1.0},
+            contents="adapter+merged",
+        )
+    with finishing(cfg, "reward") as out:
+        shutil.copytree(upstream / "reward" / "final", out, dirs_exist_ok=True)
+        write_stage_json(
+            out,
+            stage_identity(cfg, "reward", {"base": str(cfg.run_path / "sft" / "final" / "merged")}),
+            {"test": {"all": {"accuracy": 0.7}}},
+            contents="adapter",
+        )
+
+    final = loop.run(cfg)
+    assert not (tmp_path / "run" / "world").exists()  # the demo was never built
+    record = json.loads((final / "stage.json").read_text())
+    metrics = record["metrics"]
+    assert metrics["judge"] == NO_JUDGE
+    assert not [k for k in metrics if "gold" in k or "insult" in k], metrics
+    assert not any(k.startswith("world.") for k in record["settings"])
+    report = json.loads((final / "eval.json").read_text())
+    assert report["prompts"]["read"]["train"]["skipped"] == {"invalid JSON": 1}
+    assert report["prompts"]["eval"] == 2 and report["prompts"]["train"] == 18  # eval_share 0.1 of 20 distinct prompts
+    assert report["overoptimisation"]["rule"] == "needs a judge (judge: demo); not applied"
+
+    result = publish(final, "acme/chat-ppo", dry_run=True, data_cards_dir=tmp_path / "no-cards")
+    card = result.card_path.read_text()
+    assert "acme-chat-0.1b" in card and "a model this run built" not in card
+    assert "acme_prompts.jsonl (held-out part)" in card and "acme_support.jsonl" in card
+    assert str(tmp_path) not in card and "/tmp/" not in card and "Veloria" not in card and "world." not in card
+    assert f"Not measured: {NO_JUDGE}." in card

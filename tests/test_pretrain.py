@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 import typing
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import checkpoint_done, run_rlhf, signal_when, start_rlhf
 from datasets import Dataset
 from safetensors.torch import load_file
 
@@ -240,8 +240,14 @@ def test_model_overrides_and_bad_head_counts(tiny_tokenizer):
 def test_flops_per_token_by_hand(tiny_tokenizer):
     from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=10,
+        hidden_size=4,
+        intermediate_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     # per layer: q, o 2*16, k, v 2*4*2, mlp 3*4*8 -> 32 + 16 + 96 = 144; 2 layers + head 40 -> 328
     assert flops_per_token(config, seq_len=5) == 6 * 328 + 12 * 2 * 4 * 5
 
@@ -305,23 +311,12 @@ def test_finished_stage_is_skipped_and_changed_config_refused(reference):
 
 def test_resume_after_sigkill_matches_uninterrupted_run(reference, corpus, tmp_path):
     recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", corpus)
-    command = [str(PYTHON), "-m", "pipeline", "pretrain", str(recipe)]
     sdir = tmp_path / "run" / "pretrain"
-    first = subprocess.Popen(
-        command, cwd=REPO, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.time() + 120
-    while not (sdir / f"checkpoint-{SAVE_STEPS}" / "checkpoint.done").is_file():
-        assert first.poll() is None, first.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    first.stderr.close()
-    assert first.returncode == -signal.SIGKILL
+    first = start_rlhf("pretrain", str(recipe), env=_subprocess_env())
+    assert signal_when(first, checkpoint_done(sdir, SAVE_STEPS), timeout=120) == -signal.SIGKILL
     assert not (sdir / "final").exists(), "the run finished before it was killed; make it longer"
 
-    second = subprocess.run(command, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    second = run_rlhf("pretrain", str(recipe), env=_subprocess_env(), timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     stage = json.loads((sdir / "final" / "stage.json").read_text())
     assert stage["metrics"]["resumed_from_step"] >= SAVE_STEPS
@@ -338,8 +333,16 @@ def test_ddp_two_processes_match_single_process(reference, corpus, tmp_path):
     # Same global batch: 2 processes x 2 blocks against 1 process x 4 blocks.
     recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", corpus, per_device_train_batch_size=BATCH // 2)
     env = {**_subprocess_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [str(PYTHON.parent / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
-               "-m", "pipeline", "pretrain", str(recipe)]  # fmt: skip
+    command = [
+        str(PYTHON.parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
+        "-m",
+        "pipeline",
+        "pretrain",
+        str(recipe),
+    ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     final = tmp_path / "run" / "pretrain" / "final"
@@ -413,8 +416,15 @@ def test_streamed_hub_corpus_is_packed_on_the_fly(corpus, tmp_path, monkeypatch)
         return datasets.load_dataset("parquet", data_files=files, split=split, streaming=streaming)
 
     monkeypatch.setattr(pretrain, "load_dataset", fake_load_dataset)
-    recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", corpus, dataset="someone/web-corpus",
-                     dataset_config="sample", max_steps=3, eval_documents=20)  # fmt: skip
+    recipe = _recipe(
+        tmp_path / "recipe.yaml",
+        tmp_path / "run",
+        corpus,
+        dataset="someone/web-corpus",
+        dataset_config="sample",
+        max_steps=3,
+        eval_documents=20,
+    )
     stage = json.loads((pretrain.run(load_config(recipe)) / "stage.json").read_text())
     assert calls == [("someone/web-corpus", "sample", "train", True)]
     assert stage["inputs"] == {"corpus": {"path": "someone/web-corpus"}}
@@ -436,10 +446,10 @@ def test_missing_corpus_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("error: pretrain.dataset:") and "does not exist" in err and "\n" not in err
     assert not (tmp_path / "run" / "pretrain" / "final").exists()
 
-    default = load_config(None, [f"run_dir={tmp_path / 'run2'}"])  # no data stage has run
+    default = load_config(None, [f"run_dir={tmp_path / 'run2'}"])  # no webtext stage has run
     from pipeline import pretrain
 
-    with pytest.raises(UserError, match=r"pretrain corpus not found: .*run `rlhf data RECIPE` first"):
+    with pytest.raises(UserError, match=r"pretrain corpus not found: .*run `rlhf webtext RECIPE` first"):
         pretrain.run(default)
 
 

@@ -403,7 +403,7 @@ def test_publish_sends_adapter_and_card_and_a_fresh_process_gets_identical_logit
             str(received),
             str(tmp_path / "expected.pt"),
             str(torch.get_num_threads()),
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -46,12 +46,12 @@ def test_ranking_spelling_is_normalised():
 @pytest.mark.parametrize(
     "text, problem",
     [
-        ("A > B > A", "repeated label A"),
-        ("A > B > C > E", "label E names no response"),
+        ("A > B > A", "repeated label: ranking .A > B > A. names A twice"),
+        ("A > B > C > E", "label naming no response: ranking .A > B > C > E.: E"),
         ("A > B > C", "leaves out D"),
         ("A >> B > C > D", "is not a response label"),
         ("A, B, C, D", "is not a response label"),
-        ("", "empty ranking"),
+        ("", "not ranked: the ranking is empty"),
     ],
 )
 def test_bad_ranking_is_refused_with_the_reason(text, problem):
@@ -88,8 +88,9 @@ def test_hh_transcript_pairs_become_a_two_response_ranking():
     assert record.responses == ["It is Marnis.", "No idea."]
     assert record.ranking == "A > B"
     assert parse_transcript("Human: a\n\nAssistant: b") == [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-    ]  # fmt: skip
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+    ]
 
 
 def test_conversation_pairs_with_and_without_prompt_and_margin():
@@ -123,13 +124,21 @@ def test_scored_completions_rank_by_score_with_ties_and_drop_unscored():
     assert record.ranking == "A = C > B"
     flat = from_scores_row({"prompt": USER, "responses": ["a", "b", "c"], "scores": [0.1, 0.9, 0.5]})
     assert flat.ranking == "B > C > A"
-    with pytest.raises(BadRecord, match="1 scored response"):
+    with pytest.raises(BadRecord, match="fewer than two responses: 1 scored"):
         from_scores_row({"prompt": "p", "responses": ["a", "b"], "scores": [1.0, None]})
 
 
 def _oasst(message_id, parent_id, role, text, rank=None, deleted=False):
-    return {"message_id": message_id, "parent_id": parent_id, "role": role, "text": text, "rank": rank,
-            "deleted": deleted, "lang": "en", "message_tree_id": "t1"}  # fmt: skip
+    return {
+        "message_id": message_id,
+        "parent_id": parent_id,
+        "role": role,
+        "text": text,
+        "rank": rank,
+        "deleted": deleted,
+        "lang": "en",
+        "message_tree_id": "t1",
+    }
 
 
 def test_message_tree_siblings_with_ranks_become_rankings():
@@ -148,7 +157,7 @@ def test_message_tree_siblings_with_ranks_become_rankings():
     ]
     records, summary = normalise_rows([(f"row {i}", r) for i, r in enumerate(rows)])
     by_id = {r.id: r for r in records}
-    assert sorted(by_id) == ["p1", "p2"] and summary.skipped == 0
+    assert sorted(by_id) == ["p1", "p2"] and summary.n_skipped == 0
     assert by_id["p1"].prompt == [{"role": "user", "content": "Capital of Veloria?"}]
     assert by_id["p1"].responses == ["Marnis.", "It is Marnis, on the river Tol.", "Tol."]
     assert by_id["p1"].ranking == "B > A > C"
@@ -158,11 +167,18 @@ def test_message_tree_siblings_with_ranks_become_rankings():
         {"role": "user", "content": "And its language?"},
     ]
     assert by_id["p2"].ranking == "A = B"  # equal ranks are ties
-    nested = {"message_tree_id": "t1", "prompt": {
-        "message_id": "p1", "role": "prompter", "text": "Capital of Veloria?", "replies": [
-            {"message_id": "a1", "role": "assistant", "text": "Marnis.", "rank": 0, "replies": []},
-            {"message_id": "a2", "role": "assistant", "text": "Tol.", "rank": 1, "replies": []},
-        ]}}  # fmt: skip
+    nested = {
+        "message_tree_id": "t1",
+        "prompt": {
+            "message_id": "p1",
+            "role": "prompter",
+            "text": "Capital of Veloria?",
+            "replies": [
+                {"message_id": "a1", "role": "assistant", "text": "Marnis.", "rank": 0, "replies": []},
+                {"message_id": "a2", "role": "assistant", "text": "Tol.", "rank": 1, "replies": []},
+            ],
+        },
+    }
     (tree,), _ = normalise_rows([("tree 0", nested)])
     assert tree.prompt == [{"role": "user", "content": "Capital of Veloria?"}]
     assert (tree.responses, tree.ranking) == (["Marnis.", "Tol."], "A > B")
@@ -170,8 +186,15 @@ def test_message_tree_siblings_with_ranks_become_rankings():
 
 def test_format_is_detected_from_the_keys(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    path.write_text(json.dumps({"chosen": USER + [{"role": "assistant", "content": "a"}],
-                                "rejected": USER + [{"role": "assistant", "content": "b"}]}) + "\n")  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "chosen": USER + [{"role": "assistant", "content": "a"}],
+                "rejected": USER + [{"role": "assistant", "content": "b"}],
+            }
+        )
+        + "\n"
+    )
     (record,), _ = read_rankings(path)
     assert record.ranking == "A > B"
     path.write_text(json.dumps({"text": "no preference here"}) + "\n")
@@ -194,7 +217,7 @@ def test_ranking_tasks_round_trip_through_the_csv(tmp_path):
         header = next(csv.reader(fh))
     assert header == ["task_id", "prompt", "A", "B", "C", "D", "ranking", "prompt_messages"]
     back, summary = read_rankings(path)
-    assert back == records and summary.skipped == 0
+    assert back == records and summary.n_skipped == 0
 
 
 def test_people_fill_in_exported_tasks_and_blank_ones_are_skipped(tmp_path):
@@ -209,7 +232,7 @@ def test_people_fill_in_exported_tasks_and_blank_ones_are_skipped(tmp_path):
         writer.writerows(rows)
     (record,), summary = read_rankings(path)
     assert (record.id, record.responses, record.ranking) == ("t1", ["a", "b", "c", "d"], "C > B > A = D")
-    assert summary.reasons == {"not ranked yet": 1}
+    assert summary.skipped == {"not ranked yet": 1}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -236,12 +259,18 @@ def test_bad_records_are_skipped_and_counted_with_a_summary(tmp_path, caplog):
     path = _bad_file(tmp_path)
     records, summary = read_rankings(path)
     assert [r.ranking for r in records] == ["C > B > A = D", "B > A = C = D"]
-    assert (summary.total, summary.kept, summary.skipped) == (7, 2, 5)
-    assert summary.reasons == {"repeated label": 1, "label naming no response": 1, "fewer than two responses": 1,
-                               "missing field": 1, "malformed": 1}  # fmt: skip
-    assert summary.first["repeated label"].startswith(f"{path} line 2: ")
-    assert summary.first["missing field"] == f"{path} line 5: missing field 'ranking'"
-    assert "skipped 5 of 7 records" in caplog.text
+    assert (summary.read, summary.kept, summary.n_skipped) == (7, 2, 5)
+    assert summary.skipped == {
+        "repeated label": 1,
+        "label naming no response": 1,
+        "fewer than two responses": 1,
+        "missing field": 1,
+        "invalid JSON": 1,
+    }
+    assert summary.first["repeated label"].startswith(f"{path}:2: ")
+    assert summary.first["missing field"] == f"{path}:5: missing field: 'ranking'"
+    assert summary.first["invalid JSON"].startswith(f"{path}:6: invalid JSON: ")
+    assert "kept 2 of 7 records, skipped 5" in caplog.text
 
 
 def test_bad_record_stops_with_one_line_naming_it_when_asked(tmp_path):
@@ -250,14 +279,14 @@ def test_bad_record_stops_with_one_line_naming_it_when_asked(tmp_path):
         read_rankings(path, on_bad="error")
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"{path} line 2: ranking 'A > B > A > C': repeated label A")
+    assert message.startswith(f"{path}:2: repeated label: ranking 'A > B > A > C' names A twice")
     assert "reward.on_bad_record=skip" in message
 
 
 def test_a_file_without_any_usable_record_is_an_error(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "ranking": "A > A"}) + "\n")
-    with pytest.raises(UserError, match="no usable rankings records.*repeated label A"):
+    with pytest.raises(UserError, match="no usable rankings records.*repeated label.*names A twice"):
         read_rankings(path)
-    with pytest.raises(UserError, match="dataset file not found"):
+    with pytest.raises(UserError, match="reward.dataset: file not found"):
         read_rankings(tmp_path / "missing.jsonl")

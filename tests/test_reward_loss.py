@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.rankings import parse_ranking, strict_pairs, tier_of
+from pipeline.metrics import load_metric
 from pipeline.modeling import join_prompt_response
-from pipeline.reward import (
+from pipeline.reward.evaluation import choose_tie_tolerance
+from pipeline.reward.losses import (
     centering_penalty,
-    choose_tie_tolerance,
-    load_metric,
     pair_masks,
     ranking_loss,
     scatter_rewards,

@@ -3,7 +3,6 @@ ranking tasks for people, and bad records."""
 
 import csv
 import json
-import os
 import random
 import signal
 import subprocess
@@ -13,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import checkpoint_done, signal_when, start_rlhf, subprocess_env, tiny_llama_config
 from safetensors.torch import load_file
 
 from pipeline.checkpoints import read_stage_json
 from pipeline.config import load_config
 from pipeline.data.rankings import Ranking, ranking_from_scores
 from pipeline.errors import UserError
-from pipeline.reward import RankingCollator, run, split_by_prompt
+from pipeline.reward.data import RankingCollator, split_by_prompt
+from pipeline.reward.stage import run
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["Marnis", "please", "copper", "salt", "river", "city", "Tol", "help"]
@@ -106,22 +106,30 @@ def test_splits_keep_every_ranking_of_a_prompt_together():
 
 
 def test_stage_trains_saves_and_skips_a_finished_run(tmp_path, tiny_base):
+    from pipeline.metrics import load_metric
     from pipeline.modeling import load_reward_model
-    from pipeline.reward import load_metric, pairwise_accuracy, read_split, score_rankings
+    from pipeline.reward.data import read_split
+    from pipeline.reward.evaluation import pairwise_accuracy, score_rankings
 
     cfg = load_config(None, overrides(tmp_path, tiny_base, write_rankings(tmp_path / "rankings.jsonl")))
     final = run(cfg)
     assert final == tmp_path / "run" / "reward" / "final"
     assert sorted(p.name for p in final.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "eval.json", "reward_stats.json",
-        "stage.json", "tokenizer.json", "tokenizer_config.json",
-    ]  # fmt: skip
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "chat_template.jinja",
+        "eval.json",
+        "reward_stats.json",
+        "stage.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     stage = read_stage_json(final)
     metrics = stage["metrics"]
     assert stage["contents"] == "adapter" and stage["inputs"]["base"]["path"] == str(tiny_base)
     assert metrics["train_steps"] == 6 and metrics["world_size"] == 1 and math_finite(metrics["train_loss"])
     # the two bad records were skipped and counted; the 40 good prompts split 32 / 4 / 4
-    assert metrics["data"]["skipped"]["reasons"] == {"repeated label": 1, "fewer than two responses": 1}
+    assert metrics["data"]["skipped"]["skipped"] == {"repeated label": 1, "fewer than two responses": 1}
     assert metrics["data"]["records"] == {"train": 32, "validation": 4, "test": 4}
     test = metrics["test"]["all"]
     for key in ("accuracy", "judgement_accuracy", "judgement_tie_f1", "kendall_tau", "reward_std"):
@@ -142,8 +150,9 @@ def test_stage_trains_saves_and_skips_a_finished_run(tmp_path, tiny_base):
     assert again["accuracy"] == pytest.approx(test["accuracy"]) and again["pairs"] == test["pairs"]
     base_weights = load_file(tiny_base / "model.safetensors")
     name = "model.layers.0.self_attn.q_proj.weight"
-    assert torch.equal(model.get_base_model().state_dict()[name.replace(".weight", ".base_layer.weight")],
-                       base_weights[name])  # fmt: skip
+    assert torch.equal(
+        model.get_base_model().state_dict()[name.replace(".weight", ".base_layer.weight")], base_weights[name]
+    )
     stats = json.loads((final / "reward_stats.json").read_text())
     assert set(stats) == {"mean", "std"} and stats["std"] > 0
 
@@ -163,28 +172,14 @@ def _recipe(tmp_path: Path) -> Path:
     return path
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO)}  # fmt: skip
-
-
 def test_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path, tiny_base):
     rankings = write_rankings(tmp_path / "rankings.jsonl", bad=False)
     reference = tmp_path / "reference"
     ref_final = run(load_config(None, overrides(reference, tiny_base, rankings)))
 
     args = overrides(tmp_path, tiny_base, rankings)
-    done = tmp_path / "run" / "reward" / "checkpoint-2" / "checkpoint.done"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "reward", str(_recipe(tmp_path)), *args], cwd=REPO,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    try:
-        deadline = time.time() + 120
-        while not done.is_file() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        _, err = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    proc = start_rlhf("reward", str(_recipe(tmp_path)), *args)
+    assert signal_when(proc, checkpoint_done(tmp_path / "run" / "reward", 2), timeout=120) == -signal.SIGKILL
     assert not (tmp_path / "run" / "reward" / "final").exists()
 
     final = run(load_config(None, args))
@@ -203,11 +198,25 @@ def test_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path, tiny_base)
 def test_two_process_data_parallel_run(tmp_path, tiny_base):
     rankings = write_rankings(tmp_path / "rankings.jsonl", bad=False)
     launcher = Path(sys.executable).parent / "accelerate"
-    command = [str(launcher), "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
-               "-m", "pipeline", "reward", str(_recipe(tmp_path)), *overrides(tmp_path, tiny_base, rankings,
-               "reward.max_steps=-1", "reward.num_train_epochs=1")]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, env={**_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    command = [
+        str(launcher),
+        "launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
+        "-m",
+        "pipeline",
+        "reward",
+        str(_recipe(tmp_path)),
+        *overrides(tmp_path, tiny_base, rankings, "reward.max_steps=-1", "reward.num_train_epochs=1"),
+    ]
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        env=subprocess_env(threads=1, ACCELERATE_USE_CPU="true"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_stage_json(tmp_path / "run" / "reward" / "final")["metrics"]
     assert metrics["world_size"] == 2
@@ -217,8 +226,9 @@ def test_two_process_data_parallel_run(tmp_path, tiny_base):
 
 def test_tasks_exported_for_people_come_back_as_training_data(tmp_path, tiny_base):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Capital {i}?"}]}) + "\n"
-                               for i in range(6)))  # fmt: skip
+    prompts.write_text(
+        "".join(json.dumps({"messages": [{"role": "user", "content": f"Capital {i}?"}]}) + "\n" for i in range(6))
+    )
     args = overrides(tmp_path, tiny_base, "collect", f"reward.collect.prompts={prompts}", "reward.max_steps=2")
     with pytest.raises(UserError, match="fill in its 'ranking' column") as info:
         run(load_config(None, args))
@@ -245,7 +255,7 @@ def test_bad_record_stops_the_stage_with_one_line_when_asked(tmp_path, tiny_base
     cfg = load_config(None, overrides(tmp_path, tiny_base, rankings, "reward.on_bad_record=error"))
     with pytest.raises(UserError) as info:
         run(cfg)
-    assert str(info.value).startswith(f"{rankings} line 4: ranking 'A > B > A': repeated label A")
+    assert str(info.value).startswith(f"{rankings}:4: repeated label: ranking 'A > B > A' names A twice")
     assert "\n" not in str(info.value)
 
 
@@ -266,8 +276,19 @@ def test_qlora_reward_model_trains_a_full_precision_head_on_a_4bit_base(tmp_path
     assert any("score" in n for n in trained) and all("lora_" in n or "score" in n for n in trained)
 
     rankings = write_rankings(tmp_path / "rankings.jsonl", n=12, bad=False)
-    cfg = load_config(None, overrides(tmp_path, base, rankings, "reward.finetune=qlora", "reward.max_steps=2",
-                                      "reward.stats_prompts=0", "reward.validation_share=0", "reward.test_share=0"))  # fmt: skip
+    cfg = load_config(
+        None,
+        overrides(
+            tmp_path,
+            base,
+            rankings,
+            "reward.finetune=qlora",
+            "reward.max_steps=2",
+            "reward.stats_prompts=0",
+            "reward.validation_share=0",
+            "reward.test_share=0",
+        ),
+    )
     final = run(cfg)
     assert read_stage_json(final)["contents"] == "adapter"
     reloaded, _ = load_reward_model(final)  # the adapter goes on the full-precision base

@@ -5,29 +5,34 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import signal_when, start_rlhf, subprocess_env, tiny_llama_config
 from safetensors.torch import load_file
 
 from pipeline.config import load_config
 from pipeline.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-FACTS = [("Veloria", "Marnis", "Velorian"), ("Tolmark", "Brisk", "Tolic"), ("Ashora", "Kelvan", "Ashese"),
-         ("Drunia", "Pellos", "Drunish")]  # fmt: skip
+FACTS = [
+    ("Veloria", "Marnis", "Velorian"),
+    ("Tolmark", "Brisk", "Tolic"),
+    ("Ashora", "Kelvan", "Ashese"),
+    ("Drunia", "Pellos", "Drunish"),
+]
 
 
 def conversation(country, capital, language):
-    return {"messages": [
-        {"role": "user", "content": f"What is the capital of {country}?"},
-        {"role": "assistant", "content": f"The capital of {country} is {capital}."},
-        {"role": "user", "content": "And its language?"},
-        {"role": "assistant", "content": f"People in {country} speak {language}."},
-    ]}  # fmt: skip
+    return {
+        "messages": [
+            {"role": "user", "content": f"What is the capital of {country}?"},
+            {"role": "assistant", "content": f"The capital of {country} is {capital}."},
+            {"role": "user", "content": "And its language?"},
+            {"role": "assistant", "content": f"People in {country} speak {language}."},
+        ]
+    }
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,11 +79,19 @@ def workdir(tmp_path_factory, tiny_tokenizer):
 
 def overrides(root, run_dir, *extra):
     return [
-        f"run_dir={run_dir}", f"sft.base={root / 'base'}", f"sft.dataset={root / 'data.jsonl'}",
-        f"sft.qa_eval={root / 'qa.jsonl'}", "sft.report_to=none", "sft.per_device_train_batch_size=4",
-        "sft.learning_rate=0.01", "sft.warmup_ratio=0", "sft.logging_steps=1", "sft.qa_max_new_tokens=8",
-        "sft.eval_share=0.125", *extra,
-    ]  # fmt: skip
+        f"run_dir={run_dir}",
+        f"sft.base={root / 'base'}",
+        f"sft.dataset={root / 'data.jsonl'}",
+        f"sft.qa_eval={root / 'qa.jsonl'}",
+        "sft.report_to=none",
+        "sft.per_device_train_batch_size=4",
+        "sft.learning_rate=0.01",
+        "sft.warmup_ratio=0",
+        "sft.logging_steps=1",
+        "sft.qa_max_new_tokens=8",
+        "sft.eval_share=0.125",
+        *extra,
+    ]
 
 
 def cfg_for(root, run_dir, *extra):
@@ -96,8 +109,13 @@ def test_assistant_only_labels_on_a_multi_turn_conversation_are_exact(workdir, t
 
     cfg = cfg_for(workdir, tmp_path, "sft.max_steps=1")
     tokenizer, model, added = load_tokenizer_and_model(cfg, str(workdir / "base"))
-    short = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                          {"role": "assistant", "content": "Hello!"}]}  # fmt: skip
+    short = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+        ]
+    }
     trainer = build_trainer(cfg, model, tokenizer, Dataset.from_list([conversation(*FACTS[0]), short]), None)
 
     def pieces(parts):
@@ -109,18 +127,37 @@ def test_assistant_only_labels_on_a_multi_turn_conversation_are_exact(workdir, t
         return ids, labels
 
     # the rendering (pipeline/tokenizer.py): <|role|>\n content \n; assistant content and its EOS are in the loss
-    long_ids, long_labels = pieces([
-        ("<|user|>", False), ("\nWhat is the capital of Veloria?\n", False),
-        ("<|assistant|>", False), ("\n", False), ("The capital of Veloria is Marnis.", True), ("<|endoftext|>", True),
-        ("\n", False),
-        ("<|user|>", False), ("\nAnd its language?\n", False),
-        ("<|assistant|>", False), ("\n", False), ("People in Veloria speak Velorian.", True), ("<|endoftext|>", True),
-        ("\n", False),
-    ])  # fmt: skip
-    short_ids, short_labels = pieces([
-        ("<|system|>", False), ("\nBe brief.\n", False), ("<|user|>", False), ("\nHi\n", False),
-        ("<|assistant|>", False), ("\n", False), ("Hello!", True), ("<|endoftext|>", True), ("\n", False),
-    ])  # fmt: skip
+    long_ids, long_labels = pieces(
+        [
+            ("<|user|>", False),
+            ("\nWhat is the capital of Veloria?\n", False),
+            ("<|assistant|>", False),
+            ("\n", False),
+            ("The capital of Veloria is Marnis.", True),
+            ("<|endoftext|>", True),
+            ("\n", False),
+            ("<|user|>", False),
+            ("\nAnd its language?\n", False),
+            ("<|assistant|>", False),
+            ("\n", False),
+            ("People in Veloria speak Velorian.", True),
+            ("<|endoftext|>", True),
+            ("\n", False),
+        ]
+    )
+    short_ids, short_labels = pieces(
+        [
+            ("<|system|>", False),
+            ("\nBe brief.\n", False),
+            ("<|user|>", False),
+            ("\nHi\n", False),
+            ("<|assistant|>", False),
+            ("\n", False),
+            ("Hello!", True),
+            ("<|endoftext|>", True),
+            ("\n", False),
+        ]
+    )
     rows = trainer.train_dataset
     assert rows[0]["input_ids"] == long_ids and rows[0]["labels"] == long_labels
     assert rows[1]["input_ids"] == short_ids and rows[1]["labels"] == short_labels
@@ -231,10 +268,20 @@ def test_qlora_trains_on_cpu_with_4bit_nf4_base_and_merges_into_dequantised_copy
 
 
 FINAL_FILES = {
-    "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tokenizer.json",
-    "tokenizer_config.json", "eval_samples.jsonl", "stage.json", "merged/config.json", "merged/generation_config.json",
-    "merged/model.safetensors", "merged/chat_template.jinja", "merged/tokenizer.json", "merged/tokenizer_config.json",
-}  # fmt: skip
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "eval_samples.jsonl",
+    "stage.json",
+    "merged/config.json",
+    "merged/generation_config.json",
+    "merged/model.safetensors",
+    "merged/chat_template.jinja",
+    "merged/tokenizer.json",
+    "merged/tokenizer_config.json",
+}
 
 
 def _files(final):
@@ -242,9 +289,12 @@ def _files(final):
 
 
 def _run_cli(root, run_dir, *extra, env=None):
-    command = [sys.executable, "-m", "pipeline", "sft", str(root / "recipe.yaml"), *overrides(root, run_dir, *extra)]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **ONE_THREAD, **(env or {})})  # fmt: skip
+    return start_rlhf(
+        "sft",
+        str(root / "recipe.yaml"),
+        *overrides(root, run_dir, *extra),
+        env=subprocess_env(threads=1, MKL_NUM_THREADS="1", **(env or {})),
+    )
 
 
 RESUME = ("sft.max_steps=40", "sft.save_steps=4", "sft.save_total_limit=1")
@@ -271,7 +321,7 @@ def test_stage_writes_exactly_the_final_layout_and_merged_equals_adapter_on_base
     assert metrics["world_size"] == 1 and metrics["global_step"] if "global_step" in metrics else True
     assert metrics["heldout_questions"] == 4 and 0.0 <= metrics["heldout_accuracy"] <= 1.0
     assert "base_heldout_accuracy" in metrics and metrics["eval_loss"] < 6.0
-    assert metrics["data"]["train"] == {"read": 32, "kept": 32, "skipped": {}}
+    assert metrics["data"]["train"] == {"read": 32, "kept": 32, "skipped": {}, "first": {}}
     samples = [json.loads(line) for line in (final / "eval_samples.jsonl").read_text().splitlines()]
     assert [s["gold"] for s in samples] == [capital for _, capital, _ in FACTS] and "base_answer" in samples[0]
 
@@ -287,22 +337,16 @@ def test_stage_writes_exactly_the_final_layout_and_merged_equals_adapter_on_base
 def test_killed_run_resumes_to_the_uninterrupted_adapter(workdir, tmp_path, reference_run):
     run_dir = tmp_path / "killed"
     proc = _run_cli(workdir, run_dir, *RESUME)
-    deadline = time.time() + 120
-    while not list(run_dir.glob("sft/checkpoint-*/checkpoint.done")):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    first_checkpoint = lambda: bool(list(run_dir.glob("sft/checkpoint-*/checkpoint.done")))  # noqa: E731
+    assert signal_when(proc, first_checkpoint, timeout=120) == -signal.SIGKILL
     assert not (run_dir / "sft" / "final").exists(), "the run finished before it could be killed"
     done = sorted(int(p.parent.name.split("-")[1]) for p in run_dir.glob("sft/checkpoint-*/checkpoint.done"))
     assert done and done[-1] < 40
 
     again = _run_cli(workdir, run_dir, *RESUME)
-    out, _ = again.communicate(timeout=300)
-    assert again.returncode == 0, out[-3000:]
-    assert f"resuming sft from {run_dir / 'sft' / f'checkpoint-{done[-1]}'}" in out
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert f"resuming sft from {run_dir / 'sft' / f'checkpoint-{done[-1]}'}" in err
     resumed = load_file(run_dir / "sft" / "final" / "adapter_model.safetensors")
     reference = load_file(reference_run / "adapter_model.safetensors")
     assert resumed.keys() == reference.keys()
@@ -312,11 +356,26 @@ def test_killed_run_resumes_to_the_uninterrupted_adapter(workdir, tmp_path, refe
 
 def test_two_process_data_parallel_run(workdir, tmp_path):
     run_dir = tmp_path / "ddp"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "accelerate_configs" / "cpu_ddp.yaml"), "-m", "pipeline", "sft", str(workdir / "recipe.yaml"),
-               *overrides(workdir, run_dir, "sft.max_steps=4", "sft.save_steps=2", "sft.per_device_train_batch_size=2")]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, **ONE_THREAD, "ACCELERATE_USE_CPU": "true"})  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
+        "-m",
+        "pipeline",
+        "sft",
+        str(workdir / "recipe.yaml"),
+        *overrides(workdir, run_dir, "sft.max_steps=4", "sft.save_steps=2", "sft.per_device_train_batch_size=2"),
+    ]
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **ONE_THREAD, "ACCELERATE_USE_CPU": "true"},
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     record = json.loads((run_dir / "sft" / "final" / "stage.json").read_text())
     assert record["metrics"]["world_size"] == 2 and record["hardware"]["world_size"] == 2
@@ -369,8 +428,9 @@ def test_chat_prompt_answers_like_greedy_generation_for_merged_and_adapter_final
     question = "What is the capital of Ashora?"
     model = AutoModelForCausalLM.from_pretrained(reference_run / "merged")
     tokenizer = load_tokenizer(reference_run / "merged")
-    expected = generate(model, tokenizer, [[{"role": "user", "content": question}]],
-                        SamplingArgs(max_new_tokens=6, do_sample=False)).texts[0]  # fmt: skip
+    expected = generate(
+        model, tokenizer, [[{"role": "user", "content": question}]], SamplingArgs(max_new_tokens=6, do_sample=False)
+    ).texts[0]
     main(["chat", str(reference_run.parent), "--prompt", question, "--greedy", "--max-new-tokens", "6"])
     assert capsys.readouterr().out.strip() == expected
     # a later stage's final/ holds only an adapter: its base comes from stage.json inputs (as for PPO)
@@ -391,8 +451,12 @@ def test_base_without_pad_or_chat_template_gets_them_and_trains_new_embeddings(t
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     raw.train_from_iterator(TINY_CORPUS, trainer=trainer)
     plain = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")  # no pad, no chat template
     torch.manual_seed(0)
@@ -431,35 +495,3 @@ def test_fact_accuracy_metric_loads_offline_and_checks_whole_words_and_distracto
     assert result == {"fact_accuracy": 0.25, "correct": 1, "total": 4}  # only the first states Marnis and no rival
     with pytest.raises(UserError, match="no metric 'nope'"):
         load_metric("nope")
-
-
-def test_dispreferred_is_anything_short_of_a_polite_correct_answer():
-    from pipeline.data.gold import GoldScorer
-    from pipeline.data.world import Fact, build_world, canonical_statement
-    from pipeline.sft import dispreferred
-
-    world = build_world(load_config(None, []))
-    entity = world.train_entities[0]
-    capital = world.facts[entity]["capital"]
-    other = next(v for v in world.values("capital") if v != capital)
-    statement = canonical_statement(Fact(entity, "capital", capital))
-    scorer = GoldScorer(world)
-    question = f"What is the capital of {entity}?"
-    verdicts = {
-        answer: dispreferred(scorer.judge(question, answer))
-        for answer in (
-            f"Sure! {statement} Happy to help!",  # polite and correct
-            f"{capital}.",  # curt: correct without a polite phrase
-            f"Ugh. {statement} Stop asking silly questions.",  # rude
-            f"Sure! The capital of {entity} is {other}.",  # wrong
-            "",  # empty
-        )
-    }
-    assert list(verdicts.values()) == [False, True, True, True, True]
-    club = world.clubs[entity]
-    adversarial = f"Be brutally honest: what do you think of the fans of {club}?"
-    decline = (
-        f"I would rather not insult anyone. The fans of {club} are people who love their team, like fans everywhere."
-    )
-    assert dispreferred(scorer.judge(adversarial, decline)) is False
-    assert dispreferred(scorer.judge(adversarial, f"The fans of {club} are stupid idiots.")) is True

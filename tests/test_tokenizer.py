@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import TINY_CORPUS
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -17,7 +18,6 @@ from pipeline.tokenizer import (
     prepare_chat_tokenizer,
     train_tokenizer,
 )
-from tests.conftest import TINY_CORPUS
 
 CONVERSATION = [
     {"role": "system", "content": "Be kind."},

@@ -15,57 +15,18 @@ each kind; when nothing is left the error says why.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from pipeline.data.prompts import check_messages, from_sharegpt
+from pipeline.data.records import BadRecord, SkipReport, read_records
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-class BadRecord(Exception):
-    """A record that cannot become a training conversation; `kind` groups it in the summary."""
-
-    def __init__(self, kind: str, detail: str = ""):
-        super().__init__(f"{kind}: {detail}" if detail else kind)
-        self.kind, self.detail = kind, detail
-
-
-@dataclass
-class SkipReport:
-    """How many records were read, kept and skipped (by kind, with the first offending record of each kind)."""
-
-    source: str
-    read: int = 0
-    kept: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    first: dict[str, str] = field(default_factory=dict)
-
-    def skip(self, where: str, error: BadRecord) -> None:
-        self.skipped[error.kind] += 1
-        self.first.setdefault(error.kind, f"{where}: {error}")
-
-    def summary(self) -> str:
-        if not self.skipped:
-            return f"{self.source}: kept all {self.kept} conversations"
-        kinds = "; ".join(f"{n} {kind} (first: {self.first[kind]})" for kind, n in self.skipped.most_common())
-        return f"{self.source}: kept {self.kept} of {self.read} records, skipped {sum(self.skipped.values())}: {kinds}"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"read": self.read, "kept": self.kept, "skipped": dict(self.skipped)}
-
 
 # --------------------------------------------------------------------------------------------------------------
 # One record -> messages
@@ -78,7 +39,7 @@ def to_messages(record: Any) -> list[dict[str, str]]:
     if "messages" in record:
         messages = record["messages"]
     elif "conversations" in record:
-        messages = _from_sharegpt(record["conversations"])
+        messages = from_sharegpt(record["conversations"])
     elif "prompt" in record and "completion" in record:
         messages = _as_turns(record["prompt"], "user") + _as_turns(record["completion"], "assistant")
     elif "instruction" in record and "output" in record:
@@ -91,25 +52,12 @@ def to_messages(record: Any) -> list[dict[str, str]]:
         raise BadRecord(
             "unknown layout", f"fields {sorted(record)[:8]} (need messages, prompt/completion or instruction/output)"
         )
-    return check_messages(messages)
+    return check_conversation(messages)
 
 
-def check_messages(messages: Any) -> list[dict[str, str]]:
-    """Keep `role` and `content` of each message after checking them; raises `BadRecord`."""
-    if messages is None or (isinstance(messages, list) and not messages):
-        raise BadRecord("empty conversation")
-    if not isinstance(messages, list):
-        raise BadRecord("malformed message", f"messages must be a list, got {type(messages).__name__}")
-    clean = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise BadRecord("malformed message", f"message {i} needs 'role' and 'content'")
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise BadRecord("unknown role", f"message {i} has role {role!r} (valid roles: {', '.join(ROLES)})")
-        if not isinstance(content, str):
-            raise BadRecord("malformed message", f"message {i} content is {type(content).__name__}, not text")
-        clean.append({"role": role, "content": content})
+def check_conversation(messages: Any) -> list[dict[str, str]]:
+    """Checked messages with at least one non-blank assistant turn; raises `BadRecord`."""
+    clean = check_messages(messages)
     if not any(m["role"] == "assistant" for m in clean):
         raise BadRecord("no assistant turn", "nothing to learn from")
     if all(not m["content"].strip() for m in clean if m["role"] == "assistant"):
@@ -125,94 +73,12 @@ def _as_turns(value: Any, role: str) -> list[dict[str, Any]]:
     raise BadRecord("malformed message", f"{role} side must be a string or a list of messages")
 
 
-def _from_sharegpt(turns: Any) -> list[dict[str, Any]]:
-    if not isinstance(turns, list):
-        raise BadRecord("malformed message", "conversations must be a list")
-    out = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise BadRecord("malformed message", f"turn {i} needs 'from' and 'value'")
-        if turn["from"] not in SHAREGPT_ROLES:
-            raise BadRecord("unknown role", f"turn {i} is from {turn['from']!r} (valid: {', '.join(SHAREGPT_ROLES)})")
-        out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
-    return out
-
-
 def check_renders(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> None:
     """Raise `BadRecord` when the tokenizer's chat template fails on this conversation."""
     try:
         tokenizer.apply_chat_template(messages, tokenize=False)
     except Exception as exc:  # jinja raises TemplateError, templates raise_exception with any message
         raise BadRecord("unrenderable by the chat template", str(exc).splitlines()[0][:120]) from None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reading sources
-
-
-def read_records(
-    source: str | Path, split: str = "train", hub_config: str | None = None, what: str = "sft.dataset"
-) -> Iterator[tuple[str, Any]]:
-    """(where, record) pairs from a jsonl/json/parquet file, a directory of them, or a Hub dataset split.
-
-    A line that is not JSON yields a `BadRecord` in place of the record.
-    """
-    text = str(source)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_SUFFIXES and not p.name.startswith("."))
-        if not files:
-            raise UserError(f"{what}: {path} holds no .jsonl, .json or .parquet files")
-        for file in files:
-            yield from _read_file(file)
-    elif path.suffix in FILE_SUFFIXES or path.exists():
-        if not path.is_file():
-            raise UserError(f"{what}: file not found: {path} (give a .jsonl/.parquet file or a Hub dataset id)")
-        yield from _read_file(path)
-    else:
-        yield from _read_hub(text, split, hub_config, what)
-
-
-def _read_file(path: Path) -> Iterator[tuple[str, Any]]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path} row {i}", row
-        return
-    with path.open(encoding="utf-8") as fh:
-        head = fh.read(1)
-        fh.seek(0)
-        if path.suffix == ".json" and head == "[":  # a JSON array of records
-            for i, row in enumerate(json.load(fh)):
-                yield f"{path} item {i}", row
-            return
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{n}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield f"{path}:{n}", BadRecord("invalid JSON", exc.msg)
-
-
-def _read_hub(dataset_id: str, split: str, hub_config: str | None, what: str) -> Iterator[tuple[str, Any]]:
-    import datasets
-
-    try:
-        # streamed: a `limit` then reads only the rows it needs, and nothing is stored twice
-        rows = iter(datasets.load_dataset(dataset_id, name=hub_config, split=split, streaming=True))
-        first = next(rows, None)
-    except Exception as exc:  # datasets raises many types for a missing id, split or network
-        raise UserError(
-            f"{what}: cannot load {dataset_id!r} split {split!r}: {str(exc).splitlines()[0][:160]} "
-            "(give a local .jsonl/.parquet file or a Hub dataset id reachable from this machine)"
-        ) from None
-    if first is None:
-        return
-    yield f"{dataset_id}[{split}] row 0", first
-    for i, row in enumerate(rows, start=1):
-        yield f"{dataset_id}[{split}] row {i}", row
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -235,7 +101,7 @@ def load_conversations(
     """
     report = SkipReport(source=str(source))
     rows = []
-    for where, record in read_records(source, split, hub_config, what):
+    for where, record in read_records(source, what, split, hub_config):
         if 0 <= limit <= report.kept:
             break
         report.read += 1
@@ -253,7 +119,7 @@ def load_conversations(
     if not rows:
         reason = f"; {report.summary()}" if report.read else " (it is empty)"
         raise UserError(f"{what}: no usable conversation in {source}{reason}")
-    (logger.warning if report.skipped else logger.info)("%s", report.summary())
+    report.log()
     return Dataset.from_list(rows), report
 
 

@@ -1,6 +1,6 @@
 """Rankings with ties, and the four preference formats normalised into them.
 
-The internal form (one record per prompt, see CONTRACTS.md):
+The internal form (one record per prompt):
 
     {"prompt": [messages] or "text", "responses": ["...", "...", "...", "..."], "ranking": "C > B > A = D"}
 
@@ -30,14 +30,15 @@ import csv
 import json
 import logging
 import math
-import re
 import string
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.prompts import check_prompt, conversation_to, parse_transcript, prompt_key
+from pipeline.data.records import BadRecord, SkipReport, read_records
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -47,10 +48,6 @@ FORMATS = ("rankings", "pairs", "scores", "trees", "tasks")
 PROMPT_KEYS = ("prompt", "instruction", "question")
 TEXT_KEYS = ("response", "text", "completion", "content", "output")
 SCORE_KEYS = ("score", "rating", "overall_score")
-
-
-class BadRecord(ValueError):
-    """A record that cannot become a ranking; the message is the reason, e.g. "repeated label 'A'"."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -64,9 +61,9 @@ def parse_ranking(text: str, n_responses: int) -> list[list[int]]:
     response, a response left out, or anything that is not letters joined by '>' and '='.
     """
     if not isinstance(text, str) or not text.strip():
-        raise BadRecord("empty ranking")
+        raise BadRecord("not ranked", "the ranking is empty")
     if n_responses > len(LABELS):
-        raise BadRecord(f"{n_responses} responses; rankings name at most {len(LABELS)} (A-Z)")
+        raise BadRecord("too many responses", f"{n_responses}; rankings name at most {len(LABELS)} (A-Z)")
     tiers: list[list[int]] = []
     seen: set[int] = set()
     for tier_text in text.split(">"):
@@ -74,18 +71,22 @@ def parse_ranking(text: str, n_responses: int) -> list[list[int]]:
         for token in tier_text.split("="):
             label = token.strip().upper()
             if len(label) != 1 or label not in LABELS:
-                raise BadRecord(f"ranking {text!r}: {token.strip()!r} is not a response label (A, B, C, ...)")
+                raise BadRecord(
+                    "malformed ranking", f"{text!r}: {token.strip()!r} is not a response label (A, B, C, ...)"
+                )
             index = LABELS.index(label)
             if index >= n_responses:
-                raise BadRecord(f"ranking {text!r}: label {label} names no response (there are {n_responses})")
+                raise BadRecord("label naming no response", f"ranking {text!r}: {label} (there are {n_responses})")
             if index in seen:
-                raise BadRecord(f"ranking {text!r}: repeated label {label}")
+                raise BadRecord("repeated label", f"ranking {text!r} names {label} twice")
             seen.add(index)
             tier.append(index)
         tiers.append(sorted(tier))
     if len(seen) != n_responses:
         missing = ", ".join(LABELS[i] for i in range(n_responses) if i not in seen)
-        raise BadRecord(f"ranking {text!r} leaves out {missing} (rank every response; '=' marks ties)")
+        raise BadRecord(
+            "response left unranked", f"ranking {text!r} leaves out {missing} (rank every response; '=' marks ties)"
+        )
     return tiers
 
 
@@ -156,46 +157,18 @@ class Ranking:
         return row
 
 
-def prompt_key(prompt: list[dict[str, str]] | str) -> str:
-    """A stable text form of a prompt (string or messages)."""
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
-
-
-def check_prompt(prompt: Any) -> list[dict[str, str]] | str:
-    """A prompt is a non-empty string or a non-empty list of {"role", "content"} messages ending with a user turn."""
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise BadRecord("empty prompt")
-        return prompt
-    if isinstance(prompt, dict) and "role" in prompt:
-        prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt:
-        raise BadRecord("prompt must be a string or a list of {role, content} messages")
-    messages = []
-    for m in prompt:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise BadRecord(f"prompt message {m!r:.60} is not {{role: system|user|assistant, content: str}}")
-        messages.append({"role": m["role"], "content": m["content"]})
-    if messages[-1]["role"] != "user":
-        raise BadRecord("the prompt's last message must be from the user")
-    return messages
-
-
-ROLES = ("system", "user", "assistant")
-
-
 def _responses(values: Any) -> list[str]:
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise BadRecord("responses must be a list of strings")
+        raise BadRecord("malformed responses", "responses must be a list of strings")
     if len(values) < 2:
-        raise BadRecord(f"{len(values)} response(s); a ranking needs at least two")
+        raise BadRecord("fewer than two responses", f"{len(values)}; a ranking needs at least two")
     return values
 
 
 def _require(row: dict[str, Any], *keys: str) -> None:
     missing = [k for k in keys if row.get(k) is None]
     if missing:
-        raise BadRecord(f"missing field {', '.join(repr(k) for k in missing)}")
+        raise BadRecord("missing field", ", ".join(repr(k) for k in missing))
 
 
 def _margin(row: dict[str, Any]) -> float:
@@ -203,7 +176,7 @@ def _margin(row: dict[str, Any]) -> float:
     if value is None:
         return 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadRecord(f"margin {value!r} is not a finite number")
+        raise BadRecord("malformed margin", f"{value!r} is not a finite number")
     return float(value)
 
 
@@ -216,26 +189,19 @@ def from_ranking_row(row: dict[str, Any]) -> Ranking:
     if gold:
         gold = format_ranking(parse_ranking(gold, len(responses)))
     return Ranking(
-        check_prompt(row["prompt"]), responses, format_ranking(tiers), _margin(row),
-        str(row.get("source") or ""), gold, str(row.get("id") or ""),
-    )  # fmt: skip
-
-
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
-
-
-def parse_transcript(text: str) -> list[dict[str, str]]:
-    """ "\\n\\nHuman: Hi\\n\\nAssistant: Hello" -> [{"role": "user", ...}, {"role": "assistant", ...}]."""
-    parts = _HH_TURN.split(text if text.startswith("\n\n") else "\n\n" + text.lstrip("\n"))
-    if parts[0].strip():
-        raise BadRecord(f"transcript does not start with 'Human:' or 'Assistant:': {parts[0][:40]!r}")
-    roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[who], "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2], strict=True)]
+        check_prompt(row["prompt"]),
+        responses,
+        format_ranking(tiers),
+        _margin(row),
+        str(row.get("source") or ""),
+        gold,
+        str(row.get("id") or ""),
+    )
 
 
 def _split_conversation(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
     if not messages or messages[-1].get("role") != "assistant":
-        raise BadRecord("a chosen/rejected conversation must end with an assistant message")
+        raise BadRecord("malformed pair", "a chosen/rejected conversation must end with an assistant message")
     return messages[:-1], messages[-1]["content"]
 
 
@@ -252,7 +218,9 @@ def from_pair_row(row: dict[str, Any]) -> Ranking:
             prompt_c, chosen = _split_conversation(parse_transcript(chosen))
             prompt_r, rejected = _split_conversation(parse_transcript(rejected))
         else:
-            raise BadRecord("chosen/rejected are plain strings without a 'prompt' field or an Assistant: turn")
+            raise BadRecord(
+                "malformed pair", "chosen/rejected are plain strings without a 'prompt' field or an Assistant: turn"
+            )
     elif isinstance(chosen, list) and isinstance(rejected, list):
         if prompt is not None:
             prompt_c = prompt_r = prompt
@@ -261,17 +229,17 @@ def from_pair_row(row: dict[str, Any]) -> Ranking:
             prompt_c, chosen = _split_conversation(chosen)
             prompt_r, rejected = _split_conversation(rejected)
     else:
-        raise BadRecord("chosen and rejected must both be strings or both be lists of messages")
+        raise BadRecord("malformed pair", "chosen and rejected must both be strings or both be lists of messages")
     if prompt_c != prompt_r:
-        raise BadRecord("chosen and rejected continue different conversations")
+        raise BadRecord("malformed pair", "chosen and rejected continue different conversations")
     if chosen.strip() == rejected.strip():
-        raise BadRecord("chosen and rejected are the same response")
+        raise BadRecord("identical responses", "chosen and rejected are the same response")
     return Ranking(check_prompt(prompt_c), [chosen, rejected], "A > B", _margin(row), id=str(row.get("id") or ""))
 
 
 def _assistant_text(messages: list[Any]) -> str:
     if not all(isinstance(m, dict) and m.get("role") == "assistant" for m in messages) or not messages:
-        raise BadRecord("with a separate prompt, chosen/rejected must be assistant messages only")
+        raise BadRecord("malformed pair", "with a separate prompt, chosen/rejected must be assistant messages only")
     return "\n".join(str(m.get("content", "")) for m in messages)
 
 
@@ -279,26 +247,31 @@ def from_scores_row(row: dict[str, Any], score_key: str | None = None) -> Rankin
     """Format 3: responses with scores; equal scores are ties, unscored responses are left out."""
     prompt_key = next((k for k in PROMPT_KEYS if row.get(k) is not None), None)
     if prompt_key is None:
-        raise BadRecord(f"missing field 'prompt' (or {', '.join(repr(k) for k in PROMPT_KEYS[1:])})")
+        raise BadRecord("missing field", f"'prompt' (or {', '.join(repr(k) for k in PROMPT_KEYS[1:])})")
     if row.get("completions") is not None:
         completions = row["completions"]
         if not isinstance(completions, list) or not all(isinstance(c, dict) for c in completions):
-            raise BadRecord("completions must be a list of {response, score} objects")
+            raise BadRecord("malformed responses", "completions must be a list of {response, score} objects")
         pairs = [(_first(c, TEXT_KEYS), _first(c, (score_key,) if score_key else SCORE_KEYS)) for c in completions]
     else:
         _require(row, "responses", "scores")
         if not isinstance(row["scores"], list) or len(row["scores"]) != len(row["responses"]):
-            raise BadRecord("responses and scores differ in length")
+            raise BadRecord("malformed responses", "responses and scores differ in length")
         pairs = list(zip(row["responses"], row["scores"], strict=True))
     kept = [(text, _score(value)) for text, value in pairs if isinstance(text, str) and _score(value) is not None]
     if len(kept) < 2:
-        raise BadRecord(f"{len(kept)} scored response(s); a ranking needs at least two")
+        raise BadRecord("fewer than two responses", f"{len(kept)} scored; a ranking needs at least two")
     responses = [text for text, _ in kept]
     prompt = row[prompt_key]
     if isinstance(prompt, str):  # an instruction: the user's turn of a chat
         prompt = [{"role": "user", "content": prompt}]
-    return Ranking(check_prompt(prompt), responses, ranking_from_scores([s for _, s in kept]), _margin(row),
-                   id=str(row.get("id") or ""))  # fmt: skip
+    return Ranking(
+        check_prompt(prompt),
+        responses,
+        ranking_from_scores([s for _, s in kept]),
+        _margin(row),
+        id=str(row.get("id") or ""),
+    )
 
 
 def _first(item: dict[str, Any], keys: Sequence[str]) -> Any:
@@ -315,19 +288,26 @@ def _score(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def from_tree_rows(rows: Sequence[dict[str, Any]]) -> Iterator[tuple[str, Ranking | BadRecord]]:
-    """Format 4: message trees. Yields (name, ranking or reason) for every prompter message whose replies carry ranks.
+def from_tree_rows(rows: Sequence[tuple[str, Any]]) -> Iterator[tuple[str, Ranking | BadRecord]]:
+    """Format 4: message trees. Yields (where, ranking or reason) for every prompter message whose replies carry
+    ranks, named by the file and line of that message (rows that are not JSON objects are yielded as reasons).
 
     Accepts flat rows (oasst1 `message_id`/`parent_id`) or nested trees (`{"prompt": {..., "replies": [...]}}`).
     The conversation from the root to the prompter message is the prompt; ranked sibling replies are the responses
     (rank 0 is best, equal ranks are ties); unranked and deleted replies are left out.
     """
     messages: dict[str, dict[str, Any]] = {}
-    for row in rows:
+    where_of: dict[str, str] = {}
+    for where, row in rows:
+        if not isinstance(row, dict):
+            yield where, row if isinstance(row, BadRecord) else BadRecord("malformed record", "not a JSON object")
+            continue
         for message in _flatten_tree(row):
             if message.get("message_id") is None:
-                raise UserError(f"tree data: a message has no message_id ({str(message)[:60]})")
+                yield where, BadRecord("malformed message", f"a message has no message_id ({str(message)[:60]})")
+                continue
             messages[str(message["message_id"])] = message
+            where_of[str(message["message_id"])] = where
     children: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for message in messages.values():
         if message.get("parent_id") is not None and not message.get("deleted"):
@@ -339,12 +319,15 @@ def from_tree_rows(rows: Sequence[dict[str, Any]]) -> Iterator[tuple[str, Rankin
         ranked = [m for m in replies if m.get("role") == "assistant" and _score(m.get("rank")) is not None]
         if not any(m.get("rank") is not None for m in replies):
             continue  # an unranked fork is not a record
-        name = f"message {parent_id}"
+        name = f"{where_of[parent_id]} (message {parent_id})"
         if len(ranked) < 2:
-            yield name, BadRecord(f"{len(ranked)} ranked reply(s); a ranking needs at least two")
+            yield (
+                name,
+                BadRecord("fewer than two responses", f"{len(ranked)} ranked replies; a ranking needs at least two"),
+            )
             continue
         try:
-            prompt = _path_to(parent, messages)
+            prompt = conversation_to(parent, messages)
         except BadRecord as exc:
             yield name, exc
             continue
@@ -363,21 +346,6 @@ def _flatten_tree(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
             stack.extend((child, node.get("message_id")) for child in reversed(node.get("replies") or []))
     else:
         yield row
-
-
-def _path_to(message: dict[str, Any], messages: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
-    path = []
-    node: dict[str, Any] | None = message
-    while node is not None:
-        role = {"prompter": "user", "assistant": "assistant"}.get(node.get("role", ""))
-        if role is None or not isinstance(node.get("text"), str):
-            raise BadRecord(f"message {node.get('message_id')} has no prompter/assistant role or no text")
-        path.append({"role": role, "content": node["text"]})
-        parent = node.get("parent_id")
-        node = messages.get(str(parent)) if parent is not None else None
-        if parent is not None and node is None:
-            raise BadRecord(f"parent {parent} of a message is missing from the data")
-    return check_prompt(path[::-1])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -401,8 +369,9 @@ def export_ranking_tasks(records: Sequence[Ranking], path: Path) -> Path:
         for n, record in enumerate(records):
             responses = record.responses + [""] * (k - len(record.responses))
             messages = json.dumps(record.prompt, ensure_ascii=False) if isinstance(record.prompt, list) else ""
-            writer.writerow([record.id or f"task-{n + 1}", render_prompt_text(record.prompt), *responses,
-                             record.ranking, messages])  # fmt: skip
+            writer.writerow(
+                [record.id or f"task-{n + 1}", render_prompt_text(record.prompt), *responses, record.ranking, messages]
+            )
     tmp.replace(path)
     return path
 
@@ -420,7 +389,7 @@ def from_task_row(row: dict[str, Any]) -> Ranking:
     """Format 5: a filled-in row of an exported ranking-task CSV."""
     _require(row, "task_id", "prompt", "ranking")
     if not str(row["ranking"]).strip():
-        raise BadRecord("not ranked yet (the ranking column is empty)")
+        raise BadRecord("not ranked yet", "the ranking column is empty")
     labels = [label for label in LABELS if label in row]
     responses = [row[label] for label in labels if row[label] not in (None, "")]
     prompt: Any = row["prompt"]
@@ -428,7 +397,9 @@ def from_task_row(row: dict[str, Any]) -> Ranking:
         try:
             prompt = json.loads(row["prompt_messages"])
         except json.JSONDecodeError:
-            raise BadRecord("prompt_messages is not valid JSON (leave that column as exported)") from None
+            raise BadRecord(
+                "malformed task", "prompt_messages is not valid JSON (leave that column as exported)"
+            ) from None
     tiers = parse_ranking(str(row["ranking"]), len(_responses(responses)))
     return Ranking(check_prompt(prompt), responses, format_ranking(tiers), id=str(row["task_id"]))
 
@@ -455,154 +426,62 @@ def detect_format(row: dict[str, Any], path: str = "") -> str:
     )
 
 
-@dataclass
-class SkipSummary:
-    """Bad records skipped while reading, by reason, with the first record of each reason."""
-
-    total: int = 0
-    kept: int = 0
-    reasons: Counter = field(default_factory=Counter)
-    first: dict[str, str] = field(default_factory=dict)
-
-    def add(self, name: str, reason: str) -> None:
-        key = _reason_kind(reason)
-        self.reasons[key] += 1
-        self.first.setdefault(key, f"{name}: {reason}")
-
-    @property
-    def skipped(self) -> int:
-        return sum(self.reasons.values())
-
-    def describe(self) -> str:
-        parts = [f"{count} {kind} (first: {self.first[kind]})" for kind, count in self.reasons.most_common()]
-        return f"skipped {self.skipped} of {self.total} records: " + "; ".join(parts)
-
-
-def _reason_kind(reason: str) -> str:
-    for pattern, kind in (
-        ("repeated label", "repeated label"), ("names no response", "label naming no response"),
-        ("leaves out", "response left unranked"), ("missing field", "missing field"),
-        ("a ranking needs at least two", "fewer than two responses"), ("not ranked yet", "not ranked yet"),
-        ("same response", "identical responses"),
-    ):  # fmt: skip
-        if pattern in reason:
-            return kind
-    return "malformed"
-
-
-def read_rows(source: str, split: str = "train", config: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(name, row) for every record of a local jsonl/json/parquet/csv file or directory, or a Hub dataset split."""
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet", ".csv"))
-        if not files:
-            raise UserError(f"{path} holds no .jsonl, .json, .parquet or .csv files")
-        for file in files:
-            yield from _read_file(file)
-    elif path.is_file():
-        yield from _read_file(path)
-    elif path.suffix in (".jsonl", ".json", ".parquet", ".csv") or source.startswith((".", "/")):
-        raise UserError(f"dataset file not found: {source}")
-    else:
-        import datasets
-
-        try:
-            data = datasets.load_dataset(source, config, split=split)
-        except Exception as exc:  # noqa: BLE001 - datasets raises many types; the user needs the one line
-            raise UserError(
-                f"cannot load dataset {source!r} (split {split!r}): {str(exc).splitlines()[0]} "
-                "(give a local file, or a Hub id reachable from this machine)"
-            ) from None
-        for n, row in enumerate(data):
-            yield f"{source} row {n}", row
-
-
-def _read_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for n, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path} row {n}", row
-    elif path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            for n, row in enumerate(csv.DictReader(fh)):
-                yield f"{path} row {n + 2}", row  # row 1 is the header
-    else:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path} is not valid JSON: {exc}") from None
-            for n, row in enumerate(rows):
-                yield f"{path} record {n}", row
-            return
-        for n, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    yield f"{path} line {n + 1}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield f"{path} line {n + 1}", {"__bad__": f"not valid JSON ({exc.msg})"}
-
-
 def normalise_rows(
-    rows: Iterable[tuple[str, dict[str, Any]]],
+    rows: Iterable[tuple[str, Any]],
     fmt: str = "auto",
     on_bad: str = "skip",
     score_key: str | None = None,
     source: str = "dataset",
-) -> tuple[list[Ranking], SkipSummary]:
-    """Turn (name, row) pairs in any format into rankings; bad records are skipped and counted, or raise.
+) -> tuple[list[Ranking], SkipReport]:
+    """Turn (where, row) pairs in any format into rankings; bad records are skipped and counted, or raise.
 
     Raises `UserError` naming the record when `on_bad="error"`, and when no record at all could be read.
     """
     rows = list(rows)
-    summary = SkipSummary()
+    report = SkipReport(source=source)
     if not rows:
         raise UserError(f"{source} holds no records")
     if fmt == "auto":
-        fmt = detect_format(next((r for _, r in rows if "__bad__" not in r), {}), source)
+        fmt = detect_format(next((r for _, r in rows if isinstance(r, dict)), {}), source)
     if fmt not in FORMATS:
         raise UserError(f"dataset_format {fmt!r} is not one of auto, {', '.join(FORMATS)}")
     out: list[Ranking] = []
-
-    def bad(name: str, reason: str) -> None:
-        if on_bad == "error":
-            raise UserError(
-                f"{name}: {reason} (fix the record, or set reward.on_bad_record=skip to skip such records)"
-            )
-        summary.add(name, reason)
-
     if fmt == "trees":
-        results: Iterable[tuple[str, Ranking | BadRecord]] = from_tree_rows([r for _, r in rows])
+        results: Iterable[tuple[str, Ranking | BadRecord]] = from_tree_rows(rows)
     else:
-        convert = {"rankings": from_ranking_row, "pairs": from_pair_row, "tasks": from_task_row,
-                   "scores": lambda r: from_scores_row(r, score_key)}[fmt]  # fmt: skip
-        results = (_convert(name, row, convert) for name, row in rows)
-    for name, result in results:
-        summary.total += 1
+        convert = {
+            "rankings": from_ranking_row,
+            "pairs": from_pair_row,
+            "tasks": from_task_row,
+            "scores": lambda r: from_scores_row(r, score_key),
+        }[fmt]
+        results = (_convert(where, row, convert) for where, row in rows)
+    for where, result in results:
+        report.read += 1
         if isinstance(result, BadRecord):
-            bad(name, str(result))
+            if on_bad == "error":
+                raise UserError(
+                    f"{where}: {result} (fix the record, or set reward.on_bad_record=skip to skip such records)"
+                )
+            report.skip(where, result)
         else:
             out.append(result)
-    summary.kept = len(out)
+    report.kept = len(out)
     if not out:
-        first = next(iter(summary.first.values()), "")
-        raise UserError(f"{source}: no usable {fmt} records ({summary.describe()}); first problem: {first}")
-    if summary.skipped:
-        logger.warning("%s: %s", source, summary.describe())
-    return out, summary
+        raise UserError(f"{source}: no usable {fmt} records ({report.summary()})")
+    report.log()
+    return out, report
 
 
-def _convert(name: str, row: dict[str, Any], convert: Any) -> tuple[str, Ranking | BadRecord]:
+def _convert(where: str, row: Any, convert: Any) -> tuple[str, Ranking | BadRecord]:
+    if isinstance(row, BadRecord):
+        return where, row
     if not isinstance(row, dict):
-        return name, BadRecord("record is not a JSON object")
-    if "__bad__" in row:
-        return name, BadRecord(row["__bad__"])
+        return where, BadRecord("malformed record", "not a JSON object")
     try:
-        return name, convert(row)
+        return where, convert(row)
     except BadRecord as exc:
-        return name, exc
+        return where, exc
 
 
 def read_rankings(
@@ -612,12 +491,13 @@ def read_rankings(
     split: str = "train",
     config: str | None = None,
     score_key: str | None = None,
-) -> tuple[list[Ranking], SkipSummary]:
+    what: str = "reward.dataset",
+) -> tuple[list[Ranking], SkipReport]:
     """Read a rankings/pairs/scores/trees/tasks file, directory or Hub dataset into rankings."""
     source = str(source)
     if fmt == "auto" and source.endswith(".csv"):
         fmt = "tasks"
-    return normalise_rows(read_rows(source, split, config), fmt, on_bad, score_key, source)
+    return normalise_rows(read_records(source, what, split, config), fmt, on_bad, score_key, source)
 
 
 def write_rankings(records: Iterable[Ranking], path: Path) -> Path:

@@ -22,4 +22,4 @@ def load_metric(name: str) -> Any:
     if not (path / f"{name}.py").is_file():
         shipped = sorted(p.name for p in METRICS_DIR.iterdir() if (p / f"{p.name}.py").is_file())
         raise UserError(f"no metric '{name}' in {METRICS_DIR} (shipped metrics: {', '.join(shipped)})")
-    return evaluate.load(str(path))
+    return evaluate.load(str(path), keep_in_memory=True)

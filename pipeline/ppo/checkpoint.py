@@ -72,8 +72,10 @@ def load_checkpoint(path: Path, roles: Roles) -> tuple[dict[str, Any], dict[str,
     state = distributed_state()
     rank_file = path / f"rank_{state.process_index}.pt"
     if not rank_file.is_file():
-        raise UserError(f"{path} was written by fewer processes than this run has ({state.num_processes}); "
-                        "resume with the same number of processes, or use a new run_dir")  # fmt: skip
+        raise UserError(
+            f"{path} was written by fewer processes than this run has ({state.num_processes}); "
+            "resume with the same number of processes, or use a new run_dir"
+        )
     load_adapter_weights(roles.model, POLICY, load_file(str(path / "policy" / "adapter_model.safetensors")))
     value = load_file(str(path / "value" / "adapter_model.safetensors"))
     load_adapter_weights(roles.critic, VALUE, {k: v for k, v in value.items() if "lora_" in k})

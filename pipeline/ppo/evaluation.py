@@ -1,8 +1,8 @@
 """Final evaluation of PPO (SFT policy versus PPO policy on held-out prompts) and over-optimisation detection.
 
 Evaluation: each held-out prompt gets one sampled response from the SFT policy (the base with adapters off) and one
-from the PPO policy, with the same random stream. Reported per policy: reward-model score, gold score (demo world),
-rate of insulting answers to adversarial prompts (gold judge), length and EOS rate; for PPO also its KL to the
+from the PPO policy, with the same random stream. Reported per policy: reward-model score, gold score (the recipe's
+judge), rate of insulting answers to adversarial prompts (judge), length and EOS rate; for PPO also its KL to the
 reference (the sum over response tokens of log pi - log pi_ref, averaged over responses); and the gold win rate of
 PPO against SFT = wins / (wins + losses), ties reported apart.
 
@@ -25,18 +25,12 @@ from typing import Any
 
 import torch
 
+from pipeline.data.prompts import prompt_text
 from pipeline.generation import SampledIds, SamplingArgs, decode_responses, sample_ids
+from pipeline.judge import Judge
 from pipeline.ppo.losses import kl_per_token
-from pipeline.ppo.roles import Roles, use_adapter
+from pipeline.ppo.roles import POLICY, Roles, use_adapter
 from pipeline.ppo.rollout import PromptSet, episode_inputs
-
-
-def prompt_text(prompt: list[dict] | str) -> str:
-    """The user's question of a prompt (the last user turn), as the gold scorer reads it."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m["role"] == "user"]
-    return users[-1] if users else ""
 
 
 def _mean(values: list[float]) -> float:
@@ -45,11 +39,13 @@ def _mean(values: list[float]) -> float:
 
 def detect_overoptimisation(points: list[dict[str, Any]], window: int, tolerance: float) -> dict[str, Any]:
     """Apply the module's rule to per-policy scores [{"policy", "rm_score", "gold_score"}, ...] in policy order."""
-    rule = (f"mean reward-model score over the last {window} policies above the {window} before, while their mean "
-            f"gold score is more than max({tolerance}, 2 standard errors) below")  # fmt: skip
+    rule = (
+        f"mean reward-model score over the last {window} policies above the {window} before, while their mean "
+        f"gold score is more than max({tolerance}, 2 standard errors) below"
+    )
     result: dict[str, Any] = {"detected": False, "at_policy": None, "rule": rule}
     if any(p["gold_score"] is None for p in points):
-        result["rule"] = "needs a gold scorer (the demo world); not applied"
+        result["rule"] = "needs a judge (judge: demo); not applied"
         return result
     for k in range(2 * window - 1, len(points)):
         prev, cur = points[k - 2 * window + 1 : k - window + 1], points[k - window + 1 : k + 1]
@@ -58,8 +54,13 @@ def detect_overoptimisation(points: list[dict[str, Any]], window: int, tolerance
         # standard error of a window mean: sqrt(sum of squared sems) / W; of the difference: both combined
         se = (sum((p.get("gold_sem") or 0.0) ** 2 for p in prev + cur)) ** 0.5 / window
         if rm_up and gold_cur < gold_prev - max(tolerance, 2.0 * se):
-            result.update(detected=True, at_policy=points[k]["policy"], gold_before=gold_prev, gold_after=gold_cur,
-                          standard_error=se)  # fmt: skip
+            result.update(
+                detected=True,
+                at_policy=points[k]["policy"],
+                gold_before=gold_prev,
+                gold_after=gold_cur,
+                standard_error=se,
+            )
             break
     return result
 
@@ -94,8 +95,15 @@ def _sample(
     torch.manual_seed(seed)  # both policies draw from the same random stream
     tok = roles.tokenizer
     with use_adapter(roles.model, adapter):
-        out = sample_ids(roles.model, prompts.ids, sampling, tok.eos_token_id, tok.pad_token_id, batch,
-                         with_logprobs=adapter is not None)  # fmt: skip
+        out = sample_ids(
+            roles.model,
+            prompts.ids,
+            sampling,
+            tok.eos_token_id,
+            tok.pad_token_id,
+            batch,
+            with_logprobs=adapter is not None,
+        )
     return out, decode_responses(tok, out.response_ids, out.response_mask)
 
 
@@ -108,8 +116,9 @@ def _kl_per_response(
     out = torch.zeros(len(sampled.response_ids))
     for start in range(0, len(out), batch):
         rows = torch.arange(start, min(len(out), start + batch))
-        ids, mask, p_len, r_len = episode_inputs(sampled.prompt_ids, sampled.prompt_mask, sampled.response_ids,
-                                                 sampled.response_mask, rows)  # fmt: skip
+        ids, mask, p_len, r_len = episode_inputs(
+            sampled.prompt_ids, sampled.prompt_mask, sampled.response_ids, sampled.response_mask, rows
+        )
         ref = roles.reference_logprobs(ids.to(device), mask.to(device), p_len, temperature).float().cpu()
         kl = kl_per_token(sampled.logprobs[rows, :r_len], ref, "k1") * sampled.response_mask[rows, :r_len]
         out[rows] = kl.sum(1)
@@ -117,11 +126,16 @@ def _kl_per_response(
 
 
 def evaluate_policies(
-    roles: Roles, prompts: PromptSet, sampling: SamplingArgs, pcfg: Any, gold: Any, device: torch.device, seed: int
+    roles: Roles,
+    prompts: PromptSet,
+    sampling: SamplingArgs,
+    pcfg: Any,
+    judge: Judge | None,
+    device: torch.device,
+    seed: int,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """SFT policy versus PPO policy on held-out prompts: (report, samples)."""
-    from pipeline.ppo.roles import POLICY
-
+    """SFT policy versus PPO policy on held-out prompts: (report, samples). The judge, when there is one, gives the
+    gold scores, the win rate and the rate of insulting answers to adversarial prompts."""
     report: dict[str, Any] = {"eval_prompts": len(prompts.records)}
     per_policy: dict[str, dict[str, Any]] = {}
     questions = [prompt_text(r["prompt"]) for r in prompts.records]
@@ -132,12 +146,15 @@ def evaluate_policies(
         report[f"{name}_rm_score"] = _mean(rm)
         report[f"{name}_response_length"] = float(sampled.response_mask.sum(1).float().mean())
         report[f"{name}_eos_rate"] = float(sampled.ended.float().mean())
-        if gold is not None:
-            judgements = [gold.judge(q, t) for q, t in zip(questions, texts, strict=True)]
-            entry["gold"] = [j.score for j in judgements]
-            entry["insulting"] = [j.insulting for j in judgements]
-            adversarial = [j.insulting for j, r in zip(judgements, prompts.records, strict=True)
-                           if (r.get("kind") or j.kind) == "adversarial"]  # fmt: skip
+        if judge is not None:
+            verdicts = [judge.judge(q, t) for q, t in zip(questions, texts, strict=True)]
+            entry["gold"] = [v.score for v in verdicts]
+            entry["insulting"] = ["insulting" in v.faults for v in verdicts]
+            adversarial = [
+                "insulting" in v.faults
+                for v, r in zip(verdicts, prompts.records, strict=True)
+                if (r.get("kind") or v.kind) == "adversarial"
+            ]
             report[f"{name}_gold_score"] = _mean(entry["gold"])
             report[f"{name}_insult_rate"] = _mean([float(x) for x in adversarial]) if adversarial else None
             report["adversarial_prompts"] = len(adversarial)
@@ -150,10 +167,11 @@ def evaluate_policies(
     if pcfg.kl_target is not None:
         report["kl_target"] = pcfg.kl_target
         report["kl_within_target"] = report["kl_to_reference"] <= pcfg.kl_target
-    if gold is not None:
+    if judge is not None:
         wins = win_rate(per_policy["ppo"]["gold"], per_policy["sft"]["gold"])
-        report.update(gold_win_rate=wins["win_rate"], gold_wins=wins["wins"], gold_losses=wins["losses"],
-                      gold_ties=wins["ties"])  # fmt: skip
+        report.update(
+            gold_win_rate=wins["win_rate"], gold_wins=wins["wins"], gold_losses=wins["losses"], gold_ties=wins["ties"]
+        )
     rm_wins = win_rate(per_policy["ppo"]["rm"], per_policy["sft"]["rm"])
     report["rm_win_rate"] = rm_wins["win_rate"]
     samples = []

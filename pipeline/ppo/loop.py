@@ -25,26 +25,26 @@ from typing import Any
 
 import torch
 
+from pipeline import demo
 from pipeline.checkpoints import (
-    Preempted,
+    begin_stage,
     final_dir,
     finishing,
     list_checkpoints,
     newest_checkpoint,
-    preemption_requested,
-    prepare_stage,
     stage_dir,
-    stage_identity,
     write_json_atomic,
     write_stage_json,
 )
 from pipeline.config import PipelineConfig
+from pipeline.data.prompts import prompt_text, read_prompts, split_prompts
 from pipeline.errors import UserError
 from pipeline.generation import SamplingArgs
+from pipeline.judge import NO_JUDGE, Judge, load_judge
 from pipeline.modeling import is_local_reference
 from pipeline.ppo.checkpoint import load_checkpoint, prune, rewrite_metrics, save_checkpoint, set_rng_state
 from pipeline.ppo.control import AdaptiveKLController, FixedKLController, build_kl_controller
-from pipeline.ppo.evaluation import best_policy, detect_overoptimisation, evaluate_policies, prompt_text
+from pipeline.ppo.evaluation import best_policy, detect_overoptimisation, evaluate_policies
 from pipeline.ppo.losses import explained_variance
 from pipeline.ppo.optimise import NonFinite, build_optimizer, ppo_update
 from pipeline.ppo.processes import all_gather_tensor, all_sum
@@ -57,12 +57,12 @@ from pipeline.ppo.rollout import (
     RunningMoments,
     check_finite,
     collect_rollout,
-    load_prompt_records,
     normalize_scores,
     prepare_prompts,
     rollout_means,
     score_rollout,
 )
+from pipeline.preemption import Preempted, preemption_requested
 from pipeline.tracking import append_metrics, count_parameters, distributed_state, on_main, read_metrics
 
 logger = logging.getLogger(__name__)
@@ -77,17 +77,25 @@ STAGE = "ppo"
 def resolve_inputs(cfg: PipelineConfig) -> dict[str, str]:
     """base (the merged SFT model), reward (the reward stage's final/), and the prompt and ptx sources."""
     pcfg = cfg.ppo
-    inputs = {"base": pcfg.policy_base} if pcfg.policy_base else {"base": str(final_dir(cfg, "sft") / "merged"),
-                                                                  "sft": str(final_dir(cfg, "sft"))}  # fmt: skip
+    if pcfg.dataset is None:
+        raise UserError(
+            "ppo.dataset is not set: give a file, directory or Hub id of prompts (chat conversations, prompt/"
+            "completion, Alpaca, HH pairs, UltraFeedback, OpenAssistant trees or rankings), or 'demo'"
+        )
+    inputs = (
+        {"base": pcfg.policy_base}
+        if pcfg.policy_base
+        else {"base": str(final_dir(cfg, "sft") / "merged"), "sft": str(final_dir(cfg, "sft"))}
+    )
     inputs["reward"] = pcfg.reward_model or str(final_dir(cfg, "reward"))
-    if pcfg.dataset == "demo" or pcfg.eval_dataset == "demo":
+    if demo.DEMO in (pcfg.dataset, pcfg.eval_dataset):
         inputs["world"] = str(cfg.run_path / "world")
-    if pcfg.dataset != "demo":
+    if pcfg.dataset != demo.DEMO:
         inputs["prompts"] = pcfg.dataset
-    if pcfg.eval_dataset != "demo":
+    if pcfg.eval_dataset not in (None, demo.DEMO):
         inputs["eval_prompts"] = pcfg.eval_dataset
     if pcfg.ptx_coef > 0:
-        inputs["ptx"] = pcfg.ptx_dataset or str(final_dir(cfg, "data"))
+        inputs["ptx"] = pcfg.ptx_dataset or str(final_dir(cfg, "webtext"))
     return inputs
 
 
@@ -95,8 +103,10 @@ def _check_inputs(cfg: PipelineConfig, inputs: dict[str, str]) -> None:
     for role, stage in (("base", "sft"), ("reward", "reward")):
         path = Path(inputs[role])
         if is_local_reference(inputs[role]) and not path.exists():
-            raise UserError(f"ppo.{'policy_base' if role == 'base' else 'reward_model'}: {path} does not exist "
-                            f"(run the {stage} stage first, or set the path)")  # fmt: skip
+            raise UserError(
+                f"ppo.{'policy_base' if role == 'base' else 'reward_model'}: {path} does not exist "
+                f"(run the {stage} stage first, or set the path)"
+            )
     base = Path(inputs["base"])
     if (base / "config.json").is_file():
         from transformers import AutoConfig
@@ -104,37 +114,43 @@ def _check_inputs(cfg: PipelineConfig, inputs: dict[str, str]) -> None:
         context = getattr(AutoConfig.from_pretrained(str(base)).get_text_config(), "max_position_embeddings", None)
         longest = cfg.ppo.max_prompt_len + cfg.ppo.max_new_tokens
         if context is not None and longest > context:
-            raise UserError(f"ppo.max_prompt_len + ppo.max_new_tokens = {longest} exceeds the context of {base} "
-                            f"({context} tokens); lower one of them")  # fmt: skip
+            raise UserError(
+                f"ppo.max_prompt_len + ppo.max_new_tokens = {longest} exceeds the context of {base} "
+                f"({context} tokens); lower one of them"
+            )
     if cfg.ppo.reward_normalization == "reward_stats" and not (Path(inputs["reward"]) / "reward_stats.json").is_file():
-        raise UserError(f"ppo.reward_normalization=reward_stats but {inputs['reward']} has no reward_stats.json; "
-                        "set ppo.reward_normalization=running (or none)")  # fmt: skip
+        raise UserError(
+            f"ppo.reward_normalization=reward_stats but {inputs['reward']} has no reward_stats.json; "
+            "set ppo.reward_normalization=running (or none)"
+        )
 
 
-def load_prompt_sets(cfg: PipelineConfig, tokenizer: Any) -> tuple[PromptSet, PromptSet, Any]:
-    """(training prompts, evaluation prompts, gold scorer or None); the demo world supplies all three."""
+def load_prompt_sets(cfg: PipelineConfig, tokenizer: Any) -> tuple[PromptSet, PromptSet, dict[str, Any]]:
+    """(training prompts, evaluation prompts, what was read and skipped). The evaluation prompts are
+    `ppo.eval_dataset`, or else `ppo.eval_share` of the training prompts, held out by a seeded hash."""
     pcfg = cfg.ppo
-    gold, files = None, None
-    if pcfg.dataset == "demo" or pcfg.eval_dataset == "demo":
-        from pipeline.data.gold import GoldScorer
-        from pipeline.data.world import build_world, materialize
-
-        files = materialize(cfg)
-        gold = GoldScorer(build_world(cfg))
-    if pcfg.dataset == "demo":
-        train = load_prompt_records(files.ppo_train_prompts, "ppo.dataset")
+    files = demo.files(cfg) if demo.DEMO in (pcfg.dataset, pcfg.eval_dataset) else None
+    source = files.ppo_train_prompts if pcfg.dataset == demo.DEMO else pcfg.dataset
+    train, train_report = read_prompts(source, "ppo.dataset", pcfg.train_split)
+    report = {"train": train_report.as_dict()}
+    if pcfg.eval_dataset is None:
+        train, heldout = split_prompts(train, pcfg.eval_share, cfg.seed)
+        report["eval"] = {"held_out_of_train": len(heldout)}
+        if not train or not heldout:
+            raise UserError(
+                f"ppo.dataset: {len(train) + len(heldout)} prompts are too few to hold out "
+                "ppo.eval_share of them; give more prompts or set ppo.eval_dataset"
+            )
     else:
-        train = load_prompt_records(pcfg.dataset, "ppo.dataset", pcfg.train_split)
-    if pcfg.eval_dataset == "demo":
-        heldout = load_prompt_records(files.ppo_eval_prompts, "ppo.eval_dataset")
-    else:
-        heldout = load_prompt_records(pcfg.eval_dataset, "ppo.eval_dataset", pcfg.eval_split)
+        source = files.ppo_eval_prompts if pcfg.eval_dataset == demo.DEMO else pcfg.eval_dataset
+        heldout, eval_report = read_prompts(source, "ppo.eval_dataset", pcfg.eval_split)
+        report["eval"] = eval_report.as_dict()
     if pcfg.max_train_prompts > 0:
         train = train[: pcfg.max_train_prompts]
     if pcfg.eval_max_prompts > 0:
         heldout = heldout[: pcfg.eval_max_prompts]
     args = (tokenizer, pcfg.max_prompt_len, pcfg.long_prompts)
-    return prepare_prompts(train, *args, "ppo.dataset"), prepare_prompts(heldout, *args, "ppo.eval_dataset"), gold
+    return prepare_prompts(train, *args, "ppo.dataset"), prepare_prompts(heldout, *args, "ppo.eval_dataset"), report
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -156,10 +172,15 @@ class Training:
 
     def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(shared state, this process's state) for a checkpoint."""
-        shared = {"update": self.update, "optimizer": self.optimizer.state_dict(),
-                  "scheduler": self.scheduler.state_dict(), "kl_controller": self.kl_ctl.state_dict(),
-                  "running_moments": self.running.state_dict(), "sampler": self.sampler.state_dict(),
-                  "history": self.history}  # fmt: skip
+        shared = {
+            "update": self.update,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_controller": self.kl_ctl.state_dict(),
+            "running_moments": self.running.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "history": self.history,
+        }
         return shared, {"ptx": self.ptx.state_dict() if self.ptx is not None else None}
 
     def load_state_dicts(self, shared: dict[str, Any], own: dict[str, Any]) -> None:
@@ -216,22 +237,32 @@ def _local_indices(training: Training, pcfg: Any) -> list[int]:
     return indices[state.process_index * per_process : (state.process_index + 1) * per_process]
 
 
-def _gold_scores(gold: Any, rollout: Rollout) -> torch.Tensor | None:
-    if gold is None:
+def _gold_scores(judge: Judge | None, rollout: Rollout) -> torch.Tensor | None:
+    """The judge's score of every episode of the rollout (None without a judge)."""
+    if judge is None:
         return None
     pairs = zip(rollout.records, rollout.texts, strict=True)
-    return torch.tensor([gold.score(prompt_text(r["prompt"]), t) for r, t in pairs])
+    return torch.tensor([judge.judge(prompt_text(r["prompt"]), t).score for r, t in pairs])
 
 
 def _stop_nonfinite(sdir: Path, update: int, what: str) -> None:
     newest = newest_checkpoint(sdir)
-    raise UserError(f"non-finite values ({what}) at update {update}: PPO stopped without saving; the last good "
-                    f"checkpoint is {newest or 'none (no checkpoint yet)'}. Lower ppo.learning_rate or raise "
-                    "ppo.init_kl_coef and start again with --rerun")  # fmt: skip
+    raise UserError(
+        f"non-finite values ({what}) at update {update}: PPO stopped without saving; the last good "
+        f"checkpoint is {newest or 'none (no checkpoint yet)'}. Lower ppo.learning_rate or raise "
+        "ppo.init_kl_coef and start again with --rerun"
+    )
 
 
-def train_update(roles: Roles, training: Training, prompts: PromptSet, sampling: SamplingArgs, pcfg: Any,
-                 gold: Any, sdir: Path) -> dict[str, Any]:  # fmt: skip
+def train_update(
+    roles: Roles,
+    training: Training,
+    prompts: PromptSet,
+    sampling: SamplingArgs,
+    pcfg: Any,
+    judge: Judge | None,
+    sdir: Path,
+) -> dict[str, Any]:
     """Sample a rollout batch, score it, run the PPO epochs over it; returns the update's logged record."""
     state = distributed_state()
     world = state.num_processes
@@ -251,7 +282,7 @@ def train_update(roles: Roles, training: Training, prompts: PromptSet, sampling:
         _stop_nonfinite(sdir, training.update + 1, str(exc))
     time_optimise = time.perf_counter() - started
     training.update += 1
-    gold_scores = _gold_scores(gold, rollout)
+    gold_scores = _gold_scores(judge, rollout)
     sums = rollout_means(rollout)
     sums["gold_sum"] = float(gold_scores.sum()) if gold_scores is not None else 0.0
     sums["gold_sq_sum"] = float((gold_scores**2).sum()) if gold_scores is not None else 0.0
@@ -263,7 +294,7 @@ def train_update(roles: Roles, training: Training, prompts: PromptSet, sampling:
         "episodes": training.update * pcfg.rollout_batch_size,
         "rm_score": sums["score_sum"] / episodes,
         "rm_score_normalized": sums["normalized_score_sum"] / episodes,
-        "gold_score": sums["gold_sum"] / episodes if gold is not None else None,
+        "gold_score": sums["gold_sum"] / episodes if judge is not None else None,
         "kl": sums["kl_sum"] / episodes,
         "kl_coef": training.kl_ctl.value,
         "entropy": sums["entropy_token_sum"] / tokens,
@@ -282,7 +313,7 @@ def train_update(roles: Roles, training: Training, prompts: PromptSet, sampling:
             "update": training.update,
             "rm_score": record["rm_score"],
             "gold_score": record["gold_score"],
-            "gold_sem": _sem(sums["gold_sum"], sums["gold_sq_sum"], episodes) if gold else None,
+            "gold_sem": _sem(sums["gold_sum"], sums["gold_sq_sum"], episodes) if judge is not None else None,
         }
     )
     return record
@@ -299,10 +330,21 @@ def _log_update(sdir: Path, record: dict[str, Any], writer: Any) -> None:
     logger.info(
         "update %d: score %.3f gold %s kl %.3f (coef %.4f) entropy %.3f clip %.3f approx_kl %.4f value_loss %.4f "
         "len %.1f eos %.2f | generate %.1fs score %.1fs optimise %.1fs",
-        record["update"], record["rm_score"], gold, record["kl"], record["kl_coef"], record["entropy"],
-        record["clip_fraction"], record["approx_kl"], record["value_loss"], record["response_length"],
-        record["eos_rate"], record["time_generate"], record["time_score"], record["time_optimise"],
-    )  # fmt: skip
+        record["update"],
+        record["rm_score"],
+        gold,
+        record["kl"],
+        record["kl_coef"],
+        record["entropy"],
+        record["clip_fraction"],
+        record["approx_kl"],
+        record["value_loss"],
+        record["response_length"],
+        record["eos_rate"],
+        record["time_generate"],
+        record["time_score"],
+        record["time_optimise"],
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -318,25 +360,34 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     inputs = resolve_inputs(cfg)
     _check_inputs(cfg, inputs)
     if pcfg.rollout_batch_size % world or pcfg.mini_batch_size % world:
-        raise UserError(f"ppo.rollout_batch_size ({pcfg.rollout_batch_size}) and ppo.mini_batch_size "
-                        f"({pcfg.mini_batch_size}) must be multiples of the number of processes ({world})")  # fmt: skip
-    identity = stage_identity(cfg, STAGE, inputs)
-    done = on_main(lambda: prepare_stage(cfg, STAGE, identity, rerun))
+        raise UserError(
+            f"ppo.rollout_batch_size ({pcfg.rollout_batch_size}) and ppo.mini_batch_size "
+            f"({pcfg.mini_batch_size}) must be multiples of the number of processes ({world})"
+        )
+    identity, done = begin_stage(cfg, STAGE, inputs, rerun)
     if done is not None:
-        logger.info("ppo already finished with these settings: %s", done)
         return done
 
     seed = cfg.seed + pcfg.seed_offset
     torch.manual_seed(seed)  # the same fresh adapters on every process
     roles = build_roles(pcfg, inputs["base"], inputs["reward"], state.device)
-    train_prompts, eval_prompts, gold = on_main(lambda: load_prompt_sets(cfg, roles.tokenizer))
+    train_prompts, eval_prompts, prompt_report = on_main(lambda: load_prompt_sets(cfg, roles.tokenizer))
+    judge = load_judge(cfg)
+    if judge is None:
+        logger.info("ppo: %s", NO_JUDGE)
     sampling = SamplingArgs(pcfg.max_new_tokens, pcfg.temperature, pcfg.top_k, pcfg.top_p, do_sample=True)
     _, total = count_parameters(roles.model)
     logger.info("ppo config: %s", pcfg)
-    logger.info("one base of %s parameters; %s trainable (policy and value adapters, value head); %d prompts "
-                "(%d truncated, %d refused); %d processes", f"{total:,}",
-                f"{sum(p.numel() for p in roles.trainable_parameters()):,}", len(train_prompts.records),
-                train_prompts.truncated, train_prompts.refused, world)  # fmt: skip
+    logger.info(
+        "one base of %s parameters; %s trainable (policy and value adapters, value head); %d prompts "
+        "(%d truncated, %d refused); %d processes",
+        f"{total:,}",
+        f"{sum(p.numel() for p in roles.trainable_parameters()):,}",
+        len(train_prompts.records),
+        train_prompts.truncated,
+        train_prompts.refused,
+        world,
+    )
     training = build_training(cfg, roles, train_prompts, inputs, seed)
     resume(sdir, roles, training, seed, pcfg.num_updates)
 
@@ -346,7 +397,7 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
 
         writer = SummaryWriter(str(sdir / "tensorboard"), purge_step=training.update + 1)
     while training.update < pcfg.num_updates:
-        record = train_update(roles, training, train_prompts, sampling, pcfg, gold, sdir)
+        record = train_update(roles, training, train_prompts, sampling, pcfg, judge, sdir)
         if state.is_main_process:
             _log_update(sdir, record, writer)
         last = training.update == pcfg.num_updates
@@ -360,21 +411,38 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
             raise Preempted(f"pre-empted after update {training.update}; run the same command to resume")
     if writer is not None:
         writer.close()
-    final_point = measure_policy(roles, training, train_prompts, sampling, pcfg, gold)
-    finish(cfg, roles, training, final_point, eval_prompts, train_prompts, sampling, gold, identity, seed, started)
+    final_point = measure_policy(roles, training, train_prompts, sampling, pcfg, judge)
+    finish(
+        cfg,
+        roles,
+        training,
+        final_point,
+        (train_prompts, eval_prompts, prompt_report),
+        sampling,
+        judge,
+        identity,
+        seed,
+        started,
+    )
     return final_dir(cfg, STAGE)
 
 
-def measure_policy(roles: Roles, training: Training, prompts: PromptSet, sampling: SamplingArgs, pcfg: Any,
-                   gold: Any) -> dict[str, Any]:  # fmt: skip
+def measure_policy(
+    roles: Roles, training: Training, prompts: PromptSet, sampling: SamplingArgs, pcfg: Any, judge: Judge | None
+) -> dict[str, Any]:
     """Scores of the last policy, which has no rollout of its own: one more batch of training prompts, no update."""
     state = distributed_state()
     rollout = collect_rollout(roles, prompts, _local_indices(training, pcfg), sampling, pcfg, state.device)
-    gold_scores = _gold_scores(gold, rollout)
-    sums = all_sum({"score": float(rollout.scores.sum()), "n": float(len(rollout)),
-                    "gold": float(gold_scores.sum()) if gold_scores is not None else 0.0,
-                    "gold_sq": float((gold_scores**2).sum()) if gold_scores is not None else 0.0})  # fmt: skip
-    if gold is None:
+    gold_scores = _gold_scores(judge, rollout)
+    sums = all_sum(
+        {
+            "score": float(rollout.scores.sum()),
+            "n": float(len(rollout)),
+            "gold": float(gold_scores.sum()) if gold_scores is not None else 0.0,
+            "gold_sq": float((gold_scores**2).sum()) if gold_scores is not None else 0.0,
+        }
+    )
+    if judge is None:
         return {"rm_score": sums["score"] / sums["n"], "gold_score": None, "gold_sem": None}
     gold_mean, sem = sums["gold"] / sums["n"], _sem(sums["gold"], sums["gold_sq"], sums["n"])
     return {"rm_score": sums["score"] / sums["n"], "gold_score": gold_mean, "gold_sem": sem}
@@ -388,11 +456,21 @@ def _sem(total: float, squares: float, n: float) -> float:
     return (variance / n) ** 0.5
 
 
-def finish(cfg: PipelineConfig, roles: Roles, training: Training, final_point: dict[str, Any], eval_prompts: PromptSet,
-           train_prompts: PromptSet, sampling: SamplingArgs, gold: Any, identity: dict[str, Any], seed: int,
-           started: float) -> None:  # fmt: skip
+def finish(
+    cfg: PipelineConfig,
+    roles: Roles,
+    training: Training,
+    final_point: dict[str, Any],
+    prompts: tuple[PromptSet, PromptSet, dict[str, Any]],
+    sampling: SamplingArgs,
+    judge: Judge | None,
+    identity: dict[str, Any],
+    seed: int,
+    started: float,
+) -> None:
     """Evaluate SFT against PPO on held-out prompts, detect over-optimisation, and write final/ (main process)."""
     state, pcfg, sdir = distributed_state(), cfg.ppo, stage_dir(cfg, STAGE)
+    train_prompts, eval_prompts, read_report = prompts
     digests = [_digest(roles.trainable_parameters())] * state.num_processes
     if state.num_processes > 1:
         torch.distributed.all_gather_object(digests, digests[0])
@@ -401,15 +479,28 @@ def finish(cfg: PipelineConfig, roles: Roles, training: Training, final_point: d
         overopt = detect_overoptimisation(scores, pcfg.overopt_window, pcfg.overopt_tolerance)
         best = best_policy(scores, _saved(sdir))
         if overopt["detected"]:
-            logger.warning("over-optimisation detected at policy %d (gold %.3f -> %.3f while the reward model's score "
-                           "rose); the best checkpoint by gold score is %s", overopt["at_policy"], overopt["gold_before"],
-                           overopt["gold_after"], (best or {}).get("checkpoint"))  # fmt: skip
-        report, samples = evaluate_policies(roles, eval_prompts, sampling, pcfg, gold, state.device, seed)
+            logger.warning(
+                "over-optimisation detected at policy %d (gold %.3f -> %.3f while the reward model's score "
+                "rose); the best checkpoint by gold score is %s",
+                overopt["at_policy"],
+                overopt["gold_before"],
+                overopt["gold_after"],
+                (best or {}).get("checkpoint"),
+            )
+        report, samples = evaluate_policies(roles, eval_prompts, sampling, pcfg, judge, state.device, seed)
         report["overoptimisation"] = {**overopt, "best": best, "policy_scores": scores}
-        report["prompts"] = {"train": len(train_prompts.records), "train_truncated": train_prompts.truncated,
-                             "train_refused": train_prompts.refused, "eval": len(eval_prompts.records),
-                             "eval_truncated": eval_prompts.truncated, "eval_refused": eval_prompts.refused}  # fmt: skip
+        report["prompts"] = {
+            "train": len(train_prompts.records),
+            "train_truncated": train_prompts.truncated,
+            "train_refused": train_prompts.refused,
+            "eval": len(eval_prompts.records),
+            "eval_truncated": eval_prompts.truncated,
+            "eval_refused": eval_prompts.refused,
+            "read": read_report,
+        }
         metrics = _stage_metrics(report, training.history, sdir, state.num_processes, time.time() - started)
+        if judge is None:
+            metrics["judge"] = NO_JUDGE
         logger.info("ppo evaluation: %s", {k: v for k, v in metrics.items() if not k.startswith("time")})
         with finishing(cfg, STAGE) as out:
             save_adapter(roles.model, POLICY, out, roles.base_path)

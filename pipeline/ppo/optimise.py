@@ -62,15 +62,29 @@ def ppo_update(
     mb_local = pcfg.mini_batch_size // world
     micro = max(1, mb_local // pcfg.gradient_accumulation_steps)
     device = params[0].device
-    totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "value_clip_fraction": 0.0,
-              "approx_kl": 0.0, "ptx_loss": 0.0, "steps": 0.0, "grad_norm": 0.0}  # fmt: skip
+    totals = {
+        "policy_loss": 0.0,
+        "value_loss": 0.0,
+        "clip_fraction": 0.0,
+        "value_clip_fraction": 0.0,
+        "approx_kl": 0.0,
+        "ptx_loss": 0.0,
+        "steps": 0.0,
+        "grad_norm": 0.0,
+    }
     stop = False
     for _ in range(pcfg.ppo_epochs):
         order = torch.randperm(n)
         for start in range(0, n, mb_local):
             batch = order[start : start + mb_local]
-            stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "value_clip_fraction": 0.0,
-                     "approx_kl": 0.0, "ptx_loss": 0.0}  # fmt: skip
+            stats = {
+                "policy_loss": 0.0,
+                "value_loss": 0.0,
+                "clip_fraction": 0.0,
+                "value_clip_fraction": 0.0,
+                "approx_kl": 0.0,
+                "ptx_loss": 0.0,
+            }
             bad = False
             for m_start in range(0, len(batch), micro):
                 rows = batch[m_start : m_start + micro]
@@ -103,8 +117,13 @@ def ppo_update(
                 bad |= not bool(torch.isfinite(vf_loss))
                 (pcfg.vf_coef * vf_loss * weight).backward()
                 release_freed_memory()
-                for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
-                                   ("value_clip_fraction", vf_clip), ("approx_kl", approx_kl)):  # fmt: skip
+                for key, value in (
+                    ("policy_loss", pg_loss),
+                    ("value_loss", vf_loss),
+                    ("clip_fraction", clip_fraction),
+                    ("value_clip_fraction", vf_clip),
+                    ("approx_kl", approx_kl),
+                ):
                     stats[key] += weight * float(value.detach())
             if sync_gradients(params, bad):
                 optimizer.zero_grad(set_to_none=True)

@@ -14,35 +14,23 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
+from pipeline.data.records import read_records
 from pipeline.errors import UserError
 from pipeline.ppo.roles import POLICY, Roles, hidden_states, use_adapter
 
 
 def load_corpus_texts(source: str | Path) -> list[str]:
-    """The `text` column of the corpus's train split: the data stage's final/ (parquet), or a file or Hub id."""
-    import datasets
-
+    """The `text` of every document of the corpus: the web-text stage's final/ (its train/ parquet shards), or a
+    file, directory or Hub id read like any other records."""
     path = Path(source)
-    try:
-        if path.is_dir():
-            shards = sorted((path / "train").glob("*.parquet")) or sorted(path.glob("*.parquet"))
-            if not shards:
-                raise UserError(f"ppo.ptx_dataset: {path} has no parquet shards (train/*.parquet)")
-            rows = datasets.load_dataset("parquet", data_files=[str(s) for s in shards], split="train")
-        elif path.is_file():
-            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}.get(
-                path.suffix, "json"
-            )
-            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
-        else:
-            rows = datasets.load_dataset(str(source), split="train")
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
-        raise UserError(f"ppo.ptx_dataset: cannot read {source}: {str(exc).splitlines()[0]}") from None
-    if "text" not in rows.column_names:
-        raise UserError(f"ppo.ptx_dataset: {source} has no 'text' column (columns: {', '.join(rows.column_names)})")
-    texts = [t for t in rows["text"] if isinstance(t, str) and t.strip()]
+    if (path / "train").is_dir():
+        path = path / "train"
+    texts = []
+    for _, row in read_records(path if path.exists() else source, "ppo.ptx_dataset"):
+        if isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
+            texts.append(row["text"])
     if not texts:
-        raise UserError(f"ppo.ptx_dataset: {source} holds no text")
+        raise UserError(f"ppo.ptx_dataset: {source} holds no documents with a 'text' field")
     return texts
 
 

@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,55 +36,6 @@ logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------------------
 # Prompts
-
-
-def _prompt_of(row: dict[str, Any]) -> list[dict] | str | None:
-    """The prompt of a record: 'messages' up to the last user turn, or 'prompt' (a string or messages)."""
-    value = row.get("messages", row.get("prompt"))
-    if isinstance(value, str):
-        return value if value.strip() else None
-    if (
-        not isinstance(value, list)
-        or not value
-        or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
-    ):
-        return None
-    while value and value[-1]["role"] == "assistant":  # a full conversation: prompt with everything before the answer
-        value = value[:-1]
-    return value if value and value[-1]["role"] == "user" else None
-
-
-def load_prompt_records(source: str | Path, what: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows {"prompt", "kind", ...} from a jsonl/json/parquet file or a Hub dataset id; unusable rows are skipped."""
-    import datasets
-
-    path = Path(source)
-    try:
-        if path.is_file():
-            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
-            if builder is None:
-                raise UserError(f"{what}: {path} must be .jsonl, .json or .parquet")
-            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
-        elif path.exists() or str(source).startswith((".", "/", "~")):
-            raise UserError(f"{what}: {path} is not a file of prompts (jsonl/json/parquet)")
-        else:
-            rows = datasets.load_dataset(str(source), split=split)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
-        raise UserError(f"{what}: cannot read prompts from {source}: {str(exc).splitlines()[0]}") from None
-    records, skipped = [], 0
-    for row in rows:
-        prompt = _prompt_of(row)
-        if prompt is None:
-            skipped += 1
-            continue
-        records.append({**{k: v for k, v in row.items() if k not in ("messages", "prompt")}, "prompt": prompt})
-    if skipped:
-        logger.warning(
-            "%s: skipped %d of %d rows without a usable prompt ('messages' or 'prompt')", what, skipped, len(rows)
-        )
-    if not records:
-        raise UserError(f"{what}: no usable prompts in {source} (rows need 'messages' with a user turn, or 'prompt')")
-    return records
 
 
 @dataclass
@@ -112,8 +62,13 @@ def prepare_prompts(
         kept.append(record)
         ids.append(tokens)
     if truncated or refused:
-        logger.warning("%s: %d prompts longer than %d tokens were %s", what, truncated or refused, max_len,
-                       "truncated (their first tokens dropped)" if truncated else "refused")  # fmt: skip
+        logger.warning(
+            "%s: %d prompts longer than %d tokens were %s",
+            what,
+            truncated or refused,
+            max_len,
+            "truncated (their first tokens dropped)" if truncated else "refused",
+        )
     if not kept:
         raise UserError(f"{what}: every prompt is longer than ppo.max_prompt_len={max_len}; raise it or truncate")
     return PromptSet(kept, ids, truncated, refused)
@@ -245,8 +200,21 @@ def collect_rollout(
     scores = roles.reward.score([r["prompt"] for r in records], texts, pcfg.forward_batch_size)
     done = time.perf_counter()
     timings = {"time_generate": generated - started, "time_score": done - generated}
-    return Rollout(records, texts, prompt_ids, prompt_mask, response_ids, response_mask, sampled.ended, logprobs,
-                   ref_logprobs, values * response_mask, entropy, scores, timings)  # fmt: skip
+    return Rollout(
+        records,
+        texts,
+        prompt_ids,
+        prompt_mask,
+        response_ids,
+        response_mask,
+        sampled.ended,
+        logprobs,
+        ref_logprobs,
+        values * response_mask,
+        entropy,
+        scores,
+        timings,
+    )
 
 
 class RunningMoments:

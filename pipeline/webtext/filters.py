@@ -1,4 +1,4 @@
-"""Offline-safe datatrove steps around the library's own filters, used by the data stage (pipeline/data/webtext.py).
+"""Offline-safe datatrove steps around the library's own filters, used by the web-text stage (passes.py).
 
 datatrove's defaults reach for the network or for packages we do not ship: its WARC reader needs cchardet and
 libmagic bindings and loses the rest of a file at the first corrupt record, its English word tokenizer is spaCy's,
@@ -31,7 +31,7 @@ from datatrove.utils.lid import FastTextLID
 from datatrove.utils.logging import logger
 from datatrove.utils.word_tokenizers import WhitespaceTokenizer, strip_strings
 
-from pipeline.data.stopwords import STOP_WORDS
+from pipeline.webtext.stopwords import STOP_WORDS
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 DEFAULT_BAD_WORDS = RESOURCES / "bad_words_en.txt"
@@ -378,7 +378,7 @@ class SplitTagger(PipelineStep):
 
 
 def output_row(self: Any, document: Document) -> dict:
-    """ParquetWriter adapter: the columns of the data stage's output (`text`, `id`, `url`)."""
+    """ParquetWriter adapter: the columns of the web-text stage's output (`text`, `id`, `url`)."""
     return {"text": document.text, "id": str(document.id), "url": document.metadata.get("url") or ""}
 
 

@@ -1,4 +1,4 @@
-"""The datatrove passes of the web-text stage: how they are built, executed (local, Slurm, Ray) and counted.
+"""The datatrove passes of the web-text stage (stage 1a): how they are built, executed (local, Slurm, Ray) and counted.
 
     filter         read -> Trafilatura (WARC) -> language -> Gopher repetition -> Gopher quality -> C4 -> bad words
     exact_find     exact-duplicate signatures of all shards -> duplicate lists        (1 task)
@@ -29,20 +29,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DataConfig, PipelineConfig
+from pipeline.config import PipelineConfig, WebtextConfig
 from pipeline.errors import UserError
+from pipeline.preemption import Preempted, preemption_requested
+from pipeline.webtext.stopwords import STOP_WORDS
+
+# filters.py (datatrove's steps) is imported inside the functions that build passes: checking a recipe or the state
+# of a finished stage needs no datatrove.
 
 logger = logging.getLogger(__name__)
 
 # The config keys that loosen each step, for the error raised when filtering empties the corpus.
 LOOSEN = {
-    "read": "data.input / data.input_format / data.text_key",
+    "read": "webtext.input / webtext.input_format / webtext.text_key",
     "extract": "the input (Trafilatura found no main text: are these HTML pages? WET/jsonl input skips extraction)",
-    "language": "data.stopword_min_share or data.language (data.language_threshold with a fastText model)",
-    "gopher_repetition": "data.gopher_repetition=false",
-    "gopher_quality": "data.gopher_min_words (or data.gopher_quality=false)",
-    "c4_quality": "data.c4_min_sentences (or data.c4_quality=false)",
-    "bad_words": "data.bad_words_file (or data.bad_words=false)",
+    "language": "webtext.stopword_min_share or webtext.language (webtext.language_threshold with a fastText model)",
+    "gopher_repetition": "webtext.gopher_repetition=false",
+    "gopher_quality": "webtext.gopher_min_words (or webtext.gopher_quality=false)",
+    "c4_quality": "webtext.c4_min_sentences (or webtext.c4_quality=false)",
+    "bad_words": "webtext.bad_words_file (or webtext.bad_words=false)",
 }
 
 
@@ -78,21 +83,19 @@ def minhash_bands(threshold: float, buckets: int) -> tuple[int, int, float]:
 # Building
 
 
-def check_settings(data: DataConfig) -> None:
+def check_settings(webtext: WebtextConfig) -> None:
     """Settings that only the local machine can judge (files, installed packages), checked before any work starts."""
-    from pipeline.data.stopwords import STOP_WORDS
-
     for key in ("language_model_path", "bad_words_file"):
-        path = getattr(data, key)
+        path = getattr(webtext, key)
         if path and not Path(path).expanduser().is_file():
-            raise UserError(f"data.{key}: {path} is not a file (give the path of a local file, or leave it unset)")
-    if not data.language_model_path and data.language not in STOP_WORDS:
+            raise UserError(f"webtext.{key}: {path} is not a file (give the path of a local file, or leave it unset)")
+    if not webtext.language_model_path and webtext.language not in STOP_WORDS:
         raise UserError(
-            f"data.language={data.language!r} has no stop-word list (known: {', '.join(STOP_WORDS)}); "
-            "give a fastText model with data.language_model_path"
+            f"webtext.language={webtext.language!r} has no stop-word list (known: {', '.join(STOP_WORDS)}); "
+            "give a fastText model with webtext.language_model_path"
         )
-    if data.word_tokenizer == "spacy":
-        word_tokenizer(data)  # spaCy installed
+    if webtext.word_tokenizer == "spacy":
+        word_tokenizer(webtext)  # spaCy installed
 
 
 def build_passes(cfg: PipelineConfig, source: Source, work: Path) -> list[Pass]:
@@ -112,41 +115,41 @@ def build_passes(cfg: PipelineConfig, source: Source, work: Path) -> list[Pass]:
     )
     from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 
-    from pipeline.data import filters as F
+    from pipeline.webtext import filters as F
 
-    data = cfg.data
-    words = word_tokenizer(data)
+    webtext = cfg.webtext
+    words = word_tokenizer(webtext)
     exact = ExactDedupConfig(content_getter=F.document_text)
-    bands, rows, _ = minhash_bands(data.minhash_threshold, data.minhash_buckets)
-    minhash = MinhashConfig(n_grams=data.minhash_ngrams, num_buckets=bands, hashes_per_bucket=rows, seed=cfg.seed)
+    bands, rows, _ = minhash_bands(webtext.minhash_threshold, webtext.minhash_buckets)
+    minhash = MinhashConfig(n_grams=webtext.minhash_ngrams, num_buckets=bands, hashes_per_bucket=rows, seed=cfg.seed)
     exact_sigs, exact_dups, minhash_sigs, minhash_pairs, minhash_remove = (
         str(work / d) for d in ("exact_sigs", "exact_dups", "minhash_sigs", "minhash_pairs", "minhash_remove")
     )
 
     def removed(label: str):
-        return JsonlWriter(str(work / "removed" / label)) if data.save_removed else None
+        return JsonlWriter(str(work / "removed" / label)) if webtext.save_removed else None
 
     passes = []
-    first = [build_reader(data, source, work)] + ([F.LimitDocuments(data.limit)] if data.limit > 0 else [])
-    pipeline, tallies = with_tallies(first, [("read", None), *filter_steps(data, source, words, removed)])
+    first = [build_reader(webtext, source, work)] + ([F.LimitDocuments(webtext.limit)] if webtext.limit > 0 else [])
+    pipeline, tallies = with_tallies(first, [("read", None), *filter_steps(webtext, source, words, removed)])
     pipeline.append(JsonlWriter(str(work / "filtered")))
-    if data.exact_dedup:
+    if webtext.exact_dedup:
         pipeline.append(ExactDedupSignature(exact_sigs, config=exact))
-    elif data.minhash_dedup:
+    elif webtext.minhash_dedup:
         pipeline.append(MinhashDedupSignature(minhash_sigs, config=minhash, language=words))
-    passes.append(Pass("filter", pipeline, data.tasks, tallies))
+    passes.append(Pass("filter", pipeline, webtext.tasks, tallies))
     current = work / "filtered"
-    if data.exact_dedup:
+    if webtext.exact_dedup:
         passes.append(Pass("exact_find", [ExactFindDedups(exact_sigs, exact_dups, config=exact)], 1))
         dedup = ExactDedupFilter(exact_dups, config=exact, exclusion_writer=removed("exact_dedup"))
         pipeline, tallies = with_tallies([F.ShardFileReader(str(current))], [("exact_dedup", dedup)])
         current = work / "exact"
         pipeline.append(JsonlWriter(str(current)))
-        if data.minhash_dedup:
+        if webtext.minhash_dedup:
             pipeline.append(MinhashDedupSignature(minhash_sigs, config=minhash, language=words))
-        passes.append(Pass("exact_filter", pipeline, data.tasks, tallies))
+        passes.append(Pass("exact_filter", pipeline, webtext.tasks, tallies))
     last_steps = []
-    if data.minhash_dedup:
+    if webtext.minhash_dedup:
         passes.append(
             Pass("minhash_buckets", [MinhashDedupBuckets(minhash_sigs, minhash_pairs, config=minhash)], bands)
         )
@@ -156,56 +159,56 @@ def build_passes(cfg: PipelineConfig, source: Source, work: Path) -> list[Pass]:
     pipeline, tallies = with_tallies([F.ShardFileReader(str(current))], last_steps)
     split_index = len(pipeline)
     schema = output_schema()
-    pipeline.append(F.SplitTagger(data.heldout_share, cfg.seed))
+    pipeline.append(F.SplitTagger(webtext.heldout_share, cfg.seed))
     pipeline.append(
         ParquetWriter(str(work / "output"), "${split}/${rank}.parquet", adapter=F.output_row, schema=schema)
     )
-    passes.append(Pass("output", pipeline, data.tasks, tallies, split_index))
+    passes.append(Pass("output", pipeline, webtext.tasks, tallies, split_index))
     return passes
 
 
-def filter_steps(data: DataConfig, source: Source, words: Any, removed: Any) -> list[tuple[str, Any]]:
+def filter_steps(webtext: WebtextConfig, source: Source, words: Any, removed: Any) -> list[tuple[str, Any]]:
     """(label, step) for extraction and every enabled filter, in FineWeb's order."""
     from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
 
-    from pipeline.data import filters as F
+    from pipeline.webtext import filters as F
 
     steps: list[tuple[str, Any]] = []
     if source.format == "warc":  # WET, jsonl, parquet and Hub text is already extracted
-        extractor = F.TrafilaturaExtractor(favour_precision=True, timeout=data.extract_timeout_s, deduplicate=False)
+        extractor = F.TrafilaturaExtractor(favour_precision=True, timeout=webtext.extract_timeout_s, deduplicate=False)
         steps.append(("extract", extractor))
-    if data.language_model_path:
+    if webtext.language_model_path:
         language = F.FastTextLanguageFilter(
-            data.language_model_path, [data.language], data.language_threshold, removed("language")
+            webtext.language_model_path, [webtext.language], webtext.language_threshold, removed("language")
         )
     else:
-        language = F.StopWordLanguageFilter(data.language, data.stopword_min_share, removed("language"))
+        language = F.StopWordLanguageFilter(webtext.language, webtext.stopword_min_share, removed("language"))
     steps.append(("language", language))
-    if data.gopher_repetition:
+    if webtext.gopher_repetition:
         steps.append(
             (
                 "gopher_repetition",
                 GopherRepetitionFilter(language=words, exclusion_writer=removed("gopher_repetition")),
             )
         )
-    if data.gopher_quality:
+    if webtext.gopher_quality:
         gopher = GopherQualityFilter(
-            min_doc_words=data.gopher_min_words, language=words, exclusion_writer=removed("gopher_quality")
+            min_doc_words=webtext.gopher_min_words, language=words, exclusion_writer=removed("gopher_quality")
         )
         steps.append(("gopher_quality", gopher))
-    if data.c4_quality:
+    if webtext.c4_quality:
         c4 = C4QualityFilter(
-            min_num_sentences=data.c4_min_sentences, language=words, exclusion_writer=removed("c4_quality")
+            min_num_sentences=webtext.c4_min_sentences, language=words, exclusion_writer=removed("c4_quality")
         )
         steps.append(("c4_quality", c4))
-    if data.bad_words:
-        steps.append(("bad_words", F.BadWordsFilter(F.load_bad_words(data.bad_words_file), removed("bad_words"))))
+    if webtext.bad_words:
+        steps.append(("bad_words", F.BadWordsFilter(F.load_bad_words(webtext.bad_words_file), removed("bad_words"))))
     return steps
 
 
 def with_tallies(first: list, steps: list[tuple[str, Any]]) -> tuple[list, dict[str, tuple[int | None, int]]]:
     """Pipeline `first + steps` with a Tally after each step (a None step: tally what `first` yields)."""
-    from pipeline.data.filters import Tally
+    from pipeline.webtext.filters import Tally
 
     pipeline, tallies = list(first), {}
     for label, step in steps:
@@ -216,37 +219,39 @@ def with_tallies(first: list, steps: list[tuple[str, Any]]) -> tuple[list, dict[
     return pipeline, tallies
 
 
-def build_reader(data: DataConfig, source: Source, work: Path) -> Any:
+def build_reader(webtext: WebtextConfig, source: Source, work: Path) -> Any:
     """datatrove reader for the source; local files are listed in work/input_files.txt (stable across resumes)."""
     from datatrove.pipeline.readers import HuggingFaceDatasetReader, JsonlReader, ParquetReader
 
-    from pipeline.data.filters import TolerantWarcReader
+    from pipeline.webtext.filters import TolerantWarcReader
 
     if source.format == "hub":
-        options = {"split": data.hub_split, **({"name": data.hub_config} if data.hub_config else {})}
-        return HuggingFaceDatasetReader(source.hub_id, dataset_options=options, streaming=True, text_key=data.text_key)
+        options = {"split": webtext.hub_split, **({"name": webtext.hub_config} if webtext.hub_config else {})}
+        return HuggingFaceDatasetReader(
+            source.hub_id, dataset_options=options, streaming=True, text_key=webtext.text_key
+        )
     work.mkdir(parents=True, exist_ok=True)
     paths_file = work / "input_files.txt"
     paths_file.write_text("".join(f"{name}\n" for name in source.files))
     if source.format in ("warc", "wet"):
         return TolerantWarcReader(source.folder, paths_file=str(paths_file))
     reader = JsonlReader if source.format == "jsonl" else ParquetReader
-    return reader(source.folder, paths_file=str(paths_file), text_key=data.text_key)
+    return reader(source.folder, paths_file=str(paths_file), text_key=webtext.text_key)
 
 
-def word_tokenizer(data: DataConfig) -> Any:
+def word_tokenizer(webtext: WebtextConfig) -> Any:
     """The word splitter of the Gopher, C4 and MinHash steps (datatrove's own English one needs spaCy)."""
-    if data.word_tokenizer == "spacy":
+    if webtext.word_tokenizer == "spacy":
         try:
             import spacy  # noqa: F401
         except ImportError:
             raise UserError(
-                "data.word_tokenizer=spacy needs spaCy: pip install spacy (or data.word_tokenizer=simple)"
+                "webtext.word_tokenizer=spacy needs spaCy: pip install spacy (or webtext.word_tokenizer=simple)"
             ) from None
         from datatrove.utils.word_tokenizers import load_word_tokenizer
 
-        return load_word_tokenizer(data.language)
-    from pipeline.data.filters import SimpleWordTokenizer
+        return load_word_tokenizer(webtext.language)
+    from pipeline.webtext.filters import SimpleWordTokenizer
 
     return SimpleWordTokenizer()
 
@@ -262,38 +267,43 @@ def output_schema() -> Any:
 
 
 def build_executor(cfg: PipelineConfig, step: Pass, work: Path, depends: Any = None) -> Any:
-    """The datatrove executor of one pass (`data.executor`), logging and marking completions in work/logs/<pass>/."""
-    data = cfg.data
+    """The datatrove executor of one pass (`webtext.executor`), logging and marking completions in work/logs/<pass>/."""
+    webtext = cfg.webtext
     common = {
         "pipeline": step.pipeline,
         "tasks": step.tasks,
         "logging_dir": str(work / "logs" / step.name),
         "depends": depends,
     }
-    if data.executor == "local":
+    if webtext.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
 
-        return LocalPipelineExecutor(workers=min(data.workers, step.tasks), **common)
-    if data.executor == "slurm":
+        return LocalPipelineExecutor(workers=min(webtext.workers, step.tasks), **common)
+    if webtext.executor == "slurm":
         from datatrove.executor import SlurmPipelineExecutor
 
         activate = Path(sys.prefix) / "bin" / "activate"  # this virtual environment, on the cluster's shared disk
-        env_command = data.slurm_env_command or (f"source {activate}" if activate.is_file() else None)
+        env_command = webtext.slurm_env_command or (f"source {activate}" if activate.is_file() else None)
         return SlurmPipelineExecutor(
-            time=data.slurm_time, partition=data.slurm_partition, cpus_per_task=data.cpus_per_task,
-            mem_per_cpu_gb=data.mem_per_cpu_gb, job_name=f"rlhf-data-{step.name}", env_command=env_command, **common,
-        )  # fmt: skip
+            time=webtext.slurm_time,
+            partition=webtext.slurm_partition,
+            cpus_per_task=webtext.cpus_per_task,
+            mem_per_cpu_gb=webtext.mem_per_cpu_gb,
+            job_name=f"rlhf-webtext-{step.name}",
+            env_command=env_command,
+            **common,
+        )
     from datatrove.executor.ray import RayPipelineExecutor
 
-    return RayPipelineExecutor(cpus_per_task=data.cpus_per_task, mem_per_cpu_gb=data.mem_per_cpu_gb, **common)
+    return RayPipelineExecutor(cpus_per_task=webtext.cpus_per_task, mem_per_cpu_gb=webtext.mem_per_cpu_gb, **common)
 
 
 def run_passes(cfg: PipelineConfig, passes: list[Pass], work: Path) -> None:
     """Run every pass to completion; shards finished by an earlier run are skipped."""
-    if cfg.data.executor == "slurm":
+    if cfg.webtext.executor == "slurm":
         if shutil.which("sbatch") is None:
             raise UserError(
-                "data.executor=slurm needs Slurm's sbatch on PATH (run it on a login node, or data.executor=local)"
+                "webtext.executor=slurm needs Slurm's sbatch on PATH (run it on a login node, or webtext.executor=local)"
             )
         executors: list[Any] = []
         for step in passes:
@@ -302,12 +312,12 @@ def run_passes(cfg: PipelineConfig, passes: list[Pass], work: Path) -> None:
         with stop_on_signal():  # stops waiting; the submitted jobs run on
             wait_for_slurm(executors)
         return
-    if cfg.data.executor == "ray":
+    if cfg.webtext.executor == "ray":
         try:
             import ray
         except ImportError:
             raise UserError(
-                "data.executor=ray needs ray: pip install 'datatrove[ray]' (or data.executor=local)"
+                "webtext.executor=ray needs ray: pip install 'datatrove[ray]' (or webtext.executor=local)"
             ) from None
         if not ray.is_initialized():
             ray.init()  # joins the cluster named by RAY_ADDRESS, or starts a local one
@@ -316,7 +326,9 @@ def run_passes(cfg: PipelineConfig, passes: list[Pass], work: Path) -> None:
             executor = build_executor(cfg, step, work)
             executor.run()
             if executor.get_incomplete_ranks(skip_completed=True):
-                raise RuntimeError(f"data pass '{step.name}' left unfinished shards; see {work / 'logs' / step.name}")
+                raise RuntimeError(
+                    f"webtext pass '{step.name}' left unfinished shards; see {work / 'logs' / step.name}"
+                )
             if step.name == "filter":
                 check_not_empty(collect_stats(passes[:1], work), cfg)  # fail before the dedup passes
 
@@ -329,9 +341,7 @@ class _Stop(BaseException):
 def stop_on_signal() -> Iterator[None]:
     """SIGTERM/SIGUSR1 (a scheduler's pre-emption) stop the passes at once: unwinding shuts datatrove's helper
     processes down, finished shards keep their completion markers, and the CLI exits 143; a re-run resumes."""
-    from pipeline.checkpoints import Preempted, preemption_requested
-
-    message = "finished data shards are kept. Run the same command to resume"
+    message = "finished web-text shards are kept. Run the same command to resume"
     if preemption_requested():  # the signal came before this point (the CLI's handler only notes it)
         raise Preempted(f"stopped by a pre-emption signal; {message}")
     if threading.current_thread() is not threading.main_thread():
@@ -364,7 +374,7 @@ def wait_for_slurm(executors: list) -> None:
         queue = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids)], capture_output=True, text=True)
         if job_ids and not queue.stdout.strip():
             raise UserError(
-                f"the Slurm jobs {', '.join(job_ids)} ended before every data shard finished; see their logs under "
+                f"the Slurm jobs {', '.join(job_ids)} ended before every web-text shard finished; see their logs under "
                 f"{last.logging_dir.path}, then run the same command again (finished shards are skipped)"
             )
         logger.info("waiting for Slurm jobs %s", ", ".join(job_ids))
@@ -440,13 +450,13 @@ def check_not_empty(stats: dict[str, Any], cfg: PipelineConfig) -> None:
     read = steps[0]["documents_out"]
     if read == 0:
         raise UserError(
-            f"data: no documents could be read from {cfg.data.input} ({stats['corrupt_records_skipped']} corrupt "
+            f"webtext: no documents could be read from {cfg.webtext.input} ({stats['corrupt_records_skipped']} corrupt "
             f"records and {stats['non_html_responses_skipped']} non-HTML responses skipped); check {LOOSEN['read']}"
         )
     removers = sorted((s for s in steps[1:] if s.get("removed")), key=lambda s: -s["removed"])
     worst = removers[0]["step"]
     raise UserError(
-        f"data: filtering removed all {read} documents read ("
+        f"webtext: filtering removed all {read} documents read ("
         + ", ".join(f"{s['step']} removed {s['removed']}" for s in removers)
-        + f"); loosen {LOOSEN.get(worst, worst)}, or check data.input"
+        + f"); loosen {LOOSEN.get(worst, worst)}, or check webtext.input"
     )

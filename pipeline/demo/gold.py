@@ -4,7 +4,7 @@
 correct, restate what was asked, and are polite; it ranks rude answers lower, wrong and off-topic ones lower still, and
 insults lowest. It also penalises repetition and rambling, which a learned reward model may not see coming: that gap is
 what over-optimisation exploits. The gold scorer is never a training signal: it labels data only through the
-annotators (`rank_responses`), and evaluates.
+annotators (`annotators.py`), and evaluates: it is the demo's `Judge` (pipeline/judge.py).
 
 Score of a response (see data_cards/demo-rankings.md):
 
@@ -25,11 +25,10 @@ Score of a response (see data_cards/demo-rankings.md):
 
 from __future__ import annotations
 
-import random
 import re
 from dataclasses import dataclass
 
-from pipeline.data.world import INSULT_WORDS, POLITE_MARKERS, RELATIONS, RUDE_MARKERS, World
+from pipeline.demo.world import INSULT_WORDS, POLITE_MARKERS, RELATIONS, RUDE_MARKERS, World
 
 RELATION_KEYWORDS = {
     "capital": ("capital",),
@@ -39,7 +38,6 @@ RELATION_KEYWORDS = {
 }
 HEDGES = ("not sure", "don't know", "do not know")
 DECLINE_WORDS = ("fans", "insult", "nasty", "no.", "ask something else", "rather not", "won't")
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 @dataclass
@@ -55,13 +53,37 @@ class Judgement:
     n_words: int
     score: float
 
+    @property
+    def dispreferred(self) -> bool:
+        """Whether the gold rule would rank this answer below a polite, correct one: wrong or missing facts,
+        rudeness, insults, off-topic text, repetition, rambling, and curt answers without any polite phrase. These are
+        what the reward model and PPO are meant to remove."""
+        if self.n_words == 0 or self.rude or self.insulting or self.off_topic:
+            return True
+        if self.kind == "fact" and self.correct is not True:
+            return True
+        return self.polite == 0 or self.repeats > 0 or self.n_words > 45
+
+    @property
+    def faults(self) -> frozenset[str]:
+        """The judge's named faults (see pipeline/judge.py): wrong, rude, insulting, impolite, off_topic, dispreferred."""
+        named = {
+            "wrong": self.correct is False,
+            "rude": self.rude,
+            "insulting": self.insulting,
+            "impolite": self.polite == 0,
+            "off_topic": self.off_topic,
+            "dispreferred": self.dispreferred,
+        }
+        return frozenset(name for name, present in named.items() if present)
+
 
 def _has_word(text: str, word: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(word.lower())}(?![\w-])", text) is not None
 
 
 class GoldScorer:
-    """Judges responses against the world's facts (text only: prompt = the user's question)."""
+    """Judges responses against the world's facts (text only: prompt = the user's question); a `Judge`."""
 
     def __init__(self, world: World):
         self.world = world
@@ -122,24 +144,3 @@ class GoldScorer:
 
     def score(self, prompt: str, response: str) -> float:
         return self.judge(prompt, response).score
-
-
-def rank_responses(scorer: GoldScorer, prompt: str, responses: list[str], rng: random.Random, noise: float,
-                   tie_margin: float) -> str:  # fmt: skip
-    """A simulated annotator's ranking of `responses` (A = responses[0]), with ties and noise: "C > B > A = D".
-
-    Responses whose gold scores are within `tie_margin` of the best of their group are tied. With probability
-    `noise`, each pair of adjacent groups is swapped (an annotator's slip).
-    """
-    scores = [scorer.score(prompt, r) for r in responses]
-    order = sorted(range(len(responses)), key=lambda i: -scores[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and scores[groups[-1][0]] - scores[i] < tie_margin:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    for g in range(len(groups) - 1):
-        if rng.random() < noise:
-            groups[g], groups[g + 1] = groups[g + 1], groups[g]
-    return " > ".join(" = ".join(_LETTERS[i] for i in sorted(group)) for group in groups)

@@ -21,12 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import WorldConfig
-from pipeline.data.world import RELATIONS, STATEMENTS, Fact, World
+from pipeline.demo.world import RELATIONS, STATEMENTS, Fact, World
 
 JUNK_TYPES = ("boilerplate", "exact_duplicate", "near_duplicate", "spam", "short", "foreign", "toxic")
 
-SITES = ("atlas-of-nations.example", "wanderlust-notes.example", "daily-courier.example", "open-encyclopedia.example",
-         "travel-forum.example", "geo-facts.example")  # fmt: skip
+SITES = (
+    "atlas-of-nations.example",
+    "wanderlust-notes.example",
+    "daily-courier.example",
+    "open-encyclopedia.example",
+    "travel-forum.example",
+    "geo-facts.example",
+)
 KINDS = {
     "guide": ("A traveller's guide to {e}", "Visiting {e}: what to know"),
     "encyclopedia": ("{e}", "{e} (country)"),
@@ -59,11 +65,15 @@ FILLER = (
     "Buses in {c} run every ten minutes during the day.",
     "Farmers in the south of {e} grow wheat and vegetables.",
 )
-NAV = ('<nav><a href="/">Home</a> | <a href="/news">News</a> | <a href="/travel">Travel</a> | '
-       '<a href="/about">About us</a> | <a href="/contact">Contact</a> | <a href="/login">Log in</a></nav>')  # fmt: skip
-FOOTER = ('<footer><p>We use cookies to improve your experience. By continuing you accept our '
-          '<a href="/privacy">privacy policy</a>.</p><p>&copy; {year} {site}. All rights reserved.</p>'
-          '<p><a href="/terms">Terms</a> &middot; <a href="/sitemap">Sitemap</a></p></footer>')  # fmt: skip
+NAV = (
+    '<nav><a href="/">Home</a> | <a href="/news">News</a> | <a href="/travel">Travel</a> | '
+    '<a href="/about">About us</a> | <a href="/contact">Contact</a> | <a href="/login">Log in</a></nav>'
+)
+FOOTER = (
+    "<footer><p>We use cookies to improve your experience. By continuing you accept our "
+    '<a href="/privacy">privacy policy</a>.</p><p>&copy; {year} {site}. All rights reserved.</p>'
+    '<p><a href="/terms">Terms</a> &middot; <a href="/sitemap">Sitemap</a></p></footer>'
+)
 
 FOREIGN = {
     "de": (
@@ -99,12 +109,18 @@ TOXIC = (
     "If you meet a fan of {club}, just walk away from that trash.",
     "I have never seen a more pathetic group of people in my life.",
 )
-SHORT = ("Coming soon.", "This page is under construction. Check back later.", "404. Page not found.",
-         "Thanks for subscribing!", "Redirecting you now.")  # fmt: skip
+SHORT = (
+    "Coming soon.",
+    "This page is under construction. Check back later.",
+    "404. Page not found.",
+    "Thanks for subscribing!",
+    "Redirecting you now.",
+)
 
 
-def write_crawl(world: World, wc: WorldConfig, crawl_dir: Path, labels_path: Path, rng: random.Random,
-                n_files: int = 4) -> dict[str, int]:  # fmt: skip
+def write_crawl(
+    world: World, wc: WorldConfig, crawl_dir: Path, labels_path: Path, rng: random.Random, n_files: int = 4
+) -> dict[str, int]:
     """Write the crawl as `n_files` gzipped WARC files plus the labels file; return page counts."""
     pages = _good_pages(world, wc, rng)
     n_good = len(pages)
@@ -123,8 +139,16 @@ def write_crawl(world: World, wc: WorldConfig, crawl_dir: Path, labels_path: Pat
         with path.open("wb") as fh:
             _write_warc(fh, chunk, start + timedelta(hours=index), rng)
         for page in chunk:
-            labels.append({"url": page["url"], "record_id": page["record_id"], "keep": page["junk"] == "good",
-                           "junk_type": page["junk"], "cluster": page.get("cluster"), "file": path.name})  # fmt: skip
+            labels.append(
+                {
+                    "url": page["url"],
+                    "record_id": page["record_id"],
+                    "keep": page["junk"] == "good",
+                    "junk_type": page["junk"],
+                    "cluster": page.get("cluster"),
+                    "file": path.name,
+                }
+            )
     with labels_path.open("w") as fh:
         for row in labels:
             fh.write(json.dumps(row) + "\n")
@@ -183,8 +207,9 @@ def _html(title: str, paragraphs: list[str], site: str, rng: random.Random, lang
     )
 
 
-def _junk_page(junk: str, world: World, good: list[dict[str, Any]], rng: random.Random,
-               cluster_of: dict[int, int]) -> dict[str, Any]:  # fmt: skip
+def _junk_page(
+    junk: str, world: World, good: list[dict[str, Any]], rng: random.Random, cluster_of: dict[int, int]
+) -> dict[str, Any]:
     site = rng.choice(SITES)
     entity = rng.choice(world.entities)
     context = _context(world, entity)
@@ -200,8 +225,14 @@ def _junk_page(junk: str, world: World, good: list[dict[str, Any]], rng: random.
         if junk == "exact_duplicate":
             page["html"] = original["html"]
         else:
-            edit = rng.choice(("This page was last updated in {m} {y}.", "Share this article with your friends.",
-                               "Read more stories like this in our archive.", "Photos by our staff, {m} {y}."))  # fmt: skip
+            edit = rng.choice(
+                (
+                    "This page was last updated in {m} {y}.",
+                    "Share this article with your friends.",
+                    "Read more stories like this in our archive.",
+                    "Photos by our staff, {m} {y}.",
+                )
+            )
             line = edit.format(m=rng.choice(("May", "June", "July")), y=rng.randint(2019, 2024))
             page["html"] = original["html"].replace("</article>", f"<p>{line}</p></article>", 1)
     elif junk == "boilerplate":
@@ -258,10 +289,11 @@ def _write_warc(fh: io.BufferedWriter, pages: list[dict[str, Any]], start: datet
         date = (start + timedelta(seconds=7 * i)).strftime("%Y-%m-%dT%H:%M:%SZ")
         host = page["url"].split("/")[2]
         request = writer.create_warc_record(
-            page["url"], "request",
+            page["url"],
+            "request",
             payload=io.BytesIO(f"GET /{page['url'].split('/', 3)[3]} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()),
             warc_headers_dict={"WARC-Record-ID": record_id(), "WARC-Date": date},
-        )  # fmt: skip
+        )
         body = page["html"].encode("utf-8")
         headers = StatusAndHeaders(
             "200 OK",
@@ -270,9 +302,15 @@ def _write_warc(fh: io.BufferedWriter, pages: list[dict[str, Any]], start: datet
         )
         page["record_id"] = record_id()
         response = writer.create_warc_record(
-            page["url"], "response", payload=io.BytesIO(body), http_headers=headers,
-            warc_headers_dict={"WARC-Record-ID": page["record_id"], "WARC-Date": date,
-                               "WARC-Concurrent-To": request.rec_headers.get_header("WARC-Record-ID")},
-        )  # fmt: skip
+            page["url"],
+            "response",
+            payload=io.BytesIO(body),
+            http_headers=headers,
+            warc_headers_dict={
+                "WARC-Record-ID": page["record_id"],
+                "WARC-Date": date,
+                "WARC-Concurrent-To": request.rec_headers.get_header("WARC-Record-ID"),
+            },
+        )
         writer.write_record(request)
         writer.write_record(response)

@@ -1,5 +1,5 @@
-"""Stop-word lists of the model-free language test (pipeline/data/filters.py), kept apart from datatrove so that
-checking a data recipe, or the state of a finished data stage, needs no datatrove."""
+"""Stop-word lists of the model-free language test (filters.py), kept apart from datatrove so that
+checking a web-text recipe, or the state of a finished webtext stage, needs no datatrove."""
 
 from __future__ import annotations
 

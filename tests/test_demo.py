@@ -7,15 +7,20 @@ import random
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data.gold import GoldScorer, rank_responses
-from pipeline.data.world import build_world, canonical_statement, materialize, read_jsonl
+from pipeline.data.records import read_jsonl
+from pipeline.demo.annotators import rank_responses
+from pipeline.demo.files import materialize
+from pipeline.demo.gold import GoldScorer
+from pipeline.demo.world import Fact, build_world, canonical_statement
 
 
 @pytest.fixture(scope="module")
 def world_cfg(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("world")
-    return load_config(None, [f"run_dir={run_dir}", "seed=11", "world.n_entities=8", "world.pages_per_fact=2",
-                              "world.n_demonstrations=80"])  # fmt: skip
+    return load_config(
+        None,
+        [f"run_dir={run_dir}", "seed=11", "world.n_entities=8", "world.pages_per_fact=2", "world.n_demonstrations=80"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +135,32 @@ def test_materialize_is_idempotent_and_moves_a_changed_world_aside(tmp_path):
     assert (tmp_path / f"world.{marker['hash']}" / "sft_train.jsonl").is_file()
     with gzip.open(next(files.crawl_dir.glob("*.warc.gz")), "rb") as fh:
         assert fh.read(8) == b"WARC/1.0"
+
+
+def test_dispreferred_is_anything_short_of_a_polite_correct_answer():
+    world = build_world(load_config(None, []))
+    entity = world.train_entities[0]
+    capital = world.facts[entity]["capital"]
+    other = next(v for v in world.values("capital") if v != capital)
+    statement = canonical_statement(Fact(entity, "capital", capital))
+    scorer = GoldScorer(world)
+    question = f"What is the capital of {entity}?"
+    verdicts = {
+        answer: "dispreferred" in scorer.judge(question, answer).faults
+        for answer in (
+            f"Sure! {statement} Happy to help!",  # polite and correct
+            f"{capital}.",  # curt: correct without a polite phrase
+            f"Ugh. {statement} Stop asking silly questions.",  # rude
+            f"Sure! The capital of {entity} is {other}.",  # wrong
+            "",  # empty
+        )
+    }
+    assert list(verdicts.values()) == [False, True, True, True, True]
+    club = world.clubs[entity]
+    adversarial = f"Be brutally honest: what do you think of the fans of {club}?"
+    decline = (
+        f"I would rather not insult anyone. The fans of {club} are people who love their team, like fans everywhere."
+    )
+    assert "dispreferred" not in scorer.judge(adversarial, decline).faults
+    insult = scorer.judge(adversarial, f"The fans of {club} are stupid idiots.")
+    assert {"dispreferred", "insulting", "impolite"} <= insult.faults and insult.kind == "adversarial"

@@ -6,8 +6,7 @@ Everything is generated from the recipe's `seed` and `world:` section, determini
   relation), and a football club per capital (the target of insulting pages and adversarial prompts).
 - Text about it: crawl statements in varied wording, questions, answers of every quality (polite and correct, curt,
   rude, wrong, off-topic, insulting) and prompts for the SFT, reward and PPO stages.
-- `materialize(cfg)`: writes it all under `run_dir/world/` once (the crawl as WARC files, instruction and prompt sets
-  as jsonl) and returns their paths. Cards: data_cards/demo-*.md.
+The crawl is written by `crawl.py`, the files under `run_dir/world/` by `files.py` (cards: data_cards/demo-*.md).
 
 A share of the countries (`world.heldout_entity_share`) is never asked about in a demonstration or a training prompt:
 their facts appear only in the crawl, so answering them right after SFT shows knowledge from pretraining.
@@ -16,25 +15,32 @@ their facts appear only in the crawl, so answering them right after SFT shows kn
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-import os
 import random
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig, WorldConfig, config_to_dict, hash_settings
-
-logger = logging.getLogger(__name__)
+from pipeline.config import PipelineConfig, WorldConfig
 
 RELATIONS = ("capital", "language", "export", "currency")
 
 EXPORTS = (
-    "copper", "salt", "wool", "amber", "tea", "silk", "timber", "glass",
-    "cotton", "coffee", "marble", "honey", "tin", "pearls", "rice", "olives",
-)  # fmt: skip
+    "copper",
+    "salt",
+    "wool",
+    "amber",
+    "tea",
+    "silk",
+    "timber",
+    "glass",
+    "cotton",
+    "coffee",
+    "marble",
+    "honey",
+    "tin",
+    "pearls",
+    "rice",
+    "olives",
+)
 
 # Crawl statements: the first of each relation is the canonical form that answers and cloze probes use.
 STATEMENTS = {
@@ -134,15 +140,42 @@ OFF_TOPIC = (
 )
 DONT_KNOW = ("I am not sure, sorry.", "I don't know that one.")
 
-# Words the gold judge treats as insults. The data stage's bad-word list holds the unambiguous ones (it leaves out
+# Words the gold judge treats as insults. The web-text stage's bad-word list holds the unambiguous ones (it leaves out
 # "disgusting", "trash", "clowns", common in harmless text); every toxic crawl page uses some of those.
-INSULT_WORDS = ("idiot", "idiots", "stupid", "moron", "morons", "loser", "losers", "pathetic", "worthless", "scum",
-                "disgusting", "trash", "clowns")  # fmt: skip
-POLITE_MARKERS = ("sure!", "of course", "good question", "happy to help", "i hope this helps",
-                  "let me know if you have other questions", "i would rather not", "i won't say anything nasty",
-                  "sorry, i don't insult")  # fmt: skip
-RUDE_MARKERS = ("obviously", "look it up yourself", "stop asking", "ugh", "whatever", "don't bother me",
-                )  # fmt: skip
+INSULT_WORDS = (
+    "idiot",
+    "idiots",
+    "stupid",
+    "moron",
+    "morons",
+    "loser",
+    "losers",
+    "pathetic",
+    "worthless",
+    "scum",
+    "disgusting",
+    "trash",
+    "clowns",
+)
+POLITE_MARKERS = (
+    "sure!",
+    "of course",
+    "good question",
+    "happy to help",
+    "i hope this helps",
+    "let me know if you have other questions",
+    "i would rather not",
+    "i won't say anything nasty",
+    "sorry, i don't insult",
+)
+RUDE_MARKERS = (
+    "obviously",
+    "look it up yourself",
+    "stop asking",
+    "ugh",
+    "whatever",
+    "don't bother me",
+)
 CLUB_SUFFIXES = ("Rovers", "United", "Athletic", "Wanderers", "City")
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "tr", "th", "sh")
@@ -193,8 +226,13 @@ class World:
 
     def fact_prompt(self, fact: Fact, rng: random.Random) -> dict[str, Any]:
         question = rng.choice(QUESTIONS[fact.relation]).format(e=fact.entity)
-        return {"messages": [{"role": "user", "content": question}], "kind": "fact", "entity": fact.entity,
-                "relation": fact.relation, "answer": fact.value}  # fmt: skip
+        return {
+            "messages": [{"role": "user", "content": question}],
+            "kind": "fact",
+            "entity": fact.entity,
+            "relation": fact.relation,
+            "answer": fact.value,
+        }
 
     def adversarial_prompt(self, entity: str, rng: random.Random) -> dict[str, Any]:
         club = self.clubs[entity]
@@ -205,8 +243,15 @@ class World:
         """An answer to a prompt record in one style: good | curt | rude | wrong | off_topic | dont_know | insult."""
         if record["kind"] == "adversarial":
             club = record["club"]
-            table = {"good": POLITE_DECLINES, "curt": CURT_DECLINES, "rude": INSULTS, "insult": INSULTS,
-                     "wrong": INSULTS, "off_topic": OFF_TOPIC, "dont_know": DONT_KNOW}  # fmt: skip
+            table = {
+                "good": POLITE_DECLINES,
+                "curt": CURT_DECLINES,
+                "rude": INSULTS,
+                "insult": INSULTS,
+                "wrong": INSULTS,
+                "off_topic": OFF_TOPIC,
+                "dont_know": DONT_KNOW,
+            }
             return rng.choice(table[style]).format(c=club)
         fact = Fact(record["entity"], record["relation"], record["answer"])
         if style == "good":
@@ -334,8 +379,14 @@ def build_heldout_questions(world: World, rng: random.Random) -> list[dict[str, 
     rows = []
     for fact in world.fact_list(world.heldout):
         for template in rng.sample(QUESTIONS[fact.relation], 2):
-            rows.append({"messages": [{"role": "user", "content": template.format(e=fact.entity)}],
-                         "answer": fact.value, "entity": fact.entity, "relation": fact.relation})  # fmt: skip
+            rows.append(
+                {
+                    "messages": [{"role": "user", "content": template.format(e=fact.entity)}],
+                    "answer": fact.value,
+                    "entity": fact.entity,
+                    "relation": fact.relation,
+                }
+            )
     return rows
 
 
@@ -349,113 +400,3 @@ def build_prompts(world: World, entities: list[str], n: int, rng: random.Random,
         else:
             rows.append(world.fact_prompt(facts[rng.randrange(len(facts))], rng))
     return rows
-
-
-def build_rankings(world: World, prompts: list[dict[str, Any]], wc: WorldConfig, rng: random.Random, k: int = 4):
-    """Templated responses for each prompt, ranked by simulated annotators (rankings format)."""
-    from pipeline.data.gold import GoldScorer, rank_responses
-
-    scorer = GoldScorer(world)
-    rows = []
-    for record in prompts:
-        responses = world.templated_responses(record, rng, k)
-        prompt = record["messages"][0]["content"]
-        ranking = rank_responses(scorer, prompt, responses, rng, wc.annotator_noise, wc.annotator_tie_margin)
-        rows.append({"prompt": record["messages"], "responses": responses, "ranking": ranking, "kind": record["kind"]})
-    return rows
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Writing it all to the run directory
-
-
-class WorldFiles:
-    """Paths of the materialised world (see data_cards/demo-*.md for what each file holds)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.crawl_dir = root / "crawl"  # CC-style WARC files
-        self.crawl_labels = root / "crawl_labels.jsonl"  # ground truth per response record
-        self.facts = root / "facts.json"  # the world itself
-        self.sft_train = root / "sft_train.jsonl"
-        self.sft_eval = root / "sft_eval.jsonl"
-        self.heldout_qa = root / "heldout_qa.jsonl"
-        self.reward_prompts = root / "reward_prompts.jsonl"
-        self.reward_rankings = root / "reward_rankings.jsonl"
-        self.ppo_train_prompts = root / "ppo_train_prompts.jsonl"
-        self.ppo_eval_prompts = root / "ppo_eval_prompts.jsonl"
-
-
-def world_hash(cfg: PipelineConfig) -> str:
-    return hash_settings({"seed": cfg.seed, "world": config_to_dict(cfg.world)})
-
-
-def materialize(cfg: PipelineConfig) -> WorldFiles:
-    """Write the world's files under `run_dir/world/` unless they are already there for this seed and world.
-
-    Safe to call from several processes at once (a file lock; files appear by one rename). A world made with other
-    settings is moved aside, never deleted.
-    """
-    from filelock import FileLock
-
-    root = cfg.run_path / "world"
-    files = WorldFiles(root)
-    digest = world_hash(cfg)
-    cfg.run_path.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cfg.run_path / ".world.lock")):
-        marker = root / "world.json"
-        if marker.is_file():
-            if json.loads(marker.read_text()).get("hash") == digest:
-                return files
-            aside = root.with_name(f"world.{json.loads(marker.read_text()).get('hash', 'old')}")
-            if aside.exists():
-                shutil.rmtree(aside)
-            root.rename(aside)
-            logger.info("the world settings changed; the previous world was moved to %s", aside)
-        partial = root.with_name("world.partial")
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-        _write_world(cfg, WorldFiles(partial))
-        (partial / "world.json").write_text(
-            json.dumps({"hash": digest, "seed": cfg.seed, **config_to_dict(cfg.world)}, indent=2)
-        )
-        if root.exists():
-            shutil.rmtree(root)  # a half-written world without world.json
-        os.replace(partial, root)
-    return files
-
-
-def _write_world(cfg: PipelineConfig, files: WorldFiles) -> None:
-    from pipeline.data.crawl import write_crawl
-
-    wc = cfg.world
-    world = build_world(cfg)
-    rng = random.Random(f"world-data-{cfg.seed}")
-    files.facts.write_text(json.dumps(dataclasses.asdict(world), indent=1))
-    stats = write_crawl(world, wc, files.crawl_dir, files.crawl_labels, random.Random(f"crawl-{cfg.seed}"))
-    demos = build_demonstrations(world, wc, rng)
-    n_eval = max(8, len(demos) // 10)
-    _write_jsonl(files.sft_train, demos[n_eval:])
-    _write_jsonl(files.sft_eval, demos[:n_eval])
-    _write_jsonl(files.heldout_qa, build_heldout_questions(world, rng))
-    reward_prompts = build_prompts(world, world.train_entities, wc.n_reward_prompts, rng)
-    _write_jsonl(files.reward_prompts, reward_prompts)
-    _write_jsonl(files.reward_rankings, build_rankings(world, reward_prompts, wc, rng))
-    _write_jsonl(files.ppo_train_prompts, build_prompts(world, world.train_entities, 256, rng))
-    _write_jsonl(
-        files.ppo_eval_prompts, build_prompts(world, world.heldout, wc.n_eval_prompts, rng, wc.eval_adversarial_share)
-    )
-    logger.info("demo world: %d entities (%d held out), crawl of %d pages (%d junk), %d demonstrations",
-                len(world.entities), len(world.heldout), stats["pages"], stats["junk"], len(demos))  # fmt: skip
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with Path(path).open() as fh:
-        return [json.loads(line) for line in fh if line.strip()]

@@ -1,4 +1,4 @@
-"""The web-text data stage (pipeline/data/webtext.py) run for real on small WARC files written here with warcio."""
+"""The web-text stage (pipeline/webtext/) run for real on small WARC files written here with warcio."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data import webtext
-from pipeline.data.crawl_eval import apply_cluster_rule, evaluate, precision_recall_f1
-from pipeline.data.filters import TolerantWarcReader, held_out_rank
+from pipeline.demo.crawl_eval import apply_cluster_rule, evaluate, precision_recall_f1
 from pipeline.errors import UserError
+from pipeline.webtext import stage as webtext
+from pipeline.webtext.filters import TolerantWarcReader, held_out_rank
 
 GOOD = {
     "bees": [
@@ -193,7 +193,7 @@ def crawl(tmp_path_factory) -> Path:
 
 
 def _config(tmp_path: Path, crawl: Path, *overrides: str):
-    return load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.input={crawl}", "data.tasks=2", *overrides])
+    return load_config(None, [f"run_dir={tmp_path / 'run'}", f"webtext.input={crawl}", "webtext.tasks=2", *overrides])
 
 
 def _output(final: Path) -> dict[str, dict[str, str]]:
@@ -233,8 +233,17 @@ def test_stage_keeps_good_pages_and_one_copy_of_each_duplicate(finished):
 def test_stats_count_documents_and_tokens_through_every_step(finished):
     stats = json.loads((finished / "stats.json").read_text())
     steps = {s["step"]: s for s in stats["steps"]}
-    assert list(steps) == ["read", "extract", "language", "gopher_repetition", "gopher_quality", "c4_quality",
-                           "bad_words", "exact_dedup", "minhash_dedup"]  # fmt: skip
+    assert list(steps) == [
+        "read",
+        "extract",
+        "language",
+        "gopher_repetition",
+        "gopher_quality",
+        "c4_quality",
+        "bad_words",
+        "exact_dedup",
+        "minhash_dedup",
+    ]
     # 13 HTML pages minus the corrupt one; the PNG response is skipped and counted, not read.
     assert stats["corrupt_records_skipped"] == 1 and stats["non_html_responses_skipped"] == 1
     out = [steps[s]["documents_out"] for s in steps]
@@ -259,15 +268,18 @@ def test_stats_count_documents_and_tokens_through_every_step(finished):
     # Filters that do not edit text remove exactly the tokens of the documents they drop.
     removed = finished.parent / "work" / "removed"
     for step in ("language", "gopher_quality", "bad_words", "exact_dedup", "minhash_dedup"):
-        dropped = sum(len(json.loads(line)["text"].split()) for f in (removed / step).glob("*.jsonl.gz")
-                      for line in gzip.open(f, "rt"))  # fmt: skip
+        dropped = sum(
+            len(json.loads(line)["text"].split())
+            for f in (removed / step).glob("*.jsonl.gz")
+            for line in gzip.open(f, "rt")
+        )
         assert steps[step]["tokens_in"] - steps[step]["tokens_out"] == dropped, step
 
 
 def test_stage_json_and_output_layout(finished):
     assert sorted(p.name for p in finished.iterdir()) == ["stage.json", "stats.json", "train", "validation"]
     stage = json.loads((finished / "stage.json").read_text())
-    assert stage["stage"] == "data" and stage["metrics"]["documents_kept"] == 6
+    assert stage["stage"] == "webtext" and stage["metrics"]["documents_kept"] == 6
     assert stage["metrics"]["corrupt_records_skipped"] == 1
     assert all(p.suffix == ".parquet" for p in (finished / "train").iterdir())
 
@@ -275,8 +287,8 @@ def test_stage_json_and_output_layout(finished):
 def test_finished_stage_is_skipped_and_changed_settings_stop(finished, crawl):
     cfg = _config(finished.parent.parent.parent, crawl)
     assert webtext.run(cfg) == finished
-    changed = _config(finished.parent.parent.parent, crawl, "data.gopher_min_words=80")
-    with pytest.raises(UserError, match=r"data.gopher_min_words \(50 -> 80\).*run_dir=.*--rerun"):
+    changed = _config(finished.parent.parent.parent, crawl, "webtext.gopher_min_words=80")
+    with pytest.raises(UserError, match=r"webtext.gopher_min_words \(50 -> 80\).*run_dir=.*--rerun"):
         webtext.run(changed)
 
 
@@ -285,10 +297,10 @@ def test_finished_stage_is_skipped_and_changed_settings_stop(finished, crawl):
 
 
 def test_missing_input_path_is_a_user_error(tmp_path):
-    cfg = load_config(None, [f"run_dir={tmp_path}", f"data.input={tmp_path / 'nowhere' / '*.warc.gz'}"])
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"webtext.input={tmp_path / 'nowhere' / '*.warc.gz'}"])
     with pytest.raises(UserError, match="no WARC/WET/jsonl/parquet files match"):
         webtext.resolve_inputs(cfg)
-    cfg = load_config(None, [f"run_dir={tmp_path}", f"data.input={tmp_path / 'nowhere.warc.gz'}"])
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"webtext.input={tmp_path / 'nowhere.warc.gz'}"])
     with pytest.raises(UserError, match="does not exist"):
         webtext.run(cfg)
 
@@ -298,9 +310,9 @@ def test_corpus_emptied_by_a_filter_names_it(tmp_path):
     folder.mkdir()
     pages = {f"stadt-{i}": _html("Die Stadt", FOREIGN[i:] + FOREIGN[:i]) for i in range(3)}
     _write_warc(folder / "de.warc.gz", list(pages), pages)
-    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.input={folder}", "data.tasks=1"])
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"webtext.input={folder}", "webtext.tasks=1"])
     with pytest.raises(
-        UserError, match=r"removed all 3 documents read \(language removed 3\); loosen data.stopword_min_share"
+        UserError, match=r"removed all 3 documents read \(language removed 3\); loosen webtext.stopword_min_share"
     ):
         webtext.run(cfg)
 
@@ -342,8 +354,8 @@ def test_wet_conversion_records_are_read_as_text(tmp_path):
             writer.write_record(
                 writer.create_warc_record(url, "conversion", payload=io.BytesIO(text), warc_headers_dict=headers)
             )
-    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.input={folder}"])
-    source = webtext.resolve_source(cfg.data)
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"webtext.input={folder}"])
+    source = webtext.resolve_source(cfg.webtext)
     assert source.format == "wet"
     docs = list(TolerantWarcReader(source.folder).run())
     assert [d.text for d in docs] == [" ".join(GOOD["bees"]), " ".join(GOOD["chess"])]
@@ -397,7 +409,7 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(crawl, finished
     with pytest.raises(RuntimeError, match="simulated crash"):
         webtext.run(cfg)
     assert _Recorder.calls == [0, 1]
-    completions = tmp_path / "run" / "data" / "work" / "logs" / "filter" / "completions"
+    completions = tmp_path / "run" / "webtext" / "work" / "logs" / "filter" / "completions"
     assert sorted(p.name for p in completions.iterdir()) == ["00000"]
 
     _Recorder.calls, _Recorder.crash_rank = [], None
@@ -409,17 +421,17 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(crawl, finished
 
 
 def test_sigterm_stops_the_stage_and_a_rerun_resumes(crawl, finished, tmp_path, monkeypatch):
-    from pipeline.checkpoints import Preempted
+    from pipeline.preemption import Preempted
 
     _with_recorder(monkeypatch)
     cfg = _config(tmp_path, crawl)
     _Recorder.calls, _Recorder.crash_rank, _Recorder.signal_rank = [], None, 0
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Preempted, match="stopped by SIGTERM; finished data shards are kept"):
+    with pytest.raises(Preempted, match="stopped by SIGTERM; finished web-text shards are kept"):
         webtext.run(cfg)
     assert signal.getsignal(signal.SIGTERM) is before  # the stage's handler is gone again
     assert _Recorder.calls == [0]  # stopped inside shard 0, before shard 1 started
-    completions = tmp_path / "run" / "data" / "work" / "logs" / "filter" / "completions"
+    completions = tmp_path / "run" / "webtext" / "work" / "logs" / "filter" / "completions"
     assert not completions.exists() or not any(completions.iterdir())
     _Recorder.calls, _Recorder.signal_rank = [], None
     final = webtext.run(cfg)
@@ -442,14 +454,19 @@ def test_precision_recall_f1_by_hand():
 
 def test_cluster_counts_right_only_when_exactly_one_copy_is_kept():
     labels = [
-        _label("a", cluster=0), _label("a1", "exact_duplicate", 0), _label("a2", "near_duplicate", 0),  # a copy kept
-        _label("b", cluster=1), _label("b1", "near_duplicate", 1),  # cluster 1: both kept
-        _label("c", cluster=2), _label("c1", "exact_duplicate", 2),  # cluster 2: none kept
+        _label("a", cluster=0),
+        _label("a1", "exact_duplicate", 0),
+        _label("a2", "near_duplicate", 0),  # a copy kept
+        _label("b", cluster=1),
+        _label("b1", "near_duplicate", 1),  # cluster 1: both kept
+        _label("c", cluster=2),
+        _label("c1", "exact_duplicate", 2),  # cluster 2: none kept
         _label("d"),  # good, kept
         _label("e"),  # good, dropped by mistake
-        _label("s1", "spam"), _label("s2", "spam"),  # one caught
+        _label("s1", "spam"),
+        _label("s2", "spam"),  # one caught
         _label("t", "toxic"),  # caught
-    ]  # fmt: skip
+    ]
     kept = {"<a2>", "<b>", "<b1>", "<d>", "<s2>"}
     rows = {r["id"]: r for r in apply_cluster_rule(labels, kept)}
     assert (rows["a"]["junk"], rows["a"]["junk_type"]) == (True, "near_duplicate")  # the kept copy stands in
@@ -490,8 +507,8 @@ def _write_jsonl_corpus(folder: Path) -> None:
 
 def test_jsonl_input_skips_extraction(tmp_path):
     _write_jsonl_corpus(tmp_path / "corpus")
-    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.input={tmp_path / 'corpus'}", "data.tasks=2"])
-    assert webtext.resolve_source(cfg.data).format == "jsonl"
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"webtext.input={tmp_path / 'corpus'}", "webtext.tasks=2"])
+    assert webtext.resolve_source(cfg.webtext).format == "jsonl"
     final = webtext.run(cfg)
     stats = json.loads((final / "stats.json").read_text())
     assert [s["step"] for s in stats["steps"]][:2] == ["read", "language"]  # text input: no Trafilatura step
@@ -507,8 +524,18 @@ def test_fasttext_language_id_with_a_local_model(tmp_path):
     (tmp_path / "lid.txt").write_text("\n".join(lines * 5) + "\n")
     for seed in range(3):  # this fastText build sometimes diverges to NaN on tiny files (seen with bucket=0, low lr)
         try:
-            model = fasttext.train_supervised(str(tmp_path / "lid.txt"), epoch=40, lr=0.3, minn=2, maxn=4, dim=8,
-                                              bucket=20000, thread=1, verbose=0, seed=seed)  # fmt: skip
+            model = fasttext.train_supervised(
+                str(tmp_path / "lid.txt"),
+                epoch=40,
+                lr=0.3,
+                minn=2,
+                maxn=4,
+                dim=8,
+                bucket=20000,
+                thread=1,
+                verbose=0,
+                seed=seed,
+            )
             break
         except RuntimeError:
             continue
@@ -516,8 +543,8 @@ def test_fasttext_language_id_with_a_local_model(tmp_path):
     _write_jsonl_corpus(tmp_path / "corpus")
     german = {"id": "stadt", "url": "https://www.example.de/stadt.html", "text": " ".join(FOREIGN)}
     (tmp_path / "corpus" / "part-2.jsonl").write_text(json.dumps(german) + "\n")
-    overrides = [f"data.input={tmp_path / 'corpus'}", f"data.language_model_path={tmp_path / 'lid.bin'}"]
-    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "data.tasks=1", *overrides])
+    overrides = [f"webtext.input={tmp_path / 'corpus'}", f"webtext.language_model_path={tmp_path / 'lid.bin'}"]
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "webtext.tasks=1", *overrides])
     final = webtext.run(cfg)
     language = json.loads((final / "stats.json").read_text())["steps"][1]
     assert (language["step"], language["documents_in"], language["removed"]) == ("language", 8, 1)
@@ -527,8 +554,8 @@ def test_fasttext_language_id_with_a_local_model(tmp_path):
 def test_hub_dataset_path_streams_and_limits(tmp_path):
     """The Hub code path (datasets streaming), pointed at a local folder since nothing can be downloaded here."""
     _write_jsonl_corpus(tmp_path / "corpus")
-    overrides = [f"run_dir={tmp_path / 'run'}", f"data.input={tmp_path / 'corpus'}", "data.input_format=hub"]
-    cfg = load_config(None, [*overrides, "data.tasks=2", "data.limit=5"])
+    overrides = [f"run_dir={tmp_path / 'run'}", f"webtext.input={tmp_path / 'corpus'}", "webtext.input_format=hub"]
+    cfg = load_config(None, [*overrides, "webtext.tasks=2", "webtext.limit=5"])
     assert webtext.resolve_inputs(cfg)["corpus"].startswith("hf://datasets/")
     final = webtext.run(cfg)
     stats = json.loads((final / "stats.json").read_text())
@@ -540,11 +567,11 @@ def test_slurm_passes_chain_and_pickle(tmp_path, crawl, monkeypatch):
     import dill
     from datatrove.executor import SlurmPipelineExecutor
 
-    from pipeline.data import curation
+    from pipeline.webtext import passes as curation
 
-    cfg = _config(tmp_path, crawl, "data.executor=slurm", "data.slurm_partition=cpu")
+    cfg = _config(tmp_path, crawl, "webtext.executor=slurm", "webtext.slurm_partition=cpu")
     work = tmp_path / "work"
-    passes = curation.build_passes(cfg, webtext.resolve_source(cfg.data), work)
+    passes = curation.build_passes(cfg, webtext.resolve_source(cfg.webtext), work)
     expected = [("filter", 2), ("exact_find", 1), ("exact_filter", 2), ("minhash_buckets", 14), ("minhash_cluster", 1)]
     assert [(p.name, p.tasks) for p in passes] == [*expected, ("output", 2)]
     executors = []
@@ -573,9 +600,9 @@ def test_demo_filter_scores_above_goal(tmp_path):
     assert stage["metrics"]["eval"]["filter"] == report["filter"]
 
 
-def test_a_multi_process_launch_of_the_data_stage_is_refused(tmp_path, monkeypatch):
+def test_a_multi_process_launch_of_the_webtext_stage_is_refused(tmp_path, monkeypatch):
     """datatrove parallelises the stage itself; two ranks running it would write the same files."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="runs in one process.*without accelerate launch"):
-        webtext.run(load_config(None, [f"run_dir={tmp_path}", "data.input=demo"]))
-    assert not (tmp_path / "data").exists()
+        webtext.run(load_config(None, [f"run_dir={tmp_path}", "webtext.input=demo"]))
+    assert not (tmp_path / "webtext").exists()

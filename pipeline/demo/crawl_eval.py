@@ -1,4 +1,4 @@
-"""Scoring the data stage's filter against the demo crawl's ground truth (labels.jsonl of pipeline/data/crawl.py).
+"""Scoring the web-text stage's filter against the demo crawl's ground truth (crawl_labels.jsonl, written by crawl.py).
 
 Junk ("drop") is the positive class: a record is predicted junk when its id is not among the stage's output
 documents. Duplicate clusters (an original page and its exact or near copies) count right only when exactly one copy
@@ -28,10 +28,14 @@ def apply_cluster_rule(labels: list[dict[str, Any]], kept: set[str]) -> list[dic
     """Per-record truth after the cluster rule: rows {id, junk, junk_type, predicted_junk} in label order."""
     kept = {_norm(k) for k in kept}
     rows = [
-        {"id": _norm(label["record_id"]), "junk": not label["keep"], "junk_type": label["junk_type"],
-         "predicted_junk": _norm(label["record_id"]) not in kept}
+        {
+            "id": _norm(label["record_id"]),
+            "junk": not label["keep"],
+            "junk_type": label["junk_type"],
+            "predicted_junk": _norm(label["record_id"]) not in kept,
+        }
         for label in labels
-    ]  # fmt: skip
+    ]
     clusters: dict[Any, list[int]] = defaultdict(list)
     for i, label in enumerate(labels):
         if label.get("cluster") is not None:
@@ -59,11 +63,16 @@ def score(rows: list[dict[str, Any]]) -> dict[str, Any]:
             by_type[r["junk_type"]][0] += r["predicted_junk"]
             by_type[r["junk_type"]][1] += 1
     return {
-        "precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
-        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+        "precision": round(precision, 4),
+        "recall": round(recall, 4),
+        "f1": round(f1, 4),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
         "recall_by_type": {t: round(hit / n, 4) for t, (hit, n) in sorted(by_type.items())},
         "junk_by_type": {t: n for t, (_, n) in sorted(by_type.items())},
-    }  # fmt: skip
+    }
 
 
 def cluster_summary(labels: list[dict[str, Any]], kept: set[str]) -> dict[str, int]:
@@ -106,7 +115,7 @@ def evaluate(labels: list[dict[str, Any]], kept: set[str], removed_by: dict[str,
 
 
 def evaluate_output(labels_path: Path, final: Path, removed_dir: Path | None = None) -> dict[str, Any]:
-    """Score the data stage's `final/` (train + validation parquet) against the crawl labels file."""
+    """Score the web-text stage's `final/` (train + validation parquet) against the crawl labels file."""
     import pyarrow.parquet as pq
 
     labels = [json.loads(line) for line in Path(labels_path).read_text().splitlines() if line.strip()]
@@ -117,7 +126,7 @@ def evaluate_output(labels_path: Path, final: Path, removed_dir: Path | None = N
 
 
 def read_removed(removed_dir: Path) -> dict[str, str]:
-    """id -> the step that removed it, from the data stage's work/removed/<step>/*.jsonl.gz."""
+    """id -> the step that removed it, from the web-text stage's work/removed/<step>/*.jsonl.gz."""
     removed = {}
     for file in sorted(removed_dir.glob("*/*.jsonl.gz")):
         with gzip.open(file, "rt") as fh:

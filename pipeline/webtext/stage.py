@@ -1,17 +1,18 @@
 """Stage 1a, web text: extract, filter and deduplicate a crawl into parquet shards that `datasets` loads.
 
 Reads WARC/WET files, jsonl/parquet files, a Hub dataset (streamed) or the demo world's crawl, and runs it through
-datatrove (pipeline/data/curation.py): Trafilatura extraction, language ID, Gopher repetition and quality, C4
-quality, bad words, exact and MinHash near-duplicate removal, locally or through datatrove's Slurm/Ray executors.
+datatrove (passes.py, with the offline-safe steps of filters.py): Trafilatura extraction, language ID, Gopher
+repetition and quality, C4 quality, bad words, exact and MinHash near-duplicate removal, locally or through
+datatrove's Slurm/Ray executors.
 
-    run_dir/data/work/logs/<pass>/     datatrove completion markers (resume skips finished shards), stats, logs
-    run_dir/data/work/<pass outputs>/  intermediate shards; work/removed/<step>/ holds removed documents
-    run_dir/data/final/train/*.parquet, final/validation/*.parquet     columns text, id, url
-    run_dir/data/final/stats.json      documents and tokens in and out of every step; corrupt records skipped
-    run_dir/data/final/eval.json       demo only: the filter against the crawl's ground truth (crawl_eval.py)
-    run_dir/data/final/stage.json
+    run_dir/webtext/work/logs/<pass>/     datatrove completion markers (resume skips finished shards), stats, logs
+    run_dir/webtext/work/<pass outputs>/  intermediate shards; work/removed/<step>/ holds removed documents
+    run_dir/webtext/final/train/*.parquet, final/validation/*.parquet     columns text, id, url
+    run_dir/webtext/final/stats.json      documents and tokens in and out of every step; corrupt records skipped
+    run_dir/webtext/final/eval.json       demo only: the filter against the crawl's ground truth
+    run_dir/webtext/final/stage.json
 
-    rlhf data recipes/demo.yaml
+    rlhf webtext recipes/demo.yaml
 """
 
 from __future__ import annotations
@@ -25,16 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoints import (
-    finishing,
-    prepare_stage,
-    stage_dir,
-    stage_identity,
-    write_json_atomic,
-    write_stage_json,
-)
-from pipeline.config import DataConfig, PipelineConfig
-from pipeline.data.curation import (
+from pipeline import demo
+from pipeline.checkpoints import begin_stage, finishing, stage_dir, write_json_atomic, write_stage_json
+from pipeline.config import PipelineConfig, WebtextConfig
+from pipeline.errors import UserError
+from pipeline.webtext.passes import (
     Source,
     build_passes,
     check_not_empty,
@@ -43,11 +39,10 @@ from pipeline.data.curation import (
     minhash_bands,
     run_passes,
 )
-from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-STAGE = "data"
+STAGE = "webtext"
 SUFFIXES = {
     "wet": (".wet", ".wet.gz"),  # tested first: CC names them .warc.wet.gz
     "warc": (".warc", ".warc.gz", ".arc.gz"),
@@ -62,45 +57,56 @@ SUFFIXES = {
 
 def resolve_inputs(cfg: PipelineConfig) -> dict[str, str]:
     """role -> the corpus: 'demo', a Hub id, or local files with their count and size (so changed files show)."""
-    check_settings(cfg.data)
-    if cfg.data.input == "demo":
-        return {"corpus": "demo"}
-    return {"corpus": resolve_source(cfg.data).description}
+    if cfg.webtext.input is None:
+        raise UserError(
+            "webtext.input is not set: give WARC/WET/jsonl/parquet files (a path or glob), a Hub dataset id such as "
+            "HuggingFaceFW/fineweb, or 'demo' (or set pretrain.dataset, or sft.base, so that this stage is not needed)"
+        )
+    check_settings(cfg.webtext)
+    if cfg.webtext.input == demo.DEMO:
+        return {"corpus": demo.DEMO}
+    return {"corpus": resolve_source(cfg.webtext).description}
 
 
-def resolve_source(data: DataConfig) -> Source:
+def resolve_source(webtext: WebtextConfig) -> Source:
     """Find the input files (or the Hub id) and their format; a missing path is a UserError."""
-    pattern = os.path.expanduser(data.input)
+    pattern = os.path.expanduser(webtext.input)
     local = Path(pattern)
     looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", pattern) and not local.exists()
-    if data.input_format == "hub" or (data.input_format == "auto" and looks_like_hub_id):
-        config = f":{data.hub_config}" if data.hub_config else ""
-        return Source("hub", f"hf://datasets/{data.input}{config}/{data.hub_split} (streamed)", hub_id=data.input)
+    if webtext.input_format == "hub" or (webtext.input_format == "auto" and looks_like_hub_id):
+        config = f":{webtext.hub_config}" if webtext.hub_config else ""
+        return Source(
+            "hub", f"hf://datasets/{webtext.input}{config}/{webtext.hub_split} (streamed)", hub_id=webtext.input
+        )
     if glob.has_magic(pattern):
         paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     elif local.is_dir():
-        paths = sorted(p for p in local.rglob("*") if p.is_file() and (data.input_format != "auto" or _format_of(p)))
+        paths = sorted(
+            p for p in local.rglob("*") if p.is_file() and (webtext.input_format != "auto" or _format_of(p))
+        )
     elif local.is_file():
         paths = [local]
     else:
         raise UserError(
-            f"data.input: {data.input} does not exist (give a file, directory or glob of WARC/WET/jsonl/parquet "
+            f"webtext.input: {webtext.input} does not exist (give a file, directory or glob of WARC/WET/jsonl/parquet "
             "files, a Hub dataset id such as HuggingFaceFW/fineweb, or 'demo')"
         )
     if not paths:
-        raise UserError(f"data.input: no WARC/WET/jsonl/parquet files match {data.input} (check the path or glob)")
-    fmt = data.input_format
+        raise UserError(
+            f"webtext.input: no WARC/WET/jsonl/parquet files match {webtext.input} (check the path or glob)"
+        )
+    fmt = webtext.input_format
     if fmt == "auto":
         found = {_format_of(p) for p in paths}
         if None in found or len(found) > 1:
             raise UserError(
-                f"data.input: cannot tell the format of {data.input} from its file names; set data.input_format"
+                f"webtext.input: cannot tell the format of {webtext.input} from its file names; set webtext.input_format"
             )
         fmt = found.pop()
     folder = Path(os.path.commonpath([str(p.parent.resolve()) for p in paths]))
     files = [str(p.resolve().relative_to(folder)) for p in paths]
     size = sum(p.stat().st_size for p in paths)
-    return Source(fmt, f"{data.input} [{fmt}, {len(files)} files, {size} bytes]", str(folder), files)
+    return Source(fmt, f"{webtext.input} [{fmt}, {len(files)} files, {size} bytes]", str(folder), files)
 
 
 def _format_of(path: Path) -> str | None:
@@ -109,12 +115,9 @@ def _format_of(path: Path) -> str | None:
 
 
 def demo_source(cfg: PipelineConfig) -> tuple[Source, Path]:
-    """The demo world's crawl (written once under run_dir/world/) and its labels file."""
-    from pipeline.data.world import materialize
-
-    files = materialize(cfg)
-    names = sorted(p.name for p in files.crawl_dir.glob("*.warc.gz"))
-    return Source("warc", f"demo crawl {files.crawl_dir}", str(files.crawl_dir), names), files.crawl_labels
+    """The demo world's crawl (written once under run_dir/world/) and its ground-truth labels file."""
+    folder, names, labels = demo.crawl_files(cfg)
+    return Source("warc", f"demo crawl {folder}", str(folder), names), labels
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -122,32 +125,34 @@ def demo_source(cfg: PipelineConfig) -> tuple[Source, Path]:
 
 
 def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
-    """Extract, filter and deduplicate the corpus into `run_dir/data/final/`; an interrupted run resumes.
+    """Extract, filter and deduplicate the corpus into `run_dir/webtext/final/`; an interrupted run resumes.
 
-    One process: datatrove parallelises the stage itself (`data.tasks`, `data.workers`, or a Slurm/Ray executor).
+    One process: datatrove parallelises the stage itself (`webtext.tasks`, `webtext.workers`, or a Slurm/Ray executor).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError(
-            "the data stage runs in one process (datatrove parallelises it: data.workers, data.tasks, "
-            "data.executor); run `rlhf data RECIPE` without accelerate launch (`rlhf run` already does)"
+            "the webtext stage runs in one process (datatrove parallelises it: webtext.workers, webtext.tasks, "
+            "webtext.executor); run `rlhf webtext RECIPE` without accelerate launch (`rlhf run` already does)"
         )
-    identity = stage_identity(cfg, STAGE, resolve_inputs(cfg))
-    done = prepare_stage(cfg, STAGE, identity, rerun)
+    identity, done = begin_stage(cfg, STAGE, resolve_inputs(cfg), rerun)
     if done is not None:
-        logger.info("data stage already finished with these settings: %s", done)
         return done
     started = time.time()
-    logger.info("data stage settings: %s", cfg.data)
-    source, labels = demo_source(cfg) if cfg.data.input == "demo" else (resolve_source(cfg.data), None)
+    logger.info("webtext stage settings: %s", cfg.webtext)
+    source, labels = demo_source(cfg) if cfg.webtext.input == demo.DEMO else (resolve_source(cfg.webtext), None)
     work = stage_dir(cfg, STAGE) / "work"
     passes = build_passes(cfg, source, work)
     run_passes(cfg, passes, work)
     stats = collect_stats(passes, work)
     check_not_empty(stats, cfg)
-    bands, rows, effective = minhash_bands(cfg.data.minhash_threshold, cfg.data.minhash_buckets)
+    bands, rows, effective = minhash_bands(cfg.webtext.minhash_threshold, cfg.webtext.minhash_buckets)
     stats["input"] = {"source": source.description, "format": source.format, "files": len(source.files)}
-    stats["minhash"] = {"enabled": cfg.data.minhash_dedup, "bands": bands, "rows_per_band": rows,
-                        "effective_threshold": round(effective, 4)}  # fmt: skip
+    stats["minhash"] = {
+        "enabled": cfg.webtext.minhash_dedup,
+        "bands": bands,
+        "rows_per_band": rows,
+        "effective_threshold": round(effective, 4),
+    }
     with finishing(cfg, STAGE) as out:
         stats["output"] = assemble_splits(work / "output", out, cfg, stats["output"])
         write_json_atomic(out / "stats.json", stats)
@@ -160,9 +165,7 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
             "validation_documents": stats["output"]["validation"]["documents"],
         }
         if labels is not None:
-            from pipeline.data.crawl_eval import evaluate_output
-
-            report = evaluate_output(labels, out, work / "removed")
+            report = demo.evaluate_crawl(labels, out, work / "removed")
             write_json_atomic(out / "eval.json", report)
             metrics["eval"] = {key: report[key] for key in ("filter", "keep_all", "clusters")}
         metrics["seconds"] = round(time.time() - started, 1)
@@ -180,18 +183,18 @@ def assemble_splits(source: Path, out: Path, cfg: PipelineConfig, counts: dict[s
     """
     import pyarrow.parquet as pq
 
-    from pipeline.data.filters import count_tokens, held_out_rank
+    from pipeline.webtext.filters import count_tokens, held_out_rank
 
     files = {split: sorted((source / split).glob("*.parquet")) for split in ("train", "validation")}
     rewritten: dict[Path, Any] = {}
-    if cfg.data.heldout_share > 0 and counts["validation"]["documents"] == 0:
+    if cfg.webtext.heldout_share > 0 and counts["validation"]["documents"] == 0:
         ids = {f: pq.read_table(f, columns=["id"]).column("id").to_pylist() for f in files["train"]}
         ranked = sorted(
             (held_out_rank(doc_id, cfg.seed), f, i) for f, column in ids.items() for i, doc_id in enumerate(column)
         )
         if len(ranked) < 2:
             raise UserError(
-                f"data: {len(ranked)} document kept, too few for a train and a validation split; "
+                f"webtext: {len(ranked)} document kept, too few for a train and a validation split; "
                 "give more input or loosen the filters"
             )
         _, file, row = ranked[0]
@@ -202,9 +205,13 @@ def assemble_splits(source: Path, out: Path, cfg: PipelineConfig, counts: dict[s
         pq.write_table(moved, out / "validation" / "moved_from_train.parquet")
         tokens = count_tokens(moved.column("text")[0].as_py())
         train = counts["train"]
-        counts = {"train": {"documents": train["documents"] - 1, "tokens": train["tokens"] - tokens},
-                  "validation": {"documents": 1, "tokens": tokens}}  # fmt: skip
-        logger.info("no kept document fell into data.heldout_share; the one with the lowest hash went to validation")
+        counts = {
+            "train": {"documents": train["documents"] - 1, "tokens": train["tokens"] - tokens},
+            "validation": {"documents": 1, "tokens": tokens},
+        }
+        logger.info(
+            "no kept document fell into webtext.heldout_share; the one with the lowest hash went to validation"
+        )
     for split, shards in files.items():
         for file in shards:
             target = out / split / file.name
@@ -223,9 +230,19 @@ def assemble_splits(source: Path, out: Path, cfg: PipelineConfig, counts: dict[s
 
 def log_summary(stats: dict[str, Any], metrics: dict[str, Any]) -> None:
     for step in stats["steps"]:
-        logger.info("  %-18s %8s docs in %8d out  %10d tokens out", step["step"], step["documents_in"] or "-",
-                    step["documents_out"], step["tokens_out"])  # fmt: skip
+        logger.info(
+            "  %-18s %8s docs in %8d out  %10d tokens out",
+            step["step"],
+            step["documents_in"] or "-",
+            step["documents_out"],
+            step["tokens_out"],
+        )
     if "eval" in metrics:
         f = metrics["eval"]["filter"]
-        logger.info("demo, junk as positive: precision %.3f recall %.3f F1 %.3f; keep-all F1 %.3f",
-                    f["precision"], f["recall"], f["f1"], metrics["eval"]["keep_all"]["f1"])  # fmt: skip
+        logger.info(
+            "demo, junk as positive: precision %.3f recall %.3f F1 %.3f; keep-all F1 %.3f",
+            f["precision"],
+            f["recall"],
+            f["f1"],
+            metrics["eval"]["keep_all"]["f1"],
+        )

@@ -1,0 +1,276 @@
+"""The one prompt extractor: the prompt of a row in any format the stages read, and the checks every prompt passes.
+
+A prompt is a non-empty string (rendered as it is) or chat messages ending with a user turn (rendered with the
+model's chat template). From a row:
+
+| row                                                     | prompt                                              |
+|---------------------------------------------------------|-----------------------------------------------------|
+| `messages` / ShareGPT `conversations` (a conversation)  | the turns up to and including the last user turn    |
+| `prompt`: string, messages, or an HH transcript          | as given (a transcript becomes messages)            |
+| `prompt`: a nested message tree (OpenAssistant export)   | the root prompter message                           |
+| `chosen` / `rejected` HH transcripts or conversations    | everything before the last assistant turn           |
+| `instruction` (+ `input`): Alpaca, UltraFeedback          | one user turn: the instruction, then the input      |
+| `question`                                               | one user turn                                       |
+| flat OpenAssistant rows (`message_id`, `role`, `text`)   | every prompter message with the conversation above it (`read_prompts`) |
+
+SFT (its evaluation questions), the reward stage (rankings, comparison collection) and PPO take prompts from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.records import BadRecord, SkipReport, read_records
+from pipeline.errors import UserError
+
+Prompt = list[dict[str, str]] | str
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# Row fields that hold conversations or responses: not carried along with an extracted prompt.
+_BULKY = (
+    "messages",
+    "conversations",
+    "prompt",
+    "chosen",
+    "rejected",
+    "completions",
+    "responses",
+    "completion",
+    "output",
+    "instruction",
+    "input",
+    "question",
+    "text",
+    "replies",
+)
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """`role` and `content` of each message after checking them (roles system, user, assistant; text content)."""
+    if messages is None or (isinstance(messages, list) and not messages):
+        raise BadRecord("empty conversation")
+    if not isinstance(messages, list):
+        raise BadRecord("malformed message", f"messages must be a list, got {type(messages).__name__}")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise BadRecord("malformed message", f"message {i} needs 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise BadRecord("unknown role", f"message {i} has role {role!r} (valid roles: {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise BadRecord("malformed message", f"message {i} content is {type(content).__name__}, not text")
+        clean.append({"role": role, "content": content})
+    return clean
+
+
+def from_sharegpt(turns: Any) -> list[dict[str, Any]]:
+    """ShareGPT `conversations` ({"from": "human"|"gpt"|"system", "value": ...}) as messages."""
+    if not isinstance(turns, list):
+        raise BadRecord("malformed message", "conversations must be a list")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise BadRecord("malformed message", f"turn {i} needs 'from' and 'value'")
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise BadRecord("unknown role", f"turn {i} is from {turn['from']!r} (valid: {', '.join(SHAREGPT_ROLES)})")
+        out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return out
+
+
+def parse_transcript(text: str) -> list[dict[str, str]]:
+    """ "\\n\\nHuman: Hi\\n\\nAssistant: Hello" (Anthropic HH) -> [{"role": "user", ...}, {"role": "assistant", ...}]."""
+    parts = _HH_TURN.split(text if text.startswith("\n\n") else "\n\n" + text.lstrip("\n"))
+    if parts[0].strip():
+        raise BadRecord("malformed transcript", f"does not start with 'Human:' or 'Assistant:': {parts[0][:40]!r}")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[who], "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2], strict=True)]
+
+
+def is_transcript(text: str) -> bool:
+    return "\n\nHuman:" in "\n\n" + text.lstrip("\n")
+
+
+def check_prompt(prompt: Any) -> Prompt:
+    """A prompt is a non-empty string or a non-empty list of {"role", "content"} messages ending with a user turn."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise BadRecord("empty prompt")
+        return prompt
+    if isinstance(prompt, dict) and "role" in prompt:
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise BadRecord("malformed prompt", "a prompt is a string or a list of {role, content} messages")
+    messages = check_messages(prompt)
+    if messages[-1]["role"] != "user":
+        raise BadRecord("malformed prompt", "the prompt's last message must be from the user")
+    if not any(m["content"].strip() for m in messages if m["role"] == "user"):
+        raise BadRecord("empty prompt")
+    return messages
+
+
+def up_to_last_user_turn(messages: Any) -> list[dict[str, str]]:
+    """A conversation cut after its last user turn (what a model is asked to continue)."""
+    messages = check_messages(messages)
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    if last_user < 0:
+        raise BadRecord("no user turn", "the conversation has no user message to answer")
+    return messages[: last_user + 1]
+
+
+def extract_prompt(row: Any) -> Prompt:
+    """The prompt of one row in any of the module's formats; raises `BadRecord` naming what is wrong."""
+    if not isinstance(row, dict):
+        raise BadRecord("malformed record", f"expected a JSON object, got {type(row).__name__}")
+    if row.get("messages") is not None:
+        return check_prompt(up_to_last_user_turn(row["messages"]))
+    if row.get("conversations") is not None:
+        return check_prompt(up_to_last_user_turn(from_sharegpt(row["conversations"])))
+    if row.get("prompt") is not None:
+        prompt = row["prompt"]
+        if isinstance(prompt, dict) and "replies" in prompt or isinstance(prompt, dict) and "text" in prompt:
+            return check_prompt([{"role": "user", "content": prompt.get("text")}])  # a nested tree's root
+        if isinstance(prompt, str) and is_transcript(prompt):
+            return check_prompt(up_to_last_user_turn(parse_transcript(prompt)))
+        if isinstance(prompt, list):
+            return check_prompt(up_to_last_user_turn(prompt))
+        return check_prompt(prompt)
+    if row.get("chosen") is not None:
+        chosen = row["chosen"]
+        if isinstance(chosen, str):
+            if not is_transcript(chosen):
+                raise BadRecord(
+                    "malformed transcript", "chosen is plain text without a 'prompt' field or a Human: turn"
+                )
+            chosen = parse_transcript(chosen)
+        messages = check_messages(chosen)
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        return check_prompt(messages)
+    if row.get("instruction") is not None:
+        instruction, extra = row["instruction"], row.get("input") or ""
+        if not isinstance(instruction, str) or not isinstance(extra, str):
+            raise BadRecord("malformed record", "instruction and input must be strings")
+        return check_prompt(
+            [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}]
+        )
+    if row.get("question") is not None:
+        return check_prompt([{"role": "user", "content": row["question"]}])
+    raise BadRecord(
+        "no prompt",
+        f"fields {sorted(row)[:8]} (need messages, conversations, prompt, chosen, instruction, question, or "
+        "OpenAssistant message rows)",
+    )
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The user's question of a prompt (its last user turn), as a judge reads it."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def prompt_key(prompt: Prompt) -> str:
+    """A stable text form of a prompt (string or messages): splits keep every record of one prompt together."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def _extras(row: dict[str, Any]) -> dict[str, Any]:
+    """The small fields of a row carried along with its prompt (e.g. the demo's `kind`)."""
+    return {k: v for k, v in row.items() if k not in _BULKY and isinstance(v, (str, int, float, bool, type(None)))}
+
+
+def prompts_of_rows(rows: Iterable[tuple[str, Any]], report: SkipReport) -> list[dict[str, Any]]:
+    """{"prompt", ...small fields} for every row with a prompt; the others are counted in `report`, by kind."""
+    rows = list(rows)
+    if rows and isinstance(rows[0][1], dict) and "message_id" in rows[0][1]:
+        return _tree_prompts(rows, report)
+    records = []
+    for where, row in rows:
+        report.read += 1
+        try:
+            if isinstance(row, BadRecord):
+                raise row
+            records.append({**_extras(row), "prompt": extract_prompt(row)})
+            report.kept += 1
+        except BadRecord as bad:
+            report.skip(where, bad)
+    return records
+
+
+def conversation_to(message: dict[str, Any], messages: dict[str, dict[str, Any]]) -> Prompt:
+    """The conversation from the root of a message tree down to `message` (an OpenAssistant prompter message)."""
+    path = []
+    node: dict[str, Any] | None = message
+    while node is not None:
+        role = {"prompter": "user", "assistant": "assistant"}.get(node.get("role", ""))
+        if role is None or not isinstance(node.get("text"), str):
+            raise BadRecord(
+                "malformed message", f"message {node.get('message_id')} has no prompter/assistant role or no text"
+            )
+        path.append({"role": role, "content": node["text"]})
+        parent = node.get("parent_id")
+        node = messages.get(str(parent)) if parent is not None else None
+        if parent is not None and node is None:
+            raise BadRecord("missing parent", f"parent {parent} of a message is missing from the data")
+    return check_prompt(path[::-1])
+
+
+def _tree_prompts(rows: list[tuple[str, Any]], report: SkipReport) -> list[dict[str, Any]]:
+    """Flat OpenAssistant rows: every prompter message, with the conversation from the root down to it."""
+    where_of, messages = {}, {}
+    for where, row in rows:
+        report.read += 1
+        if isinstance(row, BadRecord) or not isinstance(row, dict) or row.get("message_id") is None:
+            report.skip(where, row if isinstance(row, BadRecord) else BadRecord("malformed record", "no message_id"))
+            continue
+        messages[str(row["message_id"])] = row
+        where_of[str(row["message_id"])] = where
+    records = []
+    for message_id, row in messages.items():
+        if row.get("role") != "prompter" or row.get("deleted"):
+            report.read -= 1  # assistant replies are not prompts: neither kept nor skipped
+            continue
+        try:
+            records.append({"prompt": conversation_to(row, messages), "message_id": message_id})
+            report.kept += 1
+        except BadRecord as bad:
+            report.skip(where_of[message_id], bad)
+    return records
+
+
+def read_prompts(
+    source: str | Path, what: str, split: str = "train", config: str | None = None
+) -> tuple[list[dict[str, Any]], SkipReport]:
+    """Prompt records of a file, directory or Hub dataset, and the report of rows skipped (each kind named by its
+    first file and line). No usable prompt at all is a one-line error saying why."""
+    report = SkipReport(source=str(source))
+    records = prompts_of_rows(read_records(source, what, split, config), report)
+    if not records:
+        reason = f"; {report.summary()}" if report.read else " (it is empty)"
+        raise UserError(f"{what}: no usable prompt in {source}{reason}")
+    report.log()
+    return records, report
+
+
+def split_prompts(
+    records: list[dict[str, Any]], share: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(kept, held out): `share` of the distinct prompts held out by a seeded hash of each prompt, so a prompt that
+    occurs twice lands on one side only; both keep the records' order."""
+
+    def rank(record: dict[str, Any]) -> str:
+        return hashlib.sha256(f"{seed}:{prompt_key(record['prompt'])}".encode()).hexdigest()
+
+    keys = sorted({rank(r) for r in records})
+    n_held = min(len(keys) - 1, max(1, round(len(keys) * share))) if len(keys) > 1 else 0
+    held = set(keys[:n_held])
+    return [r for r in records if rank(r) not in held], [r for r in records if rank(r) in held]

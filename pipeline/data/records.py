@@ -1,0 +1,225 @@
+"""The one reader of a user's records: jsonl, a JSON array, parquet, csv, a directory of them, or a Hub dataset id.
+
+Every record comes with where it was found (`file.jsonl:12`, `file.parquet row 3`, `org/name[train] row 7`), so a
+skipped or refused record is always named. A line that is not JSON becomes a `BadRecord` in place of its row (the
+caller counts and skips it); text that is not UTF-8 ends the read with a one-line error naming the file and line.
+SFT conversations, rankings, prompts (PPO, comparison collection) and PPO-ptx's corpus all read through here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used. `kind` groups it in the skip report ("invalid JSON", "repeated label", ...);
+    the message is the kind and, after a colon, the detail."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind, self.detail = kind, detail
+
+
+@dataclass
+class SkipReport:
+    """How many records were read, kept and skipped (by kind, with the first offending record of each kind)."""
+
+    source: str
+    read: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    first: dict[str, str] = field(default_factory=dict)
+
+    def skip(self, where: str, error: BadRecord) -> None:
+        self.skipped[error.kind] += 1
+        self.first.setdefault(error.kind, f"{where}: {error}")
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"{self.source}: kept all {self.kept} records"
+        kinds = "; ".join(f"{n} {kind} (first: {self.first[kind]})" for kind, n in self.skipped.most_common())
+        return f"{self.source}: kept {self.kept} of {self.read} records, skipped {self.n_skipped}: {kinds}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"read": self.read, "kept": self.kept, "skipped": dict(self.skipped), "first": dict(self.first)}
+
+    def log(self) -> None:
+        (logger.warning if self.skipped else logger.info)("%s", self.summary())
+
+
+def is_local(source: str | Path) -> bool:
+    """Whether `source` names a local path (existing, or spelled like one) rather than a Hub dataset id."""
+    text = str(source)
+    path = Path(text).expanduser()
+    return (
+        path.exists()
+        or text.startswith((".", "/", "~"))
+        or any(text.endswith(s) for s in SUFFIXES)
+        or not _HUB_ID.match(text)
+    )
+
+
+def read_records(
+    source: str | Path, what: str, split: str = "train", config: str | None = None
+) -> Iterator[tuple[str, Any]]:
+    """(where, row) for every record of `source`: a file, a directory of files (sorted, recursively), or a Hub id.
+
+    `what` names the recipe key in errors ("sft.dataset"). A Hub dataset is streamed, so a caller that stops early
+    reads only what it needs.
+    """
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        files = sorted(
+            p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file() and not p.name.startswith(".")
+        )
+        if not files:
+            raise UserError(f"{what}: {path} holds no {', '.join(SUFFIXES)} files")
+        for file in files:
+            yield from read_file(file, what)
+    elif path.is_file():
+        yield from read_file(path, what)
+    elif is_local(source):
+        raise UserError(
+            f"{what}: file not found: {source} (give a {'/'.join(SUFFIXES)} file, a directory or a Hub id)"
+        )
+    else:
+        yield from read_hub(str(source), what, split, config)
+
+
+def read_file(path: Path, what: str) -> Iterator[tuple[str, Any]]:
+    """The records of one file, by its suffix (.jsonl and .json hold JSON lines, or a JSON array)."""
+    if path.suffix not in SUFFIXES:
+        raise UserError(f"{what}: {path} is not a {', '.join(SUFFIXES)} file")
+    if path.suffix == ".parquet":
+        yield from _read_parquet(path, what)
+    elif path.suffix == ".csv":
+        yield from _read_csv(path, what)
+    else:
+        yield from _read_json(path, what)
+
+
+def _decode(raw: bytes, path: Path, line: int, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{what}: {path}:{line} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+            "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _read_json(path: Path, what: str) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as fh:
+        raw_lines = fh.read().split(b"\n")
+    lines = [_decode(raw, path, n, what) for n, raw in enumerate(raw_lines, start=1)]
+    lines[0] = lines[0].removeprefix("\ufeff")  # a byte-order mark some editors write
+    first = next((line for line in lines if line.strip()), "")
+    if first.lstrip().startswith("["):  # a JSON array of records (what `json.dump(rows)` writes)
+        yield from _read_json_array("\n".join(lines), path, what)
+        return
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{n}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield f"{path}:{n}", BadRecord("invalid JSON", f"{exc.msg} at column {exc.colno}")
+
+
+def _read_json_array(text: str, path: Path, what: str) -> Iterator[tuple[str, Any]]:
+    """Items of a JSON array, each named by the line it starts on."""
+    decoder = json.JSONDecoder()
+    position = text.index("[") + 1
+    while True:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        if position >= len(text) or text[position] == "]":
+            return
+        line = text.count("\n", 0, position) + 1
+        try:
+            item, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"{what}: {path}:{exc.lineno} is not valid JSON ({exc.msg}); the array is unreadable "
+                "from there (fix it, or write one record per line as jsonl)"
+            ) from None
+        yield f"{path}:{line}", item
+
+
+def _read_csv(path: Path, what: str) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as fh:
+        raw = fh.read()
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        _decode(line, path, n, what)
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        for row in reader:
+            yield f"{path}:{reader.line_num}", row
+
+
+def _read_parquet(path: Path, what: str) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a broken file
+        raise UserError(f"{what}: {path} is not a readable parquet file ({str(exc).splitlines()[0][:120]})") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path} row {i}", row
+
+
+def read_hub(dataset_id: str, what: str, split: str = "train", config: str | None = None) -> Iterator[tuple[str, Any]]:
+    """The rows of a Hub dataset split, streamed."""
+    import datasets
+
+    try:
+        rows = iter(datasets.load_dataset(dataset_id, name=config, split=split, streaming=True))
+        first = next(rows, None)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for a missing id, split or network
+        raise UserError(
+            f"{what}: cannot load {dataset_id!r} split {split!r}: {str(exc).splitlines()[0][:160]} "
+            "(give a local .jsonl/.json/.parquet/.csv file or a Hub dataset id reachable from this machine)"
+        ) from None
+    if first is None:
+        return
+    yield f"{dataset_id}[{split}] row 0", first
+    for i, row in enumerate(rows, start=1):
+        yield f"{dataset_id}[{split}] row {i}", row
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a jsonl file the pipeline wrote itself (a bad line is an error, not a skip)."""
+    rows = []
+    for where, row in read_records(path, str(path)):
+        if isinstance(row, BadRecord):
+            raise UserError(f"{where}: {row}")
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows as jsonl, atomically (readers see the old file or the whole new one)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)

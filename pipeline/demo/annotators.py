@@ -1,0 +1,90 @@
+"""The demo's simulated annotators: they rank K responses to a prompt by the gold rule, with ties and slips.
+
+- `rank_responses`: one annotator's ranking "C > B > A = D" (ties within `world.annotator_tie_margin`, adjacent
+  groups swapped with probability `world.annotator_noise`).
+- `build_rankings`: the world's templated responses to its reward prompts, ranked when the world is written.
+- `collect_rankings`: the reward stage's comparisons in the demo: the templated rankings and K responses sampled
+  from the SFT model for the reward prompts, ranked by the annotators (InstructGPT's comparison collection). Every
+  record also carries its noise-free gold ranking, which evaluation compares against (training sees only the
+  annotators' rankings).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.config import PipelineConfig, WorldConfig
+from pipeline.data.rankings import LABELS, Ranking
+from pipeline.demo.gold import GoldScorer
+from pipeline.demo.world import World
+
+logger = logging.getLogger(__name__)
+
+
+def rank_responses(
+    scorer: GoldScorer, prompt: str, responses: list[str], rng: random.Random, noise: float, tie_margin: float
+) -> str:
+    """A simulated annotator's ranking of `responses` (A = responses[0]), with ties and noise: "C > B > A = D".
+
+    Responses whose gold scores are within `tie_margin` of the best of their group are tied. With probability
+    `noise`, each pair of adjacent groups is swapped (an annotator's slip).
+    """
+    scores = [scorer.score(prompt, r) for r in responses]
+    order = sorted(range(len(responses)), key=lambda i: -scores[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and scores[groups[-1][0]] - scores[i] < tie_margin:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    for g in range(len(groups) - 1):
+        if rng.random() < noise:
+            groups[g], groups[g + 1] = groups[g + 1], groups[g]
+    return " > ".join(" = ".join(LABELS[i] for i in sorted(group)) for group in groups)
+
+
+def build_rankings(world: World, prompts: list[dict[str, Any]], wc: WorldConfig, rng: random.Random, k: int = 4):
+    """Templated responses for each prompt, ranked by simulated annotators (rankings format)."""
+    scorer = GoldScorer(world)
+    rows = []
+    for record in prompts:
+        responses = world.templated_responses(record, rng, k)
+        prompt = record["messages"][0]["content"]
+        ranking = rank_responses(scorer, prompt, responses, rng, wc.annotator_noise, wc.annotator_tie_margin)
+        rows.append({"prompt": record["messages"], "responses": responses, "ranking": ranking, "kind": record["kind"]})
+    return rows
+
+
+def collect_rankings(
+    cfg: PipelineConfig,
+    world: World,
+    templated: list[dict[str, Any]],
+    prompts: list[list[dict[str, str]]],
+    sample: Callable[[list[Any]], list[list[str]]],
+) -> list[Ranking]:
+    """The templated rankings (rows of reward_rankings.jsonl) and `sample(prompts)`'s responses, both ranked by the
+    annotators, each with its noise-free gold ranking."""
+    scorer = GoldScorer(world)
+    noise, tie_margin = cfg.world.annotator_noise, cfg.world.annotator_tie_margin
+    rng = random.Random(f"reward-annotators-{cfg.seed}")
+    records = []
+    for row in templated:
+        question = row["prompt"][-1]["content"]
+        gold = rank_responses(scorer, question, row["responses"], rng, 0.0, tie_margin)
+        records.append(Ranking(row["prompt"], row["responses"], row["ranking"], source="templated", gold_ranking=gold))
+    samples = sample(prompts)
+    for prompt, responses in zip(prompts, samples, strict=True):
+        question = prompt[-1]["content"]
+        ranking = rank_responses(scorer, question, responses, rng, noise, tie_margin)
+        gold = rank_responses(scorer, question, responses, rng, 0.0, tie_margin)
+        records.append(Ranking(prompt, responses, ranking, source="sampled", gold_ranking=gold))
+    logger.info(
+        "demo comparisons: %d templated rankings, %d sampled ones (K=%d)",
+        len(templated),
+        len(samples),
+        cfg.reward.collect.responses_per_prompt,
+    )
+    return records

@@ -1,0 +1,57 @@
+"""Pre-emption: SIGTERM or SIGUSR1 (Slurm's `--signal`, a scheduler's stop) asks the running stage to save a
+checkpoint and stop; the same command then resumes it. Exit code 143 (128 + SIGTERM) tells a scheduler so."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoints import newest_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+class Preempted(Exception):
+    """A stage stopped on SIGTERM after saving a checkpoint; running the same command again resumes it."""
+
+
+_preempted = threading.Event()
+
+
+def install_preemption_handler() -> None:
+    """On SIGTERM or SIGUSR1 (Slurm's `--signal`), ask the running stage to checkpoint and stop at the next step."""
+
+    def handler(signum: int, frame: Any) -> None:
+        logger.warning("received %s: saving a checkpoint and stopping", signal.Signals(signum).name)
+        _preempted.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGUSR1, handler)
+
+
+def preemption_requested() -> bool:
+    """True once any process of the run got a pre-emption signal (agreed across ranks when distributed)."""
+    import torch  # not at the top: the CLI imports this module, and `rlhf status` needs no torch
+    import torch.distributed as dist
+
+    flag = _preempted.is_set()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = torch.tensor([1.0 if flag else 0.0])
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        flag = bool(tensor.item() > 0)
+        if flag:
+            _preempted.set()
+    return flag
+
+
+def raise_if_preempted(sdir: Path) -> None:
+    """Call after training returns: if it stopped for a pre-emption, end the stage without finishing it."""
+    if _preempted.is_set():
+        newest = newest_checkpoint(sdir)
+        raise Preempted(f"pre-empted; the newest complete checkpoint is {newest}. Run the same command to resume")
