@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.checkpoints import final_dir, is_finished, read_stage_json  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.driver import STAGES, status_rows  # noqa: E402
+from pipeline.driver import status_rows  # noqa: E402
+from pipeline.stages import STAGES  # noqa: E402
 
 
 def main() -> None:

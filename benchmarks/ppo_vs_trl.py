@@ -85,8 +85,7 @@ def load_run(run_dir: Path, work: Path):
     The reward adapter records its base as a path inside the run as it was made (e.g. runs/demo/sft/final/merged);
     for a run copied elsewhere, the benchmark uses a copy of the adapter whose recorded base is the run's own.
     """
-    from pipeline.data.world import WorldFiles
-
+    from pipeline import demo
     from pipeline.config import load_config
 
     config = run_dir / "config.yaml"
@@ -96,7 +95,7 @@ def load_run(run_dir: Path, work: Path):
         )
     made_in = Path(load_config(config).run_dir)
     cfg = load_config(config, [f"run_dir={run_dir}"])
-    world = WorldFiles(run_dir / "world")
+    world = demo.WorldFiles(run_dir / "world")
     paths = {
         "base": run_dir / "sft" / "final" / "merged",
         "reward": run_dir / "reward" / "final",
@@ -140,11 +139,11 @@ def relocate_adapter(adapter: Path, made_in: Path, run_dir: Path, out: Path) -> 
 
 def write_prompt_ids(source: Path, tokenizer: Any, pcfg: Any, out: Path) -> int:
     """The prompts as our stage tokenizes them (chat template, long-prompt policy), one {"input_ids"} per line."""
-    from pipeline.ppo.rollout import load_prompt_records, prepare_prompts
+    from pipeline.data.prompts import read_prompts
+    from pipeline.ppo.rollout import prepare_prompts
 
-    prompts = prepare_prompts(
-        load_prompt_records(source, str(source)), tokenizer, pcfg.max_prompt_len, pcfg.long_prompts, str(source)
-    )
+    records, _ = read_prompts(source, str(source))
+    prompts = prepare_prompts(records, tokenizer, pcfg.max_prompt_len, pcfg.long_prompts, str(source))
     out.write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in prompts.ids))
     return len(prompts.ids)
 
@@ -439,27 +438,27 @@ def run_phase(
 def evaluate_child(spec_path: Path) -> None:
     """Both trained adapters on one set of roles, through `evaluate_policies` with the same seed."""
     import torch
-    from pipeline.data.gold import GoldScorer
-    from pipeline.data.world import build_world
     from safetensors.torch import load_file
 
+    from pipeline import demo
     from pipeline.config import load_config
+    from pipeline.data.prompts import read_prompts
     from pipeline.generation import SamplingArgs
     from pipeline.ppo.evaluation import evaluate_policies
     from pipeline.ppo.roles import POLICY, build_roles, load_adapter_weights
-    from pipeline.ppo.rollout import PromptSet, load_prompt_records, prepare_prompts
+    from pipeline.ppo.rollout import PromptSet, prepare_prompts
 
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
     cfg = load_config(spec["recipe"])
     pcfg = cfg.ppo
     roles = build_roles(pcfg, pcfg.policy_base, pcfg.reward_model, torch.device("cpu"))
-    records = load_prompt_records(pcfg.eval_dataset, "eval prompts")
+    records, _ = read_prompts(pcfg.eval_dataset, "eval prompts")
     prompts = prepare_prompts(records, roles.tokenizer, pcfg.max_prompt_len, pcfg.long_prompts, "eval prompts")
     k = spec["samples"]
     prompts = PromptSet(prompts.records * k, prompts.ids * k)
     sampling = SamplingArgs(pcfg.max_new_tokens, pcfg.temperature, pcfg.top_k, pcfg.top_p, do_sample=True)
-    gold = GoldScorer(build_world(cfg))
+    gold = demo.judge(cfg)
     reports = {}
     for side, adapter in spec["adapters"].items():
         config = json.loads((Path(adapter) / "adapter_config.json").read_text())

@@ -30,11 +30,11 @@ import torch
 import transformers
 from datasets import Dataset
 
-from pipeline.checkpoints import trainer_checkpoint_callback
 from pipeline.config import load_config
 from pipeline.modeling import build_pretrain_model, flops_per_token
 from pipeline.pretrain import collate_blocks, to_trl_args
 from pipeline.tokenizer import train_tokenizer
+from pipeline.trainers import trainer_checkpoint_callback
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:

@@ -41,7 +41,8 @@ from step_clock import StepClock  # benchmarks/ is this script's directory
 from pipeline.config import load_config
 from pipeline.data.rankings import Ranking, parse_ranking, ranking_from_scores, strict_pairs, tier_of
 from pipeline.modeling import encode_reward_input, fit_scalar_model, score_sequences
-from pipeline.reward import RankingCollator, RankingTrainer
+from pipeline.reward.data import RankingCollator
+from pipeline.reward.stage import RankingTrainer
 from pipeline.tokenizer import train_tokenizer
 
 GOOD = ["helpful", "correct", "polite", "clear"]
