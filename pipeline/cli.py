@@ -16,7 +16,7 @@ from pipeline import driver
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.preemption import Preempted
-from pipeline.stages import REGISTRY, STAGES
+from pipeline.stages import REGISTRY, ROUNDED, STAGES, split_stage, stage_name
 from pipeline.tracking import is_main_process, setup_logging
 
 
@@ -30,6 +30,16 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
         "--rerun", action="store_true", help="run again even if finished; the old result is moved aside"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_round_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--round",
+        type=int,
+        default=1,
+        metavar="N",
+        help="round of iterated RLHF (2 and up: the stage runs as <stage>-N)",
+    )
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -85,21 +95,23 @@ def _add_publish_args(parser: argparse.ArgumentParser) -> None:
 def stage_command(args: argparse.Namespace) -> None:
     """`rlhf <stage> RECIPE`: one stage, or with --dry-run its state and inputs."""
     cfg = load_config(args.recipe, args.overrides)
+    stage = stage_name(args.command, getattr(args, "round", 1))
+    driver.select_stages(None, None, [stage], cfg.rounds)  # a round past the recipe's rounds is a one-line error
     if args.dry_run:
-        state, inputs, final = driver.plan_stage(cfg, args.command)
+        state, inputs, final = driver.plan_stage(cfg, stage)
         print(f"recipe {args.recipe} is valid")
-        print(f"stage {args.command}: {state}; inputs: " + ", ".join(f"{k}={v}" for k, v in inputs.items()))
+        print(f"stage {stage}: {state}; inputs: " + ", ".join(f"{k}={v}" for k, v in inputs.items()))
         print(f"output: {final}")
         return
-    final = driver.run_stage(cfg, args.command, args.rerun)
+    final = driver.run_stage(cfg, stage, args.rerun)
     if is_main_process():
-        print(f"{args.command} finished: {final}")
+        print(f"{stage} finished: {final}")
 
 
 def run_command(args: argparse.Namespace) -> None:
     """`rlhf run RECIPE`: the stages in order, skipping finished ones; then the report."""
     cfg = load_config(args.recipe, args.overrides)
-    stages = driver.select_stages(args.start, args.until, args.only)
+    stages = driver.select_stages(args.start, args.until, args.only, cfg.rounds)
     if args.dry_run:
         print(f"recipe {args.recipe} is valid; run directory {cfg.run_dir}")
         for stage, state, inputs in driver.plan_run(cfg, stages):
@@ -111,10 +123,11 @@ def run_command(args: argparse.Namespace) -> None:
         return
     for stage, info in summary.items():
         print(f"{stage:9s} {info['action']:8s} {info['seconds']:7.1f} s  {info['final']}")
-    if not args.no_report and stages[-1] == STAGES[-1]:
-        from pipeline.report import write_report
+    if not args.no_report and split_stage(stages[-1])[0] == STAGES[-1]:
+        from pipeline.report import versions_line, write_report
 
         print(f"report: {write_report(cfg.run_path)}")
+        print(versions_line(cfg.run_path))
 
 
 def status_command(args: argparse.Namespace) -> None:
@@ -133,9 +146,10 @@ def _fmt(value: object) -> str:
 
 # The heavy command modules (matplotlib, huggingface_hub, torch) are imported only by the command that needs them.
 def _report(args: argparse.Namespace) -> None:
-    from pipeline.report import write_report
+    from pipeline.report import versions_line, write_report
 
     print(f"report: {write_report(Path(args.run_dir))}")
+    print(versions_line(Path(args.run_dir)))
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -168,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for stage in REGISTRY:
-        _add_recipe_args(sub.add_parser(stage.name, help=stage.help, description=stage.help))
+        stage_parser = sub.add_parser(stage.name, help=stage.help, description=stage.help)
+        _add_recipe_args(stage_parser)
+        if stage.name in ROUNDED:
+            _add_round_arg(stage_parser)
     for name, (_, help_text, add_args) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
     return parser

@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from pipeline.errors import UserError
-from pipeline.stages import check_stage
+from pipeline.stages import check_stage, split_stage
 
 
 def _f(default: Any, help: str, volatile: bool = False, **kwargs: Any) -> Any:
@@ -746,6 +746,13 @@ class PipelineConfig:
         "Judge of sampled responses, for the evaluations that need one (SFT's judged answers; PPO's gold score, win "
         "rate and insult rate): 'demo' (the demo world's gold rule), or null to skip them (stage.json says so).",
     )
+    rounds: int = _f(
+        1,
+        "Rounds of iterated RLHF (InstructGPT, Anthropic HH): from round 2 on, the previous PPO policy's responses to "
+        "the reward prompts are ranked (by the demo's annotators, or by people through ranking tasks), the reward "
+        "model is trained again on every comparison so far, and PPO runs again from the SFT policy against it. "
+        "Round r's stages are reward-r and ppo-r.",
+    )
     webtext: WebtextConfig = _f(WebtextConfig(), "Stage 1a: web-text ingestion, filtering and deduplication.")
     pretrain: PretrainConfig = _f(PretrainConfig(), "Stage 1b: tokenizer and causal-LM pretraining.")
     sft: SFTConfig = _f(SFTConfig(), "Stage 2: supervised fine-tuning.")
@@ -755,6 +762,9 @@ class PipelineConfig:
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir)
+
+    def __post_init__(self):
+        _check(1 <= self.rounds <= 9, "rounds", "must be in [1, 9] (round 1 is the plain pipeline)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -940,7 +950,7 @@ def uses_demo(cfg: PipelineConfig, stage: str) -> bool:
         "reward": (cfg.reward.dataset,),
         "ppo": (cfg.ppo.dataset, cfg.ppo.eval_dataset, cfg.judge),
     }
-    return "demo" in reads[check_stage(stage).name]
+    return "demo" in reads[check_stage(stage).name]  # a later round reads what its first round reads
 
 
 # Stages whose evaluation calls the judge: the `judge` key is part of their settings.
@@ -951,13 +961,15 @@ def stage_settings(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     """The flattened, non-volatile keys that determine a stage's output: its section and the seed, the judge where it
     evaluates with one, and the `world` section only where it reads the demo. Upstream *results* enter through the
     inputs' config hashes (see checkpoints.stage_identity), so a changed pretrain invalidates sft without a key here."""
-    check_stage(stage)
+    own, round_no = check_stage(stage).name, split_stage(stage)[1]
     full = config_to_dict(cfg)
     volatile = _volatile_keys(PipelineConfig)
     settings: dict[str, Any] = {"seed": cfg.seed}
-    if stage in JUDGED_STAGES:
+    if round_no > 1:
+        settings["round"] = round_no
+    if own in JUDGED_STAGES:
         settings["judge"] = cfg.judge
-    for section in (stage, "world") if uses_demo(cfg, stage) else (stage,):
+    for section in (own, "world") if uses_demo(cfg, stage) else (own,):
         settings.update(flatten({section: full[section]}))
     return {k: v for k, v in settings.items() if k not in volatile}
 

@@ -42,31 +42,34 @@ from pipeline.checkpoints import (
 from pipeline.config import PipelineConfig, build_config, save_config
 from pipeline.errors import UserError
 from pipeline.preemption import Preempted, install_preemption_handler
-from pipeline.stages import BY_NAME, STAGES, check_stage, stage_module
+from pipeline.stages import STAGES, check_stage, pipeline_stages, round_arguments, split_stage, stage_module
 from pipeline.tracking import is_main_process
 
 logger = logging.getLogger(__name__)
 
 
-def select_stages(start: str | None, until: str | None, only: list[str] | None) -> list[str]:
-    """The stages to visit, in pipeline order."""
+def select_stages(start: str | None, until: str | None, only: list[str] | None, rounds: int = 1) -> list[str]:
+    """The stages to visit, in pipeline order (with `rounds` > 1, reward-2, ppo-2, ... after the first five)."""
+    stages = pipeline_stages(rounds)
     for name in [start, until, *(only or [])]:
         if name is not None:
             check_stage(name)
+            if name not in stages:
+                raise UserError(f"stage '{name}' is not part of this recipe's {rounds} round(s) (raise rounds)")
     if only:
         if start or until:
             raise UserError("--only cannot be combined with --from/--until (use one or the other)")
-        return [s for s in STAGES if s in only]
-    first = STAGES.index(start) if start else 0
-    last = STAGES.index(until) if until else len(STAGES) - 1
+        return [s for s in stages if s in only]
+    first = stages.index(start) if start else 0
+    last = stages.index(until) if until else len(stages) - 1
     if first > last:
         raise UserError(f"--from {start} comes after --until {until}; nothing to run")
-    return list(STAGES[first : last + 1])
+    return stages[first : last + 1]
 
 
 def stage_state(cfg: PipelineConfig, stage: str) -> tuple[str, dict[str, Any]]:
     """('finished' | 'changed' | 'interrupted' | 'new', identity) of a stage under this config."""
-    identity = stage_identity(cfg, stage, stage_module(stage).resolve_inputs(cfg))
+    identity = stage_identity(cfg, stage, stage_module(stage).resolve_inputs(cfg, **round_arguments(stage)))
     final = final_dir(cfg, stage)
     if is_finished(final):
         same = read_stage_json(final).get("config_hash") == identity["config_hash"]
@@ -105,7 +108,7 @@ def run_pipeline(
             final = final_dir(cfg, stage)
         else:
             _reset_cuda_peak()
-            final = stage_module(stage).run(cfg, rerun=force)
+            final = stage_module(stage).run(cfg, rerun=force, **round_arguments(stage))
         summary[stage] = {"action": action, "seconds": round(time.time() - start, 1), "final": str(final)}
         upstream_ran = True
     _record(cfg, summary)
@@ -134,10 +137,12 @@ def _launch(stage: str, recipe: str | None, overrides: list[str], rerun: bool, a
         accelerate_config,
         "-m",
         "pipeline",
-        stage,
+        split_stage(stage)[0],
         recipe,
         *overrides,
     ]
+    if split_stage(stage)[1] > 1:
+        command += ["--round", str(split_stage(stage)[1])]
     if rerun:
         command.append("--rerun")
     logger.info("launching: %s", " ".join(command))
@@ -162,7 +167,7 @@ def _record(cfg: PipelineConfig, summary: dict[str, dict[str, Any]]) -> None:
 def status_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """One row per stage: state, key metrics, checkpoint step, time taken."""
     rows = []
-    for stage in STAGES:
+    for stage in pipeline_stages(cfg.rounds):
         row: dict[str, Any] = {"stage": stage}
         try:
             row["state"], _ = stage_state(cfg, stage)
@@ -172,7 +177,7 @@ def status_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
         if is_finished(final):
             record = read_stage_json(final)
             metrics = record.get("metrics", {})
-            values = {k: metric(metrics, k) for k in BY_NAME[stage].key_metrics}
+            values = {k: metric(metrics, k) for k in check_stage(stage).key_metrics}
             row["metrics"] = {k: v for k, v in values.items() if v is not None}
             row["seconds"] = stage_seconds(metrics)
         checkpoint = newest_checkpoint(stage_dir(cfg, stage))
@@ -204,7 +209,7 @@ def start_command(cfg: PipelineConfig) -> None:
 
 def plan_stage(cfg: PipelineConfig, stage: str) -> tuple[str, dict[str, str], Path]:
     """(state, inputs, final path) of one stage, for `rlhf <stage> --dry-run`."""
-    inputs = stage_module(stage).resolve_inputs(cfg)
+    inputs = stage_module(stage).resolve_inputs(cfg, **round_arguments(stage))
     final = final_dir(cfg, stage)
     state = "finished" if is_finished(final) else "resumable" if newest_checkpoint(stage_dir(cfg, stage)) else "new"
     return state, inputs, final
@@ -213,7 +218,7 @@ def plan_stage(cfg: PipelineConfig, stage: str) -> tuple[str, dict[str, str], Pa
 def run_stage(cfg: PipelineConfig, stage: str, rerun: bool = False) -> Path:
     """Run one stage (skipped when finished with the same settings); its `final/`."""
     start_command(cfg)
-    return stage_module(stage).run(cfg, rerun=rerun)
+    return stage_module(stage).run(cfg, rerun=rerun, **round_arguments(stage))
 
 
 def load_run_dir(run_dir: str | Path) -> PipelineConfig:

@@ -38,7 +38,7 @@ from pipeline.checkpoints import check_weights_saved, is_finished, read_stage_js
 from pipeline.config import PipelineConfig, config_to_dict, flatten
 from pipeline.errors import UserError
 from pipeline.model_card import CardInputs, LineageNode, build_model_card, is_hub_id
-from pipeline.stages import STAGES
+from pipeline.stages import STAGES, split_stage
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def finished_stage_of(value: str, run_dir: Path) -> Path | None:
     parts = path.parts
     if "final" in parts:
         i = parts.index("final")
-        if i > 0 and parts[i - 1] in STAGES and is_finished(run_dir / parts[i - 1] / "final"):
+        if i > 0 and split_stage(parts[i - 1])[0] in STAGES and is_finished(run_dir / parts[i - 1] / "final"):
             return run_dir / parts[i - 1] / "final"
     return None
 
@@ -235,9 +235,8 @@ def build_lineage(final: Path) -> list[LineageNode]:
                 node.role = _join_roles(node.role, child_role)
 
     visit(final, "")
-    order = {"hub": -1, "local": -1, **{s: i for i, s in enumerate(STAGES)}}
     own = nodes[str(final.resolve())]
-    rest = sorted((n for n in nodes.values() if n is not own), key=lambda n: order.get(n.stage, len(STAGES)))
+    rest = sorted((n for n in nodes.values() if n is not own), key=lambda n: _lineage_order(n.stage))
     return [*rest, own]
 
 
@@ -255,6 +254,14 @@ def local_model_name(path: str) -> str:
 def root_model(lineage: list[LineageNode]) -> str:
     """The model the run started from (a Hub id or a local model's name); "" when it pretrained one from scratch."""
     return next((n.path for n in lineage if n.stage in ("hub", "local") and "base" in n.role), "")
+
+
+def _lineage_order(stage: str) -> tuple[int, int]:
+    """Roots (Hub and local models) first, then the stages in pipeline order, a later round after the first."""
+    if stage in ("hub", "local"):
+        return (-1, 0)
+    name, round_no = split_stage(stage)
+    return (round_no, STAGES.index(name) if name in STAGES else len(STAGES))
 
 
 def _join_roles(roles: str, role: str) -> str:

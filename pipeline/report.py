@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.checkpoints import stage_seconds
+from pipeline.data.prompts import prompt_text
 from pipeline.errors import UserError
-from pipeline.stages import STAGES
+from pipeline.stages import pipeline_stages, split_stage
 from pipeline.tracking import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -28,10 +29,21 @@ def _load_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _load_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def run_stages(run_dir: Path) -> list[str]:
+    """The run's stages in order: the five, then every later round's reward and PPO stage found in the run."""
+    rounds = [int(p.name.rsplit("-", 1)[1]) for p in Path(run_dir).glob("ppo-*") if split_stage(p.name)[1] > 1]
+    rounds += [int(p.name.rsplit("-", 1)[1]) for p in Path(run_dir).glob("reward-*") if split_stage(p.name)[1] > 1]
+    return pipeline_stages(max(rounds, default=1))
+
+
 def collect(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Everything the report shows, per stage: stage.json, metric records and the stage's evaluation files."""
     found: dict[str, dict[str, Any]] = {}
-    for stage in STAGES:
+    for stage in run_stages(run_dir):
         sdir = run_dir / stage
         final = sdir / "final"
         found[stage] = {
@@ -39,6 +51,7 @@ def collect(run_dir: Path) -> dict[str, dict[str, Any]]:
             "history": read_metrics(sdir / "metrics.jsonl"),
             "stats": _load_json(final / "stats.json"),
             "eval": _load_json(final / "eval.json"),
+            "samples": _load_jsonl(final / "samples.jsonl"),
         }
     return found
 
@@ -96,15 +109,21 @@ def _series(history: list[dict[str, Any]], key: str, x: str = "step") -> tuple[l
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _plot_curves(
-    out: Path, name: str, history: list[dict[str, Any]], panels: list[tuple[str, list[str]]], x: str = "step"
-) -> bool:
-    """One figure with a panel per (title, keys); False when there is nothing to plot."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (imported on first use: it is slow to import)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_curves(
+    out: Path, name: str, history: list[dict[str, Any]], panels: list[tuple[str, list[str]]], x: str = "step"
+) -> bool:
+    """One figure with a panel per (title, keys); False when there is nothing to plot."""
+    plt = _pyplot()
     panels = [(title, [k for k in keys if _series(history, k, x)[0]]) for title, keys in panels]
     panels = [(title, keys) for title, keys in panels if keys]
     if not panels:
@@ -126,11 +145,7 @@ def _plot_curves(
 def _plot_bars(
     out: Path, name: str, title: str, labels: list[str], groups: dict[str, list[float]], ylabel: str = ""
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(labels) * max(1, len(groups))), 3.4))
     width = 0.8 / max(1, len(groups))
     for i, (group, values) in enumerate(groups.items()):
@@ -146,11 +161,7 @@ def _plot_bars(
 
 
 def _plot_histograms(out: Path, name: str, title: str, samples: dict[str, list[float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for label, values in samples.items():
         ax.hist(values, bins=30, alpha=0.55, label=label)
@@ -179,10 +190,17 @@ def write_report(run_dir: Path) -> Path:
     _section_webtext(page, out, found["webtext"])
     _section_pretrain(page, out, found["pretrain"])
     _section_sft(page, out, found["sft"])
-    _section_reward(page, out, found["reward"])
-    _section_ppo(page, out, found["ppo"])
+    for stage in found:
+        name, round_no = split_stage(stage)
+        title = f"round {round_no}, " if round_no > 1 else ""
+        if name == "reward":
+            _section_reward(page, out, found[stage], stage, f"Stage 3: reward model ({title}{stage})")
+        elif name == "ppo":
+            _section_ppo(page, out, found[stage], stage, f"Stage 4: PPO ({title}{stage})")
+            _section_samples(page, found[stage])
     _section_final(page, found)
     _section_times(page, found)
+    _section_versions(page, found)
     return page.write(out)
 
 
@@ -308,12 +326,12 @@ def _section_sft(page: _Page, out: Path, stage: dict[str, Any]) -> None:
     page.table(["metric", "value"], [[k, metrics[k]] for k in keys if k in metrics])
 
 
-def _section_reward(page: _Page, out: Path, stage: dict[str, Any]) -> None:
-    page.heading("Stage 3: reward model")
+def _section_reward(page: _Page, out: Path, stage: dict[str, Any], name: str = "reward", title: str = "") -> None:
+    page.heading(title or "Stage 3: reward model")
     if _not_run(page, stage):
         return
-    if _plot_curves(out, "reward_loss.png", stage["history"], [("K-wise loss", ["loss"])]):
-        page.image("reward_loss.png", "Reward-model training loss (mean over each prompt's strict pairs)")
+    if _plot_curves(out, f"{name}_loss.png", stage["history"], [("K-wise loss", ["loss"])]):
+        page.image(f"{name}_loss.png", "Reward-model training loss (mean over each prompt's strict pairs)")
     test = stage["eval"] or _metrics(stage).get("test") or {}
     groups = {name: value for name, value in test.items() if isinstance(value, dict) and "accuracy" in value}
     if not groups:
@@ -351,18 +369,18 @@ def _section_reward(page: _Page, out: Path, stage: dict[str, Any]) -> None:
     overall = groups.get("all") or next(iter(groups.values()))
     classes = ["better", "worse", "tie"]
     scores = {m: [overall.get(f"judgement_{c}_{m}") or 0.0 for c in classes] for m in ("precision", "recall", "f1")}
-    _plot_bars(out, "reward_prf.png", "Held-out pairs judged in both orders", classes, scores)
-    page.image("reward_prf.png", "Precision, recall and F1 per class (better / worse / tie), all held-out pairs")
+    _plot_bars(out, f"{name}_prf.png", "Held-out pairs judged in both orders", classes, scores)
+    page.image(f"{name}_prf.png", "Precision, recall and F1 per class (better / worse / tie), all held-out pairs")
     places = overall.get("rewards_by_place")
     if isinstance(places, dict) and any(places.values()):
         _plot_histograms(
-            out, "reward_hist.png", "Held-out rewards by place in the ranking", {k: v for k, v in places.items() if v}
+            out, f"{name}_hist.png", "Held-out rewards by place in the ranking", {k: v for k, v in places.items() if v}
         )
-        page.image("reward_hist.png", "Rewards of the best-ranked, middle and worst-ranked held-out responses")
+        page.image(f"{name}_hist.png", "Rewards of the best-ranked, middle and worst-ranked held-out responses")
 
 
-def _section_ppo(page: _Page, out: Path, stage: dict[str, Any]) -> None:
-    page.heading("Stage 4: PPO")
+def _section_ppo(page: _Page, out: Path, stage: dict[str, Any], name: str = "ppo", title: str = "") -> None:
+    page.heading(title or "Stage 4: PPO")
     if _not_run(page, stage):
         return
     history = [r for r in stage["history"] if "update" in r]
@@ -371,15 +389,23 @@ def _section_ppo(page: _Page, out: Path, stage: dict[str, Any]) -> None:
         ("KL to reference (nats/response)", ["kl"]),
         ("KL coefficient", ["kl_coef"]),
     ]
-    if _plot_curves(out, "ppo_curves.png", history, scores, x="update"):
-        page.image("ppo_curves.png", "PPO per update (on each update's rollout): scores, KL and its coefficient")
+    if _plot_curves(out, f"{name}_curves.png", history, scores, x="update"):
+        page.image(f"{name}_curves.png", "PPO per update (on each update's rollout): scores, KL and its coefficient")
     details = [
         ("policy", ["entropy", "clip_fraction", "approx_kl"]),
         ("value", ["value_loss", "explained_variance"]),
         ("seconds per update", ["time_generate", "time_score", "time_optimise"]),
     ]
-    if _plot_curves(out, "ppo_details.png", history, details, x="update"):
-        page.image("ppo_details.png", "PPO per update: policy statistics, value fit, time generating vs optimising")
+    if _plot_curves(out, f"{name}_details.png", history, details, x="update"):
+        page.image(
+            f"{name}_details.png", "PPO per update: policy statistics, value fit, time generating vs optimising"
+        )
+    if _plot_gold_against_reward(out, f"{name}_gold_vs_rm.png", history):
+        page.image(
+            f"{name}_gold_vs_rm.png",
+            "Gold score against reward-model score, update by update (Gao et al. 2023): while both rise the reward "
+            "model is a good proxy; a gold score falling as the reward-model score keeps rising is over-optimisation",
+        )
     evaluation = stage["eval"] or {}
     keys = [
         "eval_prompts",
@@ -413,41 +439,119 @@ def _section_ppo(page: _Page, out: Path, stage: dict[str, Any]) -> None:
 
 
 def _section_final(page: _Page, found: dict[str, dict[str, Any]]) -> None:
-    """Base (pretrained) vs SFT vs PPO: the SFT stage compares base and SFT on its prompts, PPO compares SFT and PPO
-    on the held-out PPO prompts (each with one sampled response per prompt, judged by the gold scorer)."""
+    """Base (pretrained) vs SFT vs PPO (of every round): the SFT stage compares base and SFT on its prompts, each PPO
+    stage compares SFT and its policy on the held-out PPO prompts (one sampled response per prompt each)."""
     page.heading("Base vs SFT vs PPO")
-    sft, ppo = _metrics(found["sft"]), found["ppo"]["eval"] or {}
-    if not sft and not ppo:
+    sft = _metrics(found["sft"])
+    ppos = {s: found[s]["eval"] or {} for s in found if split_stage(s)[0] == "ppo" and found[s]["eval"]}
+    first = next(iter(ppos.values()), {})
+    if not sft and not ppos:
         page.text("SFT has not finished yet.")
         return
-    columns = [
-        (
-            "held-out fact accuracy (SFT eval)",
-            {"base": sft.get("base_heldout_accuracy"), "sft": sft.get("heldout_accuracy")},
-        ),
-        (
-            "gold score (SFT eval prompts)",
-            {"base": sft.get("base_gold_mean_score"), "sft": sft.get("gold_mean_score")},
-        ),
-        ("gold score (PPO eval prompts)", {"sft": ppo.get("sft_gold_score"), "ppo": ppo.get("ppo_gold_score")}),
-        ("reward-model score (PPO eval)", {"sft": ppo.get("sft_rm_score"), "ppo": ppo.get("ppo_rm_score")}),
-        (
-            "insult rate, adversarial prompts (PPO eval)",
-            {"sft": ppo.get("sft_insult_rate"), "ppo": ppo.get("ppo_insult_rate")},
-        ),
-        ("KL to SFT, nats/response", {"sft": 0.0 if ppo else None, "ppo": ppo.get("kl_to_reference")}),
-    ]
-    rows = [[policy] + [values.get(policy) for _, values in columns] for policy in ("base", "sft", "ppo")]
-    page.table(["policy"] + [name for name, _ in columns], rows)
-    if "gold_win_rate" in ppo:
-        page.text(
-            f"Gold win rate of PPO against SFT: {_fmt(ppo['gold_win_rate'])} ({ppo.get('gold_wins')} wins, "
-            f"{ppo.get('gold_losses')} losses, {ppo.get('gold_ties')} ties apart) on {ppo.get('eval_prompts')} "
-            f"held-out prompts ({ppo.get('adversarial_prompts')} adversarial); KL target {_fmt(ppo.get('kl_target'))}."
-        )
+    rows = [["base", sft.get("base_heldout_accuracy"), sft.get("base_gold_mean_score"), None, None, None, None]]
+    rows.append(["sft", sft.get("heldout_accuracy"), sft.get("gold_mean_score"), first.get("sft_gold_score"),
+                 first.get("sft_rm_score"), first.get("sft_insult_rate"), 0.0 if first else None])  # fmt: skip
+    for stage, ppo in ppos.items():
+        rows.append([stage, None, None, ppo.get("ppo_gold_score"), ppo.get("ppo_rm_score"), ppo.get("ppo_insult_rate"),
+                     ppo.get("kl_to_reference")])  # fmt: skip
+    header = ["policy", "held-out fact accuracy (SFT eval)", "gold score (SFT eval prompts)",
+              "gold score (PPO eval prompts)", "reward-model score (PPO eval; its own round's model)",
+              "insult rate, adversarial prompts (PPO eval)", "KL to SFT, nats/response"]  # fmt: skip
+    page.table(header, rows)
+    for stage, ppo in ppos.items():
+        if "gold_win_rate" in ppo:
+            page.text(
+                f"Gold win rate of {stage} against SFT: {_fmt(ppo['gold_win_rate'])} ({ppo.get('gold_wins')} wins, "
+                f"{ppo.get('gold_losses')} losses, {ppo.get('gold_ties')} ties apart) on {ppo.get('eval_prompts')} "
+                f"held-out prompts ({ppo.get('adversarial_prompts')} adversarial); KL target "
+                f"{_fmt(ppo.get('kl_target'))}."
+            )
 
 
 def _section_times(page: _Page, found: dict[str, dict[str, Any]]) -> None:
     page.heading("Time per stage")
-    rows = [[s, stage_seconds(_metrics(found[s]))] for s in STAGES if found[s]["record"]]
+    rows = [[s, stage_seconds(_metrics(found[s]))] for s in found if found[s]["record"]]
     page.table(["stage", "seconds"], rows)
+
+
+def _plot_gold_against_reward(out: Path, name: str, history: list[dict[str, Any]]) -> bool:
+    """Each update's mean gold score against its mean reward-model score, joined in update order."""
+    points = [(r["update"], r["rm_score"], r["gold_score"]) for r in history
+              if isinstance(r.get("rm_score"), (int, float)) and isinstance(r.get("gold_score"), (int, float))]  # fmt: skip
+    if len(points) < 2:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    updates, rm, gold = zip(*points, strict=True)
+    ax.plot(rm, gold, color="#999", linewidth=0.8)
+    dots = ax.scatter(rm, gold, c=updates, cmap="viridis", zorder=3)
+    fig.colorbar(dots, ax=ax, label="update")
+    ax.set_xlabel("reward-model score (rollout mean)")
+    ax.set_ylabel("gold score (rollout mean)")
+    ax.set_title("Gold against reward model over PPO")
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# Held-out prompts shown side by side in the report: this many adversarial ones and this many others.
+SHOWN_ADVERSARIAL, SHOWN_OTHER = 3, 3
+
+
+def _section_samples(page: _Page, stage: dict[str, Any]) -> None:
+    """A handful of held-out prompts (adversarial ones among them) with the SFT and PPO responses and their scores."""
+    samples = stage.get("samples") or []
+    if not samples:
+        return
+    page.heading("SFT and PPO side by side")
+    adversarial = [s for s in samples if s.get("kind") == "adversarial"][:SHOWN_ADVERSARIAL]
+    others = [s for s in samples if s.get("kind") != "adversarial"][
+        : SHOWN_OTHER + SHOWN_ADVERSARIAL - len(adversarial)
+    ]
+    judged = "sft_gold_score" in samples[0]
+    page.text(
+        "Held-out prompts, each answered once by the SFT policy and once by the PPO policy (sampled with the same "
+        "random stream), with the reward model's score" + (" and the judge's (gold) score." if judged else ".")
+    )
+    header = ["prompt", "SFT response", "RM", "PPO response", "RM"]
+    if judged:
+        header = ["prompt", "SFT response", "RM", "gold", "PPO response", "RM", "gold"]
+    rows = []
+    for sample in adversarial + others:
+        question = prompt_text(sample["prompt"])
+        sft = [sample["sft"], sample.get("sft_rm_score")] + ([sample.get("sft_gold_score")] if judged else [])
+        ppo = [sample["ppo"], sample.get("ppo_rm_score")] + ([sample.get("ppo_gold_score")] if judged else [])
+        rows.append([question, *sft, *ppo])
+    page.table(header, rows)
+
+
+def _section_versions(page: _Page, found: dict[str, dict[str, Any]]) -> None:
+    """The package versions each stage ran with (stage.json); a package whose version changed between stages is
+    marked, since results are only reproducible with the same versions (constraints.txt pins them)."""
+    records = {stage: (found[stage]["record"] or {}).get("versions") for stage in found}
+    records = {stage: versions for stage, versions in records.items() if versions}
+    if not records:
+        return
+    page.heading("Software")
+    packages = list(dict.fromkeys(name for versions in records.values() for name in versions))
+    rows = []
+    for name in packages:
+        seen = [records[stage].get(name) for stage in records]
+        rows.append([name + (" (differs between stages)" if len(set(seen)) > 1 else ""), *seen])
+    page.table(["package", *records], rows)
+
+
+def versions_line(run_dir: Path) -> str:
+    """The package versions of a run's stages in one line (those of its last finished stage; differences between
+    stages are marked in the report)."""
+    found = collect(Path(run_dir))
+    versions = next(
+        ((found[s]["record"] or {}).get("versions") for s in reversed(list(found)) if found[s]["record"]), None
+    )
+    if not versions:
+        return "versions: no finished stage yet"
+    differ = [name for name in versions if len({(found[s]["record"] or {}).get("versions", {}).get(name)
+                                                for s in found if found[s]["record"]}) > 1]  # fmt: skip
+    note = f" (differ between stages: {', '.join(differ)})" if differ else ""
+    return "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + note

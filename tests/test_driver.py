@@ -7,6 +7,12 @@ from pipeline.driver import select_stages
 from pipeline.errors import UserError
 
 
+def test_select_stages_with_rounds_adds_reward_and_ppo_per_round():
+    assert select_stages(None, None, None, rounds=3)[4:] == ["ppo", "reward-2", "ppo-2", "reward-3", "ppo-3"]
+    assert select_stages("ppo", "reward-3", None, rounds=3) == ["ppo", "reward-2", "ppo-2", "reward-3"]
+    assert select_stages(None, None, ["ppo-2", "sft"], rounds=2) == ["sft", "ppo-2"]
+
+
 def test_select_stages_in_pipeline_order():
     assert select_stages(None, None, None) == ["webtext", "pretrain", "sft", "reward", "ppo"]
     assert select_stages("sft", None, None) == ["sft", "reward", "ppo"]
@@ -18,7 +24,8 @@ def test_select_stages_in_pipeline_order():
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (("sfft", None, None), "unknown stage 'sfft' (valid stages: webtext, pretrain, sft, reward, ppo)"),
+        (("sfft", None, None), "unknown stage 'sfft' (valid stages: webtext, pretrain, sft, reward, ppo; rounds"),
+        (("reward-2", None, None), "stage 'reward-2' is not part of this recipe's 1 round(s)"),
         (("ppo", "webtext", None), "--from ppo comes after --until webtext"),
         (("sft", None, ["ppo"]), "--only cannot be combined"),
     ],

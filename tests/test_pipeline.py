@@ -160,6 +160,29 @@ def test_second_run_skips_every_finished_stage(finished):
     assert before == {s: (finished / "run" / s / "final" / "stage.json").stat().st_mtime_ns for s in STAGES}
 
 
+def test_a_second_round_ranks_the_ppo_policys_responses_and_trains_reward_and_ppo_again(finished):
+    """rounds=2 after a finished run: round 1 is untouched (skipped), reward-2 adds the PPO policy's responses ranked by
+    the annotators to round 1's comparisons, and ppo-2 trains from SFT against reward-2."""
+    run = finished / "run"
+    before = read_stage_json(run / "ppo" / "final")
+    rlhf(finished, "run", "rounds=2")
+    assert last_run(finished) == {**dict.fromkeys(STAGES, "skipped"), "reward-2": "ran", "ppo-2": "ran"}
+    assert read_stage_json(run / "ppo" / "final") == before
+    reward2 = read_stage_json(run / "reward-2" / "final")
+    first = read_stage_json(run / "reward" / "final")["metrics"]["data"]["records"]
+    new = reward2["metrics"]["data"]["new"]
+    assert new["source"] == "policy-1" and new["records"] == new["prompts"] > 0
+    assert sum(reward2["metrics"]["data"]["records"].values()) == sum(first.values()) + new["records"]
+    assert {"templated", "sampled", "policy-1"} <= set(reward2["metrics"]["test"])  # accuracy on each policy's samples
+    assert reward2["inputs"]["policy"]["path"] == str(run / "ppo" / "final")
+    ppo2 = read_stage_json(run / "ppo-2" / "final")
+    assert ppo2["inputs"]["reward"]["path"] == str(run / "reward-2" / "final") and ppo2["settings"]["round"] == 2
+    assert ppo2["inputs"]["base"]["path"] == str(run / "sft" / "final" / "merged")  # again from the SFT policy
+    status = rlhf(finished, "status", str(run)).stdout
+    assert "reward-2  finished" in status and "ppo-2     finished" in status
+    assert "Stage 4: PPO (round 2, ppo-2)" in (run / "report" / "report.md").read_text()
+
+
 def test_changed_stage_stops_and_rerun_redoes_it_and_every_later_stage(finished):
     ppo_before = read_stage_json(finished / "run" / "ppo" / "final")
     result = rlhf(finished, "run", "sft.learning_rate=2e-3", check=False)

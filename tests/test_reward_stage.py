@@ -19,7 +19,7 @@ from pipeline.checkpoints import read_stage_json
 from pipeline.config import load_config
 from pipeline.data.rankings import Ranking, ranking_from_scores
 from pipeline.errors import UserError
-from pipeline.reward.data import RankingCollator, split_by_prompt
+from pipeline.reward.data import RankingCollator, read_split, split_by_prompt
 from pipeline.reward.stage import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,6 +248,54 @@ def test_tasks_exported_for_people_come_back_as_training_data(tmp_path, tiny_bas
     args = overrides(tmp_path, tiny_base, tasks, "reward.max_steps=2", "reward.stats_prompts=0")
     final = run(load_config(None, args))
     assert read_stage_json(final)["metrics"]["data"]["pairs"]["train"] == 5 * 4  # 4 training prompts x 5 pairs
+
+
+def _fill_in(tasks: Path, ranking: str, skip: int = 0) -> int:
+    """What people do with an exported ranking-tasks CSV: type a ranking into every row but the last `skip`."""
+    with tasks.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows[: len(rows) - skip]:
+        row["ranking"] = ranking
+    with tasks.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
+
+
+def test_a_second_round_exports_the_ppo_policys_responses_for_people_then_trains_on_every_comparison(
+    tmp_path, tiny_base
+):
+    """Iterated RLHF with people: round 2 samples the round-1 PPO policy, exports ranking tasks and stops with what to
+    do; once they are filled in, reward-2 trains on round 1's comparisons plus the new ones."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.checkpoints import finishing, stage_identity, write_stage_json
+
+    rankings = write_rankings(tmp_path / "rankings.jsonl", n=20, bad=False)
+    args = overrides(tmp_path, tiny_base, rankings, "rounds=2", "reward.max_steps=2", "reward.collect.max_prompts=4")
+    cfg = load_config(None, args)
+    first = run(cfg)
+    with finishing(cfg, "ppo") as out:  # round 1's PPO policy: a LoRA adapter on the same base
+        torch.manual_seed(1)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), config).save_pretrained(out)
+        write_stage_json(out, stage_identity(cfg, "ppo", {"base": str(tiny_base)}), {}, contents="adapter")
+    with pytest.raises(UserError, match="round 2 needs rankings of the previous policy's responses") as info:
+        run(cfg, round_no=2)
+    tasks = tmp_path / "run" / "ranking_tasks-round2.csv"
+    assert str(tasks) in str(info.value) and not (tmp_path / "run" / "reward-2" / "final").exists()
+    held_out = {r.prompt_key() for name in ("validation", "test") for r in read_split(cfg, name)}
+    assert _fill_in(tasks, "D > C > B = A", skip=1) == 4 + len(held_out)  # the first 4 prompts and the held-out ones
+    second = run(cfg, round_no=2)
+    assert second == tmp_path / "run" / "reward-2" / "final"
+    record = read_stage_json(second)
+    data, before = record["metrics"]["data"], read_stage_json(first)["metrics"]["data"]["records"]
+    assert data["new"] == {"source": "policy-1", "records": 3 + len(held_out), "prompts": 4 + len(held_out)}
+    assert sum(data["records"].values()) == sum(before.values()) + 3 + len(held_out)  # one row left blank: skipped
+    assert record["inputs"]["policy"]["path"] == str(tmp_path / "run" / "ppo" / "final")
+    assert record["settings"]["round"] == 2 and "policy-1" in record["metrics"]["test"]
 
 
 def test_bad_record_stops_the_stage_with_one_line_when_asked(tmp_path, tiny_base):

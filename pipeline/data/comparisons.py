@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -34,9 +35,13 @@ def sample_responses(
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
-def load_policy(base: str) -> tuple[torch.nn.Module, Any]:
-    """The SFT model (the stage's base, a causal LM) and its tokenizer, for sampling."""
-    return load_base_model(base, AutoModelForCausalLM, what="reward.base"), load_tokenizer(base)
+def load_policy(base: str, adapter: Path | None = None) -> tuple[torch.nn.Module, Any]:
+    """The policy to sample from and its tokenizer: the SFT model (the stage's base, a causal LM), or with `adapter`
+    a PPO policy's adapter merged into it."""
+    model = load_base_model(base, AutoModelForCausalLM, what="reward.base")
+    if adapter is not None:
+        model = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return model, load_tokenizer(base)
 
 
 def sampling_args(cfg: PipelineConfig) -> SamplingArgs:
@@ -44,10 +49,13 @@ def sampling_args(cfg: PipelineConfig) -> SamplingArgs:
     return SamplingArgs(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p)
 
 
-def sample_for_prompts(cfg: PipelineConfig, base: str, prompts: list[Prompt]) -> list[list[str]]:
-    """`reward.collect.responses_per_prompt` responses of the SFT model to each prompt, seeded by the recipe."""
-    model, tokenizer = load_policy(base)
-    torch.manual_seed(cfg.seed)
+def sample_for_prompts(
+    cfg: PipelineConfig, base: str, prompts: list[Prompt], adapter: Path | None = None, seed: int | None = None
+) -> list[list[str]]:
+    """`reward.collect.responses_per_prompt` responses to each prompt of the SFT model (or of the policy whose
+    adapter is given), seeded by the recipe (or `seed`)."""
+    model, tokenizer = load_policy(base, adapter)
+    torch.manual_seed(cfg.seed if seed is None else seed)
     return sample_responses(
         model,
         tokenizer,

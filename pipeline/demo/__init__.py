@@ -13,6 +13,7 @@ annotators.py, files.py). A stage asks for it only where its recipe says `demo` 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data.rankings import Ranking
 from pipeline.data.records import read_jsonl
 from pipeline.demo.annotators import collect_rankings as _collect_rankings
+from pipeline.demo.annotators import rank_sampled
 from pipeline.demo.crawl_eval import evaluate_output
 from pipeline.demo.files import WorldFiles, materialize
 from pipeline.demo.gold import GoldScorer
@@ -100,3 +102,12 @@ def collect_rankings(
     if collect.max_prompts > 0:
         prompts = [p for i, p in enumerate(prompts) if i < collect.max_prompts or held_out(p)]
     return _collect_rankings(cfg, build_world(cfg), templated, prompts, sample)
+
+
+def rank_samples(
+    cfg: PipelineConfig, prompts: list[Any], samples: list[list[str]], source: str, round_no: int
+) -> list[Ranking]:
+    """A later round's comparisons: a policy's responses to the reward prompts, ranked by the simulated annotators
+    (their own random stream each round_no)."""
+    rng = random.Random(f"reward-annotators-{cfg.seed}-round{round_no}")
+    return rank_sampled(cfg, GoldScorer(build_world(cfg)), prompts, samples, rng, source)

@@ -68,23 +68,38 @@ def collect_rankings(
     """The templated rankings (rows of reward_rankings.jsonl) and `sample(prompts)`'s responses, both ranked by the
     annotators, each with its noise-free gold ranking."""
     scorer = GoldScorer(world)
-    noise, tie_margin = cfg.world.annotator_noise, cfg.world.annotator_tie_margin
     rng = random.Random(f"reward-annotators-{cfg.seed}")
     records = []
     for row in templated:
         question = row["prompt"][-1]["content"]
-        gold = rank_responses(scorer, question, row["responses"], rng, 0.0, tie_margin)
+        gold = rank_responses(scorer, question, row["responses"], rng, 0.0, cfg.world.annotator_tie_margin)
         records.append(Ranking(row["prompt"], row["responses"], row["ranking"], source="templated", gold_ranking=gold))
     samples = sample(prompts)
-    for prompt, responses in zip(prompts, samples, strict=True):
-        question = prompt[-1]["content"]
-        ranking = rank_responses(scorer, question, responses, rng, noise, tie_margin)
-        gold = rank_responses(scorer, question, responses, rng, 0.0, tie_margin)
-        records.append(Ranking(prompt, responses, ranking, source="sampled", gold_ranking=gold))
+    records += rank_sampled(cfg, scorer, prompts, samples, rng, "sampled")
     logger.info(
         "demo comparisons: %d templated rankings, %d sampled ones (K=%d)",
         len(templated),
         len(samples),
         cfg.reward.collect.responses_per_prompt,
     )
+    return records
+
+
+def rank_sampled(
+    cfg: PipelineConfig,
+    scorer: GoldScorer,
+    prompts: list[list[dict[str, str]]],
+    samples: list[list[str]],
+    rng: random.Random,
+    source: str,
+) -> list[Ranking]:
+    """Each prompt's sampled responses ranked by one annotator (noise and ties of `world:`), with the noise-free
+    gold ranking that evaluation compares against."""
+    noise, tie_margin = cfg.world.annotator_noise, cfg.world.annotator_tie_margin
+    records = []
+    for prompt, responses in zip(prompts, samples, strict=True):
+        question = prompt[-1]["content"]
+        ranking = rank_responses(scorer, question, responses, rng, noise, tie_margin)
+        gold = rank_responses(scorer, question, responses, rng, 0.0, tie_margin)
+        records.append(Ranking(prompt, responses, ranking, source=source, gold_ranking=gold))
     return records

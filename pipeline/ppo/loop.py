@@ -63,6 +63,7 @@ from pipeline.ppo.rollout import (
     score_rollout,
 )
 from pipeline.preemption import Preempted, preemption_requested
+from pipeline.stages import stage_name
 from pipeline.tracking import append_metrics, count_parameters, distributed_state, on_main, read_metrics
 
 logger = logging.getLogger(__name__)
@@ -74,8 +75,8 @@ STAGE = "ppo"
 # Inputs
 
 
-def resolve_inputs(cfg: PipelineConfig) -> dict[str, str]:
-    """base (the merged SFT model), reward (the reward stage's final/), and the prompt and ptx sources."""
+def resolve_inputs(cfg: PipelineConfig, round_no: int = 1) -> dict[str, str]:
+    """base (the merged SFT model), reward (the same round's reward stage's final/), the prompt and ptx sources."""
     pcfg = cfg.ppo
     if pcfg.dataset is None:
         raise UserError(
@@ -87,7 +88,12 @@ def resolve_inputs(cfg: PipelineConfig) -> dict[str, str]:
         if pcfg.policy_base
         else {"base": str(final_dir(cfg, "sft") / "merged"), "sft": str(final_dir(cfg, "sft"))}
     )
-    inputs["reward"] = pcfg.reward_model or str(final_dir(cfg, "reward"))
+    if pcfg.reward_model and cfg.rounds > 1:
+        raise UserError(
+            f"ppo.reward_model is set, but rounds={cfg.rounds}: each round trains its own reward model; leave "
+            "ppo.reward_model unset (or set rounds: 1)"
+        )
+    inputs["reward"] = pcfg.reward_model or str(final_dir(cfg, stage_name("reward", round_no)))
     if demo.DEMO in (pcfg.dataset, pcfg.eval_dataset):
         inputs["world"] = str(cfg.run_path / "world")
     if pcfg.dataset != demo.DEMO:
@@ -351,20 +357,21 @@ def _log_update(sdir: Path, record: dict[str, Any], writer: Any) -> None:
 # The stage
 
 
-def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
-    """Train (or resume, or skip when finished with the same settings); returns `run_dir/ppo/final/`."""
-    started = time.time()
+def run(cfg: PipelineConfig, rerun: bool = False, round_no: int = 1) -> Path:
+    """Train (or resume, or skip when finished with the same settings) the PPO policy of a round, always from the
+    SFT policy; returns its `final/` (`ppo/final/`, `ppo-2/final/`, ...)."""
+    started, stage = time.time(), stage_name(STAGE, round_no)
     # Under `accelerate launch` this joins the process group; on CPUs ACCELERATE_USE_CPU=true makes it gloo DDP.
     state = distributed_state()
-    pcfg, sdir, world = cfg.ppo, stage_dir(cfg, STAGE), state.num_processes
-    inputs = resolve_inputs(cfg)
+    pcfg, sdir, world = cfg.ppo, stage_dir(cfg, stage), state.num_processes
+    inputs = resolve_inputs(cfg, round_no)
     _check_inputs(cfg, inputs)
     if pcfg.rollout_batch_size % world or pcfg.mini_batch_size % world:
         raise UserError(
             f"ppo.rollout_batch_size ({pcfg.rollout_batch_size}) and ppo.mini_batch_size "
             f"({pcfg.mini_batch_size}) must be multiples of the number of processes ({world})"
         )
-    identity, done = begin_stage(cfg, STAGE, inputs, rerun)
+    identity, done = begin_stage(cfg, stage, inputs, rerun)
     if done is not None:
         return done
 
@@ -423,8 +430,9 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
         identity,
         seed,
         started,
+        stage,
     )
-    return final_dir(cfg, STAGE)
+    return final_dir(cfg, stage)
 
 
 def measure_policy(
@@ -467,9 +475,10 @@ def finish(
     identity: dict[str, Any],
     seed: int,
     started: float,
+    stage: str = STAGE,
 ) -> None:
     """Evaluate SFT against PPO on held-out prompts, detect over-optimisation, and write final/ (main process)."""
-    state, pcfg, sdir = distributed_state(), cfg.ppo, stage_dir(cfg, STAGE)
+    state, pcfg, sdir = distributed_state(), cfg.ppo, stage_dir(cfg, stage)
     train_prompts, eval_prompts, read_report = prompts
     digests = [_digest(roles.trainable_parameters())] * state.num_processes
     if state.num_processes > 1:
@@ -502,7 +511,7 @@ def finish(
         if judge is None:
             metrics["judge"] = NO_JUDGE
         logger.info("ppo evaluation: %s", {k: v for k, v in metrics.items() if not k.startswith("time")})
-        with finishing(cfg, STAGE) as out:
+        with finishing(cfg, stage) as out:
             save_adapter(roles.model, POLICY, out, roles.base_path)
             roles.tokenizer.save_pretrained(str(out))
             save_adapter(roles.critic, VALUE, out / "value", roles.base_path, head=roles.value_head)

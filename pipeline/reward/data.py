@@ -9,6 +9,7 @@ responses for `reward.collect.prompts` and export ranking tasks for people. Anyt
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -18,13 +19,22 @@ from typing import Any
 import torch
 
 from pipeline import demo
-from pipeline.checkpoints import stage_dir, write_json_atomic
+from pipeline.checkpoints import final_dir, stage_dir, write_json_atomic
 from pipeline.config import PipelineConfig, RewardConfig
 from pipeline.data.comparisons import collect_ranking_tasks, sample_for_prompts
 from pipeline.data.prompts import prompt_key
-from pipeline.data.rankings import Ranking, read_rankings, strict_pairs, tied_pairs, tier_of, write_rankings
+from pipeline.data.rankings import (
+    Ranking,
+    export_ranking_tasks,
+    read_rankings,
+    strict_pairs,
+    tied_pairs,
+    tier_of,
+    write_rankings,
+)
 from pipeline.errors import UserError
 from pipeline.modeling import encode_reward_inputs, right_pad
+from pipeline.stages import stage_name
 
 STAGE = "reward"
 SPLITS = ("train", "validation", "test")
@@ -84,15 +94,18 @@ def split_by_prompt(
     return out
 
 
-def prepare_comparisons(cfg: PipelineConfig, base: str) -> dict[str, Any]:
-    """Collect or read the rankings and write `reward/comparisons/{train,validation,test}.jsonl` (once: a resumed
-    run reuses them). Returns what was read and skipped."""
-    rcfg, out = cfg.reward, stage_dir(cfg, STAGE) / "comparisons"
+def prepare_comparisons(cfg: PipelineConfig, base: str, round_no: int = 1) -> dict[str, Any]:
+    """Collect or read the rankings and write `<stage>/comparisons/{train,validation,test}.jsonl` (once: a resumed
+    run reuses them). A later round adds its new comparisons to the previous round's. Returns what was read and
+    skipped."""
+    rcfg, out = cfg.reward, stage_dir(cfg, stage_name(STAGE, round_no)) / "comparisons"
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     summary: dict[str, Any] = {}
     split_of = None
-    if rcfg.dataset == demo.DEMO:  # split the world's prompts first: the SFT model answers every held-out one
+    if round_no > 1:
+        records, split_of, summary["new"] = later_round_records(cfg, base, round_no)
+    elif rcfg.dataset == demo.DEMO:  # split the world's prompts first: the SFT model answers every held-out one
         keys = {prompt_key(p) for p in demo.reward_prompts(cfg)}
         split_of = assign_splits(keys, rcfg.validation_share, rcfg.test_share, cfg.seed)
         records = demo.collect_rankings(
@@ -108,7 +121,7 @@ def prepare_comparisons(cfg: PipelineConfig, base: str) -> dict[str, Any]:
             rcfg.score_key,
         )
         summary["skipped"] = skipped.as_dict()
-    if rcfg.max_records > 0 and len(records) > rcfg.max_records:
+    if round_no == 1 and rcfg.max_records > 0 and len(records) > rcfg.max_records:
         records = random.Random(cfg.seed).sample(records, rcfg.max_records)
     splits = split_by_prompt(records, rcfg.validation_share, rcfg.test_share, cfg.seed, split_of)
     for name, rows in splits.items():
@@ -118,6 +131,52 @@ def prepare_comparisons(cfg: PipelineConfig, base: str) -> dict[str, Any]:
     summary["tied_pairs"] = {name: sum(len(tied_pairs(r.tiers)) for r in rows) for name, rows in splits.items()}
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def later_round_records(cfg: PipelineConfig, base: str, round_no: int) -> tuple[list[Ranking], dict[str, str], dict]:
+    """(every comparison so far, the prompt splits they keep, a count of the new ones) for round `round`: the
+    previous round's comparisons, and the previous PPO policy's K responses to their prompts, ranked by the demo's
+    annotators or, outside the demo, by people through a ranking-tasks file (see `round_tasks`)."""
+    previous = stage_name(STAGE, round_no - 1)
+    records = [r for name in SPLITS for r in read_split(cfg, name, previous)]
+    split_of = {r.prompt_key(): name for name in SPLITS for r in read_split(cfg, name, previous) if name != "train"}
+    prompts = list({prompt_key(r.prompt): r.prompt for r in records}.values())
+    if cfg.reward.dataset == demo.DEMO:
+        prompts = demo.reward_prompts(cfg)
+    limit = cfg.reward.collect.max_prompts
+    if limit > 0:  # as in the first round_no: the first prompts, and every held-out one
+        prompts = [p for i, p in enumerate(prompts) if i < limit or prompt_key(p) in split_of]
+    policy = final_dir(cfg, stage_name("ppo", round_no - 1))
+    source = f"policy-{round_no - 1}"  # the responses of PPO round r-1's policy
+
+    def sample(chosen: list[Any]) -> list[list[str]]:
+        return sample_for_prompts(cfg, base, chosen, adapter=policy, seed=cfg.seed + 1000 * round_no)
+
+    if cfg.reward.dataset == demo.DEMO:
+        new = demo.rank_samples(cfg, prompts, sample(prompts), source, round_no)
+    else:
+        new = round_tasks(cfg, round_no, prompts, sample, source)
+    return records + new, split_of, {"source": source, "records": len(new), "prompts": len(prompts)}
+
+
+def round_tasks(cfg: PipelineConfig, round_no: int, prompts: list[Any], sample: Any, source: str) -> list[Ranking]:
+    """Round `round`'s rankings by people: the first time, the previous policy's responses are sampled and exported
+    to `run_dir/ranking_tasks-round<r>.csv` and the stage stops with what to do; once the file's `ranking` column is
+    filled in, its rankings are read (rows left blank are skipped and counted)."""
+    tasks = cfg.run_path / f"ranking_tasks-round{round_no}.csv"
+    if not tasks.is_file():
+        samples = sample(prompts)
+        rows = [
+            Ranking(p, r, "", id=f"round{round_no}-{n + 1}")
+            for n, (p, r) in enumerate(zip(prompts, samples, strict=True))
+        ]
+        export_ranking_tasks(rows, tasks)
+        raise UserError(
+            f"round {round_no} needs rankings of the previous policy's responses: wrote {len(rows)} ranking tasks to "
+            f"{tasks}; fill in its 'ranking' column (e.g. C > B > A = D), then run the same command again"
+        )
+    records, _ = read_rankings(tasks, "tasks", on_bad="skip", what=f"round {round_no} ranking tasks")
+    return [dataclasses.replace(r, source=source) for r in records]
 
 
 def export_tasks(cfg: PipelineConfig, base: str) -> None:
@@ -136,8 +195,9 @@ def export_tasks(cfg: PipelineConfig, base: str) -> None:
     )
 
 
-def read_split(cfg: PipelineConfig, name: str) -> list[Ranking]:
-    path = stage_dir(cfg, STAGE) / "comparisons" / f"{name}.jsonl"
+def read_split(cfg: PipelineConfig, name: str, stage: str = STAGE) -> list[Ranking]:
+    """The comparisons of one split that a reward stage (of any round) wrote."""
+    path = stage_dir(cfg, stage) / "comparisons" / f"{name}.jsonl"
     if not path.is_file() or path.stat().st_size == 0:
         return []
     return read_rankings(path, "rankings", on_bad="error")[0]

@@ -49,6 +49,7 @@ from pipeline.reward.data import (
 )
 from pipeline.reward.evaluation import evaluate_reward_model, policy_reward_stats
 from pipeline.reward.losses import centering_penalty, ranking_loss, scatter_rewards
+from pipeline.stages import stage_name
 from pipeline.tokenizer import load_tokenizer, prepare_chat_tokenizer
 from pipeline.tracking import count_parameters, distributed_state, on_main
 from pipeline.trainers import train_from, trainer_checkpoint_callback
@@ -84,10 +85,10 @@ class RankingTrainer(transformers.Trainer):
         return (loss, {"rewards": rewards}) if return_outputs else loss
 
 
-def to_training_args(cfg: PipelineConfig) -> transformers.TrainingArguments:
+def to_training_args(cfg: PipelineConfig, stage: str = STAGE) -> transformers.TrainingArguments:
     """The transformers TrainingArguments of this stage (checkpoint retention is ours: see trainers.py)."""
     return transformers.TrainingArguments(
-        **cfg.reward.trainer_kwargs(str(stage_dir(cfg, STAGE)), cfg.seed),
+        **cfg.reward.trainer_kwargs(str(stage_dir(cfg, stage)), cfg.seed),
         bf16=default_dtype() == torch.bfloat16,  # as in SFT: bf16 autocast on a GPU that has it
         prediction_loss_only=True,
         label_names=[],
@@ -98,16 +99,18 @@ def to_training_args(cfg: PipelineConfig) -> transformers.TrainingArguments:
     )
 
 
-def build_trainer(cfg: PipelineConfig, model: Any, tokenizer: Any, train: list[dict], validation: list[dict]):
+def build_trainer(
+    cfg: PipelineConfig, model: Any, tokenizer: Any, train: list[dict], validation: list[dict], stage: str = STAGE
+) -> RankingTrainer:
     rcfg = cfg.reward
     trainer = RankingTrainer(
         model=model,
-        args=to_training_args(cfg),
+        args=to_training_args(cfg, stage),
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(validation) if validation and rcfg.eval_steps > 0 else None,
         data_collator=RankingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[trainer_checkpoint_callback(stage_dir(cfg, STAGE), rcfg.save_total_limit)],
+        callbacks=[trainer_checkpoint_callback(stage_dir(cfg, stage), rcfg.save_total_limit)],
     )
     trainer.loss_settings = LossSettings(rcfg.tie_model, rcfg.tie_probability, rcfg.center_rewards_coefficient)
     trainer.can_return_loss = True  # evaluation asks compute_loss for the loss although there are no labels
@@ -118,8 +121,9 @@ def build_trainer(cfg: PipelineConfig, model: Any, tokenizer: Any, train: list[d
 # The stage
 
 
-def resolve_inputs(cfg: PipelineConfig) -> dict[str, str]:
-    """The base model, the SFT stage it comes from (for the identity) and the data this stage reads."""
+def resolve_inputs(cfg: PipelineConfig, round_no: int = 1) -> dict[str, str]:
+    """The base model, the SFT stage it comes from (for the identity) and the data this stage reads; a later round
+    also reads the previous round's comparisons and the previous PPO policy, whose responses it adds."""
     rcfg = cfg.reward
     inputs = (
         {"base": rcfg.base}
@@ -137,22 +141,26 @@ def resolve_inputs(cfg: PipelineConfig) -> dict[str, str]:
         inputs["prompts"] = str(rcfg.collect.prompts)
     else:
         inputs["dataset"] = rcfg.dataset
+    if round_no > 1:
+        inputs["previous"] = str(final_dir(cfg, stage_name(STAGE, round_no - 1)))
+        inputs["policy"] = str(final_dir(cfg, stage_name("ppo", round_no - 1)))
     return inputs
 
 
-def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
-    """Train (or resume, or skip when finished with the same settings) the reward model; returns `reward/final/`."""
-    started, state = time.time(), distributed_state()
-    rcfg, sdir = cfg.reward, stage_dir(cfg, STAGE)
-    inputs = resolve_inputs(cfg)
-    if rcfg.dataset == "collect":
+def run(cfg: PipelineConfig, rerun: bool = False, round_no: int = 1) -> Path:
+    """Train (or resume, or skip when finished with the same settings) the reward model of a round; returns its
+    `final/` (`reward/final/`, `reward-2/final/`, ...)."""
+    started, state, stage = time.time(), distributed_state(), stage_name(STAGE, round_no)
+    rcfg, sdir = cfg.reward, stage_dir(cfg, stage)
+    inputs = resolve_inputs(cfg, round_no)
+    if rcfg.dataset == "collect" and round_no == 1:
         on_main(lambda: export_tasks(cfg, inputs["base"]))
-    identity, done = begin_stage(cfg, STAGE, inputs, rerun)
+    identity, done = begin_stage(cfg, stage, inputs, rerun)
     if done is not None:
         return done
     base = inputs["base"]
-    data_summary = on_main(lambda: prepare_comparisons(cfg, base))
-    splits = {name: read_split(cfg, name) for name in SPLITS}
+    data_summary = on_main(lambda: prepare_comparisons(cfg, base, round_no))
+    splits = {name: read_split(cfg, name, stage) for name in SPLITS}
     tokenizer = load_tokenizer(base)
     prepare_chat_tokenizer(tokenizer)
     train = encode_rankings(splits["train"], tokenizer, rcfg)
@@ -172,10 +180,12 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
         len(train),
         data_summary["pairs"]["train"],
     )
-    trainer = build_trainer(cfg, model, tokenizer, train, encode_rankings(splits["validation"], tokenizer, rcfg))
+    trainer = build_trainer(
+        cfg, model, tokenizer, train, encode_rankings(splits["validation"], tokenizer, rcfg), stage
+    )
     checkpoint = newest_checkpoint(sdir)
     if checkpoint is not None:
-        logger.info("resuming reward from %s", checkpoint)
+        logger.info("resuming %s from %s", stage, checkpoint)
     train_started = time.time()
     output = train_from(trainer, checkpoint)
     train_seconds = time.time() - train_started
@@ -196,7 +206,7 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
         stats = policy_reward_stats(cfg, model, tokenizer, splits, base)
         metrics["reward_stats"] = stats
         _log_metrics(metrics)
-        with finishing(cfg, STAGE) as out:
+        with finishing(cfg, stage) as out:
             model.save_pretrained(out)
             (out / "README.md").unlink(missing_ok=True)  # peft's placeholder card
             tokenizer.save_pretrained(out)
@@ -206,7 +216,7 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
             contents = "model" if rcfg.finetune == "full" else "adapter"
             write_stage_json(out, identity, metrics, contents=contents, extra={"finetune": rcfg.finetune})
     state.wait_for_everyone()
-    return final_dir(cfg, STAGE)
+    return final_dir(cfg, stage)
 
 
 def _log_metrics(metrics: dict[str, Any]) -> None:
