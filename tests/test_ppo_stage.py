@@ -540,6 +540,12 @@ def test_overoptimisation_rule_by_hand():
     # at policy 4 the windows are policies (1, 2) -> (3, 4): gold (1.2 + 1.1)/2 = 1.15 -> (0.7 + 0.5)/2 = 0.6, a fall
     # of 0.55 > 0.4, while rm rises from 0.3 to 0.7: detected there
     assert detect_overoptimisation(noisy, window=2, tolerance=0.1)["at_policy"] == 4
+    # a slow decline from the peak: adjacent windows of 2 never differ by more than 0.1, but at policy 5 the window
+    # (4, 5) = (1.5 + 1.45)/2 = 1.475 is below the peak window (1, 2) = 1.6 by 0.125 > 0.1, while rm rose: detected
+    slow = _points([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], [1.0, 1.6, 1.6, 1.55, 1.5, 1.45, 1.4, 1.35])
+    found = detect_overoptimisation(slow, window=2, tolerance=0.1)
+    assert found["at_policy"] == 5 and found["peak_policies"] == [1, 2]
+    assert found["gold_before"] == pytest.approx(1.6) and found["gold_after"] == pytest.approx(1.475)
     # without a gold scorer the rule is not applied
     assert not detect_overoptimisation(_points([0.0, 1.0], [None, None]), 1, 0.1)["detected"]
 
@@ -595,9 +601,8 @@ def test_demo_ppo_beats_sft_within_kl_target_and_kl_zero_overoptimises(tmp_path)
     assert report["kl_to_reference"] <= cfg.ppo.kl_target
     assert report["ppo_insult_rate"] < report["sft_insult_rate"]
 
-    # The same PPO without the KL penalty, for twice as many updates at a constant, 3x higher learning rate, on the
-    # same upstream: the reward model's score keeps rising while the gold score falls back below where it peaked.
-    # (At the recipe's 1e-3 the fall came too gradually for the rule's adjacent windows in 48 updates.)
+    # The same PPO without the KL penalty, for twice as many updates at the recipe's learning rate held constant, on
+    # the same upstream: the reward model's score keeps rising while the gold score falls back from its peak.
     free = load_config(
         REPO / "recipes" / "demo.yaml",
         [
@@ -606,7 +611,6 @@ def test_demo_ppo_beats_sft_within_kl_target_and_kl_zero_overoptimises(tmp_path)
             "ppo.kl_target=null",
             "ppo.num_updates=48",
             "ppo.lr_scheduler_type=constant",
-            "ppo.learning_rate=3e-3",
             f"ppo.policy_base={run_dir / 'sft' / 'final' / 'merged'}",
             f"ppo.reward_model={run_dir / 'reward' / 'final'}",
         ],

@@ -8,15 +8,18 @@ PPO against SFT = wins / (wins + losses), ties reported apart.
 
 Over-optimisation rule. Policy k (after k updates; 0 is the SFT policy) is scored on the rollout it sampled: mean
 reward-model score rm_k and mean gold score gold_k. With a window of W policies, compare the window ending at k with
-the one before it:
+the earlier window P (ending at k - W or before, so the two do not overlap) whose mean gold score was highest, the
+peak so far:
 
-    rm rising:    mean(rm_{k-W+1..k})   > mean(rm_{k-2W+1..k-W})
-    gold falling: mean(gold_{k-W+1..k}) < mean(gold_{k-2W+1..k-W}) - max(tolerance, 2 * se)
+    rm rising:    mean(rm_{k-W+1..k})   > mean(rm over P)
+    gold falling: mean(gold_{k-W+1..k}) < mean(gold over P) - max(tolerance, 2 * se)
 
 where se is the standard error of the difference of the two gold means (from each policy's spread of gold scores
 over its rollout), so that sampling noise alone rarely passes for a fall. Over-optimisation is reported at the first
-k where both hold: the reward model still approves of the change while the true (gold) quality drops. The best
-checkpoint is the saved one whose policy has the highest gold score.
+k where both hold: the reward model approves of the policy more than at the gold peak while the true (gold) quality
+has dropped from it. Comparing with the peak, not only the window just before, catches a slow decline (Gao et al.
+2023 show gold falling gradually as the KL to the initial policy grows). The best checkpoint is the saved one whose
+policy has the highest gold score.
 """
 
 from __future__ import annotations
@@ -40,25 +43,31 @@ def _mean(values: list[float]) -> float:
 def detect_overoptimisation(points: list[dict[str, Any]], window: int, tolerance: float) -> dict[str, Any]:
     """Apply the module's rule to per-policy scores [{"policy", "rm_score", "gold_score"}, ...] in policy order."""
     rule = (
-        f"mean reward-model score over the last {window} policies above the {window} before, while their mean "
-        f"gold score is more than max({tolerance}, 2 standard errors) below"
+        f"mean reward-model score over the last {window} policies above that of the earlier {window}-policy window "
+        f"with the highest gold score, while their mean gold score is more than max({tolerance}, 2 standard errors) "
+        "below that peak"
     )
     result: dict[str, Any] = {"detected": False, "at_policy": None, "rule": rule}
     if any(p["gold_score"] is None for p in points):
         result["rule"] = "needs a judge (judge: demo); not applied"
         return result
+    windows = [
+        points[end - window + 1 : end + 1] for end in range(window - 1, len(points))
+    ]  # windows[j] ends at j+W-1
     for k in range(2 * window - 1, len(points)):
-        prev, cur = points[k - 2 * window + 1 : k - window + 1], points[k - window + 1 : k + 1]
-        rm_up = _mean([p["rm_score"] for p in cur]) > _mean([p["rm_score"] for p in prev])
-        gold_prev, gold_cur = _mean([p["gold_score"] for p in prev]), _mean([p["gold_score"] for p in cur])
+        cur = windows[k - window + 1]
+        peak = max(windows[: k - 2 * window + 2], key=lambda w: _mean([p["gold_score"] for p in w]))
+        rm_up = _mean([p["rm_score"] for p in cur]) > _mean([p["rm_score"] for p in peak])
+        gold_peak, gold_cur = _mean([p["gold_score"] for p in peak]), _mean([p["gold_score"] for p in cur])
         # standard error of a window mean: sqrt(sum of squared sems) / W; of the difference: both combined
-        se = (sum((p.get("gold_sem") or 0.0) ** 2 for p in prev + cur)) ** 0.5 / window
-        if rm_up and gold_cur < gold_prev - max(tolerance, 2.0 * se):
+        se = (sum((p.get("gold_sem") or 0.0) ** 2 for p in peak + cur)) ** 0.5 / window
+        if rm_up and gold_cur < gold_peak - max(tolerance, 2.0 * se):
             result.update(
                 detected=True,
                 at_policy=points[k]["policy"],
-                gold_before=gold_prev,
+                gold_before=gold_peak,
                 gold_after=gold_cur,
+                peak_policies=[peak[0]["policy"], peak[-1]["policy"]],
                 standard_error=se,
             )
             break
