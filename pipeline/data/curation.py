@@ -279,9 +279,11 @@ def build_executor(cfg: PipelineConfig, step: Pass, work: Path, depends: Any = N
 
         activate = Path(sys.prefix) / "bin" / "activate"  # this virtual environment, on the cluster's shared disk
         env_command = data.slurm_env_command or (f"source {activate}" if activate.is_file() else None)
+        # datatrove writes mem_per_cpu_gb as "<value>G", which sbatch rejects for a float ("2.0G"): give megabytes
+        memory = {"mem-per-cpu": f"{math.ceil(data.mem_per_cpu_gb * 1024)}M"}
         return SlurmPipelineExecutor(
             time=data.slurm_time, partition=data.slurm_partition, cpus_per_task=data.cpus_per_task,
-            mem_per_cpu_gb=data.mem_per_cpu_gb, job_name=f"rlhf-data-{step.name}", env_command=env_command, **common,
+            sbatch_args=memory, job_name=f"rlhf-data-{step.name}", env_command=env_command, **common,
         )  # fmt: skip
     from datatrove.executor.ray import RayPipelineExecutor
 
