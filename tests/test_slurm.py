@@ -9,7 +9,7 @@ Slurm cluster (tests/slurm_cluster.py: slurmctld + slurmd on 127.0.0.1, 2 CPUs, 
 - the web-text stage with the Slurm executor runs as job arrays and writes the same parquet as the local executor;
 - a 2-process job runs pretraining under `accelerate launch` with world size 2 over gloo.
 
-Slow (about 5 minutes on 2 cores) and opt-in; Slurm comes from `bash .ci/slurm-setup`:
+Slow (4 to 7 minutes on 2 cores) and opt-in; Slurm comes from `bash .ci/slurm-setup`:
 
     bash .ci/slurm-setup && .venv/bin/python -m pytest -m slow tests/test_slurm.py -x -q -s   # -s shows the job ids
 """
