@@ -9,6 +9,7 @@ machine) or on GPUs at all.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -144,25 +145,36 @@ def test_multi_node_placeholders_are_overridden_by_the_command_line():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The Slurm script, with stand-in srun / scontrol / accelerate on PATH
+# The Slurm script, with stand-in srun / scancel / scontrol / accelerate on PATH. They act as Slurm 22.05 does
+# (tests/test_slurm.py runs the script on a real single-node cluster): srun answers SIGTERM by SIGKILLing its tasks,
+# and `scancel --signal=SIG JOB` delivers SIG to every process of the job's steps, not to the batch shell.
 
 FAKE_SRUN = r"""#!/bin/bash
-# Stand-in for srun: run the command once per node, with that node's SLURM_NODEID, and forward SIGTERM to the tasks
-# as srun does; exit with the highest task status.
+# Stand-in for srun: run the command once per node, each task in a process group of its own (Slurm's step), with that
+# node's SLURM_NODEID; on SIGTERM kill the tasks (a real srun forces the step's termination); exit with the highest
+# task status.
 echo "srun $*" >> "$FAKE_LOG"
 while [[ "$1" == --* ]]; do shift; done
 pids=()
 for ((i = 0; i < SLURM_NNODES; i++)); do
-    SLURM_NODEID=$i SLURM_PROCID=$i "$@" &
+    SLURM_NODEID=$i SLURM_PROCID=$i setsid "$@" &
     pids+=($!)
 done
-trap 'echo "srun forwarded TERM" >> "$FAKE_LOG"; kill -TERM "${pids[@]}" 2>/dev/null' TERM
+printf '%s\n' "${pids[@]}" > "$FAKE_DIR/step.pgids"
+trap 'echo "srun got TERM: SIGKILL to the step" >> "$FAKE_LOG"; for p in "${pids[@]}"; do kill -KILL -- "-$p"; done' TERM
 rc=0
 for p in "${pids[@]}"; do
     while true; do wait "$p"; s=$?; kill -0 "$p" 2>/dev/null || break; done
     (( s > rc )) && rc=$s
 done
 exit $rc
+"""
+
+FAKE_SCANCEL = r"""#!/bin/bash
+# Stand-in for `scancel --signal=SIG JOB`: SIG to every process of the step (not to the batch shell).
+echo "scancel $*" >> "$FAKE_LOG"
+sig="${1#--signal=}"
+while read -r pgid; do kill -"$sig" -- "-$pgid" 2>/dev/null; done < "$FAKE_DIR/step.pgids"
 """
 
 FAKE_SCONTROL = r"""#!/bin/bash
@@ -189,7 +201,8 @@ esac
 def slurm(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("accelerate", FAKE_ACCELERATE)):
+    fakes = {"srun": FAKE_SRUN, "scancel": FAKE_SCANCEL, "scontrol": FAKE_SCONTROL, "accelerate": FAKE_ACCELERATE}
+    for name, text in fakes.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     log = tmp_path / "calls.log"
@@ -287,28 +300,56 @@ def test_slurm_script_reads_gpu_count_and_config_from_environment(slurm):
     assert proc.returncode == 2 and "accelerate config not found" in proc.stderr
 
 
-@pytest.mark.parametrize("sig,restarts,requeued", [("USR1", 0, True), ("TERM", 3, True), ("USR1", 20, False)])
-def test_slurm_script_forwards_signal_waits_and_requeues(slurm, sig, restarts, requeued):
-    env = {**slurm["env"], "FAKE_MODE": "wait", "SLURM_RESTART_COUNT": str(restarts)}
+def _start_and_wait_for_ranks(slurm, env):
     proc = subprocess.Popen(
         ["bash", str(SBATCH), "run", "recipes/demo.yaml"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+    deadline = time.time() + 20
+    while slurm["log"].read_text().count("started") < 2:
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"the stand-in ranks never started: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("restarts,requeued", [(0, True), (20, False)])
+def test_slurm_script_on_usr1_has_slurm_signal_every_rank_then_requeues(slurm, restarts, requeued):
+    """--signal=B:USR1@300 (the time-limit warning) reaches the batch shell only; the script has Slurm pass SIGTERM
+    to every process of the step (never to srun, which would SIGKILL the step), waits, then requeues the job."""
+    env = {**slurm["env"], "FAKE_MODE": "wait", "SLURM_RESTART_COUNT": str(restarts)}
+    proc = _start_and_wait_for_ranks(slurm, env)
     try:
-        deadline = time.time() + 20
-        while slurm["log"].read_text().count("started") < 2:
-            assert time.time() < deadline and proc.poll() is None, "the stand-in ranks never started"
-            time.sleep(0.05)
-        proc.send_signal(getattr(signal, f"SIG{sig}"))
+        proc.send_signal(signal.SIGUSR1)
         out, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
     log = slurm["log"].read_text()
     assert proc.returncode == 0, err
-    assert "srun forwarded TERM" in log
+    assert "scancel --signal=TERM 4242" in log and "srun got TERM" not in log
     assert "node 0 got TERM" in log and "node 1 got TERM" in log  # every rank was asked to checkpoint
     assert ("scontrol requeue 4242" in log) is requeued
     assert log.index("node 1 got TERM") < log.index("scontrol requeue") if requeued else True  # after the ranks stop
+
+
+def test_slurm_script_on_sigterm_waits_for_the_ranks_and_never_requeues(slurm):
+    """SIGTERM comes from Slurm itself (pre-emption, requeue, scancel, time limit), which signals every process of the
+    job: the script waits for the ranks to save, and leaves requeueing to Slurm, or `scancel` could not end the job."""
+    env = {**slurm["env"], "FAKE_MODE": "wait"}
+    proc = _start_and_wait_for_ranks(slurm, env)
+    try:
+        for pgid in (slurm["dir"] / "step.pgids").read_text().split():  # what Slurm does to the step
+            os.killpg(int(pgid), signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # and to the batch shell
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = slurm["log"].read_text()
+    assert proc.returncode == 143, err
+    assert "node 0 got TERM" in log and "node 1 got TERM" in log
+    assert "srun got TERM" not in log and "scancel" not in log and "requeue" not in log
 
 
 @pytest.mark.parametrize("mode,rc,requeued", [("preempted", 0, True), ("fail", 1, False)])

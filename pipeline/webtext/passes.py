@@ -284,11 +284,13 @@ def build_executor(cfg: PipelineConfig, step: Pass, work: Path, depends: Any = N
 
         activate = Path(sys.prefix) / "bin" / "activate"  # this virtual environment, on the cluster's shared disk
         env_command = webtext.slurm_env_command or (f"source {activate}" if activate.is_file() else None)
+        # datatrove writes mem_per_cpu_gb as "<value>G", which sbatch rejects for a float ("2.0G"): give megabytes
+        memory = {"mem-per-cpu": f"{math.ceil(webtext.mem_per_cpu_gb * 1024)}M"}
         return SlurmPipelineExecutor(
             time=webtext.slurm_time,
             partition=webtext.slurm_partition,
             cpus_per_task=webtext.cpus_per_task,
-            mem_per_cpu_gb=webtext.mem_per_cpu_gb,
+            sbatch_args=memory,
             job_name=f"rlhf-webtext-{step.name}",
             env_command=env_command,
             **common,
