@@ -170,6 +170,16 @@ def begin_stage(
     return identity, done
 
 
+def wait_for_final(cfg: PipelineConfig, stage: str, identity: dict[str, Any], poll_s: float = 2.0) -> Path:
+    """Wait (polling the file, no collective) until the stage's `final/` is there with this identity's hash: how the
+    other processes of a launch wait for a stage that one process runs. If that process fails, the launcher ends
+    them too."""
+    final = final_dir(cfg, stage)
+    while not (is_finished(final) and read_stage_json(final).get("config_hash") == identity["config_hash"]):
+        time.sleep(poll_s)
+    return final
+
+
 def _move_aside(sdir: Path) -> Path:
     target = sdir.with_name(f"{sdir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1

@@ -41,7 +41,7 @@ from pipeline.checkpoints import (
 )
 from pipeline.config import PipelineConfig, build_config, save_config
 from pipeline.errors import UserError
-from pipeline.preemption import Preempted, install_preemption_handler
+from pipeline.preemption import Preempted, install_preemption_handler, preemption_signalled
 from pipeline.stages import STAGES, check_stage, pipeline_stages, round_arguments, split_stage, stage_module
 from pipeline.tracking import is_main_process
 
@@ -147,7 +147,8 @@ def _launch(stage: str, recipe: str | None, overrides: list[str], rerun: bool, a
         command.append("--rerun")
     logger.info("launching: %s", " ".join(command))
     result = subprocess.run(command, env=os.environ.copy())
-    if result.returncode == 143:
+    # accelerate launch exits 1 when its ranks exit 143; the driver saw the signal itself (Slurm signals every process)
+    if result.returncode == 143 or (result.returncode != 0 and preemption_signalled()):
         raise Preempted(f"stage {stage} was pre-empted; run the same command to resume")
     if result.returncode != 0:
         raise UserError(

@@ -33,6 +33,11 @@ def install_preemption_handler() -> None:
         signal.signal(signal.SIGUSR1, handler)
 
 
+def preemption_signalled() -> bool:
+    """True once this process got a pre-emption signal (no collective: for work one process does alone)."""
+    return _preempted.is_set()
+
+
 def preemption_requested() -> bool:
     """True once any process of the run got a pre-emption signal (agreed across ranks when distributed)."""
     import torch  # not at the top: the CLI imports this module, and `rlhf status` needs no torch

@@ -7,11 +7,14 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO, subprocess_env
 
 from pipeline.config import load_config
 from pipeline.demo.crawl_eval import apply_cluster_rule, evaluate, precision_recall_f1
@@ -600,9 +603,18 @@ def test_demo_filter_scores_above_goal(tmp_path):
     assert stage["metrics"]["eval"]["filter"] == report["filter"]
 
 
-def test_a_multi_process_launch_of_the_webtext_stage_is_refused(tmp_path, monkeypatch):
-    """datatrove parallelises the stage itself; two ranks running it would write the same files."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="runs in one process.*without accelerate launch"):
-        webtext.run(load_config(None, [f"run_dir={tmp_path}", "webtext.input=demo"]))
-    assert not (tmp_path / "webtext").exists()
+def test_a_two_process_launch_runs_the_stage_once_on_the_main_process(tmp_path):
+    """Under `accelerate launch` with 2 processes (gloo DDP), rank 0 runs datatrove and rank 1 waits for its final/:
+    one result, the same as a one-process run's, and both ranks exit 0."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"run_dir: {tmp_path / 'run'}\nseed: 7\nworld:\n  n_entities: 4\n  pages_per_fact: 1\n")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "accelerate_configs" / "cpu_ddp.yaml"), "-m", "pipeline", "webtext", str(recipe),
+              "webtext.input=demo", "webtext.tasks=1"]  # fmt: skip
+    result = subprocess.run(launch, cwd=REPO, env=subprocess_env(threads=1, ACCELERATE_USE_CPU="true"),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("webtext finished: ") == 1  # printed by the main process; both ranks exited 0
+    alone = load_config(None, [f"run_dir={tmp_path / 'alone'}", "seed=7", "world.n_entities=4",
+                               "world.pages_per_fact=1", "webtext.input=demo", "webtext.tasks=1"])  # fmt: skip
+    assert _output(webtext.run(alone)) == _output(tmp_path / "run" / "webtext" / "final")

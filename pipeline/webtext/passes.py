@@ -31,7 +31,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig, WebtextConfig
 from pipeline.errors import UserError
-from pipeline.preemption import Preempted, preemption_requested
+from pipeline.preemption import Preempted, preemption_signalled
 from pipeline.webtext.stopwords import STOP_WORDS
 
 # filters.py (datatrove's steps) is imported inside the functions that build passes: checking a recipe or the state
@@ -344,7 +344,7 @@ def stop_on_signal() -> Iterator[None]:
     """SIGTERM/SIGUSR1 (a scheduler's pre-emption) stop the passes at once: unwinding shuts datatrove's helper
     processes down, finished shards keep their completion markers, and the CLI exits 143; a re-run resumes."""
     message = "finished web-text shards are kept. Run the same command to resume"
-    if preemption_requested():  # the signal came before this point (the CLI's handler only notes it)
+    if preemption_signalled():  # the signal came before this point (the CLI's handler only notes it); one process
         raise Preempted(f"stopped by a pre-emption signal; {message}")
     if threading.current_thread() is not threading.main_thread():
         yield

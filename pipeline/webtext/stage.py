@@ -27,9 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import demo
-from pipeline.checkpoints import begin_stage, finishing, stage_dir, write_json_atomic, write_stage_json
+from pipeline.checkpoints import (
+    begin_stage,
+    finishing,
+    stage_dir,
+    wait_for_final,
+    write_json_atomic,
+    write_stage_json,
+)
 from pipeline.config import PipelineConfig, WebtextConfig
 from pipeline.errors import UserError
+from pipeline.tracking import is_main_process
 from pipeline.webtext.passes import (
     Source,
     build_passes,
@@ -127,16 +135,16 @@ def demo_source(cfg: PipelineConfig) -> tuple[Source, Path]:
 def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
     """Extract, filter and deduplicate the corpus into `run_dir/webtext/final/`; an interrupted run resumes.
 
-    One process: datatrove parallelises the stage itself (`webtext.tasks`, `webtext.workers`, or a Slurm/Ray executor).
+    One process does the work: datatrove parallelises the stage itself (`webtext.tasks`, `webtext.workers`, or a
+    Slurm/Ray executor). Launched with several processes (`rlhf run` under `accelerate launch`, a multi-node Slurm
+    job), the main process runs it and the others wait for its `final/` (by the file, not a collective: the stage may
+    take longer than a collective's timeout).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(
-            "the webtext stage runs in one process (datatrove parallelises it: webtext.workers, webtext.tasks, "
-            "webtext.executor); run `rlhf webtext RECIPE` without accelerate launch (`rlhf run` already does)"
-        )
     identity, done = begin_stage(cfg, STAGE, resolve_inputs(cfg), rerun)
     if done is not None:
         return done
+    if not is_main_process():
+        return wait_for_final(cfg, STAGE, identity)
     started = time.time()
     logger.info("webtext stage settings: %s", cfg.webtext)
     source, labels = demo_source(cfg) if cfg.webtext.input == demo.DEMO else (resolve_source(cfg.webtext), None)
