@@ -272,22 +272,20 @@ def test_webtext_stage_on_the_slurm_executor_runs_job_arrays_and_matches_the_loc
     print(f"[slurm] {len(files)} parquet files, {rows} documents, equal to the local executor's")
 
 
-def test_two_process_job_runs_pretraining_with_world_size_2_over_gloo(slurm_cluster, tmp_path):
-    """README: with several processes the web-text stage runs first as a 1-process job, then `run` skips it."""
+def test_two_process_job_runs_every_stage_with_world_size_2_over_gloo(slurm_cluster, tmp_path):
+    """One `run` job of 2 processes: the first runs the web-text stage while the other waits for it, then both train
+    pretraining as DDP ranks over gloo."""
     run_dir = tmp_path / "run"
     recipe = _write_recipe(tmp_path / "recipe.yaml", str(run_dir))
-    first = _submit(slurm_cluster, f"{WEBTEXT} stage, 1 process", *CPU_JOB, "--cpus-per-task=1",
-                    f"--output={tmp_path / 'webtext.out'}", str(SBATCH), WEBTEXT, str(recipe), *TINY)  # fmt: skip
     env = _job_env(slurm_cluster, PROCESSES_PER_NODE="2")
     log = tmp_path / "ddp.out"
-    second = _submit(slurm_cluster, "run with 2 processes", *CPU_JOB, "--cpus-per-task=2", f"--dependency=afterok:{first}",
-                     f"--output={log}", str(SBATCH), "run", str(recipe), *TINY, "--until", "pretrain",
-                     env=env)  # fmt: skip
-    _finish(slurm_cluster, first, tmp_path / "webtext.out")
-    text = _finish(slurm_cluster, second, log)
-    assert f"[rlhf.sbatch] job {second} (restart 0): 1 node(s) x 2 process(es)" in text
+    job = _submit(slurm_cluster, "run with 2 processes", *CPU_JOB, "--cpus-per-task=2", f"--output={log}",
+                  str(SBATCH), "run", str(recipe), *TINY, "--until", "pretrain", env=env)  # fmt: skip
+    text = _finish(slurm_cluster, job, log)
+    assert f"[rlhf.sbatch] job {job} (restart 0): 1 node(s) x 2 process(es)" in text
     assert "config accelerate_configs/cpu_ddp.yaml" in text
-    assert _driver_runs(run_dir) == [{WEBTEXT: "skipped", "pretrain": "ran"}]
+    assert _driver_runs(run_dir) == [{WEBTEXT: "ran", "pretrain": "ran"}]
+    assert _stage_json(run_dir, WEBTEXT)["hardware"]["world_size"] == 2  # run by one of the two, once
     record = _stage_json(run_dir, "pretrain")
     assert record["hardware"]["world_size"] == record["metrics"]["world_size"] == 2
-    print(f"[slurm] job {second}: pretraining with world_size {record['hardware']['world_size']}")
+    print(f"[slurm] job {job}: web text once, then pretraining with world_size {record['hardware']['world_size']}")
