@@ -115,7 +115,10 @@ def run_command(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(f"recipe {args.recipe} is valid; run directory {cfg.run_dir}")
         for stage, state, inputs in driver.plan_run(cfg, stages):
-            print(f"  {stage:9s} {state:12s} inputs: " + (", ".join(f"{k}={v}" for k, v in inputs.items()) or "-"))
+            if state.startswith(driver.NOT_NEEDED):
+                print(f"  {stage:9s} {state}")
+                continue
+            print(f"  {stage:9s} {state:12s} inputs: " + (", ".join(_input(k, v) for k, v in inputs.items()) or "-"))
         return
     driver.start_command(cfg)
     summary = driver.run_pipeline(cfg, stages, args.rerun, args.recipe, args.overrides, args.accelerate_config)
@@ -138,6 +141,15 @@ def status_command(args: argparse.Namespace) -> None:
         metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in row.get("metrics", {}).items())
         extra = f" ({row['checkpoint']})" if "checkpoint" in row else ""
         print(f"  {row['stage']:9s} {row['state']}{extra}  {metrics}")
+
+
+def _input(key: str, value: str) -> str:
+    """`key=value` of a stage input in a plan; a Hub id (model or dataset) says that it is fetched when the stage runs
+    (a dry run reads nothing from the Hub)."""
+    from pipeline.data.records import is_local
+
+    hub = value != "demo" and not is_local(value)
+    return f"{key}={value}" + (" (will be fetched from the Hub)" if hub else "")
 
 
 def _fmt(value: object) -> str:

@@ -67,6 +67,41 @@ def select_stages(start: str | None, until: str | None, only: list[str] | None, 
     return stages[first : last + 1]
 
 
+NOT_NEEDED = "not needed"
+
+
+def needed_stages(cfg: PipelineConfig) -> dict[str, str]:
+    """stage -> why it is needed: the run's last stage, and every stage whose `final/` a needed stage reads. With a
+    base given (`sft.base`, `reward.base`, `ppo.policy_base`, `ppo.reward_model`, `pretrain.dataset`), the stages
+    upstream of it that nothing else reads are left out (shown as "not needed" and not run)."""
+    stages = pipeline_stages(cfg.rounds)
+    finals = {final_dir(cfg, stage).resolve(): stage for stage in stages}
+    needed = {stages[-1]: "the run's last stage"}
+    for stage in reversed(stages):
+        if stage not in needed:
+            continue
+        for key, value in stage_module(stage).resolve_inputs(cfg, **round_arguments(stage)).items():
+            path = Path(str(value)).expanduser().resolve()
+            upstream = next((finals[p] for p in (path, *path.parents) if p in finals), None)
+            if upstream is not None and upstream != stage:
+                needed.setdefault(upstream, f"{stage} reads it ({key})")
+    return needed
+
+
+def not_needed_reason(cfg: PipelineConfig, stage: str) -> str:
+    """Why a stage is not needed, naming the key that makes it so."""
+    bases = {
+        "webtext": "pretrain.dataset or sft.base",
+        "pretrain": "sft.base",
+        "sft": "reward.base and ppo.policy_base",
+        "reward": "ppo.reward_model",
+    }
+    given = bases.get(split_stage(stage)[0], "a base")
+    return (
+        f"{NOT_NEEDED}: no later stage reads its output ({given} given); `rlhf {split_stage(stage)[0]}` runs it alone"
+    )
+
+
 def stage_state(cfg: PipelineConfig, stage: str) -> tuple[str, dict[str, Any]]:
     """('finished' | 'changed' | 'interrupted' | 'new', identity) of a stage under this config."""
     identity = stage_identity(cfg, stage, stage_module(stage).resolve_inputs(cfg, **round_arguments(stage)))
@@ -90,7 +125,12 @@ def run_pipeline(
     """Run `stages` in order; return what happened to each (action, seconds, final path)."""
     summary: dict[str, dict[str, Any]] = {}
     upstream_ran = False
+    needed = needed_stages(cfg)
     for position, stage in enumerate(stages):
+        if stage not in needed:
+            logger.info("%s: %s", stage, not_needed_reason(cfg, stage))
+            summary[stage] = {"action": NOT_NEEDED, "seconds": 0.0, "final": "-"}
+            continue
         state, _ = stage_state(cfg, stage)
         explicit = rerun and position == 0 and stages[0] != STAGES[0]  # `--from S --rerun` / `--only S --rerun`
         force = upstream_ran or explicit or (rerun and state == "changed")
@@ -168,10 +208,14 @@ def _record(cfg: PipelineConfig, summary: dict[str, dict[str, Any]]) -> None:
 def status_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """One row per stage: state, key metrics, checkpoint step, time taken."""
     rows = []
+    try:
+        needed = needed_stages(cfg)
+    except UserError:  # a stage's inputs cannot be resolved: its row says why; every stage counts as needed
+        needed = dict.fromkeys(pipeline_stages(cfg.rounds), "")
     for stage in pipeline_stages(cfg.rounds):
         row: dict[str, Any] = {"stage": stage}
         try:
-            row["state"], _ = stage_state(cfg, stage)
+            row["state"] = stage_state(cfg, stage)[0] if stage in needed else not_needed_reason(cfg, stage)
         except UserError as exc:
             row["state"] = f"blocked: {exc}"
         final = final_dir(cfg, stage)
@@ -193,9 +237,14 @@ def status_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
 
 
 def plan_run(cfg: PipelineConfig, stages: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(stage, state, inputs) of each stage `rlhf run --dry-run` would visit."""
+    """(stage, state, inputs) of each stage `rlhf run --dry-run` would visit; a stage that nothing needs is
+    "not needed: ..." with no inputs."""
     rows = []
+    needed = needed_stages(cfg)
     for stage in stages:
+        if stage not in needed:
+            rows.append((stage, not_needed_reason(cfg, stage), {}))
+            continue
         state, identity = stage_state(cfg, stage)
         rows.append((stage, state, {k: v["path"] for k, v in identity["inputs"].items()}))
     return rows

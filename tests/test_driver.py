@@ -1,9 +1,12 @@
 """The driver's stage selection and command-line errors (end-to-end driver runs are in tests/test_pipeline.py)."""
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.cli import main
-from pipeline.driver import select_stages
+from pipeline.config import load_config, save_config
+from pipeline.driver import NOT_NEEDED, run_pipeline, select_stages
 from pipeline.errors import UserError
 
 
@@ -42,3 +45,56 @@ def test_status_of_a_non_run_directory_names_the_fix(tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not a run directory" in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stages that nothing needs once a base is given
+
+DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+
+
+def plan(tmp_path, capsys, *overrides):
+    main(["run", str(DEMO), f"run_dir={tmp_path / 'run'}", *overrides, "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    return {line.split()[0]: line.split(None, 1)[1] for line in lines}
+
+
+def test_without_a_base_every_stage_is_needed(tmp_path, capsys):
+    rows = plan(tmp_path, capsys)
+    assert list(rows) == ["webtext", "pretrain", "sft", "reward", "ppo"]
+    assert all(row.startswith("new ") for row in rows.values())
+
+
+@pytest.mark.parametrize(
+    "overrides, not_needed",
+    [
+        (["sft.base=Qwen/Qwen2.5-0.5B-Instruct"], ["webtext", "pretrain"]),
+        (["pretrain.dataset=/data/corpus"], ["webtext"]),
+        (
+            ["sft.base=org/chat", "reward.base=org/rm-base", "ppo.policy_base=org/policy"],
+            ["webtext", "pretrain", "sft"],
+        ),
+        (["sft.base=org/chat", "ppo.reward_model=org/rm"], ["webtext", "pretrain", "reward"]),
+        (["sft.base=org/chat", "ppo.ptx_coef=0.1"], ["pretrain"]),  # PPO-ptx reads the web text: webtext is needed
+    ],
+)
+def test_stages_upstream_of_a_base_are_not_needed(tmp_path, capsys, overrides, not_needed):
+    rows = plan(tmp_path, capsys, *overrides)
+    assert [stage for stage, row in rows.items() if row.startswith("not needed")] == not_needed
+    assert all(row.startswith("new ") for stage, row in rows.items() if stage not in not_needed)
+
+
+def test_run_skips_stages_that_are_not_needed_and_status_shows_them(tmp_path, capsys):
+    cfg = load_config(DEMO, [f"run_dir={tmp_path / 'run'}", "sft.base=org/chat"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")  # what `rlhf run` does first
+    summary = run_pipeline(cfg, ["webtext", "pretrain"])
+    assert {stage: info["action"] for stage, info in summary.items()} == {
+        "webtext": NOT_NEEDED,
+        "pretrain": NOT_NEEDED,
+    }
+    assert not (tmp_path / "run" / "webtext").exists() and not (tmp_path / "run" / "pretrain").exists()
+    main(["status", str(tmp_path / "run")])
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["webtext"].startswith("not needed: no later stage reads its output (pretrain.dataset or sft.base")
+    assert rows["pretrain"].startswith("not needed: no later stage reads its output (sft.base given)")
+    assert rows["sft"].startswith("new") and rows["ppo"].startswith("new")
