@@ -290,3 +290,76 @@ def test_a_file_without_any_usable_record_is_an_error(tmp_path):
         read_rankings(path)
     with pytest.raises(UserError, match="reward.dataset: file not found"):
         read_rankings(tmp_path / "missing.jsonl")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Label-keyed responses: {"A": ..., "B": ...} under the list form's validation
+
+KEYED = {"prompt": USER, "responses": {"A": "a", "B": "b", "C": "c", "D": "d"}, "ranking": "C > B > A = D"}
+
+
+def test_label_keyed_responses_read_like_the_list_form():
+    keyed = from_ranking_row(KEYED)
+    assert keyed == from_ranking_row({**KEYED, "responses": ["a", "b", "c", "d"]})
+    assert keyed.responses == ["a", "b", "c", "d"] and keyed.ranking == "C > B > A = D"
+    # written in any key order, read in label order
+    shuffled = from_ranking_row({**KEYED, "responses": {"D": "d", "B": "b", "A": "a", "C": "c"}})
+    assert shuffled.responses == ["a", "b", "c", "d"] and shuffled.ranking == "C > B > A = D"
+    # labels need not be consecutive: A, B, D are stored as A, B, C (the internal form names responses by position)
+    gapped = from_ranking_row({"prompt": "p", "responses": {"A": "a", "B": "b", "D": "d"}, "ranking": "D > A = B"})
+    assert gapped.responses == ["a", "b", "d"] and gapped.ranking == "C > A = B"
+    assert sorted(strict_pairs(gapped.tiers)) == [(2, 0), (2, 1)] and tied_pairs(gapped.tiers) == [(0, 1)]
+
+
+@pytest.mark.parametrize(
+    "responses, ranking, problem",
+    [
+        ({"A": "a", "B": "b", "C": "c", "D": "d"}, "C > B > A = C", "repeated label: ranking 'C > B > A = C' names C"),
+        (
+            {"A": "a", "B": "b", "C": "c", "D": "d"},
+            "C > B > A = E",
+            "label naming no response: .*E .the responses are",
+        ),
+        ({"A": "a", "B": "b", "D": "d"}, "C > B > A = D", "label naming no response: .*C .the responses are A, B, D"),
+        ({"A": "a", "B": "b", "C": "c", "D": "d"}, "C > B > A", "response left unranked: .*leaves out D"),
+        ({"A": "a"}, "A", "fewer than two responses: 1"),
+        ({"A": "a", "b": "b"}, "A > b", "malformed responses: response labels must be capital letters A-Z, got 'b'"),
+        ({"A": "a", "B": 2}, "A > B", "malformed responses: responses must be a list of strings or an object"),
+    ],
+)
+def test_bad_label_keyed_record_is_refused_whole(responses, ranking, problem):
+    with pytest.raises(BadRecord, match=problem):
+        from_ranking_row({"prompt": USER, "responses": responses, "ranking": ranking})
+
+
+def test_label_keyed_file_skips_each_bad_record_with_one_line_and_keeps_none_of_it(tmp_path):
+    lines = [
+        json.dumps(KEYED),
+        json.dumps({**KEYED, "ranking": "C > B > A = A"}),
+        json.dumps({**KEYED, "ranking": "C > B > A = E"}),
+        json.dumps({**KEYED, "ranking": "C > B > A"}),
+        json.dumps({**KEYED, "responses": {"A": "only one"}, "ranking": "A"}),
+        '{"prompt": "p", "responses": {"A": "x", "A": "y", "B": "z"}, "ranking": "A > B"}',  # a repeated key
+        json.dumps({**KEYED, "ranking": "A = B > C = D"}),
+    ]
+    path = tmp_path / "keyed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    records, report = read_rankings(path)
+    assert [r.ranking for r in records] == ["C > B > A = D", "A = B > C = D"]
+    assert [r.responses for r in records] == [["a", "b", "c", "d"]] * 2
+    assert report.skipped == {
+        "repeated label": 1,
+        "label naming no response": 1,
+        "response left unranked": 1,
+        "fewer than two responses": 1,
+        "repeated key": 1,
+    }
+    assert report.named == [
+        f"{path}:2: repeated label: ranking 'C > B > A = A' names A twice",
+        f"{path}:3: label naming no response: ranking 'C > B > A = E': E (the responses are A, B, C, D)",
+        f"{path}:4: response left unranked: ranking 'C > B > A' leaves out D (rank every response; '=' marks ties)",
+        f"{path}:5: fewer than two responses: 1; a ranking needs at least two",
+        f"{path}:6: repeated key: 'A' appears twice in one object (JSON would keep only the last)",
+    ]
+    assert sum(len(strict_pairs(r.tiers)) for r in records) == 5 + 4  # C>B>A=D: 5; A=B>C=D: 4
+    assert sum(len(tied_pairs(r.tiers)) for r in records) == 1 + 2

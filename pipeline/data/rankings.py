@@ -10,7 +10,8 @@ noise-free ranking the demo evaluates against), `id`.
 
 Formats read (`detect_format` tells them apart by their keys):
 
-1. rankings: the internal form itself.
+1. rankings: the internal form itself, or with label-keyed responses (`"responses": {"A": ..., "B": ..., "C": ...}`,
+   the labels the ranking names; stored in label order, so labels A, B, D become A, B, C).
 2. pairs: `chosen`/`rejected` as "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts (Anthropic/hh-rlhf), as
    conversations (lists of messages, with or without a separate `prompt`), or as plain completions of a string
    `prompt`; optional `margin`. A pair is the ranking "A > B".
@@ -54,16 +55,18 @@ SCORE_KEYS = ("score", "rating", "overall_score")
 # Rankings with ties
 
 
-def parse_ranking(text: str, n_responses: int) -> list[list[int]]:
+def parse_ranking(text: str, n_responses: int, labels: str | None = None) -> list[list[int]]:
     """ "C > B > A = D" -> tiers of response indices, best first: [[2], [1], [0, 3]].
 
-    Every response must appear exactly once. Raises `BadRecord` for a repeated label, a label that names no
-    response, a response left out, or anything that is not letters joined by '>' and '='.
+    `labels` names the responses in order (default A, B, C, ...; label-keyed responses may skip letters). Every
+    response must appear exactly once. Raises `BadRecord` for a repeated label, a label that names no response, a
+    response left out, or anything that is not letters joined by '>' and '='.
     """
     if not isinstance(text, str) or not text.strip():
         raise BadRecord("not ranked", "the ranking is empty")
     if n_responses > len(LABELS):
         raise BadRecord("too many responses", f"{n_responses}; rankings name at most {len(LABELS)} (A-Z)")
+    named = labels or LABELS[:n_responses]
     tiers: list[list[int]] = []
     seen: set[int] = set()
     for tier_text in text.split(">"):
@@ -74,16 +77,17 @@ def parse_ranking(text: str, n_responses: int) -> list[list[int]]:
                 raise BadRecord(
                     "malformed ranking", f"{text!r}: {token.strip()!r} is not a response label (A, B, C, ...)"
                 )
-            index = LABELS.index(label)
-            if index >= n_responses:
-                raise BadRecord("label naming no response", f"ranking {text!r}: {label} (there are {n_responses})")
+            if label not in named:
+                there = f"the responses are {', '.join(named)}" if labels else f"there are {n_responses}"
+                raise BadRecord("label naming no response", f"ranking {text!r}: {label} ({there})")
+            index = named.index(label)
             if index in seen:
                 raise BadRecord("repeated label", f"ranking {text!r} names {label} twice")
             seen.add(index)
             tier.append(index)
         tiers.append(sorted(tier))
     if len(seen) != n_responses:
-        missing = ", ".join(LABELS[i] for i in range(n_responses) if i not in seen)
+        missing = ", ".join(named[i] for i in range(n_responses) if i not in seen)
         raise BadRecord(
             "response left unranked", f"ranking {text!r} leaves out {missing} (rank every response; '=' marks ties)"
         )
@@ -157,12 +161,24 @@ class Ranking:
         return row
 
 
-def _responses(values: Any) -> list[str]:
+def _responses(values: Any) -> tuple[list[str], str]:
+    """(responses, their labels): a list of strings is labelled A, B, C, ...; an object keyed by labels
+    ({"A": ..., "C": ...}) is taken in label order. Either needs two or more strings."""
+    if isinstance(values, dict):
+        bad = [k for k in values if not (isinstance(k, str) and len(k) == 1 and k in LABELS)]
+        if bad:
+            raise BadRecord("malformed responses", f"response labels must be capital letters A-Z, got {bad[0]!r}")
+        labels = "".join(sorted(values, key=LABELS.index))
+        values = [values[label] for label in labels]
+    else:
+        labels = LABELS[: len(values)] if isinstance(values, list) else ""
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise BadRecord("malformed responses", "responses must be a list of strings")
+        raise BadRecord(
+            "malformed responses", "responses must be a list of strings or an object of strings keyed by label"
+        )
     if len(values) < 2:
         raise BadRecord("fewer than two responses", f"{len(values)}; a ranking needs at least two")
-    return values
+    return values, labels
 
 
 def _require(row: dict[str, Any], *keys: str) -> None:
@@ -181,13 +197,13 @@ def _margin(row: dict[str, Any]) -> float:
 
 
 def from_ranking_row(row: dict[str, Any]) -> Ranking:
-    """Format 1: the internal form."""
+    """Format 1: the internal form, with responses as a list or keyed by label."""
     _require(row, "prompt", "responses", "ranking")
-    responses = _responses(row["responses"])
-    tiers = parse_ranking(row["ranking"], len(responses))
+    responses, labels = _responses(row["responses"])
+    tiers = parse_ranking(row["ranking"], len(responses), labels)
     gold = row.get("gold_ranking") or ""
     if gold:
-        gold = format_ranking(parse_ranking(gold, len(responses)))
+        gold = format_ranking(parse_ranking(gold, len(responses), labels))
     return Ranking(
         check_prompt(row["prompt"]),
         responses,
@@ -400,7 +416,7 @@ def from_task_row(row: dict[str, Any]) -> Ranking:
             raise BadRecord(
                 "malformed task", "prompt_messages is not valid JSON (leave that column as exported)"
             ) from None
-    tiers = parse_ranking(str(row["ranking"]), len(_responses(responses)))
+    tiers = parse_ranking(str(row["ranking"]), len(_responses(responses)[0]))
     return Ranking(check_prompt(prompt), responses, format_ranking(tiers), id=str(row["task_id"]))
 
 

@@ -2,7 +2,8 @@
 
 Every record comes with where it was found (`file.jsonl:12`, `file.parquet row 3`, `org/name[train] row 7`), so a
 skipped or refused record is always named. A line that is not JSON becomes a `BadRecord` in place of its row (the
-caller counts and skips it); text that is not UTF-8 ends the read with a one-line error naming the file and line.
+caller counts and skips it), and so does an object that repeats a key (`{"A": "x", "A": "y"}`: JSON would keep the last
+silently); text that is not UTF-8 ends the read with a one-line error naming the file and line.
 SFT conversations, rankings, prompts (PPO, comparison collection) and PPO-ptx's corpus all read through here.
 """
 
@@ -23,6 +24,7 @@ from pipeline.errors import UserError
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+NAMED = 5  # skipped records named one by one in the log; the rest are counted
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -44,10 +46,13 @@ class SkipReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     first: dict[str, str] = field(default_factory=dict)
+    named: list[str] = field(default_factory=list)  # the first NAMED skipped records, "where: kind: detail"
 
     def skip(self, where: str, error: BadRecord) -> None:
         self.skipped[error.kind] += 1
         self.first.setdefault(error.kind, f"{where}: {error}")
+        if len(self.named) < NAMED:
+            self.named.append(f"{where}: {error}")
 
     @property
     def n_skipped(self) -> int:
@@ -60,9 +65,18 @@ class SkipReport:
         return f"{self.source}: kept {self.kept} of {self.read} records, skipped {self.n_skipped}: {kinds}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"read": self.read, "kept": self.kept, "skipped": dict(self.skipped), "first": dict(self.first)}
+        return {
+            "read": self.read,
+            "kept": self.kept,
+            "skipped": dict(self.skipped),
+            "first": dict(self.first),
+            "named": list(self.named),
+        }
 
     def log(self) -> None:
+        """One line per named skipped record (the first few), then the summary with every count."""
+        for line in self.named:
+            logger.warning("skipped %s", line)
         (logger.warning if self.skipped else logger.info)("%s", self.summary())
 
 
@@ -127,6 +141,26 @@ def _decode(raw: bytes, path: Path, line: int, what: str) -> str:
         ) from None
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def _repeated(key: _RepeatedKey) -> BadRecord:
+    return BadRecord("repeated key", f"{str(key)!r} appears twice in one object (JSON would keep only the last)")
+
+
 def _read_json(path: Path, what: str) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as fh:
         raw_lines = fh.read().split(b"\n")
@@ -140,14 +174,16 @@ def _read_json(path: Path, what: str) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            yield f"{path}:{n}", json.loads(line)
+            yield f"{path}:{n}", _DECODER.decode(line)
         except json.JSONDecodeError as exc:
             yield f"{path}:{n}", BadRecord("invalid JSON", f"{exc.msg} at column {exc.colno}")
+        except _RepeatedKey as key:
+            yield f"{path}:{n}", _repeated(key)
 
 
 def _read_json_array(text: str, path: Path, what: str) -> Iterator[tuple[str, Any]]:
     """Items of a JSON array, each named by the line it starts on."""
-    decoder = json.JSONDecoder()
+    plain = json.JSONDecoder()
     position = text.index("[") + 1
     while True:
         while position < len(text) and text[position] in " \t\r\n,":
@@ -156,12 +192,15 @@ def _read_json_array(text: str, path: Path, what: str) -> Iterator[tuple[str, An
             return
         line = text.count("\n", 0, position) + 1
         try:
-            item, position = decoder.raw_decode(text, position)
+            item, end = _DECODER.raw_decode(text, position)
+        except _RepeatedKey as key:
+            item, end = _repeated(key), plain.raw_decode(text, position)[1]
         except json.JSONDecodeError as exc:
             raise UserError(
                 f"{what}: {path}:{exc.lineno} is not valid JSON ({exc.msg}); the array is unreadable "
                 "from there (fix it, or write one record per line as jsonl)"
             ) from None
+        position = end
         yield f"{path}:{line}", item
 
 
