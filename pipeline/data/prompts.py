@@ -6,12 +6,18 @@ model's chat template). From a row:
 | row                                                     | prompt                                              |
 |---------------------------------------------------------|-----------------------------------------------------|
 | `messages` / ShareGPT `conversations` (a conversation)  | the turns up to and including the last user turn    |
+| `prompt_messages` (an exported ranking task, CSV)       | the chat prompt it holds as JSON                    |
 | `prompt`: string, messages, or an HH transcript          | as given (a transcript becomes messages)            |
-| `prompt`: a nested message tree (OpenAssistant export)   | the root prompter message                           |
 | `chosen` / `rejected` HH transcripts or conversations    | everything before the last assistant turn           |
 | `instruction` (+ `input`): Alpaca, UltraFeedback          | one user turn: the instruction, then the input      |
 | `question`                                               | one user turn                                       |
-| flat OpenAssistant rows (`message_id`, `role`, `text`)   | every prompter message with the conversation above it (`read_prompts`) |
+| OpenAssistant rows (`message_id`, `parent_id`, `role`, `text`), or the nested `trees` export (`{"prompt":     |
+|   {"message_id", "role": "prompter", "text", "replies": [...]}}`): every prompter message with the conversation |
+|   above it (`read_prompts`; assistant messages are neither kept nor skipped)                                    |
+
+Responses (`responses` as a list or keyed by label, `completions`, `chosen`/`rejected`, `output`) are not read: a
+ranking's or a pair's prompt is what PPO and comparison collection need. In a CSV file, `messages`, `conversations`
+and `prompt` cells that hold JSON lists are read as JSON.
 
 SFT (its evaluation questions), the reward stage (rankings, comparison collection) and PPO take prompts from here.
 """
@@ -21,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,18 +131,34 @@ def up_to_last_user_turn(messages: Any) -> list[dict[str, str]]:
     return messages[: last_user + 1]
 
 
+def _json_cell(value: Any) -> Any:
+    """A CSV cell that holds a JSON list (a conversation written by a spreadsheet export) as the list."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise BadRecord("malformed message", "a cell starting with '[' is not valid JSON") from None
+    return value
+
+
 def extract_prompt(row: Any) -> Prompt:
     """The prompt of one row in any of the module's formats; raises `BadRecord` naming what is wrong."""
     if not isinstance(row, dict):
         raise BadRecord("malformed record", f"expected a JSON object, got {type(row).__name__}")
+    row = {k: _json_cell(row[k]) if k in ("messages", "conversations", "prompt") else row[k] for k in row}
+    if row.get("prompt_messages"):  # an exported ranking task: the exact chat prompt, as JSON
+        try:
+            return check_prompt(json.loads(row["prompt_messages"]))
+        except (json.JSONDecodeError, TypeError):
+            raise BadRecord(
+                "malformed task", "prompt_messages is not valid JSON (leave that column as exported)"
+            ) from None
     if row.get("messages") is not None:
         return check_prompt(up_to_last_user_turn(row["messages"]))
     if row.get("conversations") is not None:
         return check_prompt(up_to_last_user_turn(from_sharegpt(row["conversations"])))
     if row.get("prompt") is not None:
         prompt = row["prompt"]
-        if isinstance(prompt, dict) and "replies" in prompt or isinstance(prompt, dict) and "text" in prompt:
-            return check_prompt([{"role": "user", "content": prompt.get("text")}])  # a nested tree's root
         if isinstance(prompt, str) and is_transcript(prompt):
             return check_prompt(up_to_last_user_turn(parse_transcript(prompt)))
         if isinstance(prompt, list):
@@ -166,7 +188,7 @@ def extract_prompt(row: Any) -> Prompt:
     raise BadRecord(
         "no prompt",
         f"fields {sorted(row)[:8]} (need messages, conversations, prompt, chosen, instruction, question, or "
-        "OpenAssistant message rows)",
+        "OpenAssistant message rows or trees)",
     )
 
 
@@ -191,7 +213,8 @@ def _extras(row: dict[str, Any]) -> dict[str, Any]:
 def prompts_of_rows(rows: Iterable[tuple[str, Any]], report: SkipReport) -> list[dict[str, Any]]:
     """{"prompt", ...small fields} for every row with a prompt; the others are counted in `report`, by kind."""
     rows = list(rows)
-    if rows and isinstance(rows[0][1], dict) and "message_id" in rows[0][1]:
+    first = next((row for _, row in rows if isinstance(row, dict)), {})
+    if "message_id" in first or isinstance(first.get("prompt"), dict):  # OpenAssistant rows or nested trees
         return _tree_prompts(rows, report)
     records = []
     for where, row in rows:
@@ -224,21 +247,54 @@ def conversation_to(message: dict[str, Any], messages: dict[str, dict[str, Any]]
     return check_prompt(path[::-1])
 
 
+def flatten_tree(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The messages of a nested OpenAssistant tree (`{"prompt": {..., "replies": [...]}}`) as flat rows with
+    `parent_id`, root first; a flat row as it is."""
+    if isinstance(row.get("prompt"), dict):
+        stack = [(row["prompt"], None)]
+        while stack:
+            node, parent = stack.pop()
+            if not isinstance(node, dict):
+                raise BadRecord("malformed message", f"a reply is {type(node).__name__}, not a message object")
+            flat = {k: v for k, v in node.items() if k != "replies"}
+            flat.setdefault("parent_id", parent)
+            yield flat
+            replies = node.get("replies") or []
+            if not isinstance(replies, list):
+                raise BadRecord("malformed message", "replies must be a list of messages")
+            stack.extend((child, node.get("message_id")) for child in reversed(replies))
+    else:
+        yield row
+
+
 def _tree_prompts(rows: list[tuple[str, Any]], report: SkipReport) -> list[dict[str, Any]]:
-    """Flat OpenAssistant rows: every prompter message, with the conversation from the root down to it."""
+    """OpenAssistant rows or nested trees: every prompter message, with the conversation from the root down to it.
+    Prompter messages and unusable rows are counted (read, kept, skipped); assistant messages are not prompts. A
+    message of a nested tree is named by the tree's line and its id."""
     where_of, messages = {}, {}
     for where, row in rows:
-        report.read += 1
-        if isinstance(row, BadRecord) or not isinstance(row, dict) or row.get("message_id") is None:
-            report.skip(where, row if isinstance(row, BadRecord) else BadRecord("malformed record", "no message_id"))
+        try:
+            if isinstance(row, BadRecord):
+                raise row
+            if not isinstance(row, dict):
+                raise BadRecord("malformed record", f"expected a JSON object, got {type(row).__name__}")
+            flat = list(flatten_tree(row))
+            if any(m.get("message_id") is None for m in flat):
+                raise BadRecord("malformed message", "a message has no message_id")
+        except BadRecord as bad:
+            report.read += 1
+            report.skip(where, bad)
             continue
-        messages[str(row["message_id"])] = row
-        where_of[str(row["message_id"])] = where
+        nested = isinstance(row.get("prompt"), dict)
+        for message in flat:
+            message_id = str(message["message_id"])
+            messages[message_id] = message
+            where_of[message_id] = f"{where} (message {message_id})" if nested else where
     records = []
     for message_id, row in messages.items():
         if row.get("role") != "prompter" or row.get("deleted"):
-            report.read -= 1  # assistant replies are not prompts: neither kept nor skipped
             continue
+        report.read += 1
         try:
             records.append({"prompt": conversation_to(row, messages), "message_id": message_id})
             report.kept += 1

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.prompts import check_prompt, conversation_to, parse_transcript, prompt_key
+from pipeline.data.prompts import check_prompt, conversation_to, flatten_tree, parse_transcript, prompt_key
 from pipeline.data.records import BadRecord, SkipReport, read_records
 from pipeline.errors import UserError
 
@@ -318,7 +318,12 @@ def from_tree_rows(rows: Sequence[tuple[str, Any]]) -> Iterator[tuple[str, Ranki
         if not isinstance(row, dict):
             yield where, row if isinstance(row, BadRecord) else BadRecord("malformed record", "not a JSON object")
             continue
-        for message in _flatten_tree(row):
+        try:
+            flat = list(flatten_tree(row))
+        except BadRecord as bad:
+            yield where, bad
+            continue
+        for message in flat:
             if message.get("message_id") is None:
                 yield where, BadRecord("malformed message", f"a message has no message_id ({str(message)[:60]})")
                 continue
@@ -349,19 +354,6 @@ def from_tree_rows(rows: Sequence[tuple[str, Any]]) -> Iterator[tuple[str, Ranki
             continue
         ranks = [-float(m["rank"]) for m in ranked]  # rank 0 is best: negate so that higher is better
         yield name, Ranking(prompt, [str(m.get("text", "")) for m in ranked], ranking_from_scores(ranks), id=parent_id)
-
-
-def _flatten_tree(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    if isinstance(row.get("prompt"), dict):  # nested tree export
-        stack = [(row["prompt"], None)]
-        while stack:
-            node, parent = stack.pop()
-            flat = {k: v for k, v in node.items() if k != "replies"}
-            flat.setdefault("parent_id", parent)
-            yield flat
-            stack.extend((child, node.get("message_id")) for child in reversed(node.get("replies") or []))
-    else:
-        yield row
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Every record comes with where it was found (`file.jsonl:12`, `file.parquet row 3`, `org/name[train] row 7`), so a
 skipped or refused record is always named. A line that is not JSON becomes a `BadRecord` in place of its row (the
 caller counts and skips it), and so does an object that repeats a key (`{"A": "x", "A": "y"}`: JSON would keep the last
-silently); text that is not UTF-8 ends the read with a one-line error naming the file and line.
+silently), and a jsonl line that is not UTF-8 (a stray Latin-1 byte). Text that is not UTF-8 in a CSV file or a JSON
+array ends the read with a one-line error naming the file and line (a record there may span lines).
 SFT conversations, rankings, prompts (PPO, comparison collection) and PPO-ptx's corpus all read through here.
 """
 
@@ -164,13 +165,25 @@ def _repeated(key: _RepeatedKey) -> BadRecord:
 def _read_json(path: Path, what: str) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as fh:
         raw_lines = fh.read().split(b"\n")
-    lines = [_decode(raw, path, n, what) for n, raw in enumerate(raw_lines, start=1)]
-    lines[0] = lines[0].removeprefix("\ufeff")  # a byte-order mark some editors write
-    first = next((line for line in lines if line.strip()), "")
-    if first.lstrip().startswith("["):  # a JSON array of records (what `json.dump(rows)` writes)
+    raw_lines[0] = raw_lines[0].removeprefix(b"\xef\xbb\xbf")  # a byte-order mark some editors write
+    first = next((raw for raw in raw_lines if raw.strip()), b"")
+    if first.lstrip().startswith(b"["):  # a JSON array of records (what `json.dump(rows)` writes)
+        lines = [_decode(raw, path, n, what) for n, raw in enumerate(raw_lines, start=1)]
         yield from _read_json_array("\n".join(lines), path, what)
         return
-    for n, line in enumerate(lines, start=1):
+    for n, raw in enumerate(raw_lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield (
+                f"{path}:{n}",
+                BadRecord(
+                    "not UTF-8",
+                    f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1} (convert the file to UTF-8, e.g. iconv -f latin1 "
+                    "-t utf-8)",
+                ),
+            )
+            continue
         if not line.strip():
             continue
         try:
