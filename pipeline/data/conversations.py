@@ -16,13 +16,14 @@ each kind; when nothing is left the error says why.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.data.prompts import check_messages, from_sharegpt
+from pipeline.data.prompts import check_messages, from_sharegpt, instruction_turn
 from pipeline.data.records import BadRecord, SkipReport, read_records
 from pipeline.errors import UserError
 
@@ -43,11 +44,10 @@ def to_messages(record: Any) -> list[dict[str, str]]:
     elif "prompt" in record and "completion" in record:
         messages = _as_turns(record["prompt"], "user") + _as_turns(record["completion"], "assistant")
     elif "instruction" in record and "output" in record:
-        instruction, extra = record["instruction"], record.get("input") or ""
-        if not isinstance(instruction, str) or not isinstance(extra, str):
-            raise BadRecord("malformed message", "instruction and input must be strings")
-        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+        messages = [
+            {"role": "user", "content": instruction_turn(record)},
+            {"role": "assistant", "content": record["output"]},
+        ]
     else:
         raise BadRecord(
             "unknown layout", f"fields {sorted(record)[:8]} (need messages, prompt/completion or instruction/output)"
@@ -100,8 +100,24 @@ def load_conversations(
         limit: keep at most this many good conversations (-1: all).
     """
     report = SkipReport(source=str(source))
-    rows = []
-    for where, record in read_records(source, what, split, hub_config):
+    rows = conversations_of_rows(read_records(source, what, split, hub_config), report, tokenizer, limit)
+    if not rows:
+        reason = f"; {report.summary()}" if report.read else " (it is empty)"
+        raise UserError(f"{what}: no usable conversation in {source}{reason}")
+    report.log()
+    return Dataset.from_list(rows), report
+
+
+def conversations_of_rows(
+    rows: Iterable[tuple[str, Any]],
+    report: SkipReport,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    limit: int = -1,
+) -> list[dict[str, Any]]:
+    """{"messages"} of every (where, row) with a usable conversation (at most `limit`, -1: all); the others are
+    counted in `report` by kind."""
+    out = []
+    for where, record in rows:
         if 0 <= limit <= report.kept:
             break
         report.read += 1
@@ -114,13 +130,9 @@ def load_conversations(
         except BadRecord as bad:
             report.skip(where, bad)
             continue
-        rows.append({"messages": messages})
+        out.append({"messages": messages})
         report.kept += 1
-    if not rows:
-        reason = f"; {report.summary()}" if report.read else " (it is empty)"
-        raise UserError(f"{what}: no usable conversation in {source}{reason}")
-    report.log()
-    return Dataset.from_list(rows), report
+    return out
 
 
 def split_conversations(data: Dataset, eval_share: float, seed: int) -> tuple[Dataset, Dataset | None]:

@@ -122,6 +122,16 @@ def check_prompt(prompt: Any) -> Prompt:
     return messages
 
 
+def instruction_turn(row: dict[str, Any]) -> str:
+    """The user's turn of an Alpaca or UltraFeedback row: the instruction, then its `input` when there is one."""
+    instruction, extra = row["instruction"], row.get("input") or ""
+    if not isinstance(instruction, str) or not isinstance(extra, str):
+        raise BadRecord("malformed record", "instruction and input must be strings")
+    if not instruction.strip():
+        raise BadRecord("empty prompt", "the instruction is empty")
+    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+
+
 def up_to_last_user_turn(messages: Any) -> list[dict[str, str]]:
     """A conversation cut after its last user turn (what a model is asked to continue)."""
     messages = check_messages(messages)
@@ -177,12 +187,7 @@ def extract_prompt(row: Any) -> Prompt:
             messages = messages[:-1]
         return check_prompt(messages)
     if row.get("instruction") is not None:
-        instruction, extra = row["instruction"], row.get("input") or ""
-        if not isinstance(instruction, str) or not isinstance(extra, str):
-            raise BadRecord("malformed record", "instruction and input must be strings")
-        return check_prompt(
-            [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}]
-        )
+        return check_prompt([{"role": "user", "content": instruction_turn(row)}])
     if row.get("question") is not None:
         return check_prompt([{"role": "user", "content": row["question"]}])
     raise BadRecord(

@@ -508,6 +508,7 @@ def finish(
             "read": read_report,
         }
         metrics = _stage_metrics(report, training.history, sdir, state.num_processes, time.time() - started)
+        metrics["prompts_read"] = read_report  # per source: read, kept, skipped by kind, the first skipped named
         if judge is None:
             metrics["judge"] = NO_JUDGE
         logger.info("ppo evaluation: %s", {k: v for k, v in metrics.items() if not k.startswith("time")})

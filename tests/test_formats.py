@@ -1,0 +1,148 @@
+"""Every format the stages read, through each reader that takes it (prompts for PPO and comparison collection, SFT
+conversations, rankings), on fixture files with the flaws real data has (tests/format_fixtures.py). The counts below
+were worked out by hand from the fixtures; benchmarks/formats_table.py writes them as a table."""
+
+import json
+import logging
+
+import pytest
+from format_fixtures import count_formats, write_fixtures
+
+from pipeline.data.prompts import prompts_of_rows, read_prompts
+from pipeline.data.rankings import Ranking, export_ranking_tasks
+from pipeline.data.records import SkipReport, read_hub
+from pipeline.errors import UserError
+
+# (format, reader) -> (read, kept, skipped by kind, strict pairs, tied pairs)
+EXPECTED = {
+    ("messages", "prompts"): (10, 3, {"invalid JSON": 1, "malformed message": 1, "empty conversation": 1, "unknown role": 1, "no user turn": 1, "empty prompt": 1, "not UTF-8": 1}, 0, 0),
+    ("messages", "sft"): (10, 4, {"invalid JSON": 1, "malformed message": 1, "empty conversation": 1, "unknown role": 1, "not UTF-8": 1, "no assistant turn": 1}, 0, 0),
+    ("sharegpt", "prompts"): (6, 2, {"unknown role": 1, "malformed message": 2, "no prompt": 1}, 0, 0),
+    ("sharegpt", "sft"): (6, 1, {"no assistant turn": 1, "unknown role": 1, "malformed message": 2, "unknown layout": 1}, 0, 0),
+    ("hh", "prompts"): (7, 4, {"malformed transcript": 2, "invalid JSON": 1}, 0, 0),
+    ("hh", "rankings"): (7, 2, {"malformed pair": 2, "identical responses": 1, "missing field": 1, "invalid JSON": 1}, 2, 0),
+    ("ultrafeedback", "prompts"): (5, 3, {"empty prompt": 1, "no prompt": 1}, 0, 0),
+    ("ultrafeedback", "rankings"): (5, 2, {"empty prompt": 1, "missing field": 1, "fewer than two responses": 1}, 6, 1),
+    ("alpaca", "prompts"): (4, 3, {"empty prompt": 1}, 0, 0),
+    ("alpaca", "sft"): (4, 3, {"empty prompt": 1}, 0, 0),
+    ("oasst_flat", "prompts"): (5, 2, {"invalid JSON": 1, "missing parent": 1, "malformed message": 1}, 0, 0),
+    ("oasst_flat", "rankings"): (3, 1, {"invalid JSON": 1, "fewer than two responses": 1}, 2, 1),
+    ("oasst_trees", "prompts"): (4, 2, {"malformed message": 1, "empty prompt": 1}, 0, 0),
+    ("oasst_trees", "rankings"): (2, 1, {"malformed message": 1}, 1, 0),
+    ("rankings", "prompts"): (9, 7, {"repeated key": 1, "empty prompt": 1}, 0, 0),
+    ("rankings", "rankings"): (9, 2, {"repeated label": 1, "label naming no response": 1, "response left unranked": 1, "fewer than two responses": 1, "repeated key": 1, "empty prompt": 1, "malformed responses": 1}, 10, 2),
+    ("ultrachat_hub", "prompts"): (3, 3, {}, 0, 0),
+    ("ultrachat_hub", "sft"): (3, 2, {"blank assistant turns": 1}, 0, 0),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def counts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("formats")
+    return folder, {(r["format"], r["reader"]): r for r in count_formats(folder)}
+
+
+def test_every_reader_counts_every_format_as_worked_out_by_hand(counts):
+    _, rows = counts
+    assert set(rows) == set(EXPECTED)
+    for key, (read, kept, skipped, strict, tied) in EXPECTED.items():
+        row = rows[key]
+        got = (row["read"], row["kept"], row["skipped"], row["strict_pairs"], row["tied_pairs"])
+        assert got == (read, kept, skipped, strict, tied), key
+        assert read == kept + sum(skipped.values()), key
+
+
+def test_skipped_rows_are_named_by_file_and_line_the_first_five_then_counted(counts):
+    folder, rows = counts
+    named = rows[("messages", "prompts")]["named"]
+    assert named == [
+        f"{folder}/messages.jsonl:3: invalid JSON: Expecting ',' delimiter at column 59",
+        f"{folder}/messages.jsonl:4: malformed message: messages must be a list, got str",
+        f"{folder}/messages.jsonl:5: empty conversation",
+        f"{folder}/messages.jsonl:6: unknown role: message 0 has role 'narrator' (valid roles: system, user, assistant)",
+        f"{folder}/messages.jsonl:7: no user turn: the conversation has no user message to answer",
+    ]  # the other two of its seven are counted (and the first of each kind kept in `first`)
+    assert rows[("oasst_trees", "prompts")]["named"][1] == f"{folder}/oasst_trees.jsonl:3 (message q4): empty prompt"
+    assert rows[("ultrafeedback", "rankings")]["named"][0] == f"{folder}/ultrafeedback.parquet row 2: empty prompt"
+    assert rows[("ultrachat_hub", "sft")]["named"] == [
+        f"{folder}/ultrachat_hub[train] row 2: blank assistant turns: every assistant turn is empty"
+    ]
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_the_prompt_of_each_format(tmp_path, caplog):
+    files = write_fixtures(tmp_path)
+    prompts = {name: [r["prompt"] for r in read_prompts(path, "ppo.dataset")[0]] for name, path in files.items()}
+    # a conversation up to its last user turn; a BOM and CRLF line ends change nothing
+    assert prompts["messages"][0] == [
+        *user("Capital of Veloria?"),
+        {"role": "assistant", "content": "Marnis."},
+        *user("And its river?"),
+    ]
+    assert prompts["messages"][1] == [{"role": "system", "content": "Be brief."}, *user("Name a colour.")]
+    assert prompts["sharegpt"] == [user("Hi"), [{"role": "system", "content": "Terse."}, *user("2+2?")]]
+    # an HH pair: everything before the last Assistant turn
+    assert prompts["hh"][1] == [*user("Hi"), {"role": "assistant", "content": "Hello!"}, *user("A colour?")]
+    assert prompts["ultrafeedback"] == [user("Name a prime."), user("Say hi."), user("One scored.")]
+    # Alpaca: the instruction, then its input; a quoted newline inside a CSV cell is kept
+    assert prompts["alpaca"] == [
+        user("Translate to French.\n\ncheese"),
+        user("Name a river."),
+        user("Summarise, on two lines.\n\nline one\nline two"),
+    ]
+    # OpenAssistant: every prompter turn with the conversation above it, flat rows and nested trees alike
+    assert prompts["oasst_flat"] == [
+        user("Capital of Veloria?"),
+        [*user("Capital of Veloria?"), {"role": "assistant", "content": "Marnis."}, *user("And its river?")],
+    ]
+    assert prompts["oasst_trees"] == [
+        user("Pick a number."),
+        [*user("Pick a number."), {"role": "assistant", "content": "42"}, *user("Why 42?")],
+    ]
+    assert prompts["rankings"][:2] == [user("Name a prime."), "Name a prime."]
+    assert prompts["ultrachat_hub"][0] == user("Plan a trip.")  # a folder read by our reader
+    assert "skipped " + str(tmp_path / "messages.jsonl:3") in caplog.text
+
+
+def test_a_hub_dataset_is_read_through_datasets_and_an_unreachable_id_is_one_line(tmp_path):
+    hub = write_fixtures(tmp_path)["ultrachat_hub"]
+    report = SkipReport(source="hub")
+    records = prompts_of_rows(read_hub(str(hub), "ppo.dataset"), report)
+    assert [r["prompt"] for r in records] == [user("Plan a trip."), user("Tell a joke."), user("Blank answer.")]
+    assert [r["prompt_id"] for r in records] == ["u1", "u2", "u3"]  # small fields travel with the prompt
+    with pytest.raises(UserError) as info:
+        read_prompts("no-such-org/no-such-dataset", "ppo.dataset")
+    message = str(info.value)
+    assert message.startswith("ppo.dataset: cannot load 'no-such-org/no-such-dataset' split 'train'")
+    assert "\n" not in message
+
+
+def test_a_ranking_task_csv_gives_its_exact_chat_prompt(tmp_path):
+    chat = [{"role": "system", "content": "Be brief."}, *user("Capital of Veloria?")]
+    path = export_ranking_tasks(
+        [Ranking(chat, ["Marnis.", "No idea."], ""), Ranking("Plain?", ["a", "b"], "")], tmp_path / "t.csv"
+    )
+    records, report = read_prompts(path, "reward.collect.prompts")
+    assert [r["prompt"] for r in records] == [chat, "Plain?"] and (report.read, report.kept) == (2, 2)
+
+
+def test_csv_cells_holding_json_conversations_are_read_as_conversations(tmp_path):
+    path = tmp_path / "chat.csv"
+    cell = json.dumps([*user("Hi"), {"role": "assistant", "content": "Hello"}, *user("Bye?")])
+    path.write_text('messages\n"' + cell.replace('"', '""') + '"\n"[not json"\n')
+    records, report = read_prompts(path, "ppo.dataset")
+    assert records[0]["prompt"][-1] == user("Bye?")[0] and report.skipped == {"malformed message": 1}
+
+
+def test_a_file_with_no_usable_prompt_says_why_in_one_line(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"instruction": ""}\n{"messages": []}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError) as info:
+        read_prompts(path, "ppo.dataset")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"ppo.dataset: no usable prompt in {path}; ")
+    assert "1 empty prompt" in message and "1 empty conversation" in message and "1 not UTF-8" in message
