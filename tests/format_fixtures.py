@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.conversations import load_conversations
 from pipeline.data.prompts import read_prompts
-from pipeline.data.rankings import read_rankings, strict_pairs, tied_pairs
+from pipeline.data.rankings import Ranking, export_ranking_tasks, read_rankings, strict_pairs, tied_pairs
 from pipeline.data.records import SkipReport, read_hub
 from pipeline.errors import UserError
 
@@ -214,6 +214,27 @@ def write_fixtures(folder: Path) -> dict[str, Path]:
         ),
     )
 
+    # prompt/completion rows (trl's standard and conversational forms), jsonl
+    files["prompt_completion"] = folder / "prompt_completion.jsonl"
+    _write_jsonl(
+        files["prompt_completion"],
+        _lines(
+            {"prompt": "The capital of Veloria is", "completion": " Marnis."},
+            {"prompt": [_user("Capital of Veloria?")], "completion": [_bot("Marnis.")]},
+            {"prompt": 12, "completion": "a number"},  # wrong type
+            {"prompt": "   ", "completion": "blank prompt"},  # empty string
+            {"prompt": "Only a prompt"},  # missing completion: a prompt, not a demonstration
+        ),
+    )
+
+    # ranking tasks exported for people (CSV), two filled in, one left blank
+    tasks = [
+        Ranking([{"role": "system", "content": "Be brief."}, _user("Name a prime.")], ["2", "4", "3"], "A = C > B"),
+        Ranking("Say hi.", ["hi", "go away"], "A > B"),
+        Ranking("Pick one.", ["x", "y"], ""),
+    ]
+    files["tasks"] = export_ranking_tasks(tasks, folder / "tasks.csv")
+
     # UltraChat-style rows (HuggingFaceH4/ultrachat_200k: prompt, prompt_id, messages), a parquet folder read
     # through datasets.load_dataset as a Hub id would be
     hub = folder / "ultrachat_hub"
@@ -250,6 +271,8 @@ READERS = {
     "oasst_flat": ("prompts", "rankings"),
     "oasst_trees": ("prompts", "rankings"),
     "rankings": ("prompts", "rankings"),
+    "prompt_completion": ("prompts", "sft"),
+    "tasks": ("prompts", "rankings"),
     "ultrachat_hub": ("prompts", "sft"),
 }
 

@@ -19,7 +19,7 @@ EXPECTED = {
     ("messages", "sft"): (10, 4, {"invalid JSON": 1, "malformed message": 1, "empty conversation": 1, "unknown role": 1, "not UTF-8": 1, "no assistant turn": 1}, 0, 0),
     ("sharegpt", "prompts"): (6, 2, {"unknown role": 1, "malformed message": 2, "no prompt": 1}, 0, 0),
     ("sharegpt", "sft"): (6, 1, {"no assistant turn": 1, "unknown role": 1, "malformed message": 2, "unknown layout": 1}, 0, 0),
-    ("hh", "prompts"): (7, 4, {"malformed transcript": 2, "invalid JSON": 1}, 0, 0),
+    ("hh", "prompts"): (7, 4, {"malformed transcript": 1, "empty prompt": 1, "invalid JSON": 1}, 0, 0),
     ("hh", "rankings"): (7, 2, {"malformed pair": 2, "identical responses": 1, "missing field": 1, "invalid JSON": 1}, 2, 0),
     ("ultrafeedback", "prompts"): (5, 3, {"empty prompt": 1, "no prompt": 1}, 0, 0),
     ("ultrafeedback", "rankings"): (5, 2, {"empty prompt": 1, "missing field": 1, "fewer than two responses": 1}, 6, 1),
@@ -31,6 +31,10 @@ EXPECTED = {
     ("oasst_trees", "rankings"): (2, 1, {"malformed message": 1}, 1, 0),
     ("rankings", "prompts"): (9, 7, {"repeated key": 1, "empty prompt": 1}, 0, 0),
     ("rankings", "rankings"): (9, 2, {"repeated label": 1, "label naming no response": 1, "response left unranked": 1, "fewer than two responses": 1, "repeated key": 1, "empty prompt": 1, "malformed responses": 1}, 10, 2),
+    ("prompt_completion", "prompts"): (5, 3, {"malformed prompt": 1, "empty prompt": 1}, 0, 0),
+    ("prompt_completion", "sft"): (5, 3, {"malformed message": 1, "unknown layout": 1}, 0, 0),
+    ("tasks", "prompts"): (3, 3, {}, 0, 0),
+    ("tasks", "rankings"): (3, 2, {"not ranked yet": 1}, 3, 1),
     ("ultrachat_hub", "prompts"): (3, 3, {}, 0, 0),
     ("ultrachat_hub", "sft"): (3, 2, {"blank assistant turns": 1}, 0, 0),
 }  # fmt: skip
@@ -103,6 +107,12 @@ def test_the_prompt_of_each_format(tmp_path, caplog):
         [*user("Pick a number."), {"role": "assistant", "content": "42"}, *user("Why 42?")],
     ]
     assert prompts["rankings"][:2] == [user("Name a prime."), "Name a prime."]
+    assert prompts["prompt_completion"] == ["The capital of Veloria is", user("Capital of Veloria?"), "Only a prompt"]
+    assert prompts["tasks"] == [
+        [{"role": "system", "content": "Be brief."}, *user("Name a prime.")],
+        "Say hi.",
+        "Pick one.",
+    ]
     assert prompts["ultrachat_hub"][0] == user("Plan a trip.")  # a folder read by our reader
     assert "skipped " + str(tmp_path / "messages.jsonl:3") in caplog.text
 

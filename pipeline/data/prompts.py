@@ -177,6 +177,8 @@ def extract_prompt(row: Any) -> Prompt:
     if row.get("chosen") is not None:
         chosen = row["chosen"]
         if isinstance(chosen, str):
+            if not chosen.strip():
+                raise BadRecord("empty prompt", "chosen is empty")
             if not is_transcript(chosen):
                 raise BadRecord(
                     "malformed transcript", "chosen is plain text without a 'prompt' field or a Human: turn"
