@@ -363,3 +363,23 @@ def test_label_keyed_file_skips_each_bad_record_with_one_line_and_keeps_none_of_
     ]
     assert sum(len(strict_pairs(r.tiers)) for r in records) == 5 + 4  # C>B>A=D: 5; A=B>C=D: 4
     assert sum(len(tied_pairs(r.tiers)) for r in records) == 1 + 2
+
+
+def test_binarized_pairs_with_a_string_prompt_and_whole_conversations():
+    """HuggingFaceH4/ultrafeedback_binarized: `prompt` as a string, `chosen`/`rejected` as whole conversations."""
+    row = {
+        "prompt": "Capital of Veloria?",
+        "prompt_id": "p1",
+        "chosen": [*USER, {"role": "assistant", "content": "Marnis."}],
+        "rejected": [*USER, {"role": "assistant", "content": "No idea."}],
+        "messages": [*USER, {"role": "assistant", "content": "Marnis."}],
+        "score_chosen": 8.0,
+        "score_rejected": 5.0,
+    }
+    assert from_pair_row(row) == Ranking(USER, ["Marnis.", "No idea."], "A > B")
+    other = {
+        **row,
+        "rejected": [{"role": "user", "content": "Something else?"}, {"role": "assistant", "content": "x"}],
+    }
+    with pytest.raises(BadRecord, match="malformed pair: chosen and rejected continue different conversations"):
+        from_pair_row(other)

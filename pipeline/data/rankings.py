@@ -13,8 +13,9 @@ Formats read (`detect_format` tells them apart by their keys):
 1. rankings: the internal form itself, or with label-keyed responses (`"responses": {"A": ..., "B": ..., "C": ...}`,
    the labels the ranking names; stored in label order, so labels A, B, D become A, B, C).
 2. pairs: `chosen`/`rejected` as "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts (Anthropic/hh-rlhf), as
-   conversations (lists of messages, with or without a separate `prompt`), or as plain completions of a string
-   `prompt`; optional `margin`. A pair is the ranking "A > B".
+   conversations (lists of messages, with or without a separate `prompt`; whole conversations with a string `prompt`
+   too, as HuggingFaceH4/ultrafeedback_binarized writes them), or as plain completions of a string `prompt`;
+   optional `margin`. A pair is the ranking "A > B".
 3. scores: a prompt (`prompt` or `instruction`; a string becomes one user message) with `completions`
    ([{"response": ..., "overall_score": ...}], openbmb/UltraFeedback) or `responses` + `scores`; equal scores tie.
 4. trees: messages with `message_id`, `parent_id`, `role`, `text`, `rank` (OpenAssistant/oasst1 rows), or nested
@@ -238,10 +239,10 @@ def from_pair_row(row: dict[str, Any]) -> Ranking:
                 "malformed pair", "chosen/rejected are plain strings without a 'prompt' field or an Assistant: turn"
             )
     elif isinstance(chosen, list) and isinstance(rejected, list):
-        if prompt is not None:
+        if prompt is not None and not _whole_conversation(chosen):
             prompt_c = prompt_r = prompt
             chosen, rejected = _assistant_text(chosen), _assistant_text(rejected)
-        else:
+        else:  # whole conversations (HuggingFaceH4/ultrafeedback_binarized also repeats the prompt as a string)
             prompt_c, chosen = _split_conversation(chosen)
             prompt_r, rejected = _split_conversation(rejected)
     else:
@@ -251,6 +252,11 @@ def from_pair_row(row: dict[str, Any]) -> Ranking:
     if chosen.strip() == rejected.strip():
         raise BadRecord("identical responses", "chosen and rejected are the same response")
     return Ranking(check_prompt(prompt_c), [chosen, rejected], "A > B", _margin(row), id=str(row.get("id") or ""))
+
+
+def _whole_conversation(messages: list[Any]) -> bool:
+    """Whether chosen/rejected messages hold the prompt's turns too (not only the assistant's reply)."""
+    return any(isinstance(m, dict) and m.get("role") != "assistant" for m in messages)
 
 
 def _assistant_text(messages: list[Any]) -> str:
