@@ -684,6 +684,8 @@ def test_ppo_on_a_users_prompts_without_a_judge_reports_no_gold_and_its_card_nam
     assert not any(k.startswith("world.") for k in record["settings"])
     report = json.loads((final / "eval.json").read_text())
     assert report["prompts"]["read"]["train"]["skipped"] == {"invalid JSON": 1}
+    assert metrics["prompts_read"]["train"]["named"] == [f"{prompts}:21: invalid JSON: Expecting value at column 1"]
+    assert (metrics["prompts_read"]["train"]["read"], metrics["prompts_read"]["train"]["kept"]) == (21, 20)
     assert report["prompts"]["eval"] == 2 and report["prompts"]["train"] == 18  # eval_share 0.1 of 20 distinct prompts
     assert report["overoptimisation"]["rule"] == "needs a judge (judge: demo); not applied"
 
