@@ -142,9 +142,15 @@ def test_a_ranking_task_csv_gives_its_exact_chat_prompt(tmp_path):
 def test_csv_cells_holding_json_conversations_are_read_as_conversations(tmp_path):
     path = tmp_path / "chat.csv"
     cell = json.dumps([*user("Hi"), {"role": "assistant", "content": "Hello"}, *user("Bye?")])
-    path.write_text('messages\n"' + cell.replace('"', '""') + '"\n"[not json"\n')
+    path.write_text('messages\n"' + cell.replace('"', '""') + '"\n"[{not json"\n')
     records, report = read_prompts(path, "ppo.dataset")
-    assert records[0]["prompt"][-1] == user("Bye?")[0] and report.skipped == {"malformed message": 1}
+    assert [r["prompt"] for r in records] == [json.loads(cell)]
+    assert report.named == [f"{path}:3: malformed message: messages must be a list, got str"]
+    # a text prompt that starts with a bracket stays text (jsonl and CSV alike)
+    (tmp_path / "bracket.jsonl").write_text(json.dumps({"prompt": "[INST] hi"}) + "\n")
+    (tmp_path / "bracket.csv").write_text('prompt\n"[1, 2] sum these"\n')
+    assert read_prompts(tmp_path / "bracket.jsonl", "ppo.dataset")[0] == [{"prompt": "[INST] hi"}]
+    assert read_prompts(tmp_path / "bracket.csv", "ppo.dataset")[0] == [{"prompt": "[1, 2] sum these"}]
 
 
 def test_a_file_with_no_usable_prompt_says_why_in_one_line(tmp_path, caplog):

@@ -16,8 +16,7 @@ model's chat template). From a row:
 |   above it (`read_prompts`; assistant messages are neither kept nor skipped)                                    |
 
 Responses (`responses` as a list or keyed by label, `completions`, `chosen`/`rejected`, `output`) are not read: a
-ranking's or a pair's prompt is what PPO and comparison collection need. In a CSV file, `messages`, `conversations`
-and `prompt` cells that hold JSON lists are read as JSON.
+ranking's or a pair's prompt is what PPO and comparison collection need.
 
 SFT (its evaluation questions), the reward stage (rankings, comparison collection) and PPO take prompts from here.
 """
@@ -141,21 +140,10 @@ def up_to_last_user_turn(messages: Any) -> list[dict[str, str]]:
     return messages[: last_user + 1]
 
 
-def _json_cell(value: Any) -> Any:
-    """A CSV cell that holds a JSON list (a conversation written by a spreadsheet export) as the list."""
-    if isinstance(value, str) and value.lstrip().startswith("["):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            raise BadRecord("malformed message", "a cell starting with '[' is not valid JSON") from None
-    return value
-
-
 def extract_prompt(row: Any) -> Prompt:
     """The prompt of one row in any of the module's formats; raises `BadRecord` naming what is wrong."""
     if not isinstance(row, dict):
         raise BadRecord("malformed record", f"expected a JSON object, got {type(row).__name__}")
-    row = {k: _json_cell(row[k]) if k in ("messages", "conversations", "prompt") else row[k] for k in row}
     if row.get("prompt_messages"):  # an exported ranking task: the exact chat prompt, as JSON
         try:
             return check_prompt(json.loads(row["prompt_messages"]))

@@ -4,7 +4,9 @@ Every record comes with where it was found (`file.jsonl:12`, `file.parquet row 3
 skipped or refused record is always named. A line that is not JSON becomes a `BadRecord` in place of its row (the
 caller counts and skips it), and so does an object that repeats a key (`{"A": "x", "A": "y"}`: JSON would keep the last
 silently), and a jsonl line that is not UTF-8 (a stray Latin-1 byte). Text that is not UTF-8 in a CSV file or a JSON
-array ends the read with a one-line error naming the file and line (a record there may span lines).
+array ends the read with a one-line error naming the file and line (a record there may span lines). In a CSV file, a
+conversation cell (`messages`, `conversations`, `prompt`, `chosen`, ...) holding a JSON list of messages is read as
+that list.
 SFT conversations, rankings, prompts (PPO, comparison collection) and PPO-ptx's corpus all read through here.
 """
 
@@ -225,7 +227,22 @@ def _read_csv(path: Path, what: str) -> Iterator[tuple[str, Any]]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         for row in reader:
-            yield f"{path}:{reader.line_num}", row
+            yield f"{path}:{reader.line_num}", {k: _json_messages(k, v) for k, v in row.items()}
+
+
+_MESSAGE_COLUMNS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected")
+
+
+def _json_messages(column: str | None, value: Any) -> Any:
+    """A CSV cell of a conversation column that holds a JSON list of message objects (what exporting a chat dataset
+    to CSV writes) as that list; any other cell as its text."""
+    if column not in _MESSAGE_COLUMNS or not isinstance(value, str) or not value.lstrip().startswith("[{"):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return value
+    return parsed if isinstance(parsed, list) and all(isinstance(m, dict) for m in parsed) else value
 
 
 def _read_parquet(path: Path, what: str) -> Iterator[tuple[str, Any]]:
