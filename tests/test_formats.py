@@ -162,3 +162,10 @@ def test_a_file_with_no_usable_prompt_says_why_in_one_line(tmp_path, caplog):
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"ppo.dataset: no usable prompt in {path}; ")
     assert "1 empty prompt" in message and "1 empty conversation" in message and "1 not UTF-8" in message
+
+
+def test_a_prompt_given_as_one_message_object_is_not_taken_for_a_tree(tmp_path):
+    path = tmp_path / "one_message.jsonl"
+    path.write_text(json.dumps({"prompt": {"role": "user", "content": "Hi?"}, "id": "m1"}) + "\n")
+    records, report = read_prompts(path, "ppo.dataset")
+    assert records == [{"id": "m1", "prompt": user("Hi?")}] and (report.read, report.kept) == (1, 1)

@@ -209,7 +209,7 @@ def prompts_of_rows(rows: Iterable[tuple[str, Any]], report: SkipReport) -> list
     """{"prompt", ...small fields} for every row with a prompt; the others are counted in `report`, by kind."""
     rows = list(rows)
     first = next((row for _, row in rows if isinstance(row, dict)), {})
-    if "message_id" in first or isinstance(first.get("prompt"), dict):  # OpenAssistant rows or nested trees
+    if "message_id" in first or is_tree(first):  # OpenAssistant rows or nested trees
         return _tree_prompts(rows, report)
     records = []
     for where, row in rows:
@@ -242,10 +242,17 @@ def conversation_to(message: dict[str, Any], messages: dict[str, dict[str, Any]]
     return check_prompt(path[::-1])
 
 
+def is_tree(row: dict[str, Any]) -> bool:
+    """Whether a row is a nested OpenAssistant tree (`{"prompt": {"message_id", ..., "replies": [...]}}`), not a
+    prompt given as one message (`{"prompt": {"role": "user", "content": ...}}`)."""
+    root = row.get("prompt")
+    return isinstance(root, dict) and ("message_id" in root or "replies" in root)
+
+
 def flatten_tree(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The messages of a nested OpenAssistant tree (`{"prompt": {..., "replies": [...]}}`) as flat rows with
     `parent_id`, root first; a flat row as it is."""
-    if isinstance(row.get("prompt"), dict):
+    if is_tree(row):
         stack = [(row["prompt"], None)]
         while stack:
             node, parent = stack.pop()
@@ -280,7 +287,7 @@ def _tree_prompts(rows: list[tuple[str, Any]], report: SkipReport) -> list[dict[
             report.read += 1
             report.skip(where, bad)
             continue
-        nested = isinstance(row.get("prompt"), dict)
+        nested = is_tree(row)
         for message in flat:
             message_id = str(message["message_id"])
             messages[message_id] = message
