@@ -77,10 +77,17 @@ def needed_stages(cfg: PipelineConfig) -> dict[str, str]:
     stages = pipeline_stages(cfg.rounds)
     finals = {final_dir(cfg, stage).resolve(): stage for stage in stages}
     needed = {stages[-1]: "the run's last stage"}
-    for stage in reversed(stages):
+    for position in range(len(stages) - 1, -1, -1):
+        stage = stages[position]
         if stage not in needed:
             continue
-        for key, value in stage_module(stage).resolve_inputs(cfg, **round_arguments(stage)).items():
+        try:
+            inputs = stage_module(stage).resolve_inputs(cfg, **round_arguments(stage))
+        except UserError:  # what it reads is unknown: every stage before it stays (its error shows when it runs)
+            for upstream in stages[:position]:
+                needed.setdefault(upstream, f"{stage}'s inputs are not resolved")
+            continue
+        for key, value in inputs.items():
             path = Path(str(value)).expanduser().resolve()
             upstream = next((finals[p] for p in (path, *path.parents) if p in finals), None)
             if upstream is not None and upstream != stage:
@@ -208,10 +215,7 @@ def _record(cfg: PipelineConfig, summary: dict[str, dict[str, Any]]) -> None:
 def status_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """One row per stage: state, key metrics, checkpoint step, time taken."""
     rows = []
-    try:
-        needed = needed_stages(cfg)
-    except UserError:  # a stage's inputs cannot be resolved: its row says why; every stage counts as needed
-        needed = dict.fromkeys(pipeline_stages(cfg.rounds), "")
+    needed = needed_stages(cfg)
     for stage in pipeline_stages(cfg.rounds):
         row: dict[str, Any] = {"stage": stage}
         try:

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import load_config, save_config
-from pipeline.driver import NOT_NEEDED, run_pipeline, select_stages
+from pipeline.driver import NOT_NEEDED, needed_stages, run_pipeline, select_stages
 from pipeline.errors import UserError
 
 
@@ -98,3 +98,13 @@ def test_run_skips_stages_that_are_not_needed_and_status_shows_them(tmp_path, ca
     assert rows["webtext"].startswith("not needed: no later stage reads its output (pretrain.dataset or sft.base")
     assert rows["pretrain"].startswith("not needed: no later stage reads its output (sft.base given)")
     assert rows["sft"].startswith("new") and rows["ppo"].startswith("new")
+
+
+def test_a_stage_whose_inputs_are_not_resolved_keeps_every_stage_before_it(tmp_path, capsys):
+    """ppo.dataset unset: what PPO reads is unknown, so nothing is 'not needed'; the error names the key."""
+    with pytest.raises(SystemExit) as info:
+        main(["run", str(DEMO), f"run_dir={tmp_path / 'run'}", "sft.base=org/chat", "ppo.dataset=null", "--dry-run"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: ppo.dataset is not set")
+    cfg = load_config(DEMO, [f"run_dir={tmp_path / 'run'}", "sft.base=org/chat", "ppo.dataset=null"])
+    assert list(needed_stages(cfg)) == ["ppo", "webtext", "pretrain", "sft", "reward"]
