@@ -321,7 +321,7 @@ def test_stage_writes_exactly_the_final_layout_and_merged_equals_adapter_on_base
     assert metrics["world_size"] == 1 and metrics["global_step"] if "global_step" in metrics else True
     assert metrics["heldout_questions"] == 4 and 0.0 <= metrics["heldout_accuracy"] <= 1.0
     assert "base_heldout_accuracy" in metrics and metrics["eval_loss"] < 6.0
-    assert metrics["data"]["train"] == {"read": 32, "kept": 32, "skipped": {}, "first": {}}
+    assert metrics["data"]["train"] == {"read": 32, "kept": 32, "skipped": {}, "first": {}, "named": []}
     samples = [json.loads(line) for line in (final / "eval_samples.jsonl").read_text().splitlines()]
     assert [s["gold"] for s in samples] == [capital for _, capital, _ in FACTS] and "base_answer" in samples[0]
 
