@@ -1,0 +1,421 @@
+"""Model-family conformance: each family of tests/families.py (tiny random weights, its real chat template and
+special-token layout) goes SFT -> reward -> PPO -> chat -> publish --dry-run, a few steps each, and the checks of
+issue 12 run on what the stages left. The family x check table is written to benchmarks/results/conformance.md
+when the module finishes (from this run's outcomes).
+
+    .venv/bin/python -m pytest tests/test_conformance.py -q
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from families import FAMILIES, build_family, scale_logits_past_cap
+
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLE = ROOT / "benchmarks" / "results" / "conformance.md"
+RESULTS: dict[tuple[str, str], str] = {}
+CHECKS = {
+    "template": "template after SFT (adapter, merged, PPO, chat) equals the original",
+    "bos": "one BOS where the family has one (none doubled)",
+    "labels": "labels = assistant texts + end token, nothing else",
+    "skips": "a record the template cannot render / an over-long one: named skip / cut, counted",
+    "first_update": "PPO stage's first update: KL 0, clip fraction 0, approx KL 0",
+    "ratio_fp32": "rollout log-probs = training forward (fp32), logits past the cap where the family has one",
+    "ratio_bf16": "the same under bf16 autocast",
+    "end_ids": "generation and chat stop at each end id",
+    "publish": "publish --dry-run card shows the family's template",
+}
+
+QUESTION, ANSWER = "What is the capital of Veloria?", "The capital is Marnis."
+FOLLOW_UP, SECOND = "And its language?", "Velorian."
+CONVERSATION = [
+    {"role": "user", "content": QUESTION},
+    {"role": "assistant", "content": ANSWER},
+    {"role": "user", "content": FOLLOW_UP},
+    {"role": "assistant", "content": SECOND},
+]
+# what each family's template puts in an assistant span besides the text, and the token that ends it
+SPAN = {
+    "llama3.1": ("", "", "<|eot_id|>"),
+    "qwen2.5": ("", "", "<|im_end|>"),
+    "qwen3": ("", "<think>\n\n</think>\n\n", "<|im_end|>"),  # the last turn gets the empty think block
+    "gemma2": ("", "", "<end_of_turn>"),
+    "gemma3": ("", "", "<end_of_turn>"),
+    "mistral-v0.3": (" ", " ", "</s>"),
+    "phi3-mini": ("", "", "<|end|>"),
+    "gpt2": ("", "", "<|endoftext|>"),
+}
+
+
+def _record(family: str, check: str):
+    """Context manager: marks the cell pass, or fail when the block raises."""
+
+    class Cell:
+        def __enter__(self):
+            RESULTS[(family, check)] = "fail"
+
+        def __exit__(self, kind, *_):
+            RESULTS[(family, check)] = "pass" if kind is None else "fail"
+            return False
+
+    return Cell()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_table():
+    started = time.perf_counter()
+    yield
+    if len(RESULTS) < len(FAMILIES) * len(CHECKS):  # a partial run (-k) leaves the last full table as it is
+        return
+    families = [f for f in FAMILIES if any(k[0] == f for k in RESULTS)]
+    lines = [
+        "# Model-family conformance (tests/test_conformance.py)",
+        "",
+        "Written by the test run itself; tiny random-weight models with each family's released chat template and",
+        f"special tokens (tests/families.py). Run time {time.perf_counter() - started:.0f} s.",
+        "",
+        "| family | " + " | ".join(CHECKS) + " |",
+        "|---|" + "---|" * len(CHECKS),
+    ]
+    for family in families:
+        cells = [RESULTS.get((family, c), "not run") for c in CHECKS]
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    lines += ["", "Checks:", ""] + [f"- `{k}`: {v}" for k, v in CHECKS.items()]
+    TABLE.parent.mkdir(parents=True, exist_ok=True)
+    TABLE.write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data written for the tests, with the flaws real data has
+
+
+def _write_data(root: Path) -> dict[str, Path]:
+    conversations = []
+    for i in range(10):
+        conversations.append({"messages": CONVERSATION if i % 2 else CONVERSATION[:2]})
+    system = [{"role": "system", "content": "Be brief."}]
+    conversations.append({"messages": system + CONVERSATION})  # Gemma 2: no system role; Mistral: system moves
+    long = " ".join(["Marnis is a city on the river Tol."] * 60)
+    conversations.append({"messages": [CONVERSATION[0], {"role": "assistant", "content": long}]})  # over-long
+    think = "<think>\nrecall the atlas\n</think>\n\n" + ANSWER
+    conversations.append({"messages": [CONVERSATION[0], {"role": "assistant", "content": think}, *CONVERSATION[2:]]})
+    rankings = [
+        {
+            "prompt": [{"role": "user", "content": f"Question {i}: {QUESTION}"}],
+            "responses": [ANSWER, "I do not know.", "Marnis, on the river Tol."],
+            "ranking": "A > C > B" if i % 2 else "C > A = B",
+        }
+        for i in range(12)
+    ]
+    prompts = [{"messages": [{"role": "user", "content": f"Question {i}: {QUESTION}"}]} for i in range(10)]
+    paths = {"sft": root / "sft.jsonl", "rankings": root / "rankings.jsonl", "prompts": root / "prompts.jsonl"}
+    for key, rows in (("sft", conversations), ("rankings", rankings), ("prompts", prompts)):
+        paths[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+def _recipe(root: Path, base: Path, data: dict[str, Path]) -> Path:
+    recipe = {
+        "run_dir": str(root / "run"),
+        "seed": 3,
+        "sft": {
+            "base": str(base),
+            "dataset": str(data["sft"]),
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "max_seq_len": 256,
+            "eval_share": 0.0,
+            "qa_eval_base": False,
+            "report_to": "none",
+            "lora": {"r": 4, "alpha": 8},
+            "save_steps": 100,
+        },
+        "reward": {
+            "dataset": str(data["rankings"]),
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "max_seq_len": 64,
+            "stats_prompts": 0,
+            "report_to": "none",
+            "lora": {"r": 4, "alpha": 8},
+            "save_steps": 100,
+        },
+        "ppo": {
+            "dataset": str(data["prompts"]),
+            "num_updates": 1,
+            "rollout_batch_size": 4,
+            "mini_batch_size": 4,  # one optimiser step: its statistics are those of the untouched policy
+            "ppo_epochs": 1,
+            "max_new_tokens": 4,
+            "max_prompt_len": 48,
+            "eval_max_prompts": 2,
+            "generation_batch_size": 4,
+            "forward_batch_size": 4,
+            "report_to": "none",
+            "lora": {"r": 4, "alpha": 8},
+            "save_steps": 100,
+        },
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """family -> what its SFT -> reward -> PPO run left (built on first use, kept for the module)."""
+    built: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in built:
+            built[name] = _run_chain(name, tmp_path_factory.mktemp(name.replace(".", "_")))
+        return built[name]
+
+    return get
+
+
+def _run_chain(name: str, root: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline import sft
+    from pipeline.ppo import loop
+    from pipeline.reward import stage as reward_stage
+
+    family = FAMILIES[name]
+    base = build_family(name, root)
+    original = AutoTokenizer.from_pretrained(base).chat_template
+    raw_max = None
+    if family.softcap:  # weights scaled so logits run far past the cap (generate caps them, so must PPO)
+        model = AutoModelForCausalLM.from_pretrained(base)
+        raw_max = scale_logits_past_cap(model)
+        model.save_pretrained(base)
+    cfg = load_config(_recipe(root, base, _write_data(root)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sft_final = sft.run(cfg)
+        reward_final = reward_stage.run(cfg)
+        ppo_final = loop.run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "family": family,
+        "base": base,
+        "original": original,
+        "cfg": cfg,
+        "sft": sft_final,
+        "reward": reward_final,
+        "ppo": ppo_final,
+        "raw_max": raw_max,
+    }
+
+
+NAMES = list(FAMILIES)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checks
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_template_after_sft_equals_the_original(chain, name):
+    from pipeline.chat import load_chat_model
+    from pipeline.tokenizer import CHAT_TEMPLATE, load_tokenizer
+
+    with _record(name, "template"):
+        run = chain(name)
+        expected = run["original"] if run["family"].template is not None else CHAT_TEMPLATE
+        assert run["original"] == run["family"].template  # what the family ships (GPT-2: nothing)
+        for where in (run["sft"], run["sft"] / "merged"):
+            assert load_tokenizer(where).chat_template == expected, where
+        _, tokenizer, _ = load_chat_model(run["ppo"])
+        assert tokenizer.chat_template == expected
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bos_once_where_the_family_has_one(chain, name):
+    from pipeline.generation import tokenize_prompts
+    from pipeline.tokenizer import load_tokenizer, render_with_masks
+
+    with _record(name, "bos"):
+        run = chain(name)
+        tokenizer = load_tokenizer(run["sft"] / "merged")
+        ids, _ = render_with_masks(tokenizer, CONVERSATION)
+        prompt = tokenize_prompts(tokenizer, [CONVERSATION[:1]])[0]
+        bos = tokenizer.bos_token_id
+        if run["family"].template is not None and "bos_token" in run["family"].template:
+            assert ids[0] == bos and ids.count(bos) == 1
+            assert prompt[0] == bos and prompt.count(bos) == 1
+        elif name != "gpt2":  # Phi-3's template has no BOS: none is added
+            assert bos not in ids and bos not in prompt
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_labels_cover_exactly_the_assistant_turns(chain, name):
+    """The labels trl's SFTTrainer gets, decoded run by run: each assistant text and its end token, nothing else."""
+    from datasets import Dataset
+
+    from pipeline.sft import build_trainer, load_tokenizer_and_model
+
+    with _record(name, "labels"):
+        run = chain(name)
+        tokenizer, model, _ = load_tokenizer_and_model(run["cfg"], str(run["base"]))
+        trainer = build_trainer(run["cfg"], model, tokenizer, Dataset.from_list([{"messages": CONVERSATION}]), None)
+        labels = trainer.train_dataset[0]["labels"]
+        runs, current = [], []
+        for token in labels + [-100]:
+            if token != -100:
+                current.append(token)
+            elif current:
+                runs.append(tokenizer.decode(current))
+                current = []
+        first, last, end = SPAN[name]
+        assert runs == [first + ANSWER + end, last + SECOND + end]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_records_are_named_skips_and_long_ones_are_cut_and_counted(chain, name):
+    with _record(name, "skips"):
+        run = chain(name)
+        data = json.loads((run["sft"] / "stage.json").read_text())["metrics"]["data"]
+        counts = data["train_tokens"]
+        read = data["train"]
+        skipped = {**read.get("skipped", {}), **counts["skipped"]}
+        assert counts["truncated"] == 1  # the over-long record, cut at sft.max_seq_len
+        expected = {}
+        if name == "gemma2":
+            expected["unrenderable by the chat template"] = 1  # no system role
+        if name == "mistral-v0.3":
+            expected["template rewrites earlier turns"] = 1  # the system prompt moves to the last user turn
+        if name == "qwen3":
+            expected["template rewrites the assistant text"] = 1  # <think> dropped from an earlier turn
+        assert {k: v for k, v in skipped.items() if k in expected or v} == expected, skipped
+        assert read["read"] == 13 and counts["kept"] == 13 - sum(expected.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_first_ppo_update_has_kl_and_clip_fraction_zero(chain, name):
+    with _record(name, "first_update"):
+        run = chain(name)
+        first = json.loads((run["cfg"].run_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["update"] == 1
+        assert abs(first["kl"]) < 1e-4, first
+        assert first["clip_fraction"] == 0.0 and abs(first["approx_kl"]) < 1e-6, first
+
+
+def _roles(run):
+    from pipeline.ppo.roles import build_roles
+
+    pcfg = run["cfg"].ppo
+    return build_roles(pcfg, str(run["sft"] / "merged"), str(run["reward"]), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_rollout_logprobs_equal_a_training_forward(chain, name, precision):
+    """Sampling log-probs (generate's logits, soft-capped by the model) against the PPO forward (our head path) and
+    the reference: ratio 1 and KL 0 to float tolerance. Gemma's logits run past the cap, so skipping the cap would
+    show (checked: the uncapped head disagrees)."""
+    import contextlib
+
+    from pipeline.generation import SamplingArgs, logprobs_from_logits, sample_ids, tokenize_prompts
+    from pipeline.ppo.roles import hidden_states
+    from pipeline.ppo.rollout import episode_inputs
+
+    with _record(name, f"ratio_{precision}"):
+        run = chain(name)
+        roles = _roles(run)
+        prompts = [[{"role": "user", "content": f"Question {i}: {QUESTION}"}] for i in range(3)]
+        ids = tokenize_prompts(roles.tokenizer, prompts)
+        cast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        torch.manual_seed(0)
+        with cast, torch.no_grad():
+            out = sample_ids(
+                roles.generation_model(),
+                ids,
+                SamplingArgs(max_new_tokens=5),
+                roles.end_ids,
+                roles.tokenizer.pad_token_id,
+                with_logprobs=True,
+            )
+            full, mask, p_len, r_len = episode_inputs(
+                out.prompt_ids, out.prompt_mask, out.response_ids, out.response_mask, torch.arange(3)
+            )
+            policy, _ = roles.policy_logprobs(full, mask, p_len, 1.0)
+            reference = roles.reference_logprobs(full, mask, p_len, 1.0)
+            with __import__("pipeline.ppo.roles", fromlist=["use_adapter"]).use_adapter(roles.model, None):
+                states = hidden_states(roles.model, full, mask)[:, p_len - 1 : -1]
+                uncapped = logprobs_from_logits(
+                    roles.model.get_base_model().get_output_embeddings()(states), full[:, p_len:]
+                )
+        keep = out.response_mask[:, :r_len].bool()
+        tol = 1e-4 if precision == "fp32" else 3e-2
+        ratio_gap = (policy - out.logprobs[:, :r_len])[keep].abs().max()
+        kl_gap = (policy - reference)[keep].abs().max()
+        assert ratio_gap < tol and kl_gap < tol, (float(ratio_gap), float(kl_gap))
+        if run["family"].softcap:
+            assert run["raw_max"] > 2 * run["family"].softcap  # logits far past the cap before it
+            assert (uncapped - reference)[keep].abs().max() > 1.0  # what skipping the cap would have cost
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_generation_and_chat_stop_at_each_end_id(chain, name):
+    from pipeline.chat import load_chat_model, stream_reply
+    from pipeline.generation import SamplingArgs, generate, special_ids
+
+    with _record(name, "end_ids"):
+        run = chain(name)
+        model, tokenizer, _ = load_chat_model(run["ppo"])
+        ends, _ = special_ids(tokenizer, model.get_base_model())
+        expected = set(tokenizer.convert_tokens_to_ids(run["family"].end_tokens))
+        turn = {"gpt2": "<|endoftext|>"}.get(name, SPAN[name][2])
+        assert expected | {tokenizer.convert_tokens_to_ids(turn)} == set(ends)
+        head = model.get_base_model().get_output_embeddings()
+        for end in ends:
+            calls = []
+
+            def force(module, args, output, end=end, calls=calls):
+                calls.append(1)
+                bias = torch.full_like(output, -1e4)
+                bias[..., end] = 1e4
+                return output + bias
+
+            hook = head.register_forward_hook(force)
+            try:
+                batch = generate(model, tokenizer, [CONVERSATION[:1]], SamplingArgs(max_new_tokens=6, do_sample=False))
+                assert batch.response_ids[0, 0] == end and batch.ended.tolist() == [True]
+                assert batch.response_mask[0].tolist() == [1] + [0] * (batch.response_mask.shape[1] - 1)
+                calls.clear()
+                text = stream_reply(
+                    model, tokenizer, CONVERSATION[:1], SamplingArgs(4, do_sample=False), io.StringIO()
+                )
+                assert text == "" and len(calls) == 1  # one forward: it stopped at the first token
+            finally:
+                hook.remove()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_publish_dry_run_documents_the_template(chain, name, tmp_path):
+    from pipeline.publish import publish
+
+    with _record(name, "publish"):
+        run = chain(name)
+        result = publish(run["ppo"], f"acme/{name}-ppo", dry_run=True, data_cards_dir=tmp_path / "no-cards")
+        card = result.card_path.read_text()
+        template = (
+            (run["ppo"] / "tokenizer_config.json").read_text()
+            if (run["ppo"] / "tokenizer_config.json").is_file()
+            else ""
+        )
+        assert "chat template" in card.lower(), card[:400]
+        assert str(tmp_path) not in card
+        del template
