@@ -268,16 +268,24 @@ def model_context(config: PretrainedConfig) -> int | None:
     return None
 
 
-def check_context(length: int, base: str | Path, key: str) -> None:
-    """A one-line error when `key` (a sequence length) exceeds the context of the model at `base`."""
+def check_context(length: int, base: str | Path, key: str, clamp: bool = False) -> int:
+    """`length` (the setting `key`) checked against the context of the model at `base` before anything trains (a
+    longer sequence would index past the position table: an IndexError). Beyond it: a one-line error, or with
+    `clamp` (a length that only caps truncation: reward inputs) the context, with a warning. Returns the length."""
     from transformers import AutoConfig
 
     try:
         context = model_context(AutoConfig.from_pretrained(str(base)))
     except (OSError, ValueError):
-        return  # the model's own loading reports a missing or broken config
-    if context is not None and length > context:
-        raise UserError(f"{key}={length} exceeds the context of {base} ({context} positions); set {key}<={context}")
+        return length  # the model's own loading reports a missing or broken config
+    if context is None or length <= context:
+        return length
+    if clamp:
+        logger.warning("%s = %d exceeds the context of %s; sequences are cut at %d", key, length, base, context)
+        return context
+    raise UserError(
+        f"{key} = {length} exceeds the context of {base} ({context} positions); lower it to at most {context}"
+    )
 
 
 def lm_logits(model: PreTrainedModel, states: torch.Tensor) -> torch.Tensor:

@@ -405,17 +405,15 @@ def test_generation_and_chat_stop_at_each_end_id(chain, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_publish_dry_run_documents_the_template(chain, name, tmp_path):
-    from pipeline.publish import publish
+    from pipeline.publish import CHAT_EXAMPLE, publish
+    from pipeline.tokenizer import load_tokenizer
 
     with _record(name, "publish"):
         run = chain(name)
         result = publish(run["ppo"], f"acme/{name}-ppo", dry_run=True, data_cards_dir=tmp_path / "no-cards")
         card = result.card_path.read_text()
-        template = (
-            (run["ppo"] / "tokenizer_config.json").read_text()
-            if (run["ppo"] / "tokenizer_config.json").is_file()
-            else ""
-        )
-        assert "chat template" in card.lower(), card[:400]
+        tokenizer = load_tokenizer(run["ppo"])
+        rendered = tokenizer.apply_chat_template(CHAT_EXAMPLE, tokenize=False)
+        whose = "the project's (the base model had none)" if name == "gpt2" else "the base model's own, unchanged"
+        assert f"Chat template: {whose}. One exchange renders as:\n\n```text\n{rendered}\n```" in card
         assert str(tmp_path) not in card
-        del template
