@@ -23,6 +23,7 @@ from pipeline.config import load_config
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = ROOT / "benchmarks" / "results" / "conformance.md"
 RESULTS: dict[tuple[str, str], str] = {}
+FIGURES: dict[str, dict[str, float]] = {}  # family -> measured figures for the second table
 CHECKS = {
     "template": "template after SFT (adapter, merged, PPO, chat) equals the original",
     "bos": "one BOS where the family has one (none doubled)",
@@ -33,6 +34,18 @@ CHECKS = {
     "ratio_bf16": "the same under bf16 autocast",
     "end_ids": "generation and chat stop at each end id",
     "publish": "publish --dry-run card shows the family's template",
+}
+
+FIGURE_COLUMNS = {
+    "kl": "first update KL",
+    "clip_fraction": "first update clip fraction",
+    "approx_kl": "first update approx KL",
+    "ratio_fp32": "max abs log-ratio fp32",
+    "kl_fp32": "max abs policy-ref fp32",
+    "ratio_bf16": "max abs log-ratio bf16",
+    "kl_bf16": "max abs policy-ref bf16",
+    "uncapped_fp32": "uncapped gap fp32",
+    "raw_max": "largest raw logit",
 }
 
 QUESTION, ANSWER = "What is the capital of Veloria?", "The capital is Marnis."
@@ -90,6 +103,18 @@ def _write_table():
         cells = [RESULTS.get((family, c), "not run") for c in CHECKS]
         lines.append(f"| {family} | " + " | ".join(cells) + " |")
     lines += ["", "Checks:", ""] + [f"- `{k}`: {v}" for k, v in CHECKS.items()]
+    columns = list(FIGURE_COLUMNS)
+    lines += [
+        "",
+        "Measured (max over response tokens; `uncapped` is the gap a PPO forward without the family's soft-cap",
+        "would have had, the failure this guards against):",
+        "",
+        "| family | " + " | ".join(FIGURE_COLUMNS.values()) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for family in families:
+        row = FIGURES.get(family, {})
+        lines.append(f"| {family} | " + " | ".join(f"{row[c]:.3g}" if c in row else "-" for c in columns) + " |")
     TABLE.parent.mkdir(parents=True, exist_ok=True)
     TABLE.write_text("\n".join(lines) + "\n")
 
@@ -308,6 +333,7 @@ def test_first_ppo_update_has_kl_and_clip_fraction_zero(chain, name):
         run = chain(name)
         first = json.loads((run["cfg"].run_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
         assert first["update"] == 1
+        FIGURES.setdefault(name, {}).update({k: first[k] for k in ("kl", "clip_fraction", "approx_kl")})
         assert abs(first["kl"]) < 1e-4, first
         assert first["clip_fraction"] == 0.0 and abs(first["approx_kl"]) < 1e-6, first
 
@@ -361,6 +387,11 @@ def test_rollout_logprobs_equal_a_training_forward(chain, name, precision):
         tol = 1e-4 if precision == "fp32" else 3e-2
         ratio_gap = (policy - out.logprobs[:, :r_len])[keep].abs().max()
         kl_gap = (policy - reference)[keep].abs().max()
+        figures = FIGURES.setdefault(name, {})
+        figures.update({f"ratio_{precision}": float(ratio_gap), f"kl_{precision}": float(kl_gap)})
+        if run["family"].softcap:
+            figures[f"uncapped_{precision}"] = float((uncapped - reference)[keep].abs().max())
+            figures["raw_max"] = run["raw_max"]
         assert ratio_gap < tol and kl_gap < tol, (float(ratio_gap), float(kl_gap))
         if run["family"].softcap:
             assert run["raw_max"] > 2 * run["family"].softcap  # logits far past the cap before it
@@ -417,3 +448,78 @@ def test_publish_dry_run_documents_the_template(chain, name, tmp_path):
         whose = "the project's (the base model had none)" if name == "gpt2" else "the base model's own, unchanged"
         assert f"Chat template: {whose}. One exchange renders as:\n\n```text\n{rendered}\n```" in card
         assert str(tmp_path) not in card
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad input: one line, never a traceback
+
+
+def test_lengths_beyond_the_context_are_one_line_errors(chain, tmp_path):
+    """sft.max_seq_len past the base's 256 positions, and PPO prompt + response past them: a one-line UserError
+    before anything loads or trains (it used to be an IndexError from the position table)."""
+    import dataclasses
+
+    from pipeline import sft
+    from pipeline.errors import UserError
+    from pipeline.ppo import loop
+
+    run = chain("qwen2.5")
+    cfg = dataclasses.replace(run["cfg"], run_dir=str(tmp_path / "run"))
+    too_long = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, max_seq_len=300))
+    with pytest.raises(UserError, match=r"^sft.max_seq_len = 300 exceeds the context of .* \(256 positions\); lower"):
+        sft.run(too_long)
+    ppo = dataclasses.replace(cfg.ppo, max_prompt_len=250, max_new_tokens=16)
+    ppo = dataclasses.replace(ppo, policy_base=str(run["sft"] / "merged"), reward_model=str(run["reward"]))
+    with pytest.raises(UserError, match=r"^ppo.max_prompt_len \+ ppo.max_new_tokens = 266 exceeds the context"):
+        loop.run(dataclasses.replace(cfg, ppo=ppo))
+
+
+def test_unknown_family_without_template_or_eos_gets_the_projects_and_says_so(caplog):
+    """A tokenizer with neither chat template nor EOS (an unknown family): EOS, role tokens and the project's template
+    are added and the log names them; no special token fits padding, so <|pad|> is added too."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, ROLE_TOKENS, prepare_chat_tokenizer
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    bare = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    with caplog.at_level("INFO", logger="pipeline.tokenizer"):
+        added = prepare_chat_tokenizer(bare)
+    assert added == [EOS_TOKEN, *ROLE_TOKENS.values(), PAD_TOKEN] and bare.chat_template == CHAT_TEMPLATE
+    assert "no chat template: using the project's" in caplog.text
+    assert "no unused special token fits, so <|pad|> is added" in caplog.text
+
+
+def test_long_records_are_cut_or_skipped_as_configured_and_counted():
+    """sft.long_records: 'truncate' keeps the first max_seq_len tokens (mask cut with them), 'skip' drops the record;
+    both counted. A record whose assistant turn starts past the cut has nothing to learn and is skipped by name."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from families import FAMILIES, build_tokenizer
+
+    from pipeline.sft import tokenize_conversations
+    from pipeline.tokenizer import render_with_masks
+
+    tokenizer = build_tokenizer(FAMILIES["qwen2.5"])
+    short = CONVERSATION[:2]
+    ids, mask = render_with_masks(tokenizer, short)
+    late = [{"role": "user", "content": " ".join(["Veloria"] * 200)}, CONVERSATION[1]]
+    data = Dataset.from_list([{"messages": short}, {"messages": late}])
+    limit = len(ids) - 2  # cuts the end token and the newline after it
+    for mode, kept, skipped, truncated in (
+        ("truncate", 1, {"no assistant token within sft.max_seq_len": 1}, 2),
+        ("skip", 0, {"longer than sft.max_seq_len": 2}, 0),
+    ):
+        settings = SimpleNamespace(max_seq_len=limit, long_records=mode, assistant_only_loss=True)
+        if kept == 0:
+            from pipeline.errors import UserError
+
+            with pytest.raises(UserError, match="no conversation left after rendering"):
+                tokenize_conversations(data, tokenizer, settings)
+            continue
+        out, report = tokenize_conversations(data, tokenizer, settings)
+        assert report == {"read": 2, "kept": kept, "skipped": skipped, "truncated": truncated}
+        assert out[0]["input_ids"] == ids[:limit] and out[0]["assistant_masks"] == mask[:limit]
