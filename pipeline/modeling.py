@@ -28,9 +28,10 @@ from transformers import (
 )
 
 from pipeline.config import LoraArgs, ModelArgs
+from pipeline.data.records import BadRecord
 from pipeline.errors import UserError
 from pipeline.generation import mixed_precision, tokenize_prompts
-from pipeline.tokenizer import end_ids, load_tokenizer, turn_end_token
+from pipeline.tokenizer import end_ids, load_tokenizer, render_with_masks, turn_end_token
 
 logger = logging.getLogger(__name__)
 
@@ -539,12 +540,38 @@ def encode_reward_input(
 def encode_reward_inputs(
     tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str]] | str, responses: list[str], max_seq_len: int
 ) -> list[list[int]]:
-    """`encode_reward_input` for several responses to one prompt (the prompt is rendered and tokenized once)."""
+    """`encode_reward_input` for several responses to one prompt.
+
+    A chat prompt and each response are rendered together by the chat template, so the ids are those of the
+    template's assistant turn (Mistral's leading space, Qwen3's think block on a last turn), through the token that
+    ends it (`pipeline.tokenizer.render_with_masks`). A plain-text prompt, or a turn whose span the template does not
+    give, is joined as prompt ids + response ids + the template's end-of-turn token (EOS when it names none).
+    """
     prompt_ids = tokenize_prompts(tokenizer, [prompt])[0]
     turn = turn_end_token(tokenizer)  # how the template ends an assistant turn (EOS when it says nothing)
     eos = [tokenizer.convert_tokens_to_ids(turn) if turn is not None else tokenizer.eos_token_id]
     responses_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    return [join_prompt_response(prompt_ids, ids + eos, max_seq_len) for ids in responses_ids]
+    out = []
+    for response, ids in zip(responses, responses_ids, strict=True):
+        rendered = _rendered_turn(tokenizer, prompt, response) if isinstance(prompt, list) else None
+        head, tail = rendered if rendered is not None else (prompt_ids, ids + eos)
+        out.append(join_prompt_response(head, tail, max_seq_len))
+    return out
+
+
+def _rendered_turn(tokenizer: PreTrainedTokenizerBase, prompt: list, response: str) -> tuple[list, list] | None:
+    """(ids before the last assistant turn, ids of that turn through its end token), or None."""
+    try:
+        ids, mask = render_with_masks(tokenizer, [*prompt, {"role": "assistant", "content": response}])
+    except BadRecord:
+        return None
+    last = max((i for i, m in enumerate(mask) if m), default=None)
+    if last is None:
+        return None
+    start = last
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return ids[:start], ids[start : last + 1]
 
 
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

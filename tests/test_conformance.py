@@ -33,6 +33,7 @@ CHECKS = {
     "ratio_fp32": "rollout log-probs = training forward (fp32), logits past the cap where the family has one",
     "ratio_bf16": "the same under bf16 autocast",
     "end_ids": "generation and chat stop at each end id",
+    "reward_input": "reward inputs end the way the template ends an assistant turn",
     "publish": "publish --dry-run card shows the family's template",
 }
 
@@ -432,6 +433,23 @@ def test_generation_and_chat_stop_at_each_end_id(chain, name):
                 assert text == "" and len(calls) == 1  # one forward: it stopped at the first token
             finally:
                 hook.remove()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reward_inputs_end_like_an_assistant_turn(chain, name):
+    """The reward model scores prompt + response + the template's end of turn (<|eot_id|>, <|im_end|>,
+    <end_of_turn>, ...), exactly the tokens the template renders for that exchange, not tokenizer.eos."""
+    from pipeline.modeling import encode_reward_input
+    from pipeline.tokenizer import load_tokenizer
+
+    with _record(name, "reward_input"):
+        tokenizer = load_tokenizer(chain(name)["reward"])
+        ids = encode_reward_input(tokenizer, CONVERSATION[:1], ANSWER, 256)
+        rendered = tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False)
+        end = SPAN[name][2]
+        assert tokenizer.convert_ids_to_tokens(ids[-1]) == end
+        assert rendered.startswith(tokenizer.decode(ids))  # Mistral's space, Qwen3's think block included
+        assert tokenizer.decode(ids).endswith(SPAN[name][1] + ANSWER + end)
 
 
 @pytest.mark.parametrize("name", NAMES)
