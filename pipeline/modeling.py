@@ -273,8 +273,6 @@ def check_context(length: int, base: str | Path, key: str, clamp: bool = False) 
     """`length` (the setting `key`) checked against the context of the model at `base` before anything trains (a
     longer sequence would index past the position table: an IndexError). Beyond it: a one-line error, or with
     `clamp` (a length that only caps truncation: reward inputs) the context, with a warning. Returns the length."""
-    from transformers import AutoConfig
-
     try:
         context = model_context(AutoConfig.from_pretrained(str(base)))
     except (OSError, ValueError):
