@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from families import FAMILIES, build_family, scale_logits_past_cap
+from families import FAMILIES, TINY, build_family, scale_logits_past_cap
 
 from pipeline.config import load_config
 
@@ -541,3 +541,33 @@ def test_long_records_are_cut_or_skipped_as_configured_and_counted():
         out, report = tokenize_conversations(data, tokenizer, settings)
         assert report == {"read": 2, "kept": kept, "skipped": skipped, "truncated": truncated}
         assert out[0]["input_ids"] == ids[:limit] and out[0]["assistant_masks"] == mask[:limit]
+
+
+@pytest.mark.parametrize(
+    "model_type, settings",
+    [
+        ("gemma2", {"final_logit_softcapping": 5.0, "head_dim": 16}),
+        ("cohere", {"logit_scale": 0.25}),
+        ("granite", {"logits_scaling": 4.0}),
+        ("llama", {}),
+    ],
+)
+def test_lm_logits_equal_the_models_own_forward(model_type, settings):
+    """pipeline.modeling.lm_logits (the head PPO applies to hidden states) gives the logits of the model's forward:
+    Gemma's soft-cap, Cohere's logit_scale, Granite's logits_scaling; a plain Llama is the head alone. The raw head
+    differs by far where the family transforms it (so the check can fail)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.modeling import lm_logits
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=64, max_position_embeddings=64, **TINY, **settings)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(200.0)  # logits far past a cap of 5
+        ids = torch.arange(10).unsqueeze(0)
+        states = getattr(model, model.base_model_prefix)(input_ids=ids).last_hidden_state
+        ours, theirs = lm_logits(model, states), model(input_ids=ids).logits
+        raw = model.get_output_embeddings()(states)
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-5)
+    assert (raw - theirs).abs().max() > (1.0 if settings else -1.0)
