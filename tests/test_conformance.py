@@ -571,3 +571,24 @@ def test_lm_logits_equal_the_models_own_forward(model_type, settings):
         raw = model.get_output_embeddings()(states)
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-5)
     assert (raw - theirs).abs().max() > (1.0 if settings else -1.0)
+
+
+def test_reward_responses_cut_at_max_seq_len_are_counted():
+    """A ranking whose long response does not fit reward.max_seq_len is cut (its end token kept) and counted."""
+    from types import SimpleNamespace
+
+    from families import FAMILIES, build_tokenizer
+
+    from pipeline.data.rankings import Ranking
+    from pipeline.modeling import encode_reward_inputs
+    from pipeline.reward.data import encode_rankings
+
+    tokenizer = build_tokenizer(FAMILIES["llama3.1"])
+    prompt = [{"role": "user", "content": QUESTION}]
+    long = " ".join(["Marnis is a city on the river Tol."] * 20)
+    records = [Ranking(prompt, [ANSWER, long], "A > B", id="1"), Ranking(prompt, [ANSWER, SECOND], "A > B", id="2")]
+    fits = max(len(x) for x in encode_reward_inputs(tokenizer, prompt, [ANSWER, SECOND], 1 << 20)) + 2
+    rows = encode_rankings(records, tokenizer, SimpleNamespace(max_seq_len=fits, margin=0.0))
+    assert [row["truncated"] for row in rows] == [1, 0]
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert len(rows[0]["input_ids"][1]) == fits and rows[0]["input_ids"][1][-1] == eot

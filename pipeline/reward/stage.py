@@ -169,6 +169,9 @@ def run(cfg: PipelineConfig, rerun: bool = False, round_no: int = 1) -> Path:
     tokenizer = load_tokenizer(base)
     prepare_chat_tokenizer(tokenizer)
     train = encode_rankings(splits["train"], tokenizer, rcfg)
+    data_summary["truncated_responses"] = sum(row["truncated"] for row in train)  # cut at reward.max_seq_len
+    if data_summary["truncated_responses"]:
+        logger.warning("reward: %d training responses cut at reward.max_seq_len", data_summary["truncated_responses"])
     if rcfg.tie_model == "none":  # a prompt whose responses are all tied has no pair to learn from
         train = [row for row in train if len(set(row["tiers"])) > 1]
     if not train:
