@@ -92,7 +92,7 @@ def fit_history(tokenizer: Any, messages: list[dict], budget: int) -> list[dict]
 
 def stream_reply(model: Any, tokenizer: Any, messages: list[dict], sampling: Any, out: TextIO) -> str:
     """Sample a reply to `messages`, writing its text to `out` as it is generated; return the whole reply."""
-    eos_id, pad_id = special_ids(tokenizer)
+    eos_id, pad_id = special_ids(tokenizer, model)  # stops at any end id of the family
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

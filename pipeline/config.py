@@ -408,7 +408,12 @@ class SFTConfig(TrainArgs):
         "lora", "LoRA adapters, QLoRA (4-bit NF4 base), or full fine-tuning."
     )
     lora: LoraArgs = _f(LoraArgs(), "Adapter settings (finetune=lora|qlora).")
-    max_seq_len: int = _f(256, "Longest tokenized conversation; longer ones are truncated.")
+    max_seq_len: int = _f(
+        256, "Longest tokenized conversation (at most the base's context: a larger value is an error)."
+    )
+    long_records: Literal["truncate", "skip"] = _f(
+        "truncate", "Conversations longer than max_seq_len: cut at it, or skip them (counted in stage.json)."
+    )
     assistant_only_loss: bool = _f(True, "Compute the loss on assistant tokens only.")
     packing: bool = _f(False, "Pack conversations into full-length sequences.")
     random_init: bool = _f(

@@ -21,6 +21,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from pipeline.errors import UserError
+from pipeline.tokenizer import end_ids
 
 logger = logging.getLogger(__name__)
 
@@ -104,22 +105,24 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
-def mask_after_eos(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, ended): mask is 1 up to and including the first EOS of each row, 0 after it; ended marks rows with EOS.
+def mask_after_eos(response_ids: torch.Tensor, eos_id: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, ended): mask is 1 up to and including the first end id (of any kind: `eos_id` may be several) of each
+    row, 0 after it; ended marks rows with one.
 
     Example: ids [5, EOS, 7] -> mask [1, 1, 0], ended True; ids [5, 6, 7] -> mask [1, 1, 1], ended False.
     """
-    is_eos = response_ids == eos_id
+    ends = torch.as_tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=response_ids.device)
+    is_eos = torch.isin(response_ids, ends)
     # Number of EOS strictly before each position: a token is kept while none came before it.
     before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
     return (before == 0).long(), is_eos.any(dim=1)
 
 
-def _generation_config(sampling: SamplingArgs, eos_id: int, pad_id: int) -> GenerationConfig:
+def _generation_config(sampling: SamplingArgs, eos_id: int | Sequence[int], pad_id: int) -> GenerationConfig:
     settings = dict(
         max_new_tokens=sampling.max_new_tokens,
         do_sample=sampling.do_sample,
-        eos_token_id=eos_id,
+        eos_token_id=eos_id if isinstance(eos_id, int) else list(eos_id),
         pad_token_id=pad_id,
         num_beams=1,
         use_cache=True,
@@ -132,12 +135,14 @@ def _generation_config(sampling: SamplingArgs, eos_id: int, pad_id: int) -> Gene
     return GenerationConfig(**settings)
 
 
-def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
-    """(eos_id, pad_id); a tokenizer without EOS cannot stop a response, so it is refused."""
+def special_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> tuple[list[int], int]:
+    """(end ids, pad_id): every id that ends a response (`pipeline.tokenizer.end_ids`: EOS, the template's end of
+    turn, the model's generation_config list); a tokenizer without EOS cannot stop a response, so it is refused."""
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token, so responses can never end; give it one (eos_token)")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return tokenizer.eos_token_id, pad
+    ends = end_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
+    return ends, pad
 
 
 def mixed_precision(model: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -213,7 +218,7 @@ def sample_ids(
     model: torch.nn.Module,
     prompt_ids: Sequence[Sequence[int]],
     sampling: SamplingArgs,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     batch_size: int = 16,
     with_logprobs: bool = False,
@@ -288,7 +293,7 @@ def generate(
 ) -> GenerationBatch:
     """Sample one response per prompt (chat messages or plain strings); see `GenerationBatch`."""
     sampling = sampling or SamplingArgs()
-    eos_id, pad_id = special_ids(tokenizer)
+    eos_id, pad_id = special_ids(tokenizer, model)
     rendered = render_prompts(tokenizer, prompts)
     ids = tokenize_prompts(tokenizer, prompts)
     b = sample_ids(model, ids, sampling, eos_id, pad_id, batch_size)

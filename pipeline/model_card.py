@@ -62,6 +62,7 @@ class CardInputs:
     run_dir: str = ""  # local paths under it are shown as RUN_DIR/... (no local directory names in public cards)
     root_model: str = ""  # the model the run started from: a Hub id, a local model's name, or "" (pretrained here)
     default_settings: dict[str, Any] = field(default_factory=dict)  # flattened recipe defaults: the card lists changes
+    chat_format: str = ""  # one exchange as the shipped tokenizer's chat template renders it, and whose template
 
 
 def is_hub_id(value: str) -> bool:
@@ -258,6 +259,8 @@ def _usage_section(card: CardInputs) -> str:
             "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))"
         )
         note = "Prompts use the chat template shipped with the tokenizer (`tokenizer.apply_chat_template`)."
+    if card.chat_format:
+        note += f"\n\n{card.chat_format}"
     where = (
         f"The adapter attaches to `{card.base_model}`."
         if card.base_model

@@ -28,9 +28,10 @@ from transformers import (
 )
 
 from pipeline.config import LoraArgs, ModelArgs
+from pipeline.data.records import BadRecord
 from pipeline.errors import UserError
 from pipeline.generation import mixed_precision, tokenize_prompts
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import end_ids, load_tokenizer, render_with_masks, turn_end_token
 
 logger = logging.getLogger(__name__)
 
@@ -251,10 +252,57 @@ def fit_model_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenize
     if grew:
         # mean_resizing: new rows start at the mean embedding, so added tokens do not dominate the softmax
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    for config in (model.config, model.generation_config):
-        config.pad_token_id = tokenizer.pad_token_id
-        config.eos_token_id = tokenizer.eos_token_id
+    ends = end_ids(tokenizer, model)  # the template's end of turn and the generation config's end ids stay
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = ends if len(ends) > 1 else ends[0]
     return grew
+
+
+def model_context(config: PretrainedConfig) -> int | None:
+    """The longest sequence a model's positions cover (`max_position_embeddings`, `n_positions`, ...), if it says."""
+    text = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(length: int, base: str | Path, key: str, clamp: bool = False) -> int:
+    """`length` (the setting `key`) checked against the context of the model at `base` before anything trains (a
+    longer sequence would index past the position table: an IndexError). Beyond it: a one-line error, or with
+    `clamp` (a length that only caps truncation: reward inputs) the context, with a warning. Returns the length."""
+    try:
+        context = model_context(AutoConfig.from_pretrained(str(base)))
+    except (OSError, ValueError):
+        return length  # the model's own loading reports a missing or broken config
+    if context is None or length <= context:
+        return length
+    if clamp:
+        logger.warning("%s = %d exceeds the context of %s; sequences are cut at %d", key, length, base, context)
+        return context
+    raise UserError(
+        f"{key} = {length} exceeds the context of {base} ({context} positions); lower it to at most {context}"
+    )
+
+
+def lm_logits(model: PreTrainedModel, states: torch.Tensor) -> torch.Tensor:
+    """The LM head on hidden states, then what the family's forward does after its head: Gemma 2/3 soft-cap the
+    logits (`cap * tanh(logits / cap)`, config `final_logit_softcapping`), Cohere multiplies them by `logit_scale`,
+    Granite divides them by `logits_scaling`. Log-probs computed from these equal those `generate` samples from."""
+    logits = model.get_output_embeddings()(states)
+    config = model.config.get_text_config()
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None:
+        logits = logits / scaling
+    return logits
 
 
 def embedding_module_names(model: PreTrainedModel) -> list[str]:
@@ -478,7 +526,8 @@ def join_prompt_response(prompt_ids: list[int], response_ids: list[int], max_seq
 def encode_reward_input(
     tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str]] | str, response: str, max_seq_len: int
 ) -> list[int]:
-    """Token ids a reward or value model scores: the prompt as generation renders it, the response, then EOS.
+    """Token ids a reward or value model scores: the prompt as generation renders it, the response, then the token
+    that ends an assistant turn in the chat template (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`; else EOS).
 
     The same ids PPO gets from `generate` (prompt ids + sampled ids up to EOS), so the reward model is trained on
     what it will score.
@@ -489,11 +538,38 @@ def encode_reward_input(
 def encode_reward_inputs(
     tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str]] | str, responses: list[str], max_seq_len: int
 ) -> list[list[int]]:
-    """`encode_reward_input` for several responses to one prompt (the prompt is rendered and tokenized once)."""
+    """`encode_reward_input` for several responses to one prompt.
+
+    A chat prompt and each response are rendered together by the chat template, so the ids are those of the
+    template's assistant turn (Mistral's leading space, Qwen3's think block on a last turn), through the token that
+    ends it (`pipeline.tokenizer.render_with_masks`). A plain-text prompt, or a turn whose span the template does not
+    give, is joined as prompt ids + response ids + the template's end-of-turn token (EOS when it names none).
+    """
     prompt_ids = tokenize_prompts(tokenizer, [prompt])[0]
-    eos = [tokenizer.eos_token_id]
+    turn = turn_end_token(tokenizer)  # how the template ends an assistant turn (EOS when it says nothing)
+    eos = [tokenizer.convert_tokens_to_ids(turn) if turn is not None else tokenizer.eos_token_id]
     responses_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    return [join_prompt_response(prompt_ids, ids + eos, max_seq_len) for ids in responses_ids]
+    out = []
+    for response, ids in zip(responses, responses_ids, strict=True):
+        rendered = _rendered_turn(tokenizer, prompt, response) if isinstance(prompt, list) else None
+        head, tail = rendered if rendered is not None else (prompt_ids, ids + eos)
+        out.append(join_prompt_response(head, tail, max_seq_len))
+    return out
+
+
+def _rendered_turn(tokenizer: PreTrainedTokenizerBase, prompt: list, response: str) -> tuple[list, list] | None:
+    """(ids before the last assistant turn, ids of that turn through its end token), or None."""
+    try:
+        ids, mask = render_with_masks(tokenizer, [*prompt, {"role": "assistant", "content": response}])
+    except BadRecord:
+        return None
+    last = max((i for i, m in enumerate(mask) if m), default=None)
+    if last is None:
+        return None
+    start = last
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return ids[:start], ids[start : last + 1]
 
 
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

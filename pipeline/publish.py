@@ -377,6 +377,33 @@ def collect_files(final: Path, base_model: str | None) -> list[UploadFile]:
     return files
 
 
+CHAT_EXAMPLE = [
+    {"role": "user", "content": "USER MESSAGE"},
+    {"role": "assistant", "content": "ASSISTANT REPLY"},
+]
+
+
+def chat_format(final: Path) -> str:
+    """The card's paragraph on the chat template: whose it is and one exchange as it renders it ("" without one)."""
+    if not (final / "tokenizer_config.json").is_file():
+        return ""
+    from pipeline.tokenizer import CHAT_TEMPLATE, load_tokenizer
+
+    tokenizer = load_tokenizer(final)
+    if not tokenizer.chat_template:
+        return ""
+    try:
+        text = tokenizer.apply_chat_template(CHAT_EXAMPLE, tokenize=False)
+    except Exception:  # a template that cannot render the plain exchange: the card says so rather than failing
+        return "Chat template: the base model's own (it cannot render a plain user/assistant exchange)."
+    whose = (
+        "the project's (the base model had none)"
+        if tokenizer.chat_template == CHAT_TEMPLATE
+        else "the base model's own, unchanged"
+    )
+    return f"Chat template: {whose}. One exchange renders as:\n\n```text\n{text}\n```"
+
+
 def prepare_upload(
     final: Path, repo_id: str, revision: str, license: str, data_cards_dir: Path | None
 ) -> tuple[list[UploadFile], str]:
@@ -404,6 +431,7 @@ def prepare_upload(
         run_dir=str(final.parent.parent),
         root_model=root_model(lineage),
         default_settings=flatten(config_to_dict(PipelineConfig())),
+        chat_format=chat_format(final),
     )
     text = build_model_card(card)
     return [UploadFile("README.md", data=text.encode()), *files], text

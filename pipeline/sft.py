@@ -39,6 +39,7 @@ from pipeline.judge import NO_JUDGE, Judge, load_judge
 from pipeline.metrics import load_metric
 from pipeline.modeling import (
     apply_lora,
+    check_context,
     check_model_source,
     default_dtype,
     fit_model_to_tokenizer,
@@ -46,7 +47,7 @@ from pipeline.modeling import (
     merge_lora,
 )
 from pipeline.preemption import raise_if_preempted
-from pipeline.tokenizer import ROLE_TOKENS, load_tokenizer, prepare_chat_tokenizer
+from pipeline.tokenizer import ROLE_TOKENS, load_tokenizer, prepare_chat_tokenizer, render_with_masks, turn_end_token
 from pipeline.tracking import count_parameters, is_main_process
 from pipeline.trainers import train_from, trainer_checkpoint_callback
 
@@ -175,10 +176,20 @@ def load_chat_tokenizer(base: str) -> tuple[PreTrainedTokenizerBase, bool]:
     """The base's tokenizer with a chat template, EOS and a pad distinct from EOS; True if tokens were added."""
     check_model_source(base, what="sft.base")  # before the tokenizer, whose error would be less clear
     tokenizer = load_tokenizer(base)
-    added = prepare_chat_tokenizer(tokenizer)
+    added = prepare_chat_tokenizer(tokenizer, base_generation_config(base))
     if added:
         logger.info("added tokens %s to the tokenizer; embeddings and LM head are trained and saved", added)
     return tokenizer, bool(added)
+
+
+def base_generation_config(base: str) -> Any:
+    """The base's generation_config.json (its end ids), or None when it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(base)
+    except (OSError, ValueError):
+        return None
 
 
 def build_model(
@@ -224,7 +235,9 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, tokens: list[str], train: Data
     names: list[str] = []
     for token in tokens:
         if token == "chat":
-            names += [*ROLE_TOKENS.values(), tokenizer.eos_token]
+            turn = turn_end_token(tokenizer)
+            names += [t for t in ROLE_TOKENS.values() if t in tokenizer.get_vocab()] + [tokenizer.eos_token]
+            names += [turn] if turn is not None else []
         elif token == "assistant":
             if train is None:
                 raise ValueError("sft.trainable_tokens 'assistant' needs the training conversations")
@@ -244,9 +257,53 @@ def assistant_token_ids(tokenizer: PreTrainedTokenizerBase, train: Dataset) -> s
     """Every token id inside assistant turns (what the loss trains the model to emit), via the template's mask."""
     ids: set[int] = set()
     for messages in train["messages"]:
-        out = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
-        ids.update(t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m)
+        try:
+            tokens, mask = render_with_masks(tokenizer, messages)
+        except BadRecord:  # skipped from training too (tokenize_conversations)
+            continue
+        ids.update(t for t, m in zip(tokens, mask, strict=True) if m)
     return ids
+
+
+def tokenize_conversations(
+    data: Dataset, tokenizer: PreTrainedTokenizerBase, sft: Any
+) -> tuple[Dataset, dict[str, Any]]:
+    """`input_ids` and `assistant_masks` of each conversation as the tokenizer's own template renders it
+    (`pipeline.tokenizer.render_with_masks`), beside its `messages`; trl's SFTTrainer turns the masks into labels.
+
+    A conversation the template cannot render or whose assistant spans cannot be found is skipped with its reason; one
+    longer than `sft.max_seq_len` is cut at it (`sft.long_records="truncate"`) or skipped ("skip"). All are counted.
+    Without `sft.assistant_only_loss` the mask covers every token.
+    """
+    max_seq_len, rows, skipped, truncated = sft.max_seq_len, [], {}, 0
+    for messages in data["messages"]:
+        try:
+            ids, mask = render_with_masks(tokenizer, messages)
+        except BadRecord as bad:
+            skipped[bad.kind] = skipped.get(bad.kind, 0) + 1
+            continue
+        if len(ids) > max_seq_len:
+            if sft.long_records == "skip":
+                skipped["longer than sft.max_seq_len"] = skipped.get("longer than sft.max_seq_len", 0) + 1
+                continue
+            ids, mask, truncated = ids[:max_seq_len], mask[:max_seq_len], truncated + 1
+        if not any(mask):
+            key = "no assistant token within sft.max_seq_len"
+            skipped[key] = skipped.get(key, 0) + 1
+            continue
+        mask = mask if sft.assistant_only_loss else [1] * len(ids)
+        rows.append({"messages": messages, "input_ids": ids, "assistant_masks": mask})
+    report = {"read": len(data), "kept": len(rows), "skipped": skipped, "truncated": truncated}
+    for reason, count in skipped.items():
+        logger.warning("sft: skipped %d conversation(s): %s", count, reason)
+    if truncated:
+        logger.warning("sft: cut %d conversation(s) at sft.max_seq_len=%d", truncated, max_seq_len)
+    if not rows:
+        raise UserError(
+            f"sft: no conversation left after rendering with the chat template (skipped: {skipped}); "
+            "check the data's roles against the model's template, or raise sft.max_seq_len"
+        )
+    return Dataset.from_list(rows), report
 
 
 def to_trl_args(cfg: PipelineConfig, has_eval: bool) -> trl.SFTConfig:
@@ -262,9 +319,18 @@ def to_trl_args(cfg: PipelineConfig, has_eval: bool) -> trl.SFTConfig:
         dataloader_pin_memory=torch.cuda.is_available(),
         max_length=sft.max_seq_len,
         packing=sft.packing,
-        assistant_only_loss=sft.assistant_only_loss,
+        assistant_only_loss=False,  # the data carries its own assistant_masks (tokenize_conversations)
         disable_tqdm=True,
     )
+
+
+TOKENIZED = ["input_ids", "assistant_masks"]  # what the trainer reads of a tokenized conversation
+
+
+def _tokenized(data: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: PipelineConfig) -> Dataset:
+    if "input_ids" not in data.column_names:  # conversations not yet rendered (run() renders and counts them first)
+        data, _ = tokenize_conversations(data, tokenizer, cfg.sft)
+    return data.select_columns(TOKENIZED)
 
 
 def build_trainer(
@@ -273,8 +339,8 @@ def build_trainer(
     return trl.SFTTrainer(
         model=model,
         args=to_trl_args(cfg, held_out is not None),
-        train_dataset=train,
-        eval_dataset=held_out,
+        train_dataset=_tokenized(train, tokenizer, cfg),
+        eval_dataset=None if held_out is None else _tokenized(held_out, tokenizer, cfg),
         processing_class=tokenizer,
         callbacks=[trainer_checkpoint_callback(stage_dir(cfg, STAGE), cfg.sft.save_total_limit)],
     )
@@ -357,8 +423,13 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
         return done
     base = inputs["base"]
     logger.info("sft settings: %s", json.dumps(identity["settings"]))
+    check_model_source(base, what="sft.base")
+    check_context(sft.max_seq_len, base, "sft.max_seq_len")
     tokenizer, added = load_chat_tokenizer(base)
     train, held_out, data_report = load_data(cfg, tokenizer)
+    train, data_report["train_tokens"] = tokenize_conversations(train, tokenizer, sft)
+    if held_out is not None:
+        held_out, data_report["eval_tokens"] = tokenize_conversations(held_out, tokenizer, sft)
     model = build_model(cfg, base, tokenizer, added, train)
     logger.info("sft data: %d training and %d held-out conversations", len(train), len(held_out or []))
     task = load_task_eval(cfg, held_out)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from pipeline.data.records import BadRecord
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -77,34 +79,151 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
         ) from None
 
 
-def prepare_chat_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Give a pretrained tokenizer what the chat stages need; return the tokens it added.
+def prepare_chat_tokenizer(tokenizer: PreTrainedTokenizerBase, generation_config: Any = None) -> list[str]:
+    """Give a pretrained tokenizer what the chat stages need, keeping its own chat template; return the tokens added.
 
-    A tokenizer without a chat template gets the project's (and its role tokens); one without EOS gets
-    `<|endoftext|>`; a missing pad token, or a pad equal to EOS, gets a distinct `<|pad|>`. When tokens were added
-    the caller must resize the embeddings and train or save them (LoRA `modules_to_save`).
+    - A tokenizer with a chat template keeps it (assistant spans are then found by `render_with_masks`, with or
+      without `{% generation %}` markers). One without gets the project's template and its role tokens.
+    - One without EOS gets `<|endoftext|>`.
+    - A missing pad, or a pad that is an end id (Qwen's `<|endoftext|>`, Phi-3's, GPT-2's), becomes an unused special
+      token the tokenizer already has (`pad_candidate`: Qwen's `<|fim_pad|>`, Llama 3.1's
+      `<|finetune_right_pad_id|>`, Mistral's `[control_8]`, Phi-3's `<|placeholder1|>`); `<|pad|>` is added only when
+      none fits (`generation_config`, the model's, adds its end ids to those a pad must not be). The log says which
+      and why. When tokens were added the caller must resize the embeddings and train
+      or save them (LoRA `modules_to_save`).
     """
     added: list[str] = []
     if tokenizer.eos_token is None:
         tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
         added.append(EOS_TOKEN)
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        added.append(PAD_TOKEN)
     if not tokenizer.chat_template:
         missing = [t for t in ROLE_TOKENS.values() if t not in tokenizer.get_vocab()]
         if missing:
             tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
             added.extend(missing)
         tokenizer.chat_template = CHAT_TEMPLATE
-    elif "{% generation %}" not in tokenizer.chat_template and "{%- generation %}" not in tokenizer.chat_template:
-        logger.warning(
-            "the tokenizer's chat template has no {%% generation %%} markers; assistant-only loss needs them, "
-            "so the project's template replaces it"
-        )
-        missing = [t for t in ROLE_TOKENS.values() if t not in tokenizer.get_vocab()]
-        if missing:
-            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-            added.extend(missing)
-        tokenizer.chat_template = CHAT_TEMPLATE
+        logger.info("the tokenizer has no chat template: using the project's (pipeline/tokenizer.py)")
+    ends = end_ids(tokenizer, generation_config)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in ends:
+        why = "has none" if tokenizer.pad_token_id is None else f"its pad {tokenizer.pad_token!r} is an end id"
+        candidate = pad_candidate(tokenizer, ends)
+        if candidate is None:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+            added.append(PAD_TOKEN)
+            logger.info("pad token: the tokenizer %s and no unused special token fits, so %s is added", why, PAD_TOKEN)
+        else:
+            tokenizer.pad_token = candidate
+            logger.info(
+                "pad token: the tokenizer %s; using its unused special token %r (no new token)", why, candidate
+            )
     return added
+
+
+# Names of special tokens that a tokenizer keeps unused (padding first, then reserved slots).
+_PAD_HINTS = ("pad", "reserved", "placeholder", "unused", "control")
+
+
+def pad_candidate(tokenizer: PreTrainedTokenizerBase, ends: list[int]) -> str | None:
+    """An existing special token fit for padding: not one of `ends`, not BOS/UNK/EOS, not in the chat template."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    taken = set(ends) | {tokenizer.bos_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id}
+    specials = [
+        (i, t.content) for i, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special and i not in taken
+    ]
+    for hint in _PAD_HINTS:
+        for _, token in specials:
+            if hint in token.lower() and token not in template:
+                return token
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# End ids and assistant spans, read off the tokenizer's own chat template
+
+_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Probe reply"}]
+
+
+def turn_end_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The special token the chat template puts right after an assistant turn's text (`<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`, `</s>`, `<|end|>`); None when the template ends a turn with plain text or cannot be probed."""
+    if not tokenizer.chat_template:
+        return None
+    try:
+        text = tokenizer.apply_chat_template(_PROBE, tokenize=False)
+    except Exception:  # a template that cannot render a plain exchange is reported where it is used
+        return None
+    tail = text[text.rfind(_PROBE[1]["content"]) + len(_PROBE[1]["content"]) :].lstrip()
+    specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    return next((t for t in specials if tail.startswith(t)), None)
+
+
+def end_ids(tokenizer: PreTrainedTokenizerBase, model: Any = None) -> list[int]:
+    """Every id that ends a response: EOS, the template's end-of-turn token, and the generation_config's
+    `eos_token_id` of `model` (a model or a GenerationConfig; an int or a list: Llama 3 ends on <|eot_id|> and <|end_of_text|>, Qwen on <|im_end|> and
+    <|endoftext|>, Gemma on <eos> and <end_of_turn>). EOS first."""
+    ids: list[int] = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    turn = turn_end_token(tokenizer)
+    if turn is not None:
+        ids.append(tokenizer.convert_tokens_to_ids(turn))
+    config = getattr(model, "generation_config", model)
+    configured = getattr(config, "eos_token_id", None)
+    ids += [configured] if isinstance(configured, int) else list(configured or [])
+    return list(dict.fromkeys(ids))
+
+
+def render_with_masks(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
+) -> tuple[list[int], list[int]]:
+    """Token ids of the conversation as the tokenizer's own template renders it, and a mask of its assistant spans.
+
+    No `{% generation %}` markers are needed: the conversation up to each assistant turn, rendered with the generation
+    prompt, must be a prefix of the whole rendering (templates that rewrite earlier turns once later ones exist fail
+    here); the turn's span then runs from there through its text to the first end id after it (`end_ids`), which is
+    labelled too (the model must learn to stop). What a template adds inside the span (Qwen3's empty
+    `<think>\n\n</think>\n\n` on the last turn) is labelled as the template renders it.
+
+    Raises `BadRecord` (a named skip) when the template raises (Gemma 2: no system role), a prefix does not extend
+    to the next one, the assistant text is not where the template should put it (Qwen3 drops `<think>` of earlier
+    turns), no end id follows it, or a token straddles the span's start.
+    """
+    try:
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        starts = [
+            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else None
+            for i, m in enumerate(messages)
+            if m["role"] == "assistant"
+        ]
+    except Exception as exc:  # jinja's TemplateError, or a template's raise_exception with any message
+        raise BadRecord("unrenderable by the chat template", str(exc).splitlines()[0][:120]) from None
+    if starts and starts[0] is None:
+        raise BadRecord("assistant turn first", "the chat template needs a user turn before the first assistant turn")
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    ends = set(end_ids(tokenizer))
+    mask = [0] * len(ids)
+    turns = [m for m in messages if m["role"] == "assistant"]
+    previous = 0
+    for n, (prefix, turn) in enumerate(zip(starts, turns, strict=True)):
+        if not full.startswith(prefix) or len(prefix) < previous:
+            raise BadRecord(
+                "template rewrites earlier turns",
+                f"the rendering up to assistant turn {n + 1} is not a prefix of the whole conversation's",
+            )
+        start = len(prefix)
+        limit = len(starts[n + 1]) if n + 1 < len(starts) else len(full)
+        text = turn["content"].strip()
+        found = full.find(text, start, limit)
+        if found < 0:
+            raise BadRecord(
+                "template rewrites the assistant text",
+                f"assistant turn {n + 1} is not rendered as written (e.g. a <think> block dropped from history)",
+            )
+        first = next((k for k, (a, _) in enumerate(offsets) if a >= start), len(ids))
+        if first < len(ids) and first > 0 and offsets[first - 1][1] > start:
+            raise BadRecord("token straddles a turn boundary", f"assistant turn {n + 1} starts inside a token")
+        stop = next((k for k in range(first, len(ids)) if offsets[k][0] >= found + len(text) and ids[k] in ends), None)
+        if stop is None or offsets[stop][0] >= limit:
+            raise BadRecord("no end of turn", f"no end id follows assistant turn {n + 1} in the rendering")
+        mask[first : stop + 1] = [1] * (stop + 1 - first)
+        previous = start
+    return ids, mask

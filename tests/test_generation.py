@@ -154,3 +154,11 @@ def test_logprobs_and_entropy_by_hand_in_chunks_of_rows(monkeypatch):
     # temperature 2 on (0, ln 2, ln 3): softmax (1, sqrt 2, sqrt 3) / (1 + sqrt 2 + sqrt 3), token 2
     lp2 = logprobs_from_logits(logits.detach()[:, 1:], tokens[:, 1:], temperature=2.0)
     assert torch.allclose(lp2, torch.tensor([[math.log(math.sqrt(3) / (1 + math.sqrt(2) + math.sqrt(3)))]]))
+
+
+def test_mask_after_eos_ends_at_the_first_end_id_of_any_kind():
+    """Several end ids (Llama 3's <|eot_id|> and <|end_of_text|>): each row ends at whichever comes first."""
+    ids = torch.tensor([[5, 9, 7, 2], [5, 6, 2, 9], [5, 6, 7, 8]])
+    mask, ended = mask_after_eos(ids, [2, 9])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert ended.tolist() == [True, True, False]

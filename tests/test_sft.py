@@ -90,6 +90,7 @@ def overrides(root, run_dir, *extra):
         "sft.logging_steps=1",
         "sft.qa_max_new_tokens=8",
         "sft.eval_share=0.125",
+        "sft.max_seq_len=128",  # the tiny base's context
         *extra,
     ]
 

@@ -92,22 +92,27 @@ def _bare_tokenizer(**special: str) -> PreTrainedTokenizerFast:
 def test_prepare_chat_tokenizer_adds_what_is_missing():
     bare = _bare_tokenizer()
     added = prepare_chat_tokenizer(bare)
-    assert added == [EOS_TOKEN, PAD_TOKEN, *ROLE_TOKENS.values()]
+    assert added == [EOS_TOKEN, *ROLE_TOKENS.values(), PAD_TOKEN]
     assert bare.chat_template == CHAT_TEMPLATE
     assert bare.pad_token_id != bare.eos_token_id
     assert len(bare) == 3 + len(added)
 
     same_pad = _bare_tokenizer(eos_token="</s>", pad_token="</s>")
-    assert prepare_chat_tokenizer(same_pad) == [PAD_TOKEN, *ROLE_TOKENS.values()]
+    assert prepare_chat_tokenizer(same_pad) == [*ROLE_TOKENS.values(), PAD_TOKEN]
     assert same_pad.eos_token == "</s>" and same_pad.pad_token == PAD_TOKEN
 
 
-def test_template_without_generation_markers_is_replaced():
-    tok = _bare_tokenizer(eos_token="</s>", pad_token="[UNK]")
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    added = prepare_chat_tokenizer(tok)
-    assert added == list(ROLE_TOKENS.values())
-    assert tok.chat_template == CHAT_TEMPLATE
+def test_native_template_is_kept_and_an_unused_special_token_pads(caplog):
+    """A template without {% generation %} markers stays; a pad that is EOS becomes an unused special token."""
+    tok = _bare_tokenizer(eos_token="</s>", pad_token="</s>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|fim_pad|>", "<|turn|>"]})
+    template = "{% for m in messages %}<|turn|>{{ m['content'] }}</s>{% endfor %}"
+    tok.chat_template = template
+    with caplog.at_level("INFO", logger="pipeline.tokenizer"):
+        assert prepare_chat_tokenizer(tok) == []
+    assert tok.chat_template == template and tok.pad_token == "<|fim_pad|>" and len(tok) == 5
+    assert "unused special token '<|fim_pad|>'" in caplog.text
+    assert "%%" not in caplog.text
     ready = train_tokenizer(TINY_CORPUS, vocab_size=320)
     assert prepare_chat_tokenizer(ready) == []  # already has everything
 

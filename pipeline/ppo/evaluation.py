@@ -108,7 +108,7 @@ def _sample(
             roles.model,
             prompts.ids,
             sampling,
-            tok.eos_token_id,
+            roles.end_ids,
             tok.pad_token_id,
             batch,
             with_logprobs=adapter is not None,

@@ -41,7 +41,7 @@ from pipeline.data.prompts import prompt_text, read_prompts, split_prompts
 from pipeline.errors import UserError
 from pipeline.generation import SamplingArgs
 from pipeline.judge import NO_JUDGE, Judge, load_judge
-from pipeline.modeling import is_local_reference
+from pipeline.modeling import check_context, is_local_reference
 from pipeline.ppo.checkpoint import load_checkpoint, prune, rewrite_metrics, save_checkpoint, set_rng_state
 from pipeline.ppo.control import AdaptiveKLController, FixedKLController, build_kl_controller
 from pipeline.ppo.evaluation import best_policy, detect_overoptimisation, evaluate_policies
@@ -375,6 +375,7 @@ def run(cfg: PipelineConfig, rerun: bool = False, round_no: int = 1) -> Path:
     if done is not None:
         return done
 
+    check_context(pcfg.max_prompt_len + pcfg.max_new_tokens, inputs["base"], "ppo.max_prompt_len + ppo.max_new_tokens")
     seed = cfg.seed + pcfg.seed_offset
     torch.manual_seed(seed)  # the same fresh adapters on every process
     roles = build_roles(pcfg, inputs["base"], inputs["reward"], state.device)

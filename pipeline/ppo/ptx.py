@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.data.records import read_records
 from pipeline.errors import UserError
+from pipeline.modeling import lm_logits
 from pipeline.ppo.roles import POLICY, Roles, hidden_states, use_adapter
 
 
@@ -77,5 +78,5 @@ def pretraining_loss(roles: Roles, input_ids: torch.Tensor) -> torch.Tensor:
     mask = torch.ones_like(input_ids)
     with use_adapter(roles.model, POLICY):
         states = hidden_states(roles.model, input_ids, mask)[:, :-1]
-        logits = roles.model.get_base_model().get_output_embeddings()(states).float()
+        logits = lm_logits(roles.model.get_base_model(), states).float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))

@@ -38,12 +38,13 @@ from pipeline.modeling import (
     WEIGHT_FILES,
     build_lora_config,
     encode_reward_input,
+    lm_logits,
     load_base_model,
     load_reward_model,
     reward_scores,
     right_pad,
 )
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import end_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +57,16 @@ HEAD_MODULES = ("score", "classifier")  # where peft's SEQ_CLS task keeps the sc
 
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, what: str) -> None:
-    """PPO needs an EOS token to end responses and a pad token distinct from it (else ended responses look cut)."""
+    """PPO needs an EOS token to end responses and a pad token that is no end id (else ended responses look cut)."""
     if tokenizer.eos_token_id is None:
         raise UserError(f"{what}: the tokenizer has no EOS token, so responses never end; give it one (eos_token)")
     if tokenizer.pad_token_id is None:
         raise UserError(
             f"{what}: the tokenizer has no pad token; add a distinct one (pipeline.tokenizer.prepare_chat_tokenizer)"
         )
-    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+    if tokenizer.pad_token_id in end_ids(tokenizer):
         raise UserError(
-            f"{what}: the pad token is the EOS token ({tokenizer.eos_token!r}), so masking padding would also hide "
+            f"{what}: the pad token {tokenizer.pad_token!r} is an end id, so masking padding would also hide "
             "every real EOS and finished responses would look cut off; give the tokenizer a distinct pad token"
         )
 
@@ -301,7 +302,7 @@ def response_logprobs(
     matmul per prompt token.
     """
     states = hidden_states(model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
-    logits = model.get_base_model().get_output_embeddings()(states)
+    logits = lm_logits(model.get_base_model(), states)  # with the family's soft-cap / logit scale, as generate
     tokens = input_ids[:, prompt_len:]
     logprobs = logprobs_from_logits(logits, tokens, temperature)
     entropy = entropy_from_logits(logits, temperature) if with_entropy else None
@@ -378,6 +379,7 @@ class Roles:
     reward: SharedReward | SeparateReward
     base_path: str
     reward_stats: dict[str, float] | None
+    end_ids: list[int]  # every id that ends a response (EOS, the template's end of turn, generation_config's)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Policy adapter, value adapter and value head, in a fixed order (the optimiser's and the checkpoint's)."""
@@ -480,7 +482,13 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
         _keep_trainable(part)
         part.eval()  # peft builds its wrappers in training mode
     activate_adapter(model, POLICY)
-    return Roles(model, tokenizer, critic, value_head, reward, base_path, read_reward_stats(reward_path))
+    ends = end_ids(tokenizer, base)
+    if tokenizer.pad_token_id in ends:
+        raise UserError(
+            f"ppo.policy_base {base_path}: the pad token {tokenizer.pad_token!r} is one of its end ids {ends}"
+        )
+    logger.info("ppo: responses end at any of the ids %s", ends)
+    return Roles(model, tokenizer, critic, value_head, reward, base_path, read_reward_stats(reward_path), ends)
 
 
 def reward_max_len(pcfg: PPOConfig, reward_path: str) -> int:

@@ -173,7 +173,7 @@ def collect_rollout(
         roles.generation_model(),
         [prompts.ids[i] for i in indices],
         sampling,
-        tokenizer.eos_token_id,
+        roles.end_ids,
         tokenizer.pad_token_id,
         pcfg.generation_batch_size,
         with_logprobs=from_generation,

@@ -65,7 +65,11 @@ def encode_rankings(records: list[Ranking], tokenizer: Any, rcfg: RewardConfig) 
     for r in records:
         ids = encode_reward_inputs(tokenizer, r.prompt, r.responses, rcfg.max_seq_len)
         row = {"input_ids": ids, "tiers": tier_of(r.tiers), "margin": rcfg.margin + r.margin}
-        rows.append({**row, "length": max(len(x) for x in ids)})  # batches of similar lengths pad less
+        cut = 0
+        if any(len(x) == rcfg.max_seq_len for x in ids):  # maybe cut: compare with the uncut lengths
+            full = encode_reward_inputs(tokenizer, r.prompt, r.responses, 1 << 30)
+            cut = sum(len(f) > len(x) for f, x in zip(full, ids, strict=True))
+        rows.append({**row, "length": max(len(x) for x in ids), "truncated": cut})  # similar lengths pad less
     return rows
 
 

@@ -14,6 +14,7 @@ std of rewards on the SFT policy's responses, for PPO's reward normalisation), `
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from pipeline.checkpoints import (
 )
 from pipeline.config import PipelineConfig
 from pipeline.errors import UserError
-from pipeline.modeling import build_scalar_model, default_dtype
+from pipeline.modeling import build_scalar_model, check_context, default_dtype
 from pipeline.preemption import raise_if_preempted
 from pipeline.reward.data import (
     SPLITS,
@@ -159,11 +160,18 @@ def run(cfg: PipelineConfig, rerun: bool = False, round_no: int = 1) -> Path:
     if done is not None:
         return done
     base = inputs["base"]
+    fitted = check_context(rcfg.max_seq_len, base, "reward.max_seq_len", clamp=True)
+    if fitted != rcfg.max_seq_len:  # a copy: the stage's identity keeps the recipe's value
+        cfg = dataclasses.replace(cfg, reward=dataclasses.replace(rcfg, max_seq_len=fitted))
+        rcfg = cfg.reward
     data_summary = on_main(lambda: prepare_comparisons(cfg, base, round_no))
     splits = {name: read_split(cfg, name, stage) for name in SPLITS}
     tokenizer = load_tokenizer(base)
     prepare_chat_tokenizer(tokenizer)
     train = encode_rankings(splits["train"], tokenizer, rcfg)
+    data_summary["truncated_responses"] = sum(row["truncated"] for row in train)  # cut at reward.max_seq_len
+    if data_summary["truncated_responses"]:
+        logger.warning("reward: %d training responses cut at reward.max_seq_len", data_summary["truncated_responses"])
     if rcfg.tie_model == "none":  # a prompt whose responses are all tied has no pair to learn from
         train = [row for row in train if len(set(row["tiers"])) > 1]
     if not train:
