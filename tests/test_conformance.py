@@ -26,6 +26,7 @@ RESULTS: dict[tuple[str, str], str] = {}
 FIGURES: dict[str, dict[str, float]] = {}  # family -> measured figures for the second table
 CHECKS = {
     "template": "template after SFT (adapter, merged, PPO, chat) equals the original",
+    "pad": "pad = an unused special token of the family (no new token but GPT-2's), never an end id",
     "bos": "one BOS where the family has one (none doubled)",
     "labels": "labels = assistant texts + end token, nothing else",
     "skips": "a record the template cannot render / an over-long one: named skip / cut, counted",
@@ -265,6 +266,32 @@ def test_template_after_sft_equals_the_original(chain, name):
             assert load_tokenizer(where).chat_template == expected, where
         _, tokenizer, _ = load_chat_model(run["ppo"])
         assert tokenizer.chat_template == expected
+
+
+PADS = {
+    "llama3.1": "<|finetune_right_pad_id|>",
+    "qwen2.5": "<|vision_pad|>",  # its own pad <|endoftext|> is one of its end ids
+    "qwen3": "<|vision_pad|>",
+    "gemma2": "<pad>",
+    "gemma3": "<pad>",
+    "mistral-v0.3": "[control_8]",
+    "phi3-mini": "<|placeholder1|>",  # its own pad <|endoftext|> is its EOS
+    "gpt2": "<|pad|>",  # nothing fits: added, with the project's role tokens (GPT-2 has no template)
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pad_is_an_unused_special_token_and_nothing_is_added(chain, name):
+    from pipeline.tokenizer import load_tokenizer
+
+    with _record(name, "pad"):
+        run = chain(name)
+        metrics = json.loads((run["sft"] / "stage.json").read_text())["metrics"]
+        tokenizer = load_tokenizer(run["sft"] / "merged")
+        assert tokenizer.pad_token == PADS[name]
+        assert metrics["tokens_added"] is (name == "gpt2")
+        ends = tokenizer.convert_tokens_to_ids(run["family"].end_tokens)
+        assert tokenizer.pad_token_id not in ends and tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
 @pytest.mark.parametrize("name", NAMES)
