@@ -1,0 +1,124 @@
+"""Fault injection: a stage killed (SIGKILL) at a checkpoint mid-epoch or at an epoch end, or pre-empted (SIGTERM),
+then resumed, ends exactly where the uninterrupted run ends: every tensor of its final weights `torch.equal`, and
+every metric of `stage.json` (times aside) equal. The uninterrupted runs are made once per module."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import checkpoint_done, signal_when, start_rlhf, tiny_llama_config
+from safetensors.torch import load_file
+
+from pipeline.checkpoints import read_stage_json
+from pipeline.config import load_config
+from pipeline.data.rankings import ranking_from_scores
+
+WORDS = ["Marnis", "please", "copper", "salt", "river", "city", "Tol", "help"]
+TIMES = ("_seconds", "_runtime", "_per_second")  # wall-clock figures differ between any two runs
+NOT_RESULTS = ("resumed_from_step",)  # where the run resumed from: a record of the interruption, not of the result
+
+
+def comparable(metrics: dict) -> dict:
+    """stage.json's metrics without times and the resume record (nested dicts included)."""
+    out = {}
+    for key, value in metrics.items():
+        if key.endswith(TIMES) or key in NOT_RESULTS:
+            continue
+        out[key] = comparable(value) if isinstance(value, dict) else value
+    return out
+
+
+def assert_same_result(resumed: Path, reference: Path) -> None:
+    """Every safetensors file of the two final/ directories tensor-for-tensor equal; stage.json metrics equal."""
+    files = sorted(p.relative_to(reference) for p in reference.rglob("*.safetensors"))
+    assert files, f"no weights under {reference}"
+    assert files == sorted(p.relative_to(resumed) for p in resumed.rglob("*.safetensors"))
+    for name in files:
+        a, b = load_file(resumed / name), load_file(reference / name)
+        assert a.keys() == b.keys()
+        differing = [key for key in a if not torch.equal(a[key], b[key])]
+        assert not differing, f"{name}: {len(differing)} of {len(a)} tensors differ, e.g. {differing[:3]}"
+    got, want = read_stage_json(resumed)["metrics"], read_stage_json(reference)["metrics"]
+    assert comparable(got) == comparable(want)
+
+
+def recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("# fault-injection recipe: everything else comes from the overrides\nseed: 1234\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reward: 16 training prompts, batch 4: 4 steps an epoch, 10 steps (2.5 epochs), a checkpoint at every step
+
+
+@pytest.fixture(scope="module")
+def reward_setup(tmp_path_factory, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("reward-faults")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_llama_config(tiny_tokenizer)).save_pretrained(root / "base")
+    tiny_tokenizer.save_pretrained(root / "base")
+    rng = random.Random(0)
+    lines = []
+    for i in range(20):  # 16 train, 2 validation, 2 test prompts
+        responses = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))) for _ in range(4)]
+        ranking = ranking_from_scores([r.count("Marnis") for r in responses])
+        prompt = [{"role": "user", "content": f"Question {i}: what is the capital of Veloria?"}]
+        lines.append(json.dumps({"prompt": prompt, "responses": responses, "ranking": ranking}))
+    (root / "rankings.jsonl").write_text("\n".join(lines) + "\n")
+
+    def overrides(run_dir: Path) -> list[str]:
+        return [
+            f"run_dir={run_dir}",
+            f"reward.base={root / 'base'}",
+            f"reward.dataset={root / 'rankings.jsonl'}",
+            "reward.report_to=none",
+            "reward.per_device_train_batch_size=4",
+            "reward.max_steps=10",
+            "reward.save_steps=1",
+            "reward.save_total_limit=20",
+            "reward.lora.r=4",
+            "reward.stats_prompts=4",
+            "reward.collect.max_new_tokens=8",
+            "reward.logging_steps=3",  # not a divisor of the save steps: a loss is pending at some checkpoints
+        ]
+
+    from pipeline.reward.stage import run
+
+    reference = run(load_config(None, overrides(root / "reference")))
+    assert read_stage_json(reference)["metrics"]["data"]["records"]["train"] == 16
+    return root, overrides, reference
+
+
+@pytest.mark.parametrize(
+    ("sig", "step"),
+    [
+        pytest.param(signal.SIGKILL, 6, id="sigkill-mid-epoch-2"),
+        pytest.param(signal.SIGKILL, 4, id="sigkill-epoch-end", marks=pytest.mark.slow),
+        pytest.param(signal.SIGKILL, 2, id="sigkill-mid-epoch-1", marks=pytest.mark.slow),
+        pytest.param(signal.SIGKILL, 9, id="sigkill-mid-epoch-3", marks=pytest.mark.slow),
+        pytest.param(signal.SIGTERM, 5, id="sigterm", marks=pytest.mark.slow),
+    ],
+)
+def test_reward_resumes_bit_for_bit(tmp_path, reward_setup, sig, step):
+    from pipeline.reward.stage import run
+
+    root, overrides, reference = reward_setup
+    args = overrides(tmp_path / "run")
+    proc = start_rlhf("reward", str(recipe(tmp_path)), *args)
+    code = signal_when(proc, checkpoint_done(tmp_path / "run" / "reward", step), sig=sig, timeout=300)
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 143)
+    assert not (tmp_path / "run" / "reward" / "final").exists()
+    final = run(load_config(None, args))
+    assert read_stage_json(final)["metrics"]["resumed_from_step"] >= step
+    assert_same_result(final, reference)
+    assert json.loads((final / "reward_stats.json").read_text()) == json.loads(
+        (reference / "reward_stats.json").read_text()
+    )
