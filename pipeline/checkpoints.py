@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -207,10 +208,46 @@ def list_checkpoints(sdir: Path) -> list[Path]:
 
 
 def newest_checkpoint(sdir: Path) -> Path | None:
-    """The newest complete `checkpoint-N/` (incomplete ones, e.g. from a crash during a save, are skipped)."""
-    checkpoints = list_checkpoints(sdir)
-    if checkpoints:
-        return checkpoints[-1]
+    """The newest complete `checkpoint-N/` whose files load (incomplete ones, e.g. from a crash during a save, are
+    skipped; a damaged one, e.g. a safetensors file cut short by a full disk or a copy, is skipped with one warning
+    naming it: resume falls back to the checkpoint before it)."""
+    for path in reversed(list_checkpoints(sdir)):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            return path
+        if path not in _warned_damaged:
+            _warned_damaged.add(path)
+            logger.warning("%s is damaged (%s); resuming from the checkpoint before it", path, damage)
+    return None
+
+
+_warned_damaged: set[Path] = set()
+
+
+def checkpoint_damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint's files (None when every one is whole), read without loading a tensor:
+    a safetensors file must be as long as its header says, a torch file a readable zip, a JSON file valid JSON."""
+    for file in sorted(path.rglob("*")):
+        if not file.is_file():
+            continue
+        try:
+            if file.suffix == ".safetensors":
+                with file.open("rb") as f:
+                    head = f.read(8)
+                    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                    header = json.loads(f.read(n)) if 0 < n <= file.stat().st_size else None
+                if header is None:
+                    return f"{file.name} has no complete header"
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                if file.stat().st_size != 8 + n + end:
+                    return f"{file.name} is {file.stat().st_size} bytes, its header says {8 + n + end}"
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(file) as archive:
+                    archive.infolist()
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+        except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as exc:
+            return f"{file.name} does not load: {type(exc).__name__}"
     return None
 
 
