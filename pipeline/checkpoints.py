@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig, hash_settings, stage_settings
+from pipeline.config import PipelineConfig, hash_settings, save_config, stage_settings
 from pipeline.errors import UserError
 from pipeline.tracking import git_commit, hardware, on_main, package_versions
 
@@ -153,8 +153,23 @@ def prepare_stage(cfg: PipelineConfig, stage: str, identity: dict[str, Any], rer
         elif rerun:
             _move_aside(sdir)
     sdir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.run_path / "config.yaml")  # only now that the command goes ahead (a refusal leaves it)
     write_json_atomic(sdir / "identity.json", identity)
     return None
+
+
+@contextlib.contextmanager
+def identity_withdrawn_on_error(cfg: PipelineConfig, stage: str) -> Iterator[None]:
+    """A stage that stops on a user error (a bad input found while reading it) before its first checkpoint leaves no
+    identity behind: the corrected command then starts afresh instead of being refused as 'other settings'."""
+    path = stage_dir(cfg, stage) / "identity.json"
+    before = path.read_bytes() if path.is_file() else None
+    try:
+        yield
+    except UserError:
+        if before is None and path.is_file() and newest_checkpoint(stage_dir(cfg, stage)) is None:
+            path.unlink()
+        raise
 
 
 def begin_stage(

@@ -122,3 +122,27 @@ def test_reward_resumes_bit_for_bit(tmp_path, reward_setup, sig, step):
     assert json.loads((final / "reward_stats.json").read_text()) == json.loads(
         (reference / "reward_stats.json").read_text()
     )
+
+
+def test_reward_resume_falls_back_past_a_truncated_checkpoint(tmp_path, reward_setup, caplog):
+    """The newest checkpoint's adapter cut short (a full disk, a copy): resume warns once naming it, resumes from the
+    one before, and still ends bit for bit where the uninterrupted run ends."""
+    from pipeline.reward.stage import run
+
+    root, overrides, reference = reward_setup
+    args = overrides(tmp_path / "run")
+    proc = start_rlhf("reward", str(recipe(tmp_path)), *args)
+    sdir = tmp_path / "run" / "reward"
+    assert signal_when(proc, checkpoint_done(sdir, 7), timeout=300) == -signal.SIGKILL
+    newest = max(
+        (p for p in sdir.glob("checkpoint-*") if (p / "checkpoint.done").is_file()), key=lambda p: p.stat().st_mtime
+    )
+    weights = newest / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        final = run(load_config(None, args))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "damaged" in r.getMessage()]
+    assert len(warnings) == 1 and str(newest) in warnings[0] and "adapter_model.safetensors" in warnings[0]
+    step = int(newest.name.split("-")[1])
+    assert read_stage_json(final)["metrics"]["resumed_from_step"] == step - 1
+    assert_same_result(final, reference)
