@@ -30,6 +30,7 @@ import yaml
 
 from pipeline.checkpoints import (
     final_dir,
+    identity_withdrawn_on_error,
     is_finished,
     metric,
     newest_checkpoint,
@@ -39,7 +40,7 @@ from pipeline.checkpoints import (
     stage_seconds,
     write_json_atomic,
 )
-from pipeline.config import PipelineConfig, build_config, save_config
+from pipeline.config import PipelineConfig, build_config
 from pipeline.errors import UserError
 from pipeline.preemption import Preempted, install_preemption_handler, preemption_signalled
 from pipeline.stages import STAGES, check_stage, pipeline_stages, round_arguments, split_stage, stage_module
@@ -108,7 +109,8 @@ def run_pipeline(
             final = final_dir(cfg, stage)
         else:
             _reset_cuda_peak()
-            final = stage_module(stage).run(cfg, rerun=force, **round_arguments(stage))
+            with identity_withdrawn_on_error(cfg, stage):
+                final = stage_module(stage).run(cfg, rerun=force, **round_arguments(stage))
         summary[stage] = {"action": action, "seconds": round(time.time() - start, 1), "final": str(final)}
         upstream_ran = True
     _record(cfg, summary)
@@ -202,9 +204,8 @@ def plan_run(cfg: PipelineConfig, stages: list[str]) -> list[tuple[str, str, dic
 
 
 def start_command(cfg: PipelineConfig) -> None:
-    """What a command that goes ahead does first: record the resolved config, and save on pre-emption signals."""
-    if is_main_process():
-        save_config(cfg, cfg.run_path / "config.yaml")
+    """What a command does first: save on pre-emption signals. (The resolved config is recorded by the first stage
+    that goes ahead, so a refused command leaves run_dir/config.yaml as it was.)"""
     install_preemption_handler()
 
 
@@ -219,7 +220,8 @@ def plan_stage(cfg: PipelineConfig, stage: str) -> tuple[str, dict[str, str], Pa
 def run_stage(cfg: PipelineConfig, stage: str, rerun: bool = False) -> Path:
     """Run one stage (skipped when finished with the same settings); its `final/`."""
     start_command(cfg)
-    return stage_module(stage).run(cfg, rerun=rerun, **round_arguments(stage))
+    with identity_withdrawn_on_error(cfg, stage):
+        return stage_module(stage).run(cfg, rerun=rerun, **round_arguments(stage))
 
 
 def load_run_dir(run_dir: str | Path) -> PipelineConfig:
