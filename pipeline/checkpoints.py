@@ -58,7 +58,13 @@ def read_stage_json(path: Path) -> dict[str, Any]:
     file = path / STAGE_JSON
     if not file.is_file():
         raise UserError(f"{path} is not a finished stage (no {STAGE_JSON}); run that stage first")
-    return json.loads(file.read_text())
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # cut short by a crash, a full disk or a copy
+        raise UserError(
+            f"{file} is damaged ({type(exc).__name__} at byte {getattr(exc, 'pos', getattr(exc, 'start', 0))}); "
+            f"restore it, or run the stage again with --rerun"
+        ) from None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

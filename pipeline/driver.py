@@ -197,10 +197,37 @@ def status_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
 def plan_run(cfg: PipelineConfig, stages: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
     """(stage, state, inputs) of each stage `rlhf run --dry-run` would visit."""
     rows = []
-    for stage in stages:
+    for position, stage in enumerate(stages):
         state, identity = stage_state(cfg, stage)
-        rows.append((stage, state, {k: v["path"] for k, v in identity["inputs"].items()}))
+        inputs = {k: v["path"] for k, v in identity["inputs"].items()}
+        check_inputs_exist(cfg, stage, inputs, made_before=stages[:position])
+        rows.append((stage, state, inputs))
     return rows
+
+
+_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".gz", ".warc", ".yaml")
+
+
+def check_inputs_exist(cfg: PipelineConfig, stage: str, inputs: dict[str, Any], made_before: list[str]) -> None:
+    """For --dry-run: every local input of `stage` exists, or is the result of a stage planned before it (a Hub id or
+    'demo' is not checked). A missing one is a one-line error naming it and what makes it."""
+    run = cfg.run_path.resolve()
+    for name, value in inputs.items():
+        if not isinstance(value, str) or not value or Path(value).exists():
+            continue
+        path = Path(value).expanduser().resolve()
+        if path.is_relative_to(run):
+            maker = path.relative_to(run).parts[0]
+            if maker not in pipeline_stages(cfg.rounds) or path == run / maker:
+                continue  # something the stage makes itself (the demo world, its own folders)
+            if maker in made_before:
+                continue
+            raise UserError(
+                f"{stage}: input '{name}' does not exist yet: {value} (run stage '{maker}' first, or name an existing "
+                f"one in the recipe)"
+            )
+        if Path(value).is_absolute() or value.startswith((".", "~")) or value.endswith(_LOCAL_SUFFIXES):
+            raise UserError(f"{stage}: input '{name}' not found: {value} (fix the path in the recipe)")
 
 
 def start_command(cfg: PipelineConfig) -> None:
@@ -212,6 +239,7 @@ def start_command(cfg: PipelineConfig) -> None:
 def plan_stage(cfg: PipelineConfig, stage: str) -> tuple[str, dict[str, str], Path]:
     """(state, inputs, final path) of one stage, for `rlhf <stage> --dry-run`."""
     inputs = stage_module(stage).resolve_inputs(cfg, **round_arguments(stage))
+    check_inputs_exist(cfg, stage, {k: str(v) for k, v in inputs.items()}, made_before=[])
     final = final_dir(cfg, stage)
     state = "finished" if is_finished(final) else "resumable" if newest_checkpoint(stage_dir(cfg, stage)) else "new"
     return state, inputs, final
