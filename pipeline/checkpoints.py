@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig, hash_settings, save_config, stage_settings
-from pipeline.errors import UserError
+from pipeline.errors import UserError, note_output_dir
 from pipeline.tracking import git_commit, hardware, on_main, package_versions
 
 logger = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ def prepare_stage(cfg: PipelineConfig, stage: str, identity: dict[str, Any], rer
     moved aside to `<stage>.replaced-<time>/`, never deleted.
     """
     sdir, final = stage_dir(cfg, stage), final_dir(cfg, stage)
+    note_output_dir(sdir)
     if is_finished(final):
         old = read_stage_json(final)
         if old.get("config_hash") == identity["config_hash"] and not rerun:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline import driver
 from pipeline.config import load_config
-from pipeline.errors import UserError
+from pipeline.errors import UserError, environment_error
 from pipeline.preemption import Preempted, children_die_with_parent
 from pipeline.stages import REGISTRY, ROUNDED, STAGES, split_stage, stage_name
 from pipeline.tracking import is_main_process, setup_logging
@@ -222,3 +222,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except (OSError, RuntimeError) as exc:  # a full disk or a read-only run directory: one line naming the path
+        message = environment_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
