@@ -67,6 +67,13 @@ def read_stage_json(path: Path) -> dict[str, Any]:
         ) from None
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see either the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that readers see either the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -167,15 +174,23 @@ def prepare_stage(cfg: PipelineConfig, stage: str, identity: dict[str, Any], rer
 
 @contextlib.contextmanager
 def identity_withdrawn_on_error(cfg: PipelineConfig, stage: str) -> Iterator[None]:
-    """A stage that stops on a user error (a bad input found while reading it) before its first checkpoint leaves no
-    identity behind: the corrected command then starts afresh instead of being refused as 'other settings'."""
-    path = stage_dir(cfg, stage) / "identity.json"
+    """A stage that stops on an error (a bad input found while reading it, a full disk) before its first checkpoint
+    leaves no identity behind, and run_dir/config.yaml as it was: the corrected command then starts afresh instead of
+    being refused as 'other settings', and `rlhf status` does not call finished stages 'changed'."""
+    path, config = stage_dir(cfg, stage) / "identity.json", cfg.run_path / "config.yaml"
     before = path.read_bytes() if path.is_file() else None
+    config_before = config.read_bytes() if config.is_file() else None
     try:
         yield
-    except UserError:
-        if before is None and path.is_file() and newest_checkpoint(stage_dir(cfg, stage)) is None:
-            path.unlink()
+    except Exception:
+        if newest_checkpoint(stage_dir(cfg, stage)) is None:
+            with contextlib.suppress(OSError):  # a read-only or full disk may refuse this too; the error says so
+                if before is None and path.is_file():
+                    path.unlink()
+                if config_before is None and config.is_file():
+                    config.unlink()
+                elif config_before is not None and config.read_bytes() != config_before:
+                    write_bytes_atomic(config, config_before)
         raise
 
 

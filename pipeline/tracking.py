@@ -75,6 +75,7 @@ NOISE = (
     ("bitsandbytes", "kernels"),  # "Failed to load CPU gemm_4bit_forward from kernels-community": an optional speed-up
     ("trafilatura", "Document is empty"),  # lxml on a page with no markup; the page is dropped and counted anyway
     ("trafilatura", "empty HTML tree"),
+    ("datasets.packaged_modules", "Failed to load JSON"),  # our one-line error names the file and the cause
 )
 
 
