@@ -3,6 +3,7 @@ callback that completes, prunes and logs checkpoints, stops on pre-emption and r
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from pathlib import Path
@@ -69,6 +70,8 @@ def save_running_metrics(trainer: Any, checkpoint: Path) -> None:
     }
     if hasattr(trainer, "_total_train_tokens"):
         running["train_tokens"] = trainer._total_train_tokens
+    if isinstance(getattr(trainer, "_metrics", None), dict):  # trl's metrics gathered since the last log
+        running["trl_metrics"] = {mode: {k: list(v) for k, v in m.items()} for mode, m in trainer._metrics.items()}
     write_json_atomic(checkpoint / RUNNING.format(rank=trainer.args.process_index), running)
 
 
@@ -83,6 +86,8 @@ def restore_running_metrics(trainer: Any, running: dict[str, Any]) -> None:
     trainer._initial_global_step = 0  # train_loss = the sums / every step, not the resumed ones
     if "train_tokens" in running:
         trainer._total_train_tokens = running["train_tokens"]
+    for mode, values in running.get("trl_metrics", {}).items():
+        trainer._metrics[mode] = collections.defaultdict(list, values)
 
 
 def trainer_checkpoint_callback(sdir: Path, keep: int) -> Any:

@@ -27,7 +27,7 @@ def comparable(metrics: dict) -> dict:
     """stage.json's metrics without times and the resume record (nested dicts included)."""
     out = {}
     for key, value in metrics.items():
-        if key.endswith(TIMES) or key in NOT_RESULTS:
+        if key.endswith(TIMES) or key.startswith("time_") or key == "seconds" or key in NOT_RESULTS:
             continue
         out[key] = comparable(value) if isinstance(value, dict) else value
     return out
@@ -146,3 +146,69 @@ def test_reward_resume_falls_back_past_a_truncated_checkpoint(tmp_path, reward_s
     step = int(newest.name.split("-")[1])
     assert read_stage_json(final)["metrics"]["resumed_from_step"] == step - 1
     assert_same_result(final, reference)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every stage of `rlhf run` on the tiny demo world (tests/test_pipeline.py's settings): one run interrupted once in
+# each stage, in turn, resumed each time, against one uninterrupted run
+
+
+def _stage_files(final: Path) -> dict[str, bytes]:
+    """The files of a final/ other than weights and stage.json (data shards, tokenizer, stats), by relative path,
+    with the run directory's path (named in the stats) replaced."""
+    run_dir = str(final.parent.parent).encode()
+    return {
+        str(p.relative_to(final)): p.read_bytes().replace(run_dir, b"<run_dir>")
+        for p in sorted(final.rglob("*"))
+        if p.is_file() and p.suffix != ".safetensors" and p.name != "stage.json"
+    }
+
+
+def assert_same_stage(resumed: Path, reference: Path) -> None:
+    if any(reference.rglob("*.safetensors")):
+        assert_same_result(resumed, reference)
+    else:  # webtext: parquet shards and stats
+        got, want = read_stage_json(resumed)["metrics"], read_stage_json(reference)["metrics"]
+        assert comparable(got) == comparable(want)
+        assert _stage_files(resumed).keys() == _stage_files(reference).keys()
+        for name, data in _stage_files(reference).items():
+            assert _stage_files(resumed)[name] == data, name
+
+
+def _pipeline():
+    import test_pipeline
+
+    return test_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipeline_reference(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("pipeline-reference")
+    _pipeline().rlhf(tmp_path, "run")
+    return tmp_path / "run"
+
+
+def _webtext_shard_done(run: Path):
+    return lambda: any((run / "webtext" / "work" / "logs").glob("*/completions/*"))
+
+
+def test_every_stage_killed_in_turn_resumes_to_the_uninterrupted_result(tmp_path, pipeline_reference):
+    """SIGKILL after webtext's first finished shard, mid-pretraining (checkpoint 4 of 8), in SFT (SIGTERM after
+    checkpoint 2 of 4: pre-emption), in the reward stage (checkpoint 2 of 4) and in PPO (update 1 of 2); the same
+    command resumes each time; every stage's final/ is the uninterrupted run's."""
+    tp = _pipeline()
+    run = tmp_path / "run"
+    plan = [
+        ("webtext", _webtext_shard_done(run), signal.SIGKILL),
+        ("pretrain", checkpoint_done(run / "pretrain", 4), signal.SIGKILL),
+        ("sft", checkpoint_done(run / "sft", 2), signal.SIGTERM),
+        ("reward", checkpoint_done(run / "reward", 2), signal.SIGKILL),
+        ("ppo", checkpoint_done(run / "ppo", 1), signal.SIGKILL),
+    ]
+    for stage, ready, sig in plan:
+        code = signal_when(tp.start(tmp_path), ready, sig=sig, timeout=300)
+        assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 143), stage
+        assert not (run / stage / "final").exists(), f"{stage} finished before the signal"
+    tp.rlhf(tmp_path, "run")
+    for stage in tp.STAGES:
+        assert_same_stage(run / stage / "final", pipeline_reference / stage / "final")
