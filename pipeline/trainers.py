@@ -37,7 +37,12 @@ def train_from(trainer: Any, checkpoint: Path | None) -> Any:
             trainer.state = state
             restore_running_metrics(trainer, running)
             loss = (running.get("total_loss", 0.0) + running.get("tr_loss", 0.0)) / max(state.global_step, 0.001)
-            return transformers.trainer_utils.TrainOutput(state.global_step, loss, {"train_loss": loss})
+            # the metrics the Trainer's last log gives (trl adds its running means, the Trainer the epoch)
+            metrics = {f"train_{k}": 0.0 for k in ("runtime", "samples_per_second", "steps_per_second")}
+            metrics.update(total_flos=state.total_flos, train_loss=loss)
+            trainer.model.train()  # trl's log reads the mode from the model, as at the end of training
+            trainer.log(metrics)
+            return transformers.trainer_utils.TrainOutput(state.global_step, loss, metrics)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     for callback in trainer.callback_handler.callbacks:
         if getattr(callback, "diverged", None):

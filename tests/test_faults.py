@@ -14,7 +14,7 @@ import torch
 from conftest import checkpoint_done, signal_when, start_rlhf, tiny_llama_config
 from safetensors.torch import load_file
 
-from pipeline.checkpoints import read_stage_json
+from pipeline.checkpoints import list_checkpoints, read_stage_json
 from pipeline.config import load_config
 from pipeline.data.rankings import ranking_from_scores
 
@@ -124,6 +124,7 @@ def test_reward_resumes_bit_for_bit(tmp_path, reward_setup, sig, step):
     )
 
 
+@pytest.mark.slow  # the default run checks the fallback in pretrain (test_every_stage_killed_in_turn_...)
 def test_reward_resume_falls_back_past_a_truncated_checkpoint(tmp_path, reward_setup, caplog):
     """The newest checkpoint's adapter cut short (a full disk, a copy): resume warns once naming it, resumes from the
     one before, and still ends bit for bit where the uninterrupted run ends."""
@@ -193,7 +194,8 @@ def _webtext_shard_done(run: Path):
 
 
 def test_every_stage_killed_in_turn_resumes_to_the_uninterrupted_result(tmp_path, pipeline_reference):
-    """SIGKILL after webtext's first finished shard, mid-pretraining (checkpoint 4 of 8), in SFT (SIGTERM after
+    """SIGKILL after webtext's first finished shard, mid-pretraining (checkpoint 4 of 8; then that checkpoint's
+    weights are cut short, and resume falls back to checkpoint 2 with one warning), in SFT (SIGTERM after
     checkpoint 2 of 4: pre-emption), in the reward stage (checkpoint 2 of 4) and in PPO (update 1 of 2); the same
     command resumes each time; every stage's final/ is the uninterrupted run's."""
     tp = _pipeline()
@@ -209,6 +211,83 @@ def test_every_stage_killed_in_turn_resumes_to_the_uninterrupted_result(tmp_path
         code = signal_when(tp.start(tmp_path), ready, sig=sig, timeout=300)
         assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 143), stage
         assert not (run / stage / "final").exists(), f"{stage} finished before the signal"
+        if stage == "pretrain":  # its newest checkpoint damaged too: resume falls back to the one before
+            newest = max(list_checkpoints(run / "pretrain"), key=lambda p: int(p.name.split("-")[1]))
+            weights = newest / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size - 100])
+            result = tp.rlhf(tmp_path, "run", "--until", "pretrain")
+            damaged = [line for line in result.stderr.splitlines() if "damaged" in line]
+            assert len(damaged) == 1 and f"{newest} is damaged (model.safetensors is " in damaged[0], damaged
+            resumed_from = read_stage_json(run / "pretrain" / "final")["metrics"]["resumed_from_step"]
+            assert resumed_from == int(newest.name.split("-")[1]) - 2  # save_steps=2
     tp.rlhf(tmp_path, "run")
     for stage in tp.STAGES:
         assert_same_stage(run / stage / "final", pipeline_reference / stage / "final")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The full matrix (slow): per stage, SIGKILL at checkpoints mid-epoch and at an epoch end, and SIGTERM once, each run
+# resumed and compared with one uninterrupted run whose stages go past an epoch end (pretrain: 18 steps an epoch,
+# SFT: 10, reward: 15; a PPO update is its own passes over one rollout batch)
+
+EPOCHS = [
+    "pretrain.max_steps=20",
+    "pretrain.save_steps=1",
+    "sft.max_steps=12",
+    "sft.save_steps=1",
+    "reward.max_steps=17",
+    "reward.save_steps=1",
+    "ppo.num_updates=3",
+]
+
+MATRIX = [
+    ("webtext", signal.SIGKILL, 0),
+    ("webtext", signal.SIGTERM, 0),
+    ("pretrain", signal.SIGKILL, 5),
+    ("pretrain", signal.SIGKILL, 18),  # epoch end
+    ("pretrain", signal.SIGKILL, 19),
+    ("pretrain", signal.SIGTERM, 10),
+    ("pretrain", signal.SIGKILL, 20),  # after the last checkpoint, before final/
+    ("sft", signal.SIGKILL, 3),
+    ("sft", signal.SIGKILL, 10),  # epoch end
+    ("sft", signal.SIGKILL, 11),
+    ("sft", signal.SIGTERM, 6),
+    ("sft", signal.SIGKILL, 12),  # after the last checkpoint, before final/
+    ("reward", signal.SIGKILL, 7),
+    ("reward", signal.SIGKILL, 15),  # epoch end
+    ("reward", signal.SIGKILL, 16),
+    ("reward", signal.SIGTERM, 9),
+    ("reward", signal.SIGKILL, 17),  # after the last checkpoint, before final/
+    ("ppo", signal.SIGKILL, 1),
+    ("ppo", signal.SIGKILL, 2),
+    ("ppo", signal.SIGTERM, 2),
+]
+
+
+@pytest.fixture(scope="module")
+def epochs_reference(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("epochs-reference")
+    _pipeline().rlhf(tmp_path, "run", *EPOCHS)
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stage", "sig", "step"), [pytest.param(*case, id=f"{case[0]}-{case[1].name}-{case[2]}") for case in MATRIX]
+)
+def test_stage_killed_at_a_checkpoint_resumes_to_the_uninterrupted_result(
+    tmp_path, epochs_reference, stage, sig, step
+):
+    tp = _pipeline()
+    run = tmp_path / "run"
+    ready = _webtext_shard_done(run) if stage == "webtext" else checkpoint_done(run / stage, step)
+    proc = start_rlhf("run", str(tp._recipe(tmp_path)), *tp.TINY, *EPOCHS, "--until", stage, env=tp._env())
+    code = signal_when(proc, ready, sig=sig, timeout=600)
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 143)
+    assert not (run / stage / "final").exists(), f"{stage} finished before the signal"
+    tp.rlhf(tmp_path, "run", *EPOCHS, "--until", stage)
+    assert tp.last_run(tmp_path)[stage] == "resumed"
+    if stage != "webtext":
+        assert read_stage_json(run / stage / "final")["metrics"].get("resumed_from_step", step) >= step
+    for name in tp.STAGES[: tp.STAGES.index(stage) + 1]:
+        assert_same_stage(run / name / "final", epochs_reference / name / "final")
