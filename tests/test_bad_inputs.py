@@ -194,7 +194,7 @@ def _latin1(ctx: Ctx) -> str:
     return ctx.file("latin1.jsonl", record.encode("latin-1"))
 
 
-JSON_ARRAY = '[{"prompt": "a", "responses": ["b", "c"], "ranking": "A > B"},\n {"prompt": "d"}]\n'
+JSON_ARRAY = '[{"prompt": "a", "chosen": 1},\n {"prompt": "d"}]\n'  # a JSON array in a .jsonl file, no usable record
 
 CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     # recipes and the command line
@@ -222,7 +222,7 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "sft-non-utf8": (lambda c: c.sft(_latin1(c)), "is not UTF-8 text"),
     "reward-non-utf8": (lambda c: c.reward(f"reward.dataset={_latin1(c)}", f"run_dir={c.run}-2"), "not UTF-8"),
     "reward-json-array-as-jsonl": (
-        lambda c: c.reward("reward.dataset=" + c.file("array.jsonl", JSON_ARRAY)),
+        lambda c: c.reward("reward.dataset=" + c.file("array.jsonl", JSON_ARRAY), f"run_dir={c.run}-2"),
         "array.jsonl",
     ),
     "sft-empty-jsonl": (lambda c: c.sft(c.file("empty.jsonl", "")), "empty"),
