@@ -182,7 +182,7 @@ def identity_withdrawn_on_error(cfg: PipelineConfig, stage: str) -> Iterator[Non
     config_before = config.read_bytes() if config.is_file() else None
     try:
         yield
-    except Exception:
+    except (UserError, OSError, RuntimeError):  # not a pre-emption: work done so far (webtext's shards) is kept
         if newest_checkpoint(stage_dir(cfg, stage)) is None:
             with contextlib.suppress(OSError):  # a read-only or full disk may refuse this too; the error says so
                 if before is None and path.is_file():

@@ -40,6 +40,7 @@ def train_from(trainer: Any, checkpoint: Path | None) -> Any:
             # the metrics the Trainer's last log gives (trl adds its running means, the Trainer the epoch)
             metrics = {f"train_{k}": 0.0 for k in ("runtime", "samples_per_second", "steps_per_second")}
             metrics.update(total_flos=state.total_flos, train_loss=loss)
+            trainer.model_wrapped = trainer.accelerator.prepare(trainer.model)  # as train() leaves it (DDP too)
             trainer.model.train()  # trl's log reads the mode from the model, as at the end of training
             trainer.log(metrics)
             return transformers.trainer_utils.TrainOutput(state.global_step, loss, metrics)

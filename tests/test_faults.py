@@ -260,7 +260,7 @@ MATRIX = [
     ("reward", signal.SIGKILL, 17),  # after the last checkpoint, before final/
     ("ppo", signal.SIGKILL, 1),
     ("ppo", signal.SIGKILL, 2),
-    ("ppo", signal.SIGTERM, 2),
+    ("ppo", signal.SIGTERM, 1),
 ]
 
 
