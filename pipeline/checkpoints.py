@@ -24,12 +24,13 @@ import os
 import re
 import shutil
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig, hash_settings, stage_settings
-from pipeline.errors import UserError
+from pipeline.config import PipelineConfig, hash_settings, save_config, stage_settings
+from pipeline.errors import UserError, note_output_dir
 from pipeline.tracking import git_commit, hardware, on_main, package_versions
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,20 @@ def read_stage_json(path: Path) -> dict[str, Any]:
     file = path / STAGE_JSON
     if not file.is_file():
         raise UserError(f"{path} is not a finished stage (no {STAGE_JSON}); run that stage first")
-    return json.loads(file.read_text())
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # cut short by a crash, a full disk or a copy
+        raise UserError(
+            f"{file} is damaged ({type(exc).__name__} at byte {getattr(exc, 'pos', getattr(exc, 'start', 0))}); "
+            f"restore it, or run the stage again with --rerun"
+        ) from None
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see either the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -128,6 +142,7 @@ def prepare_stage(cfg: PipelineConfig, stage: str, identity: dict[str, Any], rer
     moved aside to `<stage>.replaced-<time>/`, never deleted.
     """
     sdir, final = stage_dir(cfg, stage), final_dir(cfg, stage)
+    note_output_dir(sdir)
     if is_finished(final):
         old = read_stage_json(final)
         if old.get("config_hash") == identity["config_hash"] and not rerun:
@@ -152,8 +167,31 @@ def prepare_stage(cfg: PipelineConfig, stage: str, identity: dict[str, Any], rer
         elif rerun:
             _move_aside(sdir)
     sdir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.run_path / "config.yaml")  # only now that the command goes ahead (a refusal leaves it)
     write_json_atomic(sdir / "identity.json", identity)
     return None
+
+
+@contextlib.contextmanager
+def identity_withdrawn_on_error(cfg: PipelineConfig, stage: str) -> Iterator[None]:
+    """A stage that stops on an error (a bad input found while reading it, a full disk) before its first checkpoint
+    leaves no identity behind, and run_dir/config.yaml as it was: the corrected command then starts afresh instead of
+    being refused as 'other settings', and `rlhf status` does not call finished stages 'changed'."""
+    path, config = stage_dir(cfg, stage) / "identity.json", cfg.run_path / "config.yaml"
+    before = path.read_bytes() if path.is_file() else None
+    config_before = config.read_bytes() if config.is_file() else None
+    try:
+        yield
+    except (UserError, OSError, RuntimeError):  # not a pre-emption: work done so far (webtext's shards) is kept
+        if newest_checkpoint(stage_dir(cfg, stage)) is None:
+            with contextlib.suppress(OSError):  # a read-only or full disk may refuse this too; the error says so
+                if before is None and path.is_file():
+                    path.unlink()
+                if config_before is None and config.is_file():
+                    config.unlink()
+                elif config_before is not None and config.read_bytes() != config_before:
+                    write_bytes_atomic(config, config_before)
+        raise
 
 
 def begin_stage(
@@ -207,10 +245,46 @@ def list_checkpoints(sdir: Path) -> list[Path]:
 
 
 def newest_checkpoint(sdir: Path) -> Path | None:
-    """The newest complete `checkpoint-N/` (incomplete ones, e.g. from a crash during a save, are skipped)."""
-    checkpoints = list_checkpoints(sdir)
-    if checkpoints:
-        return checkpoints[-1]
+    """The newest complete `checkpoint-N/` whose files load (incomplete ones, e.g. from a crash during a save, are
+    skipped; a damaged one, e.g. a safetensors file cut short by a full disk or a copy, is skipped with one warning
+    naming it: resume falls back to the checkpoint before it)."""
+    for path in reversed(list_checkpoints(sdir)):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            return path
+        if path not in _warned_damaged:
+            _warned_damaged.add(path)
+            logger.warning("%s is damaged (%s); resuming from the checkpoint before it", path, damage)
+    return None
+
+
+_warned_damaged: set[Path] = set()
+
+
+def checkpoint_damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint's files (None when every one is whole), read without loading a tensor:
+    a safetensors file must be as long as its header says, a torch file a readable zip, a JSON file valid JSON."""
+    for file in sorted(path.rglob("*")):
+        if not file.is_file():
+            continue
+        try:
+            if file.suffix == ".safetensors":
+                with file.open("rb") as f:
+                    head = f.read(8)
+                    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                    header = json.loads(f.read(n)) if 0 < n <= file.stat().st_size else None
+                if header is None:
+                    return f"{file.name} has no complete header"
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                if file.stat().st_size != 8 + n + end:
+                    return f"{file.name} is {file.stat().st_size} bytes, its header says {8 + n + end}"
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(file) as archive:
+                    archive.infolist()
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+        except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as exc:
+            return f"{file.name} does not load: {type(exc).__name__}"
     return None
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pipeline import driver
 from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.preemption import Preempted
+from pipeline.errors import UserError, environment_error
+from pipeline.preemption import Preempted, children_die_with_parent
 from pipeline.stages import REGISTRY, ROUNDED, STAGES, split_stage, stage_name
 from pipeline.tracking import is_main_process, setup_logging
 
@@ -203,9 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with `key=value` overrides allowed after options too (`rlhf sft R a=1 --rerun b=2`):
+    argparse ends a `nargs="*"` positional at the first option, so the later overrides come back as extras."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    stray = [a for a in extras if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extras:
+        args.overrides = [*args.overrides, *extras]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
+    children_die_with_parent()
     try:
         if args.command in COMMANDS:
             COMMANDS[args.command][0](args)
@@ -220,3 +234,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except (OSError, RuntimeError) as exc:  # a full disk or a read-only run directory: one line naming the path
+        message = environment_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)

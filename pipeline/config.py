@@ -743,7 +743,9 @@ class PPOConfig:
 
 @dataclass
 class PipelineConfig:
-    run_dir: str = _f("runs/demo", "Where every stage writes; one run directory per experiment.")
+    run_dir: str = _f(
+        "runs/demo", "Where every stage writes; one run directory per experiment (default: runs/<recipe file stem>)."
+    )
     seed: int = _f(1234, "Seed of the demo world, the data splits and every stage.")
     world: WorldConfig = _f(WorldConfig(), "The built-in demo world (read only where a stage's input is 'demo').")
     judge: Optional[Literal["demo"]] = _f(
@@ -793,6 +795,8 @@ def load_config(path: Path | str | None, overrides: typing.Sequence[str] = ()) -
             raise UserError(f"recipe {path} must be a YAML mapping of keys (run_dir, seed, data, pretrain, ...)")
     for item in overrides:
         _apply_override(raw, item)
+    if path is not None and "run_dir" not in raw:
+        raw["run_dir"] = f"runs/{path.stem}"  # one run directory per recipe, not every recipe's runs in runs/demo
     return build_config(PipelineConfig, raw)
 
 

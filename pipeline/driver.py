@@ -30,6 +30,7 @@ import yaml
 
 from pipeline.checkpoints import (
     final_dir,
+    identity_withdrawn_on_error,
     is_finished,
     metric,
     newest_checkpoint,
@@ -39,7 +40,7 @@ from pipeline.checkpoints import (
     stage_seconds,
     write_json_atomic,
 )
-from pipeline.config import PipelineConfig, build_config, save_config
+from pipeline.config import PipelineConfig, build_config
 from pipeline.errors import UserError
 from pipeline.preemption import Preempted, install_preemption_handler, preemption_signalled
 from pipeline.stages import STAGES, check_stage, pipeline_stages, round_arguments, split_stage, stage_module
@@ -155,7 +156,8 @@ def run_pipeline(
             final = final_dir(cfg, stage)
         else:
             _reset_cuda_peak()
-            final = stage_module(stage).run(cfg, rerun=force, **round_arguments(stage))
+            with identity_withdrawn_on_error(cfg, stage):
+                final = stage_module(stage).run(cfg, rerun=force, **round_arguments(stage))
         summary[stage] = {"action": action, "seconds": round(time.time() - start, 1), "final": str(final)}
         upstream_ran = True
     _record(cfg, summary)
@@ -244,26 +246,54 @@ def plan_run(cfg: PipelineConfig, stages: list[str]) -> list[tuple[str, str, dic
     """(stage, state, inputs) of each stage `rlhf run --dry-run` would visit; a stage that nothing needs is
     "not needed: ..." with no inputs."""
     rows = []
-    needed = needed_stages(cfg)
+    needed, planned = needed_stages(cfg), []
     for stage in stages:
         if stage not in needed:
             rows.append((stage, not_needed_reason(cfg, stage), {}))
             continue
         state, identity = stage_state(cfg, stage)
-        rows.append((stage, state, {k: v["path"] for k, v in identity["inputs"].items()}))
+        inputs = {k: v["path"] for k, v in identity["inputs"].items()}
+        check_inputs_exist(cfg, stage, inputs, made_before=planned)
+        planned.append(stage)
+        rows.append((stage, state, inputs))
     return rows
 
 
+_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".gz", ".warc", ".yaml")
+
+
+def check_inputs_exist(cfg: PipelineConfig, stage: str, inputs: dict[str, Any], made_before: list[str]) -> None:
+    """For --dry-run: every local input of `stage` exists, or is the result of a stage planned before it (a Hub id or
+    'demo' is not checked). A missing one is a one-line error naming it and what makes it."""
+    run = cfg.run_path.resolve()
+    for name, value in inputs.items():
+        if not isinstance(value, str) or not value or Path(value).exists():
+            continue
+        path = Path(value).expanduser().resolve()
+        if path.is_relative_to(run):
+            maker = path.relative_to(run).parts[0]
+            if maker not in pipeline_stages(cfg.rounds) or path == run / maker:
+                continue  # something the stage makes itself (the demo world, its own folders)
+            if maker in made_before:
+                continue
+            raise UserError(
+                f"{stage}: input '{name}' does not exist yet: {value} (run stage '{maker}' first, or name an existing "
+                f"one in the recipe)"
+            )
+        if Path(value).is_absolute() or value.startswith((".", "~")) or value.endswith(_LOCAL_SUFFIXES):
+            raise UserError(f"{stage}: input '{name}' not found: {value} (fix the path in the recipe)")
+
+
 def start_command(cfg: PipelineConfig) -> None:
-    """What a command that goes ahead does first: record the resolved config, and save on pre-emption signals."""
-    if is_main_process():
-        save_config(cfg, cfg.run_path / "config.yaml")
+    """What a command does first: save on pre-emption signals. (The resolved config is recorded by the first stage
+    that goes ahead, so a refused command leaves run_dir/config.yaml as it was.)"""
     install_preemption_handler()
 
 
 def plan_stage(cfg: PipelineConfig, stage: str) -> tuple[str, dict[str, str], Path]:
     """(state, inputs, final path) of one stage, for `rlhf <stage> --dry-run`."""
     inputs = stage_module(stage).resolve_inputs(cfg, **round_arguments(stage))
+    check_inputs_exist(cfg, stage, {k: str(v) for k, v in inputs.items()}, made_before=[])
     final = final_dir(cfg, stage)
     state = "finished" if is_finished(final) else "resumable" if newest_checkpoint(stage_dir(cfg, stage)) else "new"
     return state, inputs, final
@@ -272,7 +302,8 @@ def plan_stage(cfg: PipelineConfig, stage: str) -> tuple[str, dict[str, str], Pa
 def run_stage(cfg: PipelineConfig, stage: str, rerun: bool = False) -> Path:
     """Run one stage (skipped when finished with the same settings); its `final/`."""
     start_command(cfg)
-    return stage_module(stage).run(cfg, rerun=rerun, **round_arguments(stage))
+    with identity_withdrawn_on_error(cfg, stage):
+        return stage_module(stage).run(cfg, rerun=rerun, **round_arguments(stage))
 
 
 def load_run_dir(run_dir: str | Path) -> PipelineConfig:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import transformers
 from datasets import Dataset, IterableDataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 from pipeline import demo
 from pipeline.baselines import baseline_perplexities
@@ -121,10 +122,27 @@ def load_corpus(cfg: PipelineConfig, source: str) -> tuple[Dataset | IterableDat
         raise UserError(
             f"pretrain corpus {path} holds no parquet, jsonl or txt files (the webtext stage writes train/*.parquet)"
         )
-    builder = _BUILDERS[Path(files["train"][0]).suffix]
+    first = Path(files["train"][0])
+    if first.suffix not in _BUILDERS:
+        raise UserError(f"pretrain corpus {first} is not a parquet, jsonl, json or txt file (name it by its format)")
+    if all(Path(f).stat().st_size == 0 for split in files.values() for f in split):
+        raise UserError(
+            f"pretrain corpus {path} is empty (no documents); give a corpus with a '{pcfg.text_key}' column"
+        )
     cache = str(stage_dir(cfg, STAGE) / "cache")
-    splits = load_dataset(builder, data_files=files, cache_dir=cache)
+    try:
+        splits = load_dataset(_BUILDERS[first.suffix], data_files=files, cache_dir=cache)
+    except DatasetGenerationError as exc:  # the file does not parse as its suffix says
+        cause = exc.__cause__ or exc
+        raise UserError(
+            f"pretrain corpus {path} cannot be read as {first.suffix} ({type(cause).__name__}: "
+            f"{str(cause).splitlines()[0][:120] if str(cause) else 'unreadable'}); give parquet, jsonl or txt documents"
+        ) from None
     train = splits["train"]
+    if len(train) == 0:
+        raise UserError(
+            f"pretrain corpus {path} is empty (no documents); give a corpus with a '{pcfg.text_key}' column"
+        )
     _check_text_column(train, pcfg.text_key, source)
     if "validation" in splits and len(splits["validation"]) > 0:
         return train, splits["validation"]

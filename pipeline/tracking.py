@@ -69,6 +69,24 @@ def on_main(fn: Callable[[], T]) -> T:
     return result
 
 
+# Third-party messages that tell the user nothing they can act on, dropped from what users see (-v shows them):
+# (logger name prefix, text in the message).
+NOISE = (
+    ("bitsandbytes", "kernels"),  # "Failed to load CPU gemm_4bit_forward from kernels-community": an optional speed-up
+    ("trafilatura", "Document is empty"),  # lxml on a page with no markup; the page is dropped and counted anyway
+    ("trafilatura", "empty HTML tree"),
+    ("datasets.packaged_modules", "Failed to load JSON"),  # our one-line error names the file and the cause
+)
+
+
+class NoiseFilter(logging.Filter):
+    """Drops the records listed in NOISE."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(record.name.startswith(name) and text in message for name, text in NOISE)
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is at the time of the record (test runners swap it), not the one at set-up."""
 
@@ -87,11 +105,14 @@ def setup_logging(verbose: bool = False) -> None:
         level = logging.WARNING
     rank = process_rank()
     prefix = f"[rank {rank}] " if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 else ""
+    handler = _StderrHandler()
+    if not verbose:
+        handler.addFilter(NoiseFilter())
     logging.basicConfig(
         level=level,
         format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        handlers=[_StderrHandler()],
+        handlers=[handler],
         force=True,
     )
     # Libraries we drive are chatty at INFO; their warnings still show.

@@ -156,3 +156,38 @@ def signal_when(
 def checkpoint_done(stage_dir: Path, step: int) -> Callable[[], bool]:
     """A `ready` condition: checkpoint-<step> of a stage is complete."""
     return lambda: (stage_dir / f"checkpoint-{step}" / "checkpoint.done").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiny run inputs written as files (a base model folder, a rankings JSONL)
+
+RANKING_WORDS = ["Marnis", "please", "copper", "salt", "river", "city", "Tol", "help"]
+
+
+def save_tiny_base(tokenizer, path: Path) -> Path:
+    """The seeded tiny Llama and its tokenizer saved with save_pretrained, as a user's base model folder."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_rankings_jsonl(prompts: int, responses: int = 4, max_words: int = 9, seed: int = 0) -> str:
+    """Rankings records (prompt, K responses of random words, a ranking with ties by how often 'Marnis' occurs)."""
+    import json
+    import random
+
+    from pipeline.data.rankings import ranking_from_scores
+
+    rng = random.Random(seed)
+    lines = []
+    for i in range(prompts):
+        texts = [
+            " ".join(rng.choice(RANKING_WORDS) for _ in range(rng.randint(2, max_words))) for _ in range(responses)
+        ]
+        prompt = [{"role": "user", "content": f"Question {i}: what is the capital of Veloria?"}]
+        ranking = ranking_from_scores([t.count("Marnis") for t in texts])
+        lines.append(json.dumps({"prompt": prompt, "responses": texts, "ranking": ranking}))
+    return "\n".join(lines) + "\n"

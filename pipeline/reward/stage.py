@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import transformers
 from datasets import Dataset
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from pipeline import demo
 from pipeline.checkpoints import (
@@ -84,6 +85,38 @@ class RankingTrainer(transformers.Trainer):
         if s.center_rewards_coefficient:
             loss = loss + s.center_rewards_coefficient * centering_penalty(rewards, tiers)
         return (loss, {"rewards": rewards}) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        """The Trainer's length-grouped sampler, but drawing its order from (seed, epoch) instead of the global RNG:
+        a run resumed mid-epoch skips exactly the batches the interrupted one trained on (the Trainer fast-forwards
+        the dataloader, and the stock sampler would shuffle with whatever the resumed process's RNG holds)."""
+        sampler = super()._get_train_sampler(train_dataset)
+        self._epoch_sampler = EpochSeededLengthGroupedSampler(
+            sampler.batch_size, lengths=sampler.lengths, seed=self.args.seed
+        )
+        return self._epoch_sampler
+
+    def _run_epoch(self, *args, epoch, **kwargs):
+        # set here as well: accelerate's set_epoch does not reach a sampler under skip_first_batches with DDP
+        if getattr(self, "_epoch_sampler", None) is not None:
+            self._epoch_sampler.set_epoch(epoch)
+        return super()._run_epoch(*args, epoch=epoch, **kwargs)
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' LengthGroupedSampler with its permutation a function of (seed, epoch) alone (the same on every
+    rank and in every process)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 def to_training_args(cfg: PipelineConfig, stage: str = STAGE) -> transformers.TrainingArguments:

@@ -10,6 +10,7 @@ Every class is a module-level datatrove `PipelineStep`, so the Slurm and Ray exe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import re
@@ -86,37 +87,107 @@ class TolerantWarcReader(BaseDiskReader):
                 offset = yield from self._read_from(f, filepath, offset, gzipped)
 
     def _read_from(self, f: IO[bytes], filepath: str, start: int, gzipped: bool) -> Iterator[Document]:
-        """Yield documents from `start` on; return where to resume after a corrupt record (None at the end)."""
-        from warcio.archiveiterator import ArchiveIterator
+        """Yield documents from `start` on; return where to resume after a corrupt record (None at the end).
 
+        A record's document is held back until the next record begins where the record's WARC Content-Length
+        says: a record whose length is short (the rest of its block is where the next record should be) is dropped.
+        """
         f.seek(start)
-        records = ArchiveIterator(f)
+        records = _checked_archive_iterator()(f, check_digests=True)
+        pending: tuple[Document, str] | None = None  # (document, record id) until the boundary after it is checked
         while True:
+            records.misaligned = False
             try:
                 record = next(records)
                 data = _record_to_dict(record)
+                problem = _record_problem(record) if isinstance(data, dict) else None
             except StopIteration:
+                yield from self._settle(pending, records.misaligned, filepath)
                 return None
             except (
                 Exception
             ) as exc:  # warcio and zlib raise many types on damaged input; the record is lost either way
+                tail_of_short_record = pending is not None and records.misaligned
+                yield from self._settle(pending, records.misaligned, filepath)
                 failed_at = records.offset
-                self.stat_update("corrupt_records")
                 resume = _find_next_record(f, failed_at + 1, gzipped)
-                after = f"reading on at byte {resume}" if resume is not None else "no intact record follows"
-                logger.warning(
-                    f"skipped a corrupt WARC record in {filepath} at byte {failed_at} "
-                    f"({type(exc).__name__}: {str(exc)[:60]!r}); {after}"
-                )
+                if not tail_of_short_record:  # else the failure is the dropped record's own tail, counted once
+                    self.stat_update("corrupt_records")
+                    after = f"reading on at byte {resume}" if resume is not None else "no intact record follows"
+                    logger.warning(
+                        f"skipped a corrupt WARC record in {filepath} at byte {failed_at} "
+                        f"({type(exc).__name__}: {str(exc)[:60]!r}); {after}"
+                    )
                 return resume
+            yield from self._settle(pending, records.misaligned, filepath)
+            pending = None
             if data is None:
                 continue
             if data == "non_html":
                 self.stat_update("non_html_responses")
                 continue
+            if problem is not None:
+                self.stat_update("corrupt_records")
+                logger.warning(f"dropped WARC record {data['id']} in {filepath}: {problem}")
+                continue
             document = self.get_document_from_dict(data, filepath, records.offset)
             if document:
-                yield document
+                pending = (document, document.id)
+
+    def _settle(self, pending: tuple[Document, str] | None, misaligned: bool, filepath: str) -> Iterator[Document]:
+        """Pass the held-back document on, or drop it (one warning, counted) when its record's length was short."""
+        if pending is None:
+            return
+        if misaligned:
+            self.stat_update("corrupt_records")
+            logger.warning(
+                f"dropped WARC record {pending[1]} in {filepath}: its WARC Content-Length is shorter than its block "
+                "(the next record does not begin where it ends)"
+            )
+            return
+        yield pending[0]
+
+
+@functools.cache
+def _checked_archive_iterator() -> type:
+    """warcio's ArchiveIterator, with a record whose WARC Content-Length is wrong noted (`misaligned`) instead of
+    warcio's multi-line stderr dump (which names neither the file nor the record)."""
+    from warcio.archiveiterator import ArchiveIterator
+
+    class CheckedArchiveIterator(ArchiveIterator):
+        misaligned = False
+
+        def _consume_blanklines(self) -> tuple[bytes | None, int]:
+            empty_size, first_line = 0, True
+            while True:
+                line = self.reader.readline()
+                if len(line) == 0:
+                    return None, empty_size
+                if len(line.rstrip()) == 0 or first_line:
+                    empty_size += len(line)
+                    if len(line.rstrip()) != 0:  # the previous record's block went on past its Content-Length
+                        self.misaligned = True
+                        self.err_count += 1
+                    first_line = False
+                    continue
+                return line, empty_size
+
+    return CheckedArchiveIterator
+
+
+def _record_problem(record: Any) -> str | None:
+    """What is wrong with a fully read record: a WARC-Block-Digest or WARC-Payload-Digest (sha1, base32) that does not
+    match the bytes read, or an HTTP Content-Length other than the payload's length; None when it checks out."""
+    checker = record.digest_checker
+    if checker is not None and checker.passed is False:
+        return "; ".join(checker.problems) or "digest mismatch"
+    headers = record.http_headers
+    if headers is not None and not headers.get_header("Transfer-Encoding"):
+        declared = headers.get_header("Content-Length")
+        if declared is not None and declared.strip().isdigit() and record.payload_length >= 0:
+            if int(declared) != record.payload_length:
+                return f"HTTP Content-Length {int(declared)} but the payload holds {record.payload_length} bytes"
+    return None
 
 
 def _record_to_dict(record: Any) -> dict | str | None:
