@@ -69,8 +69,8 @@ def finished(tmp_path_factory, tiny_tokenizer):
     recipe.write_text(
         f"run_dir: {root / 'run'}\nseed: 1234\nreward:\n  base: {root / 'base'}\n  dataset: {root / 'rankings.jsonl'}\n"
         "  report_to: none\n  per_device_train_batch_size: 4\n  max_steps: 2\n  save_steps: 1\n  lora:\n    r: 4\n"
-        "  stats_prompts: 2\n  collect:\n    max_new_tokens: 4\n"
-    )
+        "  stats_prompts: 2\n  max_seq_len: 128\n  collect:\n    max_new_tokens: 4\nsft:\n  max_seq_len: 128\n"
+    )  # 128: the tiny base's context
     code, err = cli("reward", str(recipe))
     assert code == 0, err
     assert (root / "run" / "reward" / "final" / "stage.json").is_file()
@@ -219,7 +219,7 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         "accelerate config not found",
     ),
     # datasets
-    "sft-non-utf8": (lambda c: c.sft(_latin1(c)), "is not UTF-8 text"),
+    "sft-non-utf8": (lambda c: c.sft(_latin1(c)), "not UTF-8"),
     "reward-non-utf8": (lambda c: c.reward(f"reward.dataset={_latin1(c)}", f"run_dir={c.run}-2"), "not UTF-8"),
     "reward-json-array-as-jsonl": (
         lambda c: c.reward("reward.dataset=" + c.file("array.jsonl", JSON_ARRAY), f"run_dir={c.run}-2"),

@@ -69,7 +69,7 @@ def test_without_a_base_every_stage_is_needed(tmp_path, capsys):
     "overrides, not_needed",
     [
         (["sft.base=Qwen/Qwen2.5-0.5B-Instruct"], ["webtext", "pretrain"]),
-        (["pretrain.dataset=/data/corpus"], ["webtext"]),
+        (["pretrain.dataset={corpus}"], ["webtext"]),  # {corpus}: a text file the test writes
         (
             ["sft.base=org/chat", "reward.base=org/rm-base", "ppo.policy_base=org/policy"],
             ["webtext", "pretrain", "sft"],
@@ -79,7 +79,9 @@ def test_without_a_base_every_stage_is_needed(tmp_path, capsys):
     ],
 )
 def test_stages_upstream_of_a_base_are_not_needed(tmp_path, capsys, overrides, not_needed):
-    rows = plan(tmp_path, capsys, *overrides)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Some web text.\n")
+    rows = plan(tmp_path, capsys, *(o.format(corpus=corpus) for o in overrides))
     assert [stage for stage, row in rows.items() if row.startswith("not needed")] == not_needed
     assert all(row.startswith("new ") for stage, row in rows.items() if stage not in not_needed)
 

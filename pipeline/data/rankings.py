@@ -455,8 +455,14 @@ def normalise_rows(
     report = SkipReport(source=source)
     if not rows:
         raise UserError(f"{source} holds no records")
+    first = next((r for _, r in rows if isinstance(r, dict)), None)
+    if fmt == "auto" and first is None:  # not one readable record: say why each was dropped
+        for where, row in rows:
+            report.read += 1
+            report.skip(where, _convert(where, row, None)[1])
+        raise UserError(f"{source}: no usable records ({report.summary()})")
     if fmt == "auto":
-        fmt = detect_format(next((r for _, r in rows if isinstance(r, dict)), {}), source)
+        fmt = detect_format(first, source)
     if fmt not in FORMATS:
         raise UserError(f"dataset_format {fmt!r} is not one of auto, {', '.join(FORMATS)}")
     out: list[Ranking] = []
