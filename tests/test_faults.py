@@ -100,7 +100,9 @@ def reward_setup(tmp_path_factory, tiny_tokenizer):
 @pytest.mark.parametrize(
     ("sig", "step"),
     [
-        pytest.param(signal.SIGKILL, 6, id="sigkill-mid-epoch-2"),
+        pytest.param(
+            signal.SIGKILL, 6, id="sigkill-mid-epoch-2", marks=pytest.mark.slow
+        ),  # default: test_reward_stage
         pytest.param(signal.SIGKILL, 4, id="sigkill-epoch-end", marks=pytest.mark.slow),
         pytest.param(signal.SIGKILL, 2, id="sigkill-mid-epoch-1", marks=pytest.mark.slow),
         pytest.param(signal.SIGKILL, 9, id="sigkill-mid-epoch-3", marks=pytest.mark.slow),
