@@ -222,20 +222,52 @@ def load_base_model(
                 setattr(config, key, value)
             model = model_class.from_config(config, dtype=dtype)
         elif quantize_4bit:
-            model = model_class.from_pretrained(
+            model = _from_pretrained(
+                model_class,
                 source,
+                what,
                 quantization_config=nf4_config(dtype),
                 dtype=dtype,
                 device_map={"": _local_device()},
                 **model_kwargs,
             )
         else:
-            model = model_class.from_pretrained(source, dtype=dtype, **model_kwargs)
+            model = _from_pretrained(model_class, source, what, dtype=dtype, **model_kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"cannot load {what} from {source}: {str(exc).splitlines()[0]} "
             "(give a directory saved with save_pretrained or a Hub id reachable from this machine)"
         ) from None
+    return model
+
+
+class _NoLoadReport(logging.Filter):
+    """Drops transformers' multi-line LOAD REPORT table; `_from_pretrained` says what matters in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def _from_pretrained(model_class: type, source: str, what: str, **kwargs: Any) -> PreTrainedModel:
+    """`from_pretrained`, with the weights it did not find or did not use told in one warning line.
+
+    A causal-LM checkpoint loaded as a sequence-classification model always lacks the new `score` head and leaves
+    `lm_head` unused: that is the design (the head is trained), so only other differences are reported."""
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _NoLoadReport()
+    report_logger.addFilter(quiet)
+    try:
+        model, info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    finally:
+        report_logger.removeFilter(quiet)
+    expected_new = (SCORE_HEAD,) if model_class is AutoModelForSequenceClassification else ()
+    expected_unused = ("lm_head",) if expected_new else ()
+    missing = [k for k in info.get("missing_keys", ()) if k.split(".")[0] not in expected_new]
+    unused = [k for k in info.get("unexpected_keys", ()) if k.split(".")[0] not in expected_unused]
+    for keys, told in ((missing, "not in the checkpoint, newly initialised"), (unused, "in the checkpoint, unused")):
+        if keys:
+            shown = ", ".join(sorted(keys)[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            logger.warning("%s (%s): %d weights %s: %s", what, source, len(keys), told, shown)
     return model
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import checkpoint_done, signal_when, start_rlhf, subprocess_env, tiny_llama_config
+from conftest import checkpoint_done, save_tiny_base, signal_when, start_rlhf, subprocess_env, tiny_llama_config
 from safetensors.torch import load_file
 
 from pipeline.checkpoints import read_stage_json
@@ -347,3 +347,35 @@ def test_qlora_reward_model_trains_a_full_precision_head_on_a_4bit_base(tmp_path
     head = load_file(final / "adapter_model.safetensors")
     saved = next(t for n, t in head.items() if "score" in n)
     assert torch.equal(reloaded.score.modules_to_save["default"].weight.detach(), saved)
+
+
+def test_scalar_model_on_a_causal_lm_reports_only_unexpected_weights_in_one_line(
+    tmp_path, tiny_tokenizer, caplog, request
+):
+    """The new score head and the unused LM head are the design: no warning, and never transformers' table. A
+    checkpoint that lacks a layer's weights is told in one line naming them."""
+    import logging
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    from pipeline.modeling import build_scalar_model
+
+    base = save_tiny_base(tiny_tokenizer, tmp_path / "base")
+    transformers_logging.enable_propagation()  # its records reach caplog (transformers stops them by default)
+    request.addfinalizer(transformers_logging.disable_propagation)
+    with caplog.at_level(logging.INFO):
+        build_scalar_model(base, tiny_tokenizer, finetune="full")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == []
+
+    state = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    gone = sorted(k for k in state if k.startswith("model.layers.1.mlp."))
+    save_file({k: v.contiguous() for k, v in state.items() if k not in gone}, str(base / "model.safetensors"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        build_scalar_model(base, tiny_tokenizer, finetune="full")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "LOAD REPORT" not in warnings[0], warnings
+    assert f"{len(gone)} weights not in the checkpoint" in warnings[0] and "layers.1.mlp.down_proj" in warnings[0]
