@@ -584,7 +584,11 @@ class PPOConfig:
         "lora",
         "LoRA adapters on the full-precision base, or QLoRA (4-bit NF4 base; the reference is then the quantised base).",
     )
-    lora: LoraArgs = _f(LoraArgs(), "Policy adapter (and fresh value adapter) settings.")
+    mixed_precision: Literal["auto", "no", "bf16"] = _f(
+        "auto",
+        "Autocast of every PPO pass (generation, reference, value, reward, training): 'auto' takes accelerate's mixed-precision setting, else bf16 on a CUDA GPU with bf16 and no autocast on a CPU; 'bf16' on a CPU is fast with AMX. One setting for all passes keeps the ratio and the KL exact (pipeline/ppo/numerics.py).",
+    )
+    lora: LoraArgs = _f(LoraArgs(), "Policy adapter (and fresh value adapter) settings; modules_to_save is refused.")
     dataset: Optional[str] = _f(
         None,
         "Training prompts: a jsonl/json/parquet/csv file or Hub dataset id in any format SFT or the reward stage reads (the prompt is taken from each row), or 'demo'.",
@@ -609,8 +613,8 @@ class PPOConfig:
         "Where the rollout's policy log-probs and entropy come from: the logits of the sampling pass ('generation') "
         "or one more forward pass over prompt + response ('recompute'); equal up to float rounding.",
     )
-    top_k: int = _f(0, "Sample from the k most likely tokens (0: off).")
-    top_p: float = _f(1.0, "Nucleus sampling mass (1.0: off).")
+    top_k: int = _f(0, "Must stay 0 (off): PPO's log-probs, ratio and KL are those of the full distribution.")
+    top_p: float = _f(1.0, "Must stay 1.0 (off), as top_k.")
     num_updates: int = _f(20, "PPO updates (one rollout batch each).")
     rollout_batch_size: int = _f(32, "Episodes (prompt + response) per update, over all processes.")
     mini_batch_size: int = _f(8, "Episodes per optimiser step, over all processes.")
@@ -626,12 +630,22 @@ class PPOConfig:
     )
     warmup_steps: int = _f(0, "Optimiser steps of linear warm-up.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (policy and value parameters together).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm of the policy adapter.")
+    value_learning_rate: Optional[float] = _f(
+        None,
+        "Peak learning rate of the critic (value adapter and head), its own optimiser group with the same schedule; null: learning_rate.",
+    )
+    value_max_grad_norm: Optional[float] = _f(
+        None, "Gradient clipping norm of the critic, clipped apart from the policy; null: max_grad_norm."
+    )
     gamma: float = _f(1.0, "Discount factor of GAE.")
     lam: float = _f(0.95, "Lambda of GAE.")
     cliprange: float = _f(0.2, "Clip range of the policy ratio.")
     cliprange_value: float = _f(0.2, "Clip range of the value update.")
-    vf_coef: float = _f(0.1, "Weight of the value loss.")
+    vf_coef: float = _f(
+        0.1,
+        "Weight of the value loss. The critic has its own optimiser group and clipping, so with Adam this scale hardly matters; value_learning_rate sets how fast the critic learns.",
+    )
     entropy_coef: float = _f(0.0, "Weight of an entropy bonus (0: none).")
     kl_estimator: Literal["k1", "k3"] = _f(
         "k1", "Per-token KL estimator in the reward penalty: k1 = log p - log q, k3 = q/p - 1 - log(q/p)."
@@ -641,7 +655,10 @@ class PPOConfig:
         None,
         "Target KL to the reference per response, in nats (adaptive controller, Ziegler et al. 2019); None keeps init_kl_coef fixed.",
     )
-    kl_horizon: int = _f(10000, "Episodes over which the adaptive controller may move the coefficient by 20 %.")
+    kl_horizon: Optional[int] = _f(
+        None,
+        "Episodes over which the adaptive controller may move the coefficient by 20 %; null: a tenth of the run's episodes (num_updates x rollout_batch_size), so the coefficient can move by up to e^2 within the run.",
+    )
     max_approx_kl: Optional[float] = _f(
         None,
         "Stop an update's remaining PPO epochs once a mini-batch's approximate KL to the rollout policy exceeds this (None: never).",
@@ -678,8 +695,30 @@ class PPOConfig:
         _check(self.max_prompt_len >= 4, "max_prompt_len", "must be >= 4")
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         _check(self.temperature > 0, "temperature", "must be > 0 (PPO samples; log-probs divide by it)")
-        _check(self.top_k >= 0, "top_k", "must be >= 0 (0 switches it off)")
-        _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        _check(
+            self.top_k == 0,
+            "top_k",
+            "must be 0 in PPO: the policy's and the reference's log-probs are those of the full distribution, so a "
+            "truncated sampler would bias the ratio and the KL (a token outside the reference's top-k has infinite "
+            "KL); use temperature to sharpen sampling",
+        )
+        _check(self.top_p == 1.0, "top_p", "must be 1.0 in PPO, for the reason given for top_k; use temperature")
+        _check(
+            not self.lora.modules_to_save,
+            "lora.modules_to_save",
+            "must be empty in PPO: every role shares the base, so a module trained in full would change the "
+            "reference, the critic and the reward model too; train LoRA adapters only",
+        )
+        _check(
+            self.value_learning_rate is None or self.value_learning_rate > 0,
+            "value_learning_rate",
+            "must be > 0 or null",
+        )
+        _check(
+            self.value_max_grad_norm is None or self.value_max_grad_norm > 0,
+            "value_max_grad_norm",
+            "must be > 0 or null",
+        )
         _check(self.num_updates >= 1, "num_updates", "must be >= 1")
         _check(self.mini_batch_size >= 1, "mini_batch_size", "must be >= 1")
         _check(
@@ -710,7 +749,9 @@ class PPOConfig:
             "init_kl_coef",
             "must be > 0 with kl_target (the adaptive rule multiplies it)",
         )
-        _check(self.kl_horizon >= 1, "kl_horizon", "must be >= 1")
+        _check(
+            self.kl_horizon is None or self.kl_horizon >= 1, "kl_horizon", "must be >= 1 (or null: a tenth of the run)"
+        )
         _check(self.max_approx_kl is None or self.max_approx_kl > 0, "max_approx_kl", "must be > 0 or null")
         _check(self.score_clip is None or self.score_clip > 0, "score_clip", "must be > 0 or null")
         _check(self.missing_eos_penalty >= 0, "missing_eos_penalty", "must be >= 0 (it is subtracted)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -222,6 +222,7 @@ def sample_ids(
     pad_id: int,
     batch_size: int = 16,
     with_logprobs: bool = False,
+    precision: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> SampledIds:
     """Sample responses to tokenized prompts (see `SampledIds`).
 
@@ -245,7 +246,7 @@ def sample_ids(
     try:
         for start in range(0, len(prompt_ids), batch_size):
             ids, mask = left_pad(prompt_ids[start : start + batch_size], pad_id)
-            with mixed_precision(model):
+            with precision() if precision is not None else mixed_precision(model):
                 out = model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
                 )

@@ -6,9 +6,11 @@ models their own way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -617,9 +619,14 @@ def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def score_sequences(
-    model: torch.nn.Module, sequences: list[list[int]], pad_id: int, batch_size: int = 32
+    model: torch.nn.Module,
+    sequences: list[list[int]],
+    pad_id: int,
+    batch_size: int = 32,
+    precision: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> torch.Tensor:
-    """The scalar output for each token sequence (float32, on the CPU), in batches of similar lengths."""
+    """The scalar output for each token sequence (float32, on the CPU), in batches of similar lengths; under
+    `precision()` when given (PPO's one autocast), else `mixed_precision(model)`."""
     if not sequences:
         return torch.zeros(0)
     device = next(model.parameters()).device
@@ -631,7 +638,7 @@ def score_sequences(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             ids, mask = right_pad([sequences[i] for i in chunk], pad_id)
-            with mixed_precision(model):
+            with precision() if precision is not None else mixed_precision(model):
                 out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             scores[chunk] = out.logits.squeeze(-1).float().cpu()
     finally:
@@ -646,7 +653,8 @@ def reward_scores(
     responses: list[str],
     max_seq_len: int = 256,
     batch_size: int = 32,
+    precision: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> torch.Tensor:
     """Rewards of (prompt, response) texts, one float per pair."""
     sequences = [encode_reward_input(tokenizer, p, r, max_seq_len) for p, r in zip(prompts, responses, strict=True)]
-    return score_sequences(model, sequences, tokenizer.pad_token_id, batch_size)
+    return score_sequences(model, sequences, tokenizer.pad_token_id, batch_size, precision)

@@ -30,6 +30,12 @@ def test_overrides_take_precedence_over_recipe_and_defaults(tmp_path):
         ("sft.lora.r=0", "sft.lora.r: must be a positive integer"),
         ("pretrain=3", "'pretrain' must be a mapping"),
         ("nonsense", "is not key=value"),
+        ("ppo.top_k=50", "ppo.top_k: must be 0 in PPO"),
+        ("ppo.top_p=0.9", "ppo.top_p: must be 1.0 in PPO"),
+        ("ppo.lora.modules_to_save=[lm_head]", "ppo.lora.modules_to_save: must be empty in PPO"),
+        ("ppo.mixed_precision=fp16", "ppo.mixed_precision: 'fp16' is not valid; choose one of auto, no, bf16"),
+        ("ppo.value_learning_rate=0", "ppo.value_learning_rate: must be > 0 or null"),
+        ("ppo.kl_horizon=0", "ppo.kl_horizon: must be >= 1"),
     ],
 )
 def test_bad_override_names_the_dotted_key(override, fragment):

@@ -215,6 +215,8 @@ def test_ppo_end_to_end_trains_adapters_and_writes_final(reference, upstream, tm
     head = dict(critic.named_parameters())
     score = next(v for k, v in head.items() if k.endswith("score.modules_to_save.default.weight"))
     assert torch.equal(score.detach(), roles.value_head.weight.detach())
+    # the head's bias (its start on the normalised scale) is saved beside it; a bias-free score layer drops it
+    assert torch.equal(value["base_model.model.score.bias"], roles.value_head.bias.detach())
 
     stage = json.loads((final / "stage.json").read_text())
     assert stage["contents"] == "adapter" and stage["metrics"]["updates"] == 3 and stage["metrics"]["world_size"] == 1
@@ -273,18 +275,32 @@ def test_rollout_logprobs_from_generation_give_a_first_ratio_of_one(reference, u
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
 
 
-def test_value_head_starts_as_the_reward_head_on_the_normalised_scale(upstream):
-    from pipeline.config import LoraArgs, PPOConfig
-    from pipeline.ppo.roles import build_roles
+def test_value_head_starts_as_the_reward_head_on_the_normalised_scale(upstream, tmp_path):
+    """The critic's first prediction of a finished response's return is the reward model's score on PPO's scale,
+    (score - mean) / std, the mean included: weight / std and a bias of -mean / std."""
+    import shutil
 
-    reward = upstream / "reward" / "final"  # reward_stats.json: std 0.5
+    from pipeline.config import LoraArgs, PPOConfig
+    from pipeline.ppo.roles import REWARD, VALUE, build_roles, hidden_states, use_adapter
+
+    reward = tmp_path / "reward"
+    shutil.copytree(upstream / "reward" / "final", reward)
+    (reward / "reward_stats.json").write_text(json.dumps({"mean": 0.3, "std": 0.5}))
     score = load_file(reward / "adapter_model.safetensors")["base_model.model.score.weight"]
-    for normalization, std in (("reward_stats", 0.5), ("none", 1.0)):
+    ids = torch.tensor([[5, 9, 17, 23, 4, 11], [7, 7, 30, 2, 19, 8]])
+    mask = torch.ones_like(ids)
+    for normalization, mean, std in (("reward_stats", 0.3, 0.5), ("none", 0.0, 1.0)):
         pcfg = PPOConfig(reward_normalization=normalization, lora=LoraArgs(r=4, alpha=8))
         roles = build_roles(pcfg, str(upstream / "sft" / "final" / "merged"), str(reward), torch.device("cpu"))
-        # returns are built from (score - mean) / std, so the critic starts predicting scores divided by std
         assert torch.allclose(roles.value_head.weight.detach(), score / std)
-        assert roles.value_head.bias is None  # as the reward model's head: value/ still loads like it
+        assert torch.allclose(roles.value_head.bias.detach(), torch.tensor([-mean / std]))
+        with torch.no_grad():
+            with use_adapter(roles.model, REWARD):
+                raw = roles.reward.head(hidden_states(roles.model, ids, mask)[:, -1]).squeeze(-1)
+            with use_adapter(roles.model, VALUE):
+                value = roles.value_head(hidden_states(roles.model, ids, mask)[:, -1]).squeeze(-1)
+        assert raw.abs().min() > 1e-3  # a reward model that scores these sequences at all
+        assert torch.allclose(value, (raw - mean) / std, atol=1e-6)
 
 
 def _saved_tokenizer(tokenizer, tmp_path: Path) -> Path:

@@ -112,6 +112,7 @@ def _sample(
             tok.pad_token_id,
             batch,
             with_logprobs=adapter is not None,
+            precision=roles.numerics,
         )
     return out, decode_responses(tok, out.response_ids, out.response_mask)
 

@@ -205,13 +205,21 @@ def build_training(
 ) -> Training:
     pcfg, state = cfg.ppo, distributed_state()
     steps = pcfg.num_updates * pcfg.ppo_epochs * (pcfg.rollout_batch_size // pcfg.mini_batch_size)
-    optimizer, scheduler = build_optimizer(pcfg, roles.trainable_parameters(), steps)
+    optimizer, scheduler = build_optimizer(pcfg, roles.policy_parameters(), roles.critic_parameters(), steps)
     ptx = None
     if pcfg.ptx_coef > 0:
         texts = on_main(lambda: load_corpus_texts(inputs["ptx"]))
         ptx = PtxStream(texts, roles.tokenizer, pcfg.ptx_seq_len, seed, state.process_index, state.num_processes)
-    kl_ctl = build_kl_controller(pcfg.init_kl_coef, pcfg.kl_target, pcfg.kl_horizon)
+    kl_ctl = build_kl_controller(pcfg.init_kl_coef, pcfg.kl_target, kl_horizon(pcfg))
     return Training(optimizer, scheduler, kl_ctl, PromptSampler(len(prompts.records), seed), ptx)
+
+
+def kl_horizon(pcfg: Any) -> int:
+    """ppo.kl_horizon, or a tenth of the run's episodes: the adaptive coefficient can then move by up to e^2 (x7.4 or
+    /7.4) within the run, where a fixed 10,000 episodes (Ziegler et al.'s, for runs of millions) left it still."""
+    if pcfg.kl_horizon is not None:
+        return pcfg.kl_horizon
+    return max(1, pcfg.num_updates * pcfg.rollout_batch_size // 10)
 
 
 def resume(sdir: Path, roles: Roles, training: Training, seed: int, num_updates: int) -> Path | None:

@@ -53,12 +53,40 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[count, sum, sum of squares] of the masked entries, in float64: what `moments_to_mean_var` needs, and what
+    processes add up to whiten over the global batch (`pipeline.ppo.processes.global_moments`)."""
+    m = mask.to(torch.float64)
+    v = x.to(torch.float64) * m
+    return torch.stack([m.sum(), v.sum(), (v * v).sum()])
+
+
+def moments_to_mean_var(moments: torch.Tensor) -> tuple[float, float]:
+    """(mean, unbiased variance) from [count, sum, sum of squares]; [3, 6, 14] (entries 1, 2, 3) gives (2.0, 1.0)."""
+    n, total, squares = (float(v) for v in moments)
+    if n == 0:
+        return 0.0, 0.0
+    mean = total / n
+    var = max(squares / n - mean * mean, 0.0)
+    return mean, var * n / (n - 1) if n > 1 else var
+
+
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    moments: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(x - mean) / std over the masked entries; `shift_mean=False` only rescales (keeps the mean, as for rewards).
+    With `moments` ([count, sum, sum of squares], e.g. over every process's batch) the mean and variance are theirs.
 
     Masked-out positions come back as 0.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if moments is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        mean, var = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in moments_to_mean_var(moments))
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

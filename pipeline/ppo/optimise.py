@@ -1,5 +1,6 @@
 """One PPO update: `ppo_epochs` passes over a rollout batch in mini-batches, one optimiser step each.
 
+The policy and the critic are two optimiser groups (their own learning rates) clipped apart (their own norms).
 Each micro-batch runs the base twice with gradients: as the policy (clipped surrogate, optional entropy bonus and
 PPO-ptx term) and as the critic (clipped value loss); each pass is backpropagated at once, so only one graph is
 alive at a time. Non-finite losses or gradients on any process stop the update before the optimiser step.
@@ -21,11 +22,17 @@ from pipeline.ppo.roles import Roles
 from pipeline.ppo.rollout import Rollout, episode_inputs
 
 
-def build_optimizer(pcfg: Any, params: list[torch.nn.Parameter], total_steps: int) -> tuple[Any, Any]:
+def build_optimizer(
+    pcfg: Any, policy: list[torch.nn.Parameter], critic: list[torch.nn.Parameter], total_steps: int
+) -> tuple[Any, Any]:
+    """AdamW with two groups, the policy's (ppo.learning_rate) and the critic's (ppo.value_learning_rate), under one
+    schedule (each group's rate is multiplied by it)."""
     import transformers
 
+    value_lr = pcfg.value_learning_rate if pcfg.value_learning_rate is not None else pcfg.learning_rate
+    groups = [{"params": policy, "lr": pcfg.learning_rate}, {"params": critic, "lr": value_lr}]
     # eps 1e-5: the PPO implementation detail of the original code (Huang et al. 2022, "37 details", item 3)
-    optimizer = torch.optim.AdamW(params, lr=pcfg.learning_rate, eps=1e-5, weight_decay=pcfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=pcfg.learning_rate, eps=1e-5, weight_decay=pcfg.weight_decay)
     scheduler = transformers.get_scheduler(pcfg.lr_scheduler_type, optimizer, pcfg.warmup_steps, total_steps)
     return optimizer, scheduler
 
@@ -71,6 +78,7 @@ def ppo_update(
         "ptx_loss": 0.0,
         "steps": 0.0,
         "grad_norm": 0.0,
+        "value_grad_norm": 0.0,
     }
     stop = False
     for _ in range(pcfg.ppo_epochs):
@@ -128,7 +136,9 @@ def ppo_update(
             if sync_gradients(params, bad):
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFinite(f"policy loss {stats['policy_loss']:.4g}, value loss {stats['value_loss']:.4g}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, pcfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(roles.policy_parameters(), pcfg.max_grad_norm)
+            value_clip = pcfg.value_max_grad_norm if pcfg.value_max_grad_norm is not None else pcfg.max_grad_norm
+            value_grad_norm = torch.nn.utils.clip_grad_norm_(roles.critic_parameters(), value_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -136,6 +146,7 @@ def ppo_update(
             for key, value in stats.items():
                 totals[key] += value / world
             totals["grad_norm"] += float(grad_norm)
+            totals["value_grad_norm"] += float(value_grad_norm)
             totals["steps"] += 1
             if pcfg.max_approx_kl is not None and stats["approx_kl"] / world > pcfg.max_approx_kl:
                 stop = True  # every process sees the same all-reduced value, so they stop together

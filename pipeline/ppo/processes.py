@@ -22,6 +22,15 @@ def all_sum(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, tensor.tolist(), strict=True))
 
 
+def global_moments(moments: torch.Tensor) -> torch.Tensor:
+    """Per-process [count, sum, sum of squares] (`losses.masked_moments`) summed over processes."""
+    if distributed_state().num_processes == 1:
+        return moments
+    moments = moments.clone()
+    torch.distributed.all_reduce(moments)
+    return moments
+
+
 def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a 1-D tensor of equal length from every process."""
     if distributed_state().num_processes == 1:

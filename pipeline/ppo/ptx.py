@@ -76,7 +76,7 @@ class PtxStream:
 def pretraining_loss(roles: Roles, input_ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of the policy (adapter on) over packed corpus blocks."""
     mask = torch.ones_like(input_ids)
-    with use_adapter(roles.model, POLICY):
+    with use_adapter(roles.model, POLICY), roles.numerics():
         states = hidden_states(roles.model, input_ids, mask)[:, :-1]
         logits = lm_logits(roles.model.get_base_model(), states).float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))

@@ -44,11 +44,13 @@ from pipeline.modeling import (
     reward_scores,
     right_pad,
 )
+from pipeline.ppo.numerics import Numerics, build_numerics
 from pipeline.tokenizer import end_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 POLICY, VALUE, REWARD = "policy", "value", "reward"
+FULL_PRECISION = Numerics("cpu", None)
 HEAD_MODULES = ("score", "classifier")  # where peft's SEQ_CLS task keeps the scalar head
 
 
@@ -187,9 +189,12 @@ def load_adapter_weights(model: peft.PeftModel, name: str, lora: dict[str, torch
         )
 
 
-def scalar_head(hidden_size: int, state: dict[str, torch.Tensor] | None, device: torch.device) -> torch.nn.Linear:
-    """A [hidden] -> 1 linear head, from saved weights or zero (a fresh critic predicts 0 everywhere)."""
-    bias = state is not None and "bias" in state
+def scalar_head(
+    hidden_size: int, state: dict[str, torch.Tensor] | None, device: torch.device, bias: bool | None = None
+) -> torch.nn.Linear:
+    """A [hidden] -> 1 linear head, from saved weights or zero (a fresh critic predicts 0 everywhere); with a bias
+    when `bias` says so (default: when `state` has one; a bias missing from `state` starts at 0)."""
+    bias = state is not None and "bias" in state if bias is None else bias
     head = torch.nn.Linear(hidden_size, 1, bias=bias)
     with torch.no_grad():
         if state is None:
@@ -201,17 +206,16 @@ def scalar_head(hidden_size: int, state: dict[str, torch.Tensor] | None, device:
                 )
             head.weight.copy_(state["weight"].float())
             if bias:
-                head.bias.copy_(state["bias"].float())
+                head.bias.copy_(state["bias"].float() if "bias" in state else torch.zeros(1))
     return head.to(device)
 
 
-def rescaled_head_state(head: dict[str, torch.Tensor], std: float) -> dict[str, torch.Tensor]:
-    """A score head's weights divided by `std`: it then outputs scores on the scale of (score - mean) / std.
-
-    The mean is not subtracted: the head keeps its form (no bias, as the reward model's), so value/ still loads like
-    the reward model; a constant offset hardly moves whitened advantages, and the critic learns it.
-    """
-    return {key: value.float() / std for key, value in head.items()}
+def normalised_head_state(head: dict[str, torch.Tensor], mean: float, std: float) -> dict[str, torch.Tensor]:
+    """A score head that outputs (score - mean) / std, the scale of PPO's returns: weight / std, and a bias
+    (bias - mean) / std. The value head starts there, so its first errors are those of the reward model, not a
+    constant offset that GAE would put on each response's last token."""
+    bias = head["bias"].float() if "bias" in head else torch.zeros(1)
+    return {"weight": head["weight"].float() / std, "bias": (bias - mean) / std}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -315,10 +319,14 @@ def response_values(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     prompt_len: int,
+    numerics: Numerics = FULL_PRECISION,
 ) -> torch.Tensor:
-    """V(s_t) for each response token t: the value head on the state before the token, [batch, response_len]."""
-    states = hidden_states(model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
-    return head(states.to(head.weight.dtype)).squeeze(-1)
+    """V(s_t) for each response token t: the value head on the state before the token, [batch, response_len].
+    The body runs under `numerics`' autocast, the head in float32."""
+    with numerics():
+        states = hidden_states(model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
+    with numerics.full_precision():
+        return head(states.to(head.weight.dtype)).squeeze(-1)
 
 
 class SharedReward:
@@ -328,8 +336,16 @@ class SharedReward:
     re-tokenised response text, EOS) and reads the score at the last token.
     """
 
-    def __init__(self, model: peft.PeftModel, head: torch.nn.Linear, tokenizer: PreTrainedTokenizerBase, max_len: int):
+    def __init__(
+        self,
+        model: peft.PeftModel,
+        head: torch.nn.Linear,
+        tokenizer: PreTrainedTokenizerBase,
+        max_len: int,
+        numerics: Numerics = FULL_PRECISION,
+    ):
         self.model, self.head, self.tokenizer, self.max_len = model, head, tokenizer, max_len
+        self.numerics = numerics
 
     @torch.no_grad()
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int) -> torch.Tensor:
@@ -341,10 +357,11 @@ class SharedReward:
         for start in range(0, len(sequences), batch_size):
             ids, mask = right_pad(sequences[start : start + batch_size], self.tokenizer.pad_token_id)
             ids, mask = ids.to(self.head.weight.device), mask.to(self.head.weight.device)
-            with use_adapter(self.model, REWARD):
+            with use_adapter(self.model, REWARD), self.numerics():
                 states = hidden_states(self.model, ids, mask)
             pooled = states[torch.arange(len(ids), device=ids.device), mask.sum(1) - 1]
-            out.append(self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float().cpu())
+            with self.numerics.full_precision():
+                out.append(self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float().cpu())
         return torch.cat(out)
 
 
@@ -352,7 +369,10 @@ class SeparateReward:
     """A reward model with its own weights and tokenizer (a SEQ_CLS adapter on its own base, or a full model),
     fed the conversation re-tokenised with its own tokenizer."""
 
-    def __init__(self, path: str, quantize_4bit: bool, device: torch.device, max_len: int):
+    def __init__(
+        self, path: str, quantize_4bit: bool, device: torch.device, max_len: int, numerics: Numerics = FULL_PRECISION
+    ):
+        self.numerics = numerics
         self.model, self.tokenizer = load_reward_model(path, quantize_4bit=quantize_4bit)
         check_tokenizer(self.tokenizer, f"ppo.reward_model {path}")
         if not quantize_4bit:
@@ -361,7 +381,9 @@ class SeparateReward:
         self.max_len = max_len
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int) -> torch.Tensor:
-        return reward_scores(self.model, self.tokenizer, list(prompts), list(responses), self.max_len, batch_size)
+        return reward_scores(
+            self.model, self.tokenizer, list(prompts), list(responses), self.max_len, batch_size, self.numerics
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -380,28 +402,36 @@ class Roles:
     base_path: str
     reward_stats: dict[str, float] | None
     end_ids: list[int]  # every id that ends a response (EOS, the template's end of turn, generation_config's)
+    numerics: Numerics = FULL_PRECISION  # the autocast of every pass (pipeline/ppo/numerics.py)
+
+    def policy_parameters(self) -> list[torch.nn.Parameter]:
+        """The policy adapter's weights, in a fixed order."""
+        return [p for n, p in self.model.named_parameters() if f".{POLICY}." in n and "lora_" in n]
+
+    def critic_parameters(self) -> list[torch.nn.Parameter]:
+        """The value adapter's weights and the value head, in a fixed order."""
+        params = [p for n, p in self.critic.named_parameters() if f".{VALUE}." in n and "lora_" in n]
+        return params + list(self.value_head.parameters())
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Policy adapter, value adapter and value head, in a fixed order (the optimiser's and the checkpoint's)."""
-        params = [p for n, p in self.model.named_parameters() if f".{POLICY}." in n and "lora_" in n]
-        params += [p for n, p in self.critic.named_parameters() if f".{VALUE}." in n and "lora_" in n]
-        return params + list(self.value_head.parameters())
+        """Policy, then critic parameters (the optimiser's two groups and the checkpoint's order)."""
+        return self.policy_parameters() + self.critic_parameters()
 
     def frozen_base_parameters(self) -> dict[str, torch.Tensor]:
         """The shared base's own weights (never trained), by name."""
         return {n: p for n, p in self.model.named_parameters() if "lora_" not in n}
 
     def policy_logprobs(self, input_ids, attention_mask, prompt_len, temperature, with_entropy=False):
-        with use_adapter(self.model, POLICY):
+        with use_adapter(self.model, POLICY), self.numerics():
             return response_logprobs(self.model, input_ids, attention_mask, prompt_len, temperature, with_entropy)
 
     def reference_logprobs(self, input_ids, attention_mask, prompt_len, temperature):
-        with use_adapter(self.model, None):
+        with use_adapter(self.model, None), self.numerics():
             return response_logprobs(self.model, input_ids, attention_mask, prompt_len, temperature)[0]
 
     def values(self, input_ids, attention_mask, prompt_len):
         with use_adapter(self.critic, VALUE):
-            return response_values(self.critic, self.value_head, input_ids, attention_mask, prompt_len)
+            return response_values(self.critic, self.value_head, input_ids, attention_mask, prompt_len, self.numerics)
 
     def generation_model(self) -> peft.PeftModel:
         """The model to sample from, with the policy adapter active."""
@@ -449,16 +479,17 @@ def _add_critic(
         load_adapter_weights(critic, VALUE, reward.lora)
     hidden = base.config.get_text_config().hidden_size
     if pcfg.value_init != "reward":
-        return critic, scalar_head(hidden, None, device)
+        return critic, scalar_head(hidden, None, device, bias=True)
     head = reward.head
     stats = read_reward_stats(str(reward.path)) if pcfg.reward_normalization == "reward_stats" else None
     if stats is not None:  # the critic predicts returns built from normalised scores: start it on their scale
-        head = rescaled_head_state(head, stats["std"])
-    return critic, scalar_head(hidden, head, device)
+        head = normalised_head_state(head, stats["mean"], stats["std"])
+    return critic, scalar_head(hidden, head, device, bias=True)
 
 
 def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch.device) -> Roles:
     """Load the base once and put the policy, value and reward adapters on it (see the module docstring)."""
+    numerics = build_numerics(pcfg.mixed_precision, device)
     tokenizer = load_tokenizer(base_path)
     check_tokenizer(tokenizer, "ppo.policy_base")
     reward_adapter = _shared_reward_adapter(pcfg, base_path, reward_path)
@@ -475,9 +506,9 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
         model.add_adapter(REWARD, lora_config_of(reward_adapter))
         load_adapter_weights(model, REWARD, reward_adapter.lora)
         head = scalar_head(value_head.in_features, reward_adapter.head, device).requires_grad_(False)
-        reward: SharedReward | SeparateReward = SharedReward(model, head, tokenizer, reward_len)
+        reward: SharedReward | SeparateReward = SharedReward(model, head, tokenizer, reward_len, numerics)
     else:
-        reward = SeparateReward(reward_path, pcfg.finetune == "qlora", device, reward_len)
+        reward = SeparateReward(reward_path, pcfg.finetune == "qlora", device, reward_len, numerics)
     for part in (model, critic):
         _keep_trainable(part)
         part.eval()  # peft builds its wrappers in training mode
@@ -487,8 +518,9 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
         raise UserError(
             f"ppo.policy_base {base_path}: the pad token {tokenizer.pad_token!r} is one of its end ids {ends}"
         )
-    logger.info("ppo: responses end at any of the ids %s", ends)
-    return Roles(model, tokenizer, critic, value_head, reward, base_path, read_reward_stats(reward_path), ends)
+    logger.info("ppo: responses end at any of the ids %s; every pass computes in %s", ends, numerics.name)
+    stats = read_reward_stats(reward_path)
+    return Roles(model, tokenizer, critic, value_head, reward, base_path, stats, ends, numerics)
 
 
 def reward_max_len(pcfg: PPOConfig, reward_path: str) -> int:

@@ -26,9 +26,11 @@ from pipeline.ppo.losses import (
     gae_advantages,
     kl_per_token,
     masked_mean,
+    masked_moments,
     masked_whiten,
     shape_rewards,
 )
+from pipeline.ppo.processes import global_moments
 from pipeline.ppo.roles import Roles
 
 logger = logging.getLogger(__name__)
@@ -177,6 +179,7 @@ def collect_rollout(
         tokenizer.pad_token_id,
         pcfg.generation_batch_size,
         with_logprobs=from_generation,
+        precision=roles.numerics,
     )
     prompt_ids, prompt_mask = sampled.prompt_ids, sampled.prompt_mask
     response_ids, response_mask = sampled.response_ids, sampled.response_mask
@@ -261,16 +264,17 @@ def normalize_scores(
 
 
 def score_rollout(rollout: Rollout, normalized: torch.Tensor, kl_coef: float, pcfg: PPOConfig) -> Rollout:
-    """Per-token rewards, advantages and returns (Ziegler et al. 2019; GAE; whitening), filled into `rollout`."""
+    """Per-token rewards, advantages and returns (Ziegler et al. 2019; GAE; whitening over every process's
+    episodes), filled into `rollout`. Under several processes every one of them must call it (an all-reduce)."""
     mask = rollout.response_mask
     scores = apply_missing_eos_penalty(normalized, rollout.ended, pcfg.missing_eos_penalty)
     kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, pcfg.kl_estimator) * mask
     rewards, _ = shape_rewards(scores, kl, kl_coef, mask)
     if pcfg.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
+        rewards = masked_whiten(rewards, mask, shift_mean=False, moments=global_moments(masked_moments(rewards, mask)))
     advantages, returns = gae_advantages(rewards, rollout.values, mask, pcfg.gamma, pcfg.lam)
-    if pcfg.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+    if pcfg.whiten_advantages:  # over every process's episodes: the same scale for all of them
+        advantages = masked_whiten(advantages, mask, moments=global_moments(masked_moments(advantages, mask)))
     rollout.rewards, rollout.advantages, rollout.returns, rollout.kl = rewards, advantages, returns, kl
     rollout.normalized_scores = scores
     return rollout
