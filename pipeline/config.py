@@ -580,6 +580,14 @@ class PPOConfig:
         "reward",
         "Start the value adapter and head from the reward model's (needs a reward adapter on the same base; with reward_normalization=reward_stats the head is divided by its std, the scale of the returns), or fresh.",
     )
+    advantage: Literal["gae", "rloo", "grpo"] = _f(
+        "gae",
+        "'gae': a critic (value adapter and head) and GAE, the InstructGPT recipe; 'rloo': no critic, each response's reward (score minus the KL penalty) minus the mean of the other samples_per_prompt - 1 responses to its prompt (Ahmadian et al. 2024); 'grpo': no critic, the score normalised within its prompt's group, the KL to the reference as a loss term (k3, weighted by the KL coefficient; Shao et al. 2024).",
+    )
+    samples_per_prompt: int = _f(
+        1,
+        "Responses sampled per prompt in a rollout (the group of rloo and grpo, which need >= 2); rollout_batch_size counts responses.",
+    )
     finetune: Literal["lora", "qlora"] = _f(
         "lora",
         "LoRA adapters on the full-precision base, or QLoRA (4-bit NF4 base; the reference is then the quantised base).",
@@ -720,6 +728,18 @@ class PPOConfig:
             "must be > 0 or null",
         )
         _check(self.num_updates >= 1, "num_updates", "must be >= 1")
+        _check(
+            self.samples_per_prompt >= (1 if self.advantage == "gae" else 2),
+            "samples_per_prompt",
+            f"must be >= 2 with advantage={self.advantage} (its baseline is the other responses to the same prompt)"
+            if self.advantage != "gae"
+            else "must be >= 1",
+        )
+        _check(
+            self.rollout_batch_size % self.samples_per_prompt == 0,
+            "rollout_batch_size",
+            f"must be a multiple of samples_per_prompt ({self.samples_per_prompt}): it counts responses",
+        )
         _check(self.mini_batch_size >= 1, "mini_batch_size", "must be >= 1")
         _check(
             self.rollout_batch_size % self.mini_batch_size == 0,

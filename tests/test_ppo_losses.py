@@ -15,12 +15,15 @@ from pipeline.ppo.losses import (
     entropy_from_logits,
     explained_variance,
     gae_advantages,
+    grpo_advantages,
     kl_per_token,
     logprobs_from_logits,
     mask_after_eos,
     masked_mean,
     masked_var,
     masked_whiten,
+    rloo_advantages,
+    sequence_advantages_to_tokens,
     shape_rewards,
 )
 
@@ -170,3 +173,28 @@ def test_fixed_kl_controller_never_moves():
     ctl.update(100.0, 1000)
     assert ctl.value == 0.05
     assert isinstance(build_kl_controller(0.05, 6.0, 100), AdaptiveKLController)
+
+
+def test_rloo_advantage_is_the_reward_minus_the_mean_of_the_others_by_hand():
+    # group 1: rewards 1, 2, 3, 6 -> others' means 11/3, 10/3, 9/3, 6/3 -> advantages -8/3, -4/3, 0, 4
+    # group 2: rewards 0, 0, 0, 0 -> all 0
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 0.0])
+    assert close(rloo_advantages(rewards, 4), [-8 / 3, -4 / 3, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0])
+    # k = 2: each response's baseline is the other one: [5, 1] -> [4, -4]
+    assert close(rloo_advantages(torch.tensor([5.0, 1.0]), 2), [4.0, -4.0])
+    with pytest.raises(ValueError, match="k >= 2"):
+        rloo_advantages(torch.tensor([1.0, 2.0, 3.0]), 2)
+
+
+def test_grpo_advantage_is_the_score_normalised_within_its_group_by_hand():
+    # scores 1, 2, 3, 6: mean 3, deviations -2, -1, 0, 3, unbiased variance (4 + 1 + 0 + 9) / 3 = 14/3
+    std = math.sqrt(14 / 3)
+    expected = [-2 / (std + 1e-4), -1 / (std + 1e-4), 0.0, 3 / (std + 1e-4)]
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.5, 0.5, 0.5, 0.5])
+    assert close(grpo_advantages(scores, 4), expected + [0.0] * 4)  # an all-equal group teaches nothing
+    assert close(grpo_advantages(torch.tensor([1.0, 3.0]), 2), [-1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4)])
+
+
+def test_a_responses_advantage_lands_on_each_of_its_tokens():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert close(sequence_advantages_to_tokens(torch.tensor([2.0, -1.0]), mask), [[2.0, 2.0, 0.0], [-1.0, -1.0, -1.0]])

@@ -342,6 +342,52 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference, upstream, tmp
     assert [drop(r) for r in _metrics(tmp_path / "run")] == [drop(r) for r in _metrics(run_ref)]
 
 
+@pytest.mark.parametrize("advantage", ["rloo", "grpo"])
+def test_critic_free_advantages_train_resume_bit_for_bit_and_save_no_critic(upstream, tmp_path, advantage):
+    """rloo and grpo: two responses per prompt, no value adapter anywhere (checkpoints, final/); the first update's
+    figures are those of a policy that has not moved; a run killed after its first checkpoint resumes to the
+    uninterrupted run's adapter and metrics, bit for bit."""
+    from pipeline.ppo import loop
+
+    settings = dict(advantage=advantage, samples_per_prompt=2, mini_batch_size=4, gradient_accumulation_steps=1)
+    whole = tmp_path / "whole"
+    loop.run(load_config(_recipe(tmp_path / "whole.yaml", whole, upstream, **settings)))
+    records = _metrics(whole)
+    assert [r["update"] for r in records] == [1, 2, 3]
+    assert records[0]["clip_fraction"] == 0.0 and records[0]["approx_kl"] < 1e-8
+    assert all(r["value_loss"] == 0.0 and r["explained_variance"] is None for r in records)
+    assert any(r["policy_loss"] != 0.0 for r in records)
+    final = whole / "ppo" / "final"
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "value").exists()
+    assert not any((p / "value").exists() for p in (whole / "ppo").glob("checkpoint-*"))
+    policy = load_file(final / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in policy.items() if "lora_B" in k)  # it trained
+
+    recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, **settings)
+    sdir = tmp_path / "run" / "ppo"
+    first = start_rlhf("ppo", str(recipe), env=_subprocess_env())
+    assert signal_when(first, checkpoint_done(sdir, 1), timeout=180) == -signal.SIGKILL
+    assert not (sdir / "final").exists(), "killed too late"
+    second = run_rlhf("ppo", str(recipe), env=_subprocess_env(), timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr
+    resumed = load_file(sdir / "final" / "adapter_model.safetensors")
+    assert resumed.keys() == policy.keys() and all(torch.equal(resumed[k], policy[k]) for k in policy)
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("time")}  # noqa: E731
+    assert [drop(r) for r in _metrics(tmp_path / "run")] == [drop(r) for r in records]
+
+
+def test_critic_free_settings_are_checked_in_one_line():
+    from pipeline.config import PPOConfig
+
+    with pytest.raises(UserError, match="samples_per_prompt: must be >= 2 with advantage=rloo") as info:
+        load_config(None, ["ppo.advantage=rloo"])
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="rollout_batch_size: must be a multiple of samples_per_prompt"):
+        load_config(None, ["ppo.advantage=grpo", "ppo.samples_per_prompt=3", "ppo.rollout_batch_size=32"])
+    assert PPOConfig(advantage="grpo", samples_per_prompt=4).samples_per_prompt == 4
+
+
 def test_two_processes_train_with_world_size_two(upstream, tmp_path):
     # 2 epochs x 2 mini-batches could make 4 optimiser steps; the approximate-KL early stop ends each update after 2
     recipe = _recipe(

@@ -56,7 +56,8 @@ def save_checkpoint(
             shutil.rmtree(path)
         path.mkdir(parents=True)
         save_adapter(roles.model, POLICY, path / "policy", roles.base_path)
-        save_adapter(roles.critic, VALUE, path / "value", roles.base_path, head=roles.value_head)
+        if roles.critic is not None:
+            save_adapter(roles.critic, VALUE, path / "value", roles.base_path, head=roles.value_head)
         torch.save(train_state, path / "trainer_state.pt")
     state.wait_for_everyone()
     torch.save({**rank_state, "rng": rng_state()}, path / f"rank_{state.process_index}.pt")
@@ -77,11 +78,12 @@ def load_checkpoint(path: Path, roles: Roles) -> tuple[dict[str, Any], dict[str,
             "resume with the same number of processes, or use a new run_dir"
         )
     load_adapter_weights(roles.model, POLICY, load_file(str(path / "policy" / "adapter_model.safetensors")))
-    value = load_file(str(path / "value" / "adapter_model.safetensors"))
-    load_adapter_weights(roles.critic, VALUE, {k: v for k, v in value.items() if "lora_" in k})
-    with torch.no_grad():
-        for key, param in roles.value_head.named_parameters():
-            param.copy_(value[f"base_model.model.score.{key}"])
+    if roles.critic is not None:
+        value = load_file(str(path / "value" / "adapter_model.safetensors"))
+        load_adapter_weights(roles.critic, VALUE, {k: v for k, v in value.items() if "lora_" in k})
+        with torch.no_grad():
+            for key, param in roles.value_head.named_parameters():
+                param.copy_(value[f"base_model.model.score.{key}"])
     train_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
     return train_state, rank_state

@@ -244,11 +244,14 @@ def resume(sdir: Path, roles: Roles, training: Training, seed: int, num_updates:
 
 
 def _local_indices(training: Training, pcfg: Any) -> list[int]:
-    """This process's share of the next rollout batch of prompts (the sampler advances identically everywhere)."""
+    """This process's share of the next rollout batch: prompt indices, each repeated samples_per_prompt times in a
+    row (a prompt's group stays on one process; the sampler advances identically everywhere)."""
     state = distributed_state()
-    per_process = pcfg.rollout_batch_size // state.num_processes
-    indices = training.sampler.next_indices(pcfg.rollout_batch_size)
-    return indices[state.process_index * per_process : (state.process_index + 1) * per_process]
+    k = pcfg.samples_per_prompt
+    per_process = pcfg.rollout_batch_size // k // state.num_processes
+    indices = training.sampler.next_indices(pcfg.rollout_batch_size // k)
+    mine = indices[state.process_index * per_process : (state.process_index + 1) * per_process]
+    return [i for i in mine for _ in range(k)]
 
 
 def _gold_scores(judge: Judge | None, rollout: Rollout) -> torch.Tensor | None:
@@ -300,7 +303,9 @@ def train_update(
     sums = rollout_means(rollout)
     sums["gold_sum"] = float(gold_scores.sum()) if gold_scores is not None else 0.0
     sums["gold_sq_sum"] = float((gold_scores**2).sum()) if gold_scores is not None else 0.0
-    sums["explained_variance"] = float(explained_variance(rollout.values, rollout.returns, rollout.response_mask))
+    has_critic = roles.critic is not None
+    ev = explained_variance(rollout.values, rollout.returns, rollout.response_mask) if has_critic else 0.0
+    sums["explained_variance"] = float(ev)
     sums = all_sum(sums)
     episodes, tokens = sums["episodes"], sums["tokens"]
     record = {
@@ -315,7 +320,7 @@ def train_update(
         "response_length": sums["length_sum"] / episodes,
         "eos_rate": sums["eos_sum"] / episodes,
         "value_mean": sums["value_token_sum"] / tokens,
-        "explained_variance": sums["explained_variance"] / world,
+        "explained_variance": sums["explained_variance"] / world if has_critic else None,
         **stats,
         "learning_rate": training.scheduler.get_last_lr()[0],
         **rollout.timings,
@@ -374,10 +379,11 @@ def run(cfg: PipelineConfig, rerun: bool = False, round_no: int = 1) -> Path:
     pcfg, sdir, world = cfg.ppo, stage_dir(cfg, stage), state.num_processes
     inputs = resolve_inputs(cfg, round_no)
     _check_inputs(cfg, inputs)
-    if pcfg.rollout_batch_size % world or pcfg.mini_batch_size % world:
+    if pcfg.rollout_batch_size % (world * pcfg.samples_per_prompt) or pcfg.mini_batch_size % world:
         raise UserError(
-            f"ppo.rollout_batch_size ({pcfg.rollout_batch_size}) and ppo.mini_batch_size "
-            f"({pcfg.mini_batch_size}) must be multiples of the number of processes ({world})"
+            f"ppo.rollout_batch_size ({pcfg.rollout_batch_size}) must be a multiple of the number of processes "
+            f"({world}) times ppo.samples_per_prompt ({pcfg.samples_per_prompt}), and ppo.mini_batch_size "
+            f"({pcfg.mini_batch_size}) of the number of processes"
         )
     identity, done = begin_stage(cfg, stage, inputs, rerun)
     if done is not None:
@@ -524,7 +530,8 @@ def finish(
         with finishing(cfg, stage) as out:
             save_adapter(roles.model, POLICY, out, roles.base_path)
             roles.tokenizer.save_pretrained(str(out))
-            save_adapter(roles.critic, VALUE, out / "value", roles.base_path, head=roles.value_head)
+            if roles.critic is not None:
+                save_adapter(roles.critic, VALUE, out / "value", roles.base_path, head=roles.value_head)
             write_json_atomic(out / "eval.json", report)
             (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
             write_stage_json(out, identity, metrics, contents="adapter", extra={"rank_parameter_digests": digests})

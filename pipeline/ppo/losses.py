@@ -22,6 +22,9 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "gae_advantages",
+    "rloo_advantages",
+    "grpo_advantages",
+    "sequence_advantages_to_tokens",
     "clipped_policy_loss",
     "clipped_value_loss",
     "kl_per_token",
@@ -113,6 +116,38 @@ def gae_advantages(
         advantages[:, t] = last
     returns = (advantages + values) * mask
     return advantages, returns
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE with a leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics"): rows come
+    in groups of `k` consecutive episodes of one prompt; A_i = R_i - mean of the other k - 1 rewards of its group.
+
+    Example: rewards [1, 2, 3, 6], k = 4: baselines [11/3, 10/3, 3, 2], advantages [-8/3, -4/3, 0, 4].
+    """
+    if k < 2 or rewards.numel() % k:
+        raise ValueError(f"rloo needs groups of k >= 2 episodes; got {rewards.numel()} rewards and k = {k}")
+    grouped = rewards.view(-1, k)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def grpo_advantages(scores: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages (Shao et al. 2024, DeepSeekMath, outcome supervision): within each group of `k`
+    consecutive episodes of one prompt, (score - group mean) / (group std + eps), std with Bessel's correction.
+
+    Example: scores [1, 2, 3, 6], k = 4: mean 3, std sqrt(14/3) = 2.160, advantages [-0.926, -0.463, 0, 1.389].
+    A group of equal scores has advantage 0 everywhere.
+    """
+    if k < 2 or scores.numel() % k:
+        raise ValueError(f"grpo needs groups of k >= 2 episodes; got {scores.numel()} scores and k = {k}")
+    grouped = scores.view(-1, k)
+    mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True)
+    return ((grouped - mean) / (std + eps)).reshape(-1)
+
+
+def sequence_advantages_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A per-response advantage [batch] on every real token of its response, [batch, response_len]."""
+    return advantages.to(torch.float32).unsqueeze(1) * mask.to(torch.float32)
 
 
 def clipped_policy_loss(

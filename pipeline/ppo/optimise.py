@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pipeline.ppo.losses import clipped_policy_loss, clipped_value_loss, masked_mean
+from pipeline.ppo.losses import clipped_policy_loss, clipped_value_loss, kl_per_token, masked_mean
 from pipeline.ppo.processes import all_sum, sync_gradients
 from pipeline.ppo.ptx import PtxStream, pretraining_loss
 from pipeline.ppo.roles import Roles
@@ -30,7 +30,9 @@ def build_optimizer(
     import transformers
 
     value_lr = pcfg.value_learning_rate if pcfg.value_learning_rate is not None else pcfg.learning_rate
-    groups = [{"params": policy, "lr": pcfg.learning_rate}, {"params": critic, "lr": value_lr}]
+    groups = [{"params": policy, "lr": pcfg.learning_rate}]
+    if critic:  # none with advantage rloo / grpo
+        groups.append({"params": critic, "lr": value_lr})
     # eps 1e-5: the PPO implementation detail of the original code (Huang et al. 2022, "37 details", item 3)
     optimizer = torch.optim.AdamW(groups, lr=pcfg.learning_rate, eps=1e-5, weight_decay=pcfg.weight_decay)
     scheduler = transformers.get_scheduler(pcfg.lr_scheduler_type, optimizer, pcfg.warmup_steps, total_steps)
@@ -111,6 +113,9 @@ def ppo_update(
                     logprobs, old["logprobs"], old["advantages"], resp_mask, pcfg.cliprange
                 )
                 loss = pg_loss - (pcfg.entropy_coef * masked_mean(entropy, resp_mask) if entropy is not None else 0.0)
+                if rollout.kl_loss_coef > 0:  # grpo: the KL to the reference in the loss (k3, Shao et al. 2024)
+                    ref = rollout.ref_logprobs[rows, :r_len].to(device)
+                    loss = loss + rollout.kl_loss_coef * masked_mean(kl_per_token(logprobs, ref, "k3"), resp_mask)
                 if ptx is not None:
                     ptx_loss = pretraining_loss(roles, ptx.next_batch(pcfg.ptx_batch_size).to(device))
                     loss = loss + pcfg.ptx_coef * ptx_loss
@@ -118,13 +123,15 @@ def ppo_update(
                 bad |= not bool(torch.isfinite(loss))
                 (loss * weight).backward()
                 release_freed_memory()
-                values = roles.values(ids, mask, p_len)
-                vf_loss, vf_clip = clipped_value_loss(
-                    values, old["values"], old["returns"], resp_mask, pcfg.cliprange_value
-                )
-                bad |= not bool(torch.isfinite(vf_loss))
-                (pcfg.vf_coef * vf_loss * weight).backward()
-                release_freed_memory()
+                vf_loss, vf_clip = torch.zeros(()), torch.zeros(())
+                if roles.critic is not None:
+                    values = roles.values(ids, mask, p_len)
+                    vf_loss, vf_clip = clipped_value_loss(
+                        values, old["values"], old["returns"], resp_mask, pcfg.cliprange_value
+                    )
+                    bad |= not bool(torch.isfinite(vf_loss))
+                    (pcfg.vf_coef * vf_loss * weight).backward()
+                    release_freed_memory()
                 for key, value in (
                     ("policy_loss", pg_loss),
                     ("value_loss", vf_loss),

@@ -396,8 +396,8 @@ class Roles:
 
     model: peft.PeftModel
     tokenizer: PreTrainedTokenizerBase
-    critic: peft.PeftModel  # `model` itself unless critic_placement=separate
-    value_head: torch.nn.Linear
+    critic: peft.PeftModel | None  # `model` itself unless critic_placement=separate; None without a critic (rloo/grpo)
+    value_head: torch.nn.Linear | None
     reward: SharedReward | SeparateReward
     base_path: str
     reward_stats: dict[str, float] | None
@@ -409,7 +409,9 @@ class Roles:
         return [p for n, p in self.model.named_parameters() if f".{POLICY}." in n and "lora_" in n]
 
     def critic_parameters(self) -> list[torch.nn.Parameter]:
-        """The value adapter's weights and the value head, in a fixed order."""
+        """The value adapter's weights and the value head, in a fixed order (none without a critic)."""
+        if self.critic is None:
+            return []
         params = [p for n, p in self.critic.named_parameters() if f".{VALUE}." in n and "lora_" in n]
         return params + list(self.value_head.parameters())
 
@@ -500,16 +502,19 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
             f"ppo.policy_base {base_path}: the tokenizer has {len(tokenizer)} tokens, the model only {vocab}"
         )
     model = peft.get_peft_model(base, build_lora_config(pcfg.lora, base, "CAUSAL_LM"), adapter_name=POLICY)
-    critic, value_head = _add_critic(pcfg, model, base_path, reward_adapter, device)
+    critic, value_head = None, None
+    if pcfg.advantage == "gae":  # rloo and grpo take their baseline from the other responses to a prompt
+        critic, value_head = _add_critic(pcfg, model, base_path, reward_adapter, device)
     reward_len = reward_max_len(pcfg, reward_path)
     if reward_adapter is not None:
         model.add_adapter(REWARD, lora_config_of(reward_adapter))
         load_adapter_weights(model, REWARD, reward_adapter.lora)
-        head = scalar_head(value_head.in_features, reward_adapter.head, device).requires_grad_(False)
+        hidden = base.config.get_text_config().hidden_size
+        head = scalar_head(hidden, reward_adapter.head, device).requires_grad_(False)
         reward: SharedReward | SeparateReward = SharedReward(model, head, tokenizer, reward_len, numerics)
     else:
         reward = SeparateReward(reward_path, pcfg.finetune == "qlora", device, reward_len, numerics)
-    for part in (model, critic):
+    for part in {id(m): m for m in (model, critic) if m is not None}.values():
         _keep_trainable(part)
         part.eval()  # peft builds its wrappers in training mode
     activate_adapter(model, POLICY)

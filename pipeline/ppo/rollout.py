@@ -24,10 +24,14 @@ from pipeline.generation import SamplingArgs, decode_responses, sample_ids, toke
 from pipeline.ppo.losses import (
     apply_missing_eos_penalty,
     gae_advantages,
+    grpo_advantages,
     kl_per_token,
+    last_token_index,
     masked_mean,
     masked_moments,
     masked_whiten,
+    rloo_advantages,
+    sequence_advantages_to_tokens,
     shape_rewards,
 )
 from pipeline.ppo.processes import global_moments
@@ -135,6 +139,7 @@ class Rollout:
     returns: torch.Tensor | None = None
     kl: torch.Tensor | None = None  # per token, the penalty's estimator
     normalized_scores: torch.Tensor | None = None
+    kl_loss_coef: float = 0.0  # grpo: the weight of the k3 KL to the reference in the policy loss
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -199,7 +204,8 @@ def collect_rollout(
             lp, ent = roles.policy_logprobs(ids, mask, p_len, sampling.temperature, with_entropy=True)
             logprobs[rows, :r_len], entropy[rows, :r_len] = lp.float().cpu(), ent.float().cpu()
         ref_logprobs[rows, :r_len] = roles.reference_logprobs(ids, mask, p_len, sampling.temperature).float().cpu()
-        values[rows, :r_len] = roles.values(ids, mask, p_len).float().cpu()
+        if roles.critic is not None:
+            values[rows, :r_len] = roles.values(ids, mask, p_len).float().cpu()
     scores = roles.reward.score([r["prompt"] for r in records], texts, pcfg.forward_batch_size)
     done = time.perf_counter()
     timings = {"time_generate": generated - started, "time_score": done - generated}
@@ -269,14 +275,38 @@ def score_rollout(rollout: Rollout, normalized: torch.Tensor, kl_coef: float, pc
     mask = rollout.response_mask
     scores = apply_missing_eos_penalty(normalized, rollout.ended, pcfg.missing_eos_penalty)
     kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, pcfg.kl_estimator) * mask
+    rollout.kl, rollout.normalized_scores = kl, scores
+    if pcfg.advantage != "gae":
+        return _score_without_critic(rollout, scores, kl_coef, pcfg)
     rewards, _ = shape_rewards(scores, kl, kl_coef, mask)
     if pcfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False, moments=global_moments(masked_moments(rewards, mask)))
     advantages, returns = gae_advantages(rewards, rollout.values, mask, pcfg.gamma, pcfg.lam)
     if pcfg.whiten_advantages:  # over every process's episodes: the same scale for all of them
         advantages = masked_whiten(advantages, mask, moments=global_moments(masked_moments(advantages, mask)))
-    rollout.rewards, rollout.advantages, rollout.returns, rollout.kl = rewards, advantages, returns, kl
-    rollout.normalized_scores = scores
+    rollout.rewards, rollout.advantages, rollout.returns = rewards, advantages, returns
+    return rollout
+
+
+def _score_without_critic(rollout: Rollout, scores: torch.Tensor, kl_coef: float, pcfg: PPOConfig) -> Rollout:
+    """rloo: the reward of a response is its score minus the KL penalty summed over its tokens, and its advantage
+    that reward minus the mean of the other responses to its prompt (then whitened, with whiten_advantages). grpo:
+    the score normalised within its prompt's group; the KL is a loss term instead (`rollout.kl_loss_coef`). Every
+    token of a response gets its response's advantage; returns and values are 0 (no critic)."""
+    mask, k = rollout.response_mask, pcfg.samples_per_prompt
+    if pcfg.advantage == "rloo":
+        rewards = scores - kl_coef * rollout.kl.sum(1)
+        advantages = sequence_advantages_to_tokens(rloo_advantages(rewards, k), mask)
+        if pcfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask, moments=global_moments(masked_moments(advantages, mask)))
+    else:
+        rewards = scores
+        advantages = sequence_advantages_to_tokens(grpo_advantages(scores, k), mask)
+        rollout.kl_loss_coef = kl_coef
+    rollout.rewards = sequence_advantages_to_tokens(rewards, torch.zeros_like(mask))
+    rows = torch.arange(len(rewards))
+    rollout.rewards[rows, last_token_index(mask)] = rewards.float()  # the whole reward at the last token, for logs
+    rollout.advantages, rollout.returns = advantages, torch.zeros_like(advantages)
     return rollout
 
 
