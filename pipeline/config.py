@@ -584,6 +584,10 @@ class PPOConfig:
         "gae",
         "'gae': a critic (value adapter and head) and GAE, the InstructGPT recipe; 'rloo': no critic, each response's reward (score minus the KL penalty) minus the mean of the other samples_per_prompt - 1 responses to its prompt (Ahmadian et al. 2024); 'grpo': no critic, the score normalised within its prompt's group, the KL to the reference as a loss term (k3, weighted by the KL coefficient; Shao et al. 2024).",
     )
+    critic: Literal["adapter", "trunk"] = _f(
+        "adapter",
+        "With advantage=gae: 'adapter', a value adapter of its own on the shared base (value_init, critic_placement); 'trunk', a fresh value head on the policy's own final hidden states (lm-human-preferences): its values come from the sampling pass, and one forward and one backward serve the policy and value losses (the value loss also trains the policy adapter).",
+    )
     samples_per_prompt: int = _f(
         1,
         "Responses sampled per prompt in a rollout (the group of rloo and grpo, which need >= 2); rollout_batch_size counts responses.",
@@ -728,6 +732,11 @@ class PPOConfig:
             "must be > 0 or null",
         )
         _check(self.num_updates >= 1, "num_updates", "must be >= 1")
+        _check(
+            self.critic == "adapter" or self.critic_placement == "shared",
+            "critic_placement",
+            "must be shared with critic=trunk (the value head reads the policy's own states)",
+        )
         _check(
             self.samples_per_prompt >= (1 if self.advantage == "gae" else 2),
             "samples_per_prompt",

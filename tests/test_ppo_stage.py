@@ -377,6 +377,61 @@ def test_critic_free_advantages_train_resume_bit_for_bit_and_save_no_critic(upst
     assert [drop(r) for r in _metrics(tmp_path / "run")] == [drop(r) for r in records]
 
 
+def test_trunk_critic_reads_the_sampling_pass_and_trains_with_the_policy(upstream, tmp_path, tiny_tokenizer):
+    """critic=trunk: the values a rollout takes from the sampling pass's states equal those of a full forward; a run
+    trains the head and the policy adapter through one backward, saves the head alone, and resumes exactly."""
+    import dataclasses
+
+    from pipeline.generation import SamplingArgs, tokenize_prompts
+    from pipeline.ppo import loop
+    from pipeline.ppo.roles import build_roles
+    from pipeline.ppo.rollout import PromptSet, collect_rollout, episode_inputs
+
+    settings = dict(critic="trunk", mini_batch_size=4, gradient_accumulation_steps=1)
+    cfg = load_config(_recipe(tmp_path / "whole.yaml", tmp_path / "whole", upstream, **settings))
+    merged, reward = upstream / "sft" / "final" / "merged", upstream / "reward" / "final"
+    roles = build_roles(cfg.ppo, str(merged), str(reward), torch.device("cpu"))
+    assert roles.trunk_critic and roles.critic_parameters() == list(roles.value_head.parameters())
+    with torch.no_grad():
+        roles.value_head.weight.normal_(0, 1.0)  # a head that reads the states at all
+        for param in roles.policy_parameters():
+            param.normal_(0, 0.2)
+    texts = ["The capital of", "Veloria exports", "Hello", "What is"]
+    prompts = PromptSet([{"prompt": t} for t in texts], tokenize_prompts(tiny_tokenizer, texts))
+    torch.manual_seed(3)
+    rollout = collect_rollout(roles, prompts, range(4), SamplingArgs(6), cfg.ppo, torch.device("cpu"))
+    ids, mask, p_len, r_len = episode_inputs(
+        rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, torch.arange(4)
+    )
+    with torch.no_grad():
+        _, _, values = roles.policy_logprobs_and_values(ids, mask, p_len, 1.0)
+    keep = rollout.response_mask[:, :r_len].bool()
+    assert rollout.values[:, :r_len][keep].abs().min() > 1e-4
+    assert torch.allclose(rollout.values[:, :r_len][keep], values[keep], atol=1e-5)
+    torch.manual_seed(3)
+    recomputed = collect_rollout(
+        roles, prompts, range(4), SamplingArgs(6), dataclasses.replace(cfg.ppo, rollout_logprobs="recompute"), "cpu"
+    )
+    assert torch.allclose(recomputed.values[keep], rollout.values[keep], atol=1e-5)
+
+    loop.run(cfg)
+    records = _metrics(tmp_path / "whole")
+    assert records[0]["clip_fraction"] == 0.0 and all(r["value_loss"] > 0 for r in records)
+    head = load_file(tmp_path / "whole" / "ppo" / "final" / "value" / "value_head.safetensors")
+    assert head["weight"].abs().sum() > 0 and set(head) == {"weight", "bias"}  # started at zero, trained
+    assert not (tmp_path / "whole" / "ppo" / "final" / "value" / "adapter_model.safetensors").exists()
+
+    recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, **settings)
+    sdir = tmp_path / "run" / "ppo"
+    first = start_rlhf("ppo", str(recipe), env=_subprocess_env())
+    assert signal_when(first, checkpoint_done(sdir, 1), timeout=180) == -signal.SIGKILL
+    second = run_rlhf("ppo", str(recipe), env=_subprocess_env(), timeout=300)
+    assert second.returncode == 0 and "resuming from" in second.stderr, second.stderr[-3000:]
+    for name in ("adapter_model.safetensors", "value/value_head.safetensors"):
+        resumed, whole = load_file(sdir / "final" / name), load_file(tmp_path / "whole" / "ppo" / "final" / name)
+        assert all(torch.equal(resumed[k], whole[k]) for k in whole), name
+
+
 def test_critic_free_settings_are_checked_in_one_line():
     from pipeline.config import PPOConfig
 

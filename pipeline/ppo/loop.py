@@ -49,7 +49,7 @@ from pipeline.ppo.losses import explained_variance
 from pipeline.ppo.optimise import NonFinite, build_optimizer, ppo_update
 from pipeline.ppo.processes import all_gather_tensor, all_sum
 from pipeline.ppo.ptx import PtxStream, load_corpus_texts
-from pipeline.ppo.roles import POLICY, VALUE, Roles, build_roles, save_adapter
+from pipeline.ppo.roles import POLICY, Roles, build_roles, save_adapter, save_critic
 from pipeline.ppo.rollout import (
     PromptSampler,
     PromptSet,
@@ -530,8 +530,7 @@ def finish(
         with finishing(cfg, stage) as out:
             save_adapter(roles.model, POLICY, out, roles.base_path)
             roles.tokenizer.save_pretrained(str(out))
-            if roles.critic is not None:
-                save_adapter(roles.critic, VALUE, out / "value", roles.base_path, head=roles.value_head)
+            save_critic(roles, out / "value")
             write_json_atomic(out / "eval.json", report)
             (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
             write_stage_json(out, identity, metrics, contents="adapter", extra={"rank_parameter_digests": digests})

@@ -108,7 +108,14 @@ def ppo_update(
                     k: getattr(rollout, k)[rows, :r_len].to(device)
                     for k in ("logprobs", "advantages", "values", "returns")
                 }
-                logprobs, entropy = roles.policy_logprobs(ids, mask, p_len, pcfg.temperature, pcfg.entropy_coef > 0)
+                if roles.trunk_critic:  # one forward and one backward for both losses
+                    logprobs, entropy, values = roles.policy_logprobs_and_values(
+                        ids, mask, p_len, pcfg.temperature, pcfg.entropy_coef > 0
+                    )
+                else:
+                    logprobs, entropy = roles.policy_logprobs(
+                        ids, mask, p_len, pcfg.temperature, pcfg.entropy_coef > 0
+                    )
                 pg_loss, clip_fraction, approx_kl = clipped_policy_loss(
                     logprobs, old["logprobs"], old["advantages"], resp_mask, pcfg.cliprange
                 )
@@ -120,11 +127,16 @@ def ppo_update(
                     ptx_loss = pretraining_loss(roles, ptx.next_batch(pcfg.ptx_batch_size).to(device))
                     loss = loss + pcfg.ptx_coef * ptx_loss
                     stats["ptx_loss"] += weight * float(ptx_loss)
+                vf_loss, vf_clip = torch.zeros(()), torch.zeros(())
+                if roles.trunk_critic:
+                    vf_loss, vf_clip = clipped_value_loss(
+                        values, old["values"], old["returns"], resp_mask, pcfg.cliprange_value
+                    )
+                    loss = loss + pcfg.vf_coef * vf_loss
                 bad |= not bool(torch.isfinite(loss))
                 (loss * weight).backward()
                 release_freed_memory()
-                vf_loss, vf_clip = torch.zeros(()), torch.zeros(())
-                if roles.critic is not None:
+                if roles.critic is not None and not roles.trunk_critic:
                     values = roles.values(ids, mask, p_len)
                     vf_loss, vf_clip = clipped_value_loss(
                         values, old["values"], old["returns"], resp_mask, pcfg.cliprange_value
