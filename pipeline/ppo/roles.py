@@ -44,6 +44,7 @@ from pipeline.modeling import (
     reward_scores,
     right_pad,
 )
+from pipeline.ppo.lean_lora import use_lean_lora
 from pipeline.ppo.numerics import Numerics, build_numerics
 from pipeline.tokenizer import end_ids, load_tokenizer
 
@@ -570,6 +571,7 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
     else:
         reward = SeparateReward(reward_path, pcfg.finetune == "qlora", device, reward_len, numerics)
     for part in {id(m): m for m in (model, critic) if m is not None}.values():
+        use_lean_lora(part)  # the same LoRA function with two fewer full-size tensor ops per layer
         _keep_trainable(part)
         part.eval()  # peft builds its wrappers in training mode
     activate_adapter(model, POLICY)
