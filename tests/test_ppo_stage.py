@@ -473,9 +473,11 @@ def test_two_processes_train_with_world_size_two(upstream, tmp_path):
     assert [(r["optimizer_steps"], r["early_stopped"]) for r in records] == [(2.0, 1.0), (2.0, 1.0)]
 
 
-def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokenizer, precision):
     """The options off the default path in one short run: a 4-bit NF4 base, a reward model with its own weights
-    (fed re-tokenised text), a critic on its own copy of the base, started fresh."""
+    (fed re-tokenised text), a critic on its own copy of the base, started fresh; in float32 and under bf16
+    autocast (the first update then still clips nothing)."""
     import bitsandbytes as bnb
 
     from pipeline.ppo import loop
@@ -483,7 +485,13 @@ def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokeniz
 
     _save_upstream(tmp_path / "up", tiny_tokenizer, hidden_size=64, intermediate_size=128)  # 4-bit needs rows of 64
     options = dict(
-        num_updates=1, finetune="qlora", reward_placement="separate", critic_placement="separate", value_init="fresh"
+        num_updates=1,
+        finetune="qlora",
+        reward_placement="separate",
+        critic_placement="separate",
+        value_init="fresh",
+        mixed_precision=precision,
+        mini_batch_size=4,
     )
     cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", tmp_path / "up", **options))
     captured, build = {}, loop.build_roles
@@ -498,8 +506,10 @@ def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokeniz
     assert roles.critic is not roles.model and isinstance(roles.reward, SeparateReward)
     assert set(roles.model.peft_config) == {"policy"} and set(roles.critic.peft_config) == {"value"}
     assert roles.value_head.weight.abs().sum() > 0  # started at zero, trained
+    assert roles.numerics.name == precision
     record = _metrics(tmp_path / "run")[0]
     assert all(record[k] == record[k] for k in ("policy_loss", "value_loss", "rm_score", "kl"))
+    assert record["clip_fraction"] == 0.0 and abs(record["kl"]) < 0.05, record
     assert (final / "value" / "adapter_model.safetensors").is_file()
 
 
