@@ -4,7 +4,8 @@ peft computes `result + lora_B(lora_A(x)) * scaling`: the scaling multiplies a [
 the add makes another one, two memory-bound passes over a tensor as large as the layer's output, in every linear
 of every pass (generation, policy, reference is exempt, value, reward). Here the scaling multiplies the rank-r
 intermediate instead (`lora_B(lora_A(x) * scaling)`, the same product), and the add is fused into the B matmul
-(`addmm(result, h, B^T)`: the GEMM starts from `result`). The outputs agree to float rounding; the gradients too.
+(`addmm(result, h, B^T)`: the GEMM starts from `result`), and under autocast x is not first copied to float32.
+The outputs agree to float rounding; the gradients too.
 
 Only plain LoRA layers (`peft.tuners.lora.layer.Linear`, no DoRA or other variant, no bias on B) take this path,
 and only when the output and B share a dtype or autocast is on; everything else (4-bit layers, mixed-adapter
@@ -30,7 +31,10 @@ def _lean_forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) 
     autocast = torch.is_autocast_enabled(x.device.type)
     for name in active:
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        h = lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype))) * self.scaling[name]
+        # under autocast the matmul casts x to bf16 anyway: no float32 copy of x first (peft makes one, a
+        # round trip that changes no value but costs a pass over x per layer)
+        x_in = x if autocast else x.to(lora_a.weight.dtype)
+        h = lora_a(self.lora_dropout[name](x_in)) * self.scaling[name]
         if autocast or result.dtype == lora_b.weight.dtype:
             flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t())
             result = flat.view(result.shape)
