@@ -30,6 +30,8 @@ def test_overrides_take_precedence_over_recipe_and_defaults(tmp_path):
         ("sft.lora.r=0", "sft.lora.r: must be a positive integer"),
         ("pretrain=3", "'pretrain' must be a mapping"),
         ("nonsense", "is not key=value"),
+        ("ppo.micro_batch_tokens=-1", "ppo.micro_batch_tokens: must be >= 0"),
+        ("ppo.gradient_checkpointing=maybe", "ppo.gradient_checkpointing: expected"),
     ],
 )
 def test_bad_override_names_the_dotted_key(override, fragment):
@@ -38,6 +40,12 @@ def test_bad_override_names_the_dotted_key(override, fragment):
     message = str(info.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_token_budget_with_gradient_accumulation_is_refused_naming_both():
+    with pytest.raises(UserError, match=r"ppo.gradient_accumulation_steps: must be 1 with ppo.micro_batch_tokens"):
+        load_config(None, ["ppo.micro_batch_tokens=4096", "ppo.gradient_accumulation_steps=2"])
+    assert load_config(None, ["ppo.micro_batch_tokens=4096"]).ppo.micro_batch_tokens == 4096
 
 
 def test_missing_and_malformed_recipes_are_user_errors(tmp_path):

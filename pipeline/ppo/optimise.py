@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from pipeline.ppo.losses import clipped_policy_loss, clipped_value_loss, masked_mean
+from pipeline.ppo.memory import set_gradient_checkpointing, split_micro_batches, token_weights
 from pipeline.ppo.processes import all_sum, sync_gradients
 from pipeline.ppo.ptx import PtxStream, pretraining_loss
 from pipeline.ppo.roles import Roles
@@ -62,6 +63,8 @@ def ppo_update(
     mb_local = pcfg.mini_batch_size // world
     micro = max(1, mb_local // pcfg.gradient_accumulation_steps)
     device = params[0].device
+    set_gradient_checkpointing((roles.model, roles.critic), pcfg.gradient_checkpointing)
+    prompt_lengths, response_lengths = rollout.prompt_mask.sum(1), rollout.response_mask.sum(1)
     totals = {
         "policy_loss": 0.0,
         "value_loss": 0.0,
@@ -86,9 +89,11 @@ def ppo_update(
                 "ptx_loss": 0.0,
             }
             bad = False
-            for m_start in range(0, len(batch), micro):
-                rows = batch[m_start : m_start + micro]
-                weight = len(rows) / len(batch)
+            micro_batches = split_micro_batches(
+                batch, prompt_lengths, response_lengths, micro, pcfg.micro_batch_tokens
+            )
+            # token-mean losses weighted by token share: the mini-batch's token mean, however it is cut
+            for rows, weight in zip(micro_batches, token_weights(rollout.response_mask, micro_batches), strict=True):
                 ids, mask, p_len, r_len = episode_inputs(
                     rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, rows
                 )
@@ -103,12 +108,13 @@ def ppo_update(
                     logprobs, old["logprobs"], old["advantages"], resp_mask, pcfg.cliprange
                 )
                 loss = pg_loss - (pcfg.entropy_coef * masked_mean(entropy, resp_mask) if entropy is not None else 0.0)
-                if ptx is not None:
+                loss = loss * weight
+                if ptx is not None:  # equal ptx blocks per micro-batch: their plain mean
                     ptx_loss = pretraining_loss(roles, ptx.next_batch(pcfg.ptx_batch_size).to(device))
-                    loss = loss + pcfg.ptx_coef * ptx_loss
-                    stats["ptx_loss"] += weight * float(ptx_loss)
+                    loss = loss + pcfg.ptx_coef * ptx_loss / len(micro_batches)
+                    stats["ptx_loss"] += float(ptx_loss) / len(micro_batches)
                 bad |= not bool(torch.isfinite(loss))
-                (loss * weight).backward()
+                loss.backward()
                 release_freed_memory()
                 values = roles.values(ids, mask, p_len)
                 vf_loss, vf_clip = clipped_value_loss(
