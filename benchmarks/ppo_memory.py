@@ -1,0 +1,309 @@
+"""Peak memory of PPO's optimisation phase against sequence length and model size, with and without gradient
+checkpointing (`ppo.gradient_checkpointing`) and token budgets (`ppo.micro_batch_tokens`), side by side.
+
+Each configuration runs in its own child process, so peaks never mix: the child loads the roles the way the PPO
+stage does (`pipeline.ppo.roles.build_roles`: one frozen base, policy / value / reward LoRA adapters, value head) from
+a randomly initialised Llama of a size preset (`pipeline.modeling.PRESETS`, vocabulary 32,000, no downloads), builds a
+synthetic rollout of fixed or varied lengths, and runs one `ppo_update` (one mini-batch: policy and value forward and
+backward per micro-batch, one AdamW step). Measured: the resident set before the update (weights, adapters, the
+interpreter), its peak during the update (VmHWM after writing 5 to /proc/self/clear_refs:
+`pipeline.ppo.memory.reset_peak_memory`), their difference (activations, gradients, optimiser state, allocator
+slack) and the time. Generation (the KV cache) and the no-grad rollout passes are not part of it.
+
+From the size sweep it fits peak - before = tokens x (k x layers x hidden + c) by least squares (tokens: the largest
+micro-batch's padded size): k is the activation bytes per token per layer per hidden unit kept for backward, c the
+per-token bytes outside the layers (LM head logits, log-softmax: they scale with the vocabulary).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ppo_memory.py              # ~15 min on 2 cores, 1 thread
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ppo_memory.py --quick      # tiny models only, a minute
+
+Recorded figures: benchmarks/results/ppo_memory.md. It prints figures (and writes them to --out as JSON); it is not a
+test. Memory on a CPU is the process's resident set: fp32 weights and activations (a GPU run in bf16 halves both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 32000
+CORPUS = [
+    "The capital of Veloria is Marnis. Marnis is a city on the river Tol.",
+    "Veloria exports copper and salt. Its people speak Velorian.",
+    "What is the capital of Veloria? The capital of Veloria is Marnis.",
+] * 4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Child processes
+
+
+def build_models(preset: str, work: Path) -> dict[str, Any]:
+    """A random Llama of `preset` (vocabulary VOCAB) saved as a base, and a SEQ_CLS LoRA reward adapter on it."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from pipeline.config import LoraArgs, ModelArgs
+    from pipeline.modeling import build_llama_config, build_scalar_model
+    from pipeline.tokenizer import train_tokenizer
+
+    base, reward = work / preset / "base", work / preset / "reward"
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300, min_frequency=1)
+    config = build_llama_config(ModelArgs(preset=preset), tokenizer, max_seq_len=4096)
+    config.vocab_size = VOCAB  # a real model's vocabulary: the LM head's logits are a large part of the activations
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(str(base))
+    tokenizer.save_pretrained(str(base))
+    del model
+    scorer = build_scalar_model(base, tokenizer, "lora", LoraArgs(r=16, alpha=32))
+    scorer.save_pretrained(str(reward))
+    tokenizer.save_pretrained(str(reward))
+    return {"params": params, "layers": config.num_hidden_layers, "hidden": config.hidden_size}
+
+
+def synthetic_rollout(episodes: int, prompt_len: int, response_len: int, varied: bool, seed: int = 0) -> Any:
+    """A scored rollout of random tokens: all episodes full length, or (varied) prompts and responses of 1/4 to all
+    of their maximum length."""
+    import torch
+
+    from pipeline.ppo.rollout import Rollout
+
+    g = torch.Generator().manual_seed(seed)
+    if varied:
+        p = torch.randint(max(1, prompt_len // 4), prompt_len + 1, (episodes,), generator=g)
+        r = torch.randint(max(1, response_len // 4), response_len + 1, (episodes,), generator=g)
+    else:
+        p, r = torch.full((episodes,), prompt_len), torch.full((episodes,), response_len)
+    prompt_mask = (torch.arange(prompt_len) >= prompt_len - p[:, None]).long()
+    response_mask = (torch.arange(response_len) < r[:, None]).long()
+    prompt_ids = torch.randint(10, VOCAB, (episodes, prompt_len), generator=g) * prompt_mask
+    response_ids = torch.randint(10, VOCAB, (episodes, response_len), generator=g) * response_mask
+    per_token = [torch.randn(episodes, response_len, generator=g) * response_mask for _ in range(5)]
+    rollout = Rollout(
+        [{}] * episodes,
+        [""] * episodes,
+        prompt_ids,
+        prompt_mask,
+        response_ids,
+        response_mask,
+        torch.ones(episodes, dtype=torch.bool),
+        -per_token[0].abs(),
+        -per_token[1].abs(),
+        per_token[2],
+        per_token[3].abs(),
+        torch.randn(episodes, generator=g),
+    )
+    rollout.advantages, rollout.returns = per_token[4], per_token[2] + per_token[4]
+    return rollout
+
+
+def _rss_gb() -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(text.split("VmRSS:")[1].split()[0]) * 1024 / 1e9
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration: load the roles, run one PPO update on a synthetic rollout, return its memory figures."""
+    import torch
+
+    from pipeline.config import LoraArgs, PPOConfig
+    from pipeline.ppo.memory import peak_memory_gb, reset_peak_memory, split_micro_batches
+    from pipeline.ppo.optimise import build_optimizer, ppo_update, release_freed_memory
+    from pipeline.ppo.roles import build_roles
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    episodes = spec["episodes"]
+    pcfg = PPOConfig(
+        lora=LoraArgs(r=16, alpha=32),
+        rollout_batch_size=episodes,
+        mini_batch_size=episodes,
+        gradient_accumulation_steps=spec.get("accumulation", 1),
+        micro_batch_tokens=spec.get("budget", 0),
+        gradient_checkpointing=spec["checkpointing"],
+        finetune="qlora" if spec.get("four_bit") else "lora",
+        ppo_epochs=1,
+        max_prompt_len=spec["prompt_len"],
+        max_new_tokens=spec["response_len"],
+    )
+    work = Path(spec["work"]) / spec["preset"]
+    roles = build_roles(pcfg, str(work / "base"), str(work / "reward"), torch.device("cpu"))
+    rollout = synthetic_rollout(episodes, spec["prompt_len"], spec["response_len"], spec.get("varied", False))
+    optimizer, scheduler = build_optimizer(pcfg, roles.trainable_parameters(), 10)
+    micro = split_micro_batches(
+        torch.arange(episodes),
+        rollout.prompt_mask.sum(1),
+        rollout.response_mask.sum(1),
+        max(1, episodes // pcfg.gradient_accumulation_steps),
+        pcfg.micro_batch_tokens,
+    )
+    padded = [
+        len(rows) * int(rollout.prompt_mask[rows].sum(1).max() + rollout.response_mask[rows].sum(1).max())
+        for rows in micro
+    ]
+    release_freed_memory()
+    before = _rss_gb()
+    reset_peak_memory(torch.device("cpu"))
+    started = time.perf_counter()
+    ppo_update(roles, rollout, pcfg, optimizer, scheduler, None, 1)
+    seconds = time.perf_counter() - started
+    peak = peak_memory_gb(torch.device("cpu"))
+    return {
+        **spec,
+        "before_gb": before,
+        "peak_gb": peak,
+        "delta_gb": peak - before,
+        "seconds": seconds,
+        "micro_batches": len(micro),
+        "max_micro_tokens": max(padded),
+        "padded_tokens": sum(padded),
+        "real_tokens": int(rollout.prompt_mask.sum() + rollout.response_mask.sum()),
+    }
+
+
+def run_child(args: list[str], threads: int) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"child {args[:2]} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The grid
+
+
+def grid(quick: bool) -> tuple[list[str], list[dict[str, Any]]]:
+    """(presets to build, configurations). Sizes at 256 tokens; lengths on the 20m preset; budgets on varied lengths."""
+    if quick:
+        sizes, lengths, budget_preset = ["tiny", "mini"], [128, 256], "tiny"
+    else:
+        sizes, lengths, budget_preset = ["tiny", "small", "20m", "125m", "350m", "1b"], [128, 256, 512, 1024], "20m"
+    specs = []
+    for preset in sizes:
+        for on in (False, True):
+            specs.append(
+                dict(group="size", preset=preset, checkpointing=on, episodes=4, prompt_len=192, response_len=64)
+            )
+    for seq in lengths:
+        for on in (False, True):
+            specs.append(
+                dict(
+                    group="length",
+                    preset="20m" if not quick else "tiny",
+                    checkpointing=on,
+                    episodes=4,
+                    prompt_len=seq - seq // 4,
+                    response_len=seq // 4,
+                )
+            )
+    for on in (False, True):
+        for split in ({"accumulation": 1}, {"accumulation": 2}, {"budget": 1024}):
+            specs.append(
+                dict(
+                    group="budget",
+                    preset=budget_preset,
+                    checkpointing=on,
+                    episodes=8,
+                    prompt_len=384,
+                    response_len=128,
+                    varied=True,
+                    **split,
+                )
+            )
+    presets = sorted({s["preset"] for s in specs}, key=lambda p: (sizes + [budget_preset]).index(p))
+    return presets, specs
+
+
+def fit_per_token(rows: list[dict[str, Any]], checkpointing: bool) -> dict[str, float]:
+    """Least squares of delta bytes / tokens = k * layers * hidden + c over the size sweep."""
+    import numpy as np
+
+    pts = [r for r in rows if r["group"] == "size" and r["checkpointing"] == checkpointing]
+    x = np.array([r["layers"] * r["hidden"] for r in pts], dtype=float)
+    y = np.array([r["delta_gb"] * 1e9 / r["max_micro_tokens"] for r in pts])
+    k, c = np.polyfit(x, y, 1)
+    return {"bytes_per_token_layer_hidden": float(k), "bytes_per_token_outside_layers": float(c)}
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = (
+        f"{'group':<7} {'preset':<6} {'params':>7} {'L x h':>7} {'ckpt':>4} {'split':>10} {'ep x (prompt+resp)':>19} "
+        f"{'micro':>5} {'max tok':>7} {'before GB':>9} {'peak GB':>8} {'delta GB':>8} {'B/tok/L/h':>9} {'s':>6}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        split = f"budget {r['budget']}" if r.get("budget") else f"accum {r.get('accumulation', 1)}"
+        shape = f"{r['episodes']} x ({r['prompt_len']}+{r['response_len']}){'~' if r.get('varied') else ''}"
+        per = r["delta_gb"] * 1e9 / r["max_micro_tokens"] / (r["layers"] * r["hidden"])
+        print(
+            f"{r['group']:<7} {r['preset']:<6} {r['params'] / 1e6:>6.0f}M {r['layers']}x{r['hidden']:<5} "
+            f"{'on' if r['checkpointing'] else 'off':>4} {split:>10} {shape:>19} {r['micro_batches']:>5} "
+            f"{r['max_micro_tokens']:>7} {r['before_gb']:>9.2f} {r['peak_gb']:>8.2f} {r['delta_gb']:>8.2f} "
+            f"{per:>9.1f} {r['seconds']:>6.1f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ppo_memory_bench"))
+    parser.add_argument("--out", type=Path, default=None, help="JSON of every row (default: WORK/results.json)")
+    parser.add_argument("--quick", action="store_true", help="tiny models only (a smoke run)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--build", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.build:
+        print(json.dumps(build_models(args.build[0], Path(args.build[1]))))
+        return
+    if args.measure:
+        print(json.dumps(measure(json.loads(args.measure))))
+        return
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    presets, specs = grid(args.quick)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s)")
+    sizes = {}
+    for preset in presets:
+        sizes[preset] = run_child(["--build", preset, str(args.work)], args.threads)
+        print(f"built {preset}: {sizes[preset]}", flush=True)
+    rows = []
+    started = time.time()
+    for spec in specs:
+        row = run_child(["--measure", json.dumps({**spec, "work": str(args.work)})], args.threads)
+        rows.append({**row, **sizes[spec["preset"]]})
+        print(f"  {len(rows)}/{len(specs)} done ({time.time() - started:.0f}s)", flush=True)
+    print()
+    print_table(rows)
+    fits = {on: fit_per_token(rows, on) for on in (False, True)}
+    print()
+    for on, fit in fits.items():
+        print(
+            f"checkpointing {'on ' if on else 'off'}: delta / token = {fit['bytes_per_token_layer_hidden']:.1f} B x layers x "
+            f"hidden + {fit['bytes_per_token_outside_layers'] / 1e3:.0f} kB (fp32, vocabulary {VOCAB})"
+        )
+    out = args.out or args.work / "results.json"
+    out.write_text(json.dumps({"rows": rows, "fits": {str(k): v for k, v in fits.items()}}, indent=1))
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()
