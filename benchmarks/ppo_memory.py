@@ -233,14 +233,18 @@ def grid(quick: bool) -> tuple[list[str], list[dict[str, Any]]]:
 
 
 def fit_per_token(rows: list[dict[str, Any]], checkpointing: bool) -> dict[str, float]:
-    """Least squares of delta bytes / tokens = k * layers * hidden + c over the size sweep."""
+    """Least squares of (peak - before) / tokens = a x layers x hidden + b x hidden + c over the size sweep.
+
+    a: bytes per token per layer per hidden unit kept for the backward; b: per hidden unit once (with checkpointing,
+    the one layer recomputed at a time); c: per token outside the layers (LM head logits and log-softmax over the
+    vocabulary of VOCAB)."""
     import numpy as np
 
     pts = [r for r in rows if r["group"] == "size" and r["checkpointing"] == checkpointing]
-    x = np.array([r["layers"] * r["hidden"] for r in pts], dtype=float)
+    x = np.array([[r["layers"] * r["hidden"], r["hidden"], 1.0] for r in pts], dtype=float)
     y = np.array([r["delta_gb"] * 1e9 / r["max_micro_tokens"] for r in pts])
-    k, c = np.polyfit(x, y, 1)
-    return {"bytes_per_token_layer_hidden": float(k), "bytes_per_token_outside_layers": float(c)}
+    (a, b, c), *_ = np.linalg.lstsq(x, y, rcond=None)
+    return {"per_layer_hidden": float(a), "per_hidden": float(b), "outside_layers": float(c)}
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -270,7 +274,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--build", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--reprint", type=Path, help="print the table and fits of an earlier run's JSON, run nothing")
     args = parser.parse_args()
+    if args.reprint:
+        report(json.loads(args.reprint.read_text())["rows"])
+        return
     if args.build:
         print(json.dumps(build_models(args.build[0], Path(args.build[1]))))
         return
@@ -292,17 +300,23 @@ def main() -> None:
         rows.append({**row, **sizes[spec["preset"]]})
         print(f"  {len(rows)}/{len(specs)} done ({time.time() - started:.0f}s)", flush=True)
     print()
-    print_table(rows)
-    fits = {on: fit_per_token(rows, on) for on in (False, True)}
-    print()
-    for on, fit in fits.items():
-        print(
-            f"checkpointing {'on ' if on else 'off'}: delta / token = {fit['bytes_per_token_layer_hidden']:.1f} B x layers x "
-            f"hidden + {fit['bytes_per_token_outside_layers'] / 1e3:.0f} kB (fp32, vocabulary {VOCAB})"
-        )
     out = args.out or args.work / "results.json"
-    out.write_text(json.dumps({"rows": rows, "fits": {str(k): v for k, v in fits.items()}}, indent=1))
+    out.write_text(json.dumps({"rows": rows}, indent=1))
+    report(rows)
     print(f"\nwritten {out}")
+
+
+def report(rows: list[dict[str, Any]]) -> None:
+    """The table and the per-token fits."""
+    print_table(rows)
+    print()
+    for on in (False, True):
+        fit = fit_per_token(rows, on)
+        print(
+            f"checkpointing {'on ' if on else 'off'}: (peak - before) per token = {fit['per_layer_hidden']:.1f} B x "
+            f"layers x hidden + {fit['per_hidden']:.0f} B x hidden + {fit['outside_layers'] / 1e3:.0f} kB "
+            f"(fp32, vocabulary {VOCAB})"
+        )
 
 
 if __name__ == "__main__":
