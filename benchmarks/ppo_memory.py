@@ -117,7 +117,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from pipeline.config import LoraArgs, PPOConfig
-    from pipeline.ppo.memory import peak_memory_gb, reset_peak_memory, split_micro_batches
+    from pipeline.ppo.memory import padded_tokens, peak_memory_gb, reset_peak_memory, split_micro_batches
     from pipeline.ppo.optimise import build_optimizer, ppo_update, release_freed_memory
     from pipeline.ppo.roles import build_roles
 
@@ -147,10 +147,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         max(1, episodes // pcfg.gradient_accumulation_steps),
         pcfg.micro_batch_tokens,
     )
-    padded = [
-        len(rows) * int(rollout.prompt_mask[rows].sum(1).max() + rollout.response_mask[rows].sum(1).max())
-        for rows in micro
-    ]
+    padded = [padded_tokens(rollout.prompt_mask[rows].sum(1), rollout.response_mask[rows].sum(1)) for rows in micro]
     release_freed_memory()
     before = _rss_gb()
     reset_peak_memory(torch.device("cpu"))
@@ -306,16 +303,62 @@ def main() -> None:
     print(f"\nwritten {out}")
 
 
+# Public Llama-shaped models: layers, hidden, MLP width, key/value width, vocabulary, tied embeddings
+SHAPES = {
+    "Llama-3.2-1B": (16, 2048, 8192, 512, 128256, True),
+    "Llama-3.2-3B": (28, 3072, 8192, 1024, 128256, True),
+    "Llama-3.1-8B": (32, 4096, 14336, 1024, 128256, False),
+    "Qwen2.5-14B": (48, 5120, 13824, 1024, 152064, False),
+    "Qwen2.5-32B": (64, 5120, 27648, 1024, 152064, False),
+    "Llama-3.1-70B": (80, 8192, 28672, 1024, 128256, False),
+}
+GPU_TOKENS = 4096  # padded tokens per micro-batch in the extrapolation (e.g. 8 episodes x 512)
+
+
+def gpu_estimate(shape: tuple, fit: dict[str, float], four_bit: bool, tokens: int = GPU_TOKENS) -> dict[str, float]:
+    """GB of one PPO update on a GPU, extrapolated: bf16 (or NF4) base, LoRA r=16 on every linear layer for the
+    policy and value (fp32 weights, gradients and AdamW moments: 16 B a parameter) and the reward adapter, and
+    activations at half the CPU's fp32 bytes (bf16), the vocabulary term scaled to the model's vocabulary."""
+    layers, hidden, mlp, kv, vocab, tied = shape
+    linear = layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp)
+    embeddings = vocab * hidden * (1 if tied else 2)  # embeddings and LM head stay bf16 under bitsandbytes 4-bit
+    lora = layers * 16 * (2 * (hidden + hidden) + 2 * (hidden + kv) + 3 * (hidden + mlp))
+    weights = (linear * 0.516 if four_bit else linear * 2.0) + embeddings * 2.0  # NF4 + double-quantised constants
+    adapters = lora * (2 * 16 + 4)
+    per_token = fit["per_layer_hidden"] * layers * hidden + fit["per_hidden"] * hidden
+    per_token += fit["outside_layers"] * vocab / VOCAB
+    activations = tokens * per_token / 2
+    return {
+        "params_b": (linear + embeddings) / 1e9,
+        "weights_gb": weights / 1e9,
+        "adapters_gb": adapters / 1e9,
+        "activations_gb": activations / 1e9,
+        "total_gb": (weights + adapters + activations) / 1e9,
+    }
+
+
 def report(rows: list[dict[str, Any]]) -> None:
-    """The table and the per-token fits."""
+    """The table, the per-token fits and the GPU extrapolation."""
     print_table(rows)
     print()
+    fits = {}
     for on in (False, True):
-        fit = fit_per_token(rows, on)
+        fit = fits[on] = fit_per_token(rows, on)
         print(
             f"checkpointing {'on ' if on else 'off'}: (peak - before) per token = {fit['per_layer_hidden']:.1f} B x "
             f"layers x hidden + {fit['per_hidden']:.0f} B x hidden + {fit['outside_layers'] / 1e3:.0f} kB "
             f"(fp32, vocabulary {VOCAB})"
+        )
+    print(
+        f"\nextrapolated to a GPU (checkpointing on, {GPU_TOKENS} tokens a micro-batch, bf16 activations = half the "
+        "CPU's fp32 bytes; no CUDA context, no generation KV cache), GB:"
+    )
+    print(f"{'model':<14} {'params':>7} {'bf16 total':>10} {'4-bit total':>11} {'activations':>11} {'adapters':>8}")
+    for name, shape in SHAPES.items():
+        bf16, nf4 = gpu_estimate(shape, fits[True], False), gpu_estimate(shape, fits[True], True)
+        print(
+            f"{name:<14} {bf16['params_b']:>6.1f}B {bf16['total_gb']:>10.1f} {nf4['total_gb']:>11.1f} "
+            f"{bf16['activations_gb']:>11.1f} {bf16['adapters_gb']:>8.1f}"
         )
 
 
