@@ -5,8 +5,8 @@ Each configuration runs in its own child process, so peaks never mix: the child 
 stage does (`pipeline.ppo.roles.build_roles`: one frozen base, policy / value / reward LoRA adapters, value head) from
 a randomly initialised Llama of a size preset (`pipeline.modeling.PRESETS`, vocabulary 32,000, no downloads), builds a
 synthetic rollout of fixed or varied lengths, and runs one `ppo_update` (one mini-batch: policy and value forward and
-backward per micro-batch, one AdamW step). Measured: the resident set before the update (weights, adapters, the
-interpreter), its peak during the update (VmHWM after writing 5 to /proc/self/clear_refs:
+backward per micro-batch, one AdamW step). Measured: the resident set before the update (weights, read in from their
+memory-mapped file first, adapters, the interpreter), its peak during the update (VmHWM after writing 5 to /proc/self/clear_refs:
 `pipeline.ppo.memory.reset_peak_memory`), their difference (activations, gradients, optimiser state, allocator
 slack) and the time. Generation (the KV cache) and the no-grad rollout passes are not part of it.
 
@@ -148,6 +148,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         pcfg.micro_batch_tokens,
     )
     padded = [padded_tokens(rollout.prompt_mask[rows].sum(1), rollout.response_mask[rows].sum(1)) for rows in micro]
+    with torch.no_grad():  # the weights are memory-mapped from the safetensors file: read them in before measuring
+        for param in [*roles.model.parameters(), *roles.critic.parameters()]:
+            param.sum()
     release_freed_memory()
     before = _rss_gb()
     reset_peak_memory(torch.device("cpu"))
