@@ -623,8 +623,10 @@ class PPOConfig:
     gradient_checkpointing: bool = _f(
         False,
         "Recompute each decoder layer in the backward instead of keeping its activations, in the passes with "
-        "gradients only (policy, value, ptx); the model stays in eval mode. Saves memory for ~30 % more compute "
-        "(benchmarks/results/ppo_memory.md).",
+        "gradients only (policy, value, ptx); the model stays in eval mode. Less activation memory for more "
+        "compute (benchmarks/results/ppo_memory.md). Same gradients bit for bit, so a finished or resumed stage "
+        "may switch it.",
+        volatile=True,
     )
     micro_batch_tokens: int = _f(
         0,

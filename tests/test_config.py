@@ -63,6 +63,9 @@ def test_volatile_keys_do_not_enter_stage_settings():
     assert "pretrain.logging_steps" not in settings and "pretrain.save_steps" not in settings
     assert settings["pretrain.learning_rate"] == cfg.pretrain.learning_rate
     assert not any(key.startswith("sft.") for key in settings)
+    # PPO's gradient checkpointing gives the same gradients bit for bit (tests/test_ppo_memory.py): memory only
+    ppo = stage_settings(load_config(None, ["ppo.gradient_checkpointing=true"]), "ppo")
+    assert "ppo.gradient_checkpointing" not in ppo and "ppo.micro_batch_tokens" in ppo
 
 
 def test_flatten_joins_nested_keys():
