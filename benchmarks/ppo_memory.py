@@ -68,7 +68,9 @@ def build_models(preset: str, work: Path) -> dict[str, Any]:
     scorer = build_scalar_model(base, tokenizer, "lora", LoraArgs(r=16, alpha=32))
     scorer.save_pretrained(str(reward))
     tokenizer.save_pretrained(str(reward))
-    return {"params": params, "layers": config.num_hidden_layers, "hidden": config.hidden_size}
+    sizes = {"params": params, "layers": config.num_hidden_layers, "hidden": config.hidden_size}
+    (work / preset / "sizes.json").write_text(json.dumps(sizes))  # written last: the models are complete
+    return sizes
 
 
 def synthetic_rollout(episodes: int, prompt_len: int, response_len: int, varied: bool, seed: int = 0) -> Any:
@@ -177,6 +179,10 @@ def run_child(args: list[str], threads: int) -> dict[str, Any]:
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
+        # glibc serves blocks of 128 kB and more with mmap and unmaps them when freed (its default threshold grows
+        # with each freed block, after which freed activations stay in the heap): the resident set then follows
+        # the live tensors, as a GPU's allocated bytes do, instead of the heap's high-water mark
+        "MALLOC_MMAP_THRESHOLD_": str(128 * 1024),
     }
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True, env=env, cwd=ROOT
@@ -291,7 +297,12 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s)")
     sizes = {}
     for preset in presets:
-        sizes[preset] = run_child(["--build", preset, str(args.work)], args.threads)
+        built = args.work / preset / "sizes.json"  # the same seeded model as last time: reused
+        sizes[preset] = (
+            json.loads(built.read_text())
+            if built.is_file()
+            else run_child(["--build", preset, str(args.work)], args.threads)
+        )
         print(f"built {preset}: {sizes[preset]}", flush=True)
     rows = []
     started = time.time()
