@@ -8,14 +8,17 @@ synthetic rollout of fixed or varied lengths, and runs one `ppo_update` (one min
 backward per micro-batch, one AdamW step). Measured: the resident set before the update (weights, read in from their
 memory-mapped file first, adapters, the interpreter), its peak during the update (VmHWM after writing 5 to /proc/self/clear_refs:
 `pipeline.ppo.memory.reset_peak_memory`), their difference (activations, gradients, optimiser state, allocator
-slack) and the time. Generation (the KV cache) and the no-grad rollout passes are not part of it.
+slack) and the time. Generation (the KV cache) and the no-grad rollout passes are not part of it. The children run
+with MALLOC_MMAP_THRESHOLD_=131072, so that glibc returns freed activations to the system at once and the resident
+set follows the live tensors (as a GPU's allocated bytes do) rather than the heap's high-water mark.
 
 From the size sweep it fits peak - before = tokens x (k x layers x hidden + c) by least squares (tokens: the largest
 micro-batch's padded size): k is the activation bytes per token per layer per hidden unit kept for backward, c the
 per-token bytes outside the layers (LM head logits, log-softmax: they scale with the vocabulary).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ppo_memory.py              # ~15 min on 2 cores, 1 thread
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ppo_memory.py --quick      # tiny models only, a minute
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ppo_memory.py              # ~17 min on a shared 2-core VM
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ppo_memory.py --quick      # tiny models only, two minutes
+    .venv/bin/python benchmarks/ppo_memory.py --reprint benchmarks/results/ppo_memory.json   # a run's table again
 
 Recorded figures: benchmarks/results/ppo_memory.md. It prints figures (and writes them to --out as JSON); it is not a
 test. Memory on a CPU is the process's resident set: fp32 weights and activations (a GPU run in bf16 halves both).
@@ -367,12 +370,16 @@ def report(rows: list[dict[str, Any]]) -> None:
         f"\nextrapolated to a GPU (checkpointing on, {GPU_TOKENS} tokens a micro-batch, bf16 activations = half the "
         "CPU's fp32 bytes; no CUDA context, no generation KV cache), GB:"
     )
-    print(f"{'model':<14} {'params':>7} {'bf16 total':>10} {'4-bit total':>11} {'activations':>11} {'adapters':>8}")
+    print(
+        f"{'model':<14} {'params':>7} {'bf16 total':>10} {'4-bit total':>11} {'activations':>11} {'adapters':>8} "
+        f"{'bf16 total, checkpointing off':>29}"
+    )
     for name, shape in SHAPES.items():
         bf16, nf4 = gpu_estimate(shape, fits[True], False), gpu_estimate(shape, fits[True], True)
+        plain = gpu_estimate(shape, fits[False], False)
         print(
             f"{name:<14} {bf16['params_b']:>6.1f}B {bf16['total_gb']:>10.1f} {nf4['total_gb']:>11.1f} "
-            f"{bf16['activations_gb']:>11.1f} {bf16['adapters_gb']:>8.1f}"
+            f"{bf16['activations_gb']:>11.1f} {bf16['adapters_gb']:>8.1f} {plain['total_gb']:>29.1f}"
         )
 
 
