@@ -634,6 +634,11 @@ class PPOConfig:
         "rows x (longest prompt + longest response) stays within it (0: gradient_accumulation_steps cuts it by "
         "episode count instead). The loss is the mini-batch's token mean either way.",
     )
+    pack_sequences: bool = _f(
+        False,
+        "Run each micro-batch of the update as one row of its episodes' real tokens, position ids restarting per "
+        "episode, without padding (a token budget then counts real tokens). Needs sdpa or eager attention.",
+    )
     learning_rate: float = _f(1e-4, "Peak learning rate of the policy and value adapters.")
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = _f(
         "linear", "Learning-rate schedule over all optimiser steps."

@@ -197,7 +197,14 @@ def test_token_weights_sum_to_one_in_proportion_to_response_tokens():
 
 
 @pytest.mark.parametrize(
-    "split", [{"micro_batch_tokens": 40}, {"micro_batch_tokens": 90}, {"gradient_accumulation_steps": 4}]
+    "split",
+    [
+        {"micro_batch_tokens": 40},
+        {"micro_batch_tokens": 90},
+        {"gradient_accumulation_steps": 4},
+        {"pack_sequences": True},
+        {"pack_sequences": True, "micro_batch_tokens": 40},
+    ],
 )
 def test_gradient_of_a_mini_batch_does_not_depend_on_its_cut(upstream, split):
     common = dict(rollout_batch_size=8, mini_batch_size=8, ppo_epochs=1, max_grad_norm=1e9, entropy_coef=0.01)
@@ -211,6 +218,48 @@ def test_gradient_of_a_mini_batch_does_not_depend_on_its_cut(upstream, split):
     assert all(g.abs().sum() > 0 for g in whole)
     for a, b in zip(whole, cut, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)  # log-softmax runs in fp32
+
+
+def test_packed_budget_counts_real_tokens():
+    p, r = torch.tensor([10, 3, 7, 2]), torch.tensor([5, 1, 4, 6])
+    parts = memory.split_micro_batches(torch.arange(4), p, r, 4, 20, packed=True)
+    assert [x.tolist() for x in parts] == [[1, 3], [2], [0]]  # sorted by length: 4, 8 | 11 | 15
+    assert all(memory.padded_tokens(p[x], r[x], packed=True) <= 20 for x in parts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Packed micro-batches
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_episodes_give_the_padded_log_probs_and_values(upstream, attention):
+    from pipeline.ppo.rollout import episode_inputs
+
+    pcfg, roles = _roles(upstream)
+    roles.model.get_base_model().config._attn_implementation = attention
+    r = _rollout(5, len(roles.tokenizer))
+    rows = torch.tensor([4, 0, 2, 1, 3])
+    ids, mask, p_len, r_len = episode_inputs(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask, rows)
+    packed = memory.pack_episodes(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask, rows)
+    assert packed.input_ids.shape == (1, int(r.prompt_mask[rows].sum() + r.response_mask[rows].sum()))
+    resp = r.response_mask[rows, :r_len].bool()
+    with torch.no_grad():
+        padded_lp, padded_ent = roles.policy_logprobs(ids, mask, p_len, 1.0, with_entropy=True)
+        packed_lp, packed_ent = memory.packed_policy_logprobs(roles, packed, 1.0, with_entropy=True)
+        padded_v, packed_v = roles.values(ids, mask, p_len), memory.packed_values(roles, packed)
+    for a, b in ((padded_lp, packed_lp), (padded_ent, packed_ent), (padded_v, packed_v)):
+        torch.testing.assert_close(b[resp], a[resp], rtol=1e-5, atol=1e-5)
+
+
+def test_packing_is_refused_for_an_unchecked_attention(upstream):
+    from pipeline.errors import UserError
+
+    pcfg, roles = _roles(upstream)
+    roles.model.get_base_model().config._attn_implementation = "flex_attention"
+    r = _rollout(2, len(roles.tokenizer))
+    packed = memory.pack_episodes(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask, torch.arange(2))
+    with pytest.raises(UserError, match="ppo.pack_sequences: .*flex_attention.* set ppo.pack_sequences=false"):
+        memory.packed_policy_logprobs(roles, packed, 1.0)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -370,8 +370,10 @@ def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokeniz
     options = dict(
         num_updates=1, finetune="qlora", reward_placement="separate", critic_placement="separate", value_init="fresh"
     )
-    # and the memory settings: checkpointed 4-bit layers on both bases, micro-batches by a token budget
-    options.update(gradient_checkpointing=True, micro_batch_tokens=40, gradient_accumulation_steps=1)
+    # and the memory settings: checkpointed 4-bit layers on both bases, packed micro-batches by a token budget
+    options.update(
+        gradient_checkpointing=True, micro_batch_tokens=40, gradient_accumulation_steps=1, pack_sequences=True
+    )
     cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", tmp_path / "up", **options))
     captured, build = {}, loop.build_roles
     loop.build_roles = lambda *a, **k: captured.setdefault("roles", build(*a, **k))

@@ -9,10 +9,11 @@
   The loss is the mini-batch's token mean whatever the cut (see `token_weights`).
 - Peak memory per update: CUDA's max allocated bytes, or on a CPU the process's peak resident set (VmHWM).
 
-Packed sequences (one row of several episodes, position ids restarting per episode) would drop the padding left:
-transformers 5.x honours them for Llama's sdpa and eager attention when the attention mask is None
-(`masking_utils.find_packed_sequence_indices`), but the roles' forward passes always give an attention mask and
-derive the positions from it (`roles.hidden_states`), so this is not done here.
+- Packed micro-batches (`ppo.pack_sequences`): the episodes of a micro-batch run as one row of their real tokens, the
+  position ids restarting at each episode, without padding. transformers 5.x builds the block-diagonal causal mask
+  from such position ids when no attention mask and no cache is given (`masking_utils.find_packed_sequence_indices`);
+  checked here for Llama with sdpa and eager attention on the CPU (the same hidden states as each episode alone),
+  and refused for other attention implementations.
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from pipeline.errors import UserError
+from pipeline.generation import entropy_from_logits, logprobs_from_logits
+from pipeline.modeling import lm_logits
+from pipeline.ppo.roles import POLICY, VALUE, Roles, use_adapter
 
 _MARK = "_ppo_checkpointed"  # set on a wrapped layer: True while checkpointing is on
 
@@ -89,10 +96,13 @@ def set_gradient_checkpointing(models: Iterable[torch.nn.Module], on: bool) -> i
 # Micro-batches
 
 
-def padded_tokens(prompt_lengths: torch.Tensor, response_lengths: torch.Tensor) -> int:
-    """Size of the batch `rollout.episode_inputs` builds for these episodes: rows x (longest prompt + response)."""
+def padded_tokens(prompt_lengths: torch.Tensor, response_lengths: torch.Tensor, packed: bool = False) -> int:
+    """Size of the batch `rollout.episode_inputs` builds for these episodes: rows x (longest prompt + response);
+    packed: their real tokens."""
     if len(prompt_lengths) == 0:
         return 0
+    if packed:
+        return int(prompt_lengths.sum() + response_lengths.sum())
     return len(prompt_lengths) * int(prompt_lengths.max() + response_lengths.max())
 
 
@@ -102,26 +112,26 @@ def split_micro_batches(
     response_lengths: torch.Tensor,
     episodes: int,
     token_budget: int,
+    packed: bool = False,
 ) -> list[torch.Tensor]:
     """Cut a process's share of a mini-batch (episode indices `batch`) into micro-batches.
 
     Without a budget (0): in order, `episodes` at a time. With one: sorted by real length (prompt + response), then
     filled greedily while rows x (longest prompt + longest response) stays within `token_budget` tokens; an episode
-    longer than the budget gets a micro-batch of its own. `prompt_lengths` / `response_lengths` hold the real tokens
-    of every episode of the rollout (indexed by the values of `batch`).
+    longer than the budget gets a micro-batch of its own. Packed, the real tokens count instead of the padded size.
+    `prompt_lengths` / `response_lengths` hold the real tokens of every episode of the rollout (indexed by the values
+    of `batch`).
     """
     if token_budget <= 0:
         return [batch[i : i + episodes] for i in range(0, len(batch), episodes)]
     p, r = prompt_lengths[batch], response_lengths[batch]
     order = torch.sort(p + r, stable=True).indices
-    out, current, longest_p, longest_r = [], [], 0, 0
+    out, current = [], []
     for i in order.tolist():
-        lp, lr = max(longest_p, int(p[i])), max(longest_r, int(r[i]))
-        if current and (len(current) + 1) * (lp + lr) > token_budget:
+        if current and padded_tokens(p[current + [i]], r[current + [i]], packed) > token_budget:
             out.append(batch[current])
-            current, lp, lr = [], int(p[i]), int(r[i])
+            current = []
         current.append(i)
-        longest_p, longest_r = lp, lr
     if current:
         out.append(batch[current])
     return out
@@ -137,6 +147,82 @@ def token_weights(response_mask: torch.Tensor, micro_batches: list[torch.Tensor]
     counts = [float(response_mask[rows].sum()) for rows in micro_batches]
     total = sum(counts)
     return [c / total if total > 0 else 1.0 / len(counts) for c in counts]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Packed micro-batches
+
+PACKING_ATTENTION = ("sdpa", "eager")  # checked to honour packed position ids (tests/test_ppo_memory.py)
+
+
+@dataclass
+class Packed:
+    """Episodes as one row of real tokens: ids and positions [1, tokens]; for each episode and response token, the
+    position in the row of the state that predicts it, [episodes, response_len] (the last one repeated past the end)."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    index: torch.Tensor
+    response_ids: torch.Tensor
+
+    def to(self, device: torch.device) -> Packed:
+        return Packed(*(t.to(device) for t in (self.input_ids, self.position_ids, self.index, self.response_ids)))
+
+
+def pack_episodes(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    rows: torch.Tensor,
+) -> Packed:
+    """Pack episodes (left-padded prompts, right-padded responses, as in a Rollout) into one row without padding."""
+    r_len = int(response_mask[rows].sum(1).max())
+    ids, positions, index, start = [], [], [], 0
+    for i in rows.tolist():
+        prompt = prompt_ids[i][prompt_mask[i].bool()]
+        n_resp = int(response_mask[i].sum())
+        sequence = torch.cat([prompt, response_ids[i, :n_resp]])
+        ids.append(sequence)
+        positions.append(torch.arange(len(sequence)))
+        steps = torch.arange(r_len).clamp(max=max(n_resp - 1, 0))
+        index.append(start + len(prompt) - 1 + steps)
+        start += len(sequence)
+    return Packed(
+        torch.cat(ids)[None], torch.cat(positions)[None], torch.stack(index), response_ids[rows, :r_len].clone()
+    )
+
+
+def _packed_states(model: Any, packed: Packed) -> torch.Tensor:
+    """[episodes, response_len, hidden]: the states that predict each response token, from one packed forward."""
+    attention = model.get_base_model().config._attn_implementation
+    if attention not in PACKING_ATTENTION:
+        raise UserError(
+            f"ppo.pack_sequences: the base runs {attention} attention, which is not checked to honour packed "
+            f"position ids here (only {', '.join(PACKING_ATTENTION)}); set ppo.pack_sequences=false"
+        )
+    lm = model.get_base_model()
+    body = getattr(lm, lm.base_model_prefix)
+    # no attention mask and no cache: transformers then masks each episode from the others by its position ids
+    out = body(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None, use_cache=False)
+    return out.last_hidden_state[0][packed.index]
+
+
+def packed_policy_logprobs(
+    roles: Roles, packed: Packed, temperature: float, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`Roles.policy_logprobs` of packed episodes: [episodes, response_len] log-probs (and entropy)."""
+    with use_adapter(roles.model, POLICY):
+        logits = lm_logits(roles.model.get_base_model(), _packed_states(roles.model, packed))
+    logprobs = logprobs_from_logits(logits, packed.response_ids, temperature)
+    return logprobs, entropy_from_logits(logits, temperature) if with_entropy else None
+
+
+def packed_values(roles: Roles, packed: Packed) -> torch.Tensor:
+    """`Roles.values` of packed episodes: [episodes, response_len]."""
+    with use_adapter(roles.critic, VALUE):
+        states = _packed_states(roles.critic, packed)
+    return roles.value_head(states.to(roles.value_head.weight.dtype)).squeeze(-1)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,14 @@ from typing import Any
 import torch
 
 from pipeline.ppo.losses import clipped_policy_loss, clipped_value_loss, masked_mean
-from pipeline.ppo.memory import set_gradient_checkpointing, split_micro_batches, token_weights
+from pipeline.ppo.memory import (
+    pack_episodes,
+    packed_policy_logprobs,
+    packed_values,
+    set_gradient_checkpointing,
+    split_micro_batches,
+    token_weights,
+)
 from pipeline.ppo.processes import all_sum, sync_gradients
 from pipeline.ppo.ptx import PtxStream, pretraining_loss
 from pipeline.ppo.roles import Roles
@@ -65,6 +72,7 @@ def ppo_update(
     device = params[0].device
     set_gradient_checkpointing((roles.model, roles.critic), pcfg.gradient_checkpointing)
     prompt_lengths, response_lengths = rollout.prompt_mask.sum(1), rollout.response_mask.sum(1)
+    episodes = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
     totals = {
         "policy_loss": 0.0,
         "value_loss": 0.0,
@@ -90,7 +98,7 @@ def ppo_update(
             }
             bad = False
             micro_batches = split_micro_batches(
-                batch, prompt_lengths, response_lengths, micro, pcfg.micro_batch_tokens
+                batch, prompt_lengths, response_lengths, micro, pcfg.micro_batch_tokens, pcfg.pack_sequences
             )
             # token-mean losses weighted by token share: the mini-batch's token mean, however it is cut
             for rows, weight in zip(micro_batches, token_weights(rollout.response_mask, micro_batches), strict=True):
@@ -103,7 +111,13 @@ def ppo_update(
                     k: getattr(rollout, k)[rows, :r_len].to(device)
                     for k in ("logprobs", "advantages", "values", "returns")
                 }
-                logprobs, entropy = roles.policy_logprobs(ids, mask, p_len, pcfg.temperature, pcfg.entropy_coef > 0)
+                if pcfg.pack_sequences:  # one row of real tokens (pipeline/ppo/memory.py)
+                    packed = pack_episodes(*episodes, rows).to(device)
+                    logprobs, entropy = packed_policy_logprobs(roles, packed, pcfg.temperature, pcfg.entropy_coef > 0)
+                else:
+                    logprobs, entropy = roles.policy_logprobs(
+                        ids, mask, p_len, pcfg.temperature, pcfg.entropy_coef > 0
+                    )
                 pg_loss, clip_fraction, approx_kl = clipped_policy_loss(
                     logprobs, old["logprobs"], old["advantages"], resp_mask, pcfg.cliprange
                 )
@@ -116,7 +130,7 @@ def ppo_update(
                 bad |= not bool(torch.isfinite(loss))
                 loss.backward()
                 release_freed_memory()
-                values = roles.values(ids, mask, p_len)
+                values = packed_values(roles, packed) if pcfg.pack_sequences else roles.values(ids, mask, p_len)
                 vf_loss, vf_clip = clipped_value_loss(
                     values, old["values"], old["returns"], resp_mask, pcfg.cliprange_value
                 )
