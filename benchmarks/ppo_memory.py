@@ -135,6 +135,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         mini_batch_size=episodes,
         gradient_accumulation_steps=spec.get("accumulation", 1),
         micro_batch_tokens=spec.get("budget", 0),
+        pack_sequences=spec.get("packed", False),
         gradient_checkpointing=spec["checkpointing"],
         finetune="qlora" if spec.get("four_bit") else "lora",
         ppo_epochs=1,
@@ -151,8 +152,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         rollout.response_mask.sum(1),
         max(1, episodes // pcfg.gradient_accumulation_steps),
         pcfg.micro_batch_tokens,
+        pcfg.pack_sequences,
     )
-    padded = [padded_tokens(rollout.prompt_mask[rows].sum(1), rollout.response_mask[rows].sum(1)) for rows in micro]
+    lengths = rollout.prompt_mask.sum(1), rollout.response_mask.sum(1)
+    padded = [padded_tokens(lengths[0][rows], lengths[1][rows], pcfg.pack_sequences) for rows in micro]
     with torch.no_grad():  # the weights are memory-mapped from the safetensors file: read them in before measuring
         for param in [*roles.model.parameters(), *roles.critic.parameters()]:
             param.sum()
@@ -224,7 +227,7 @@ def grid(quick: bool) -> tuple[list[str], list[dict[str, Any]]]:
                 )
             )
     for on in (False, True):
-        for split in ({"accumulation": 1}, {"accumulation": 2}, {"budget": 1024}):
+        for split in ({"accumulation": 1}, {"accumulation": 2}, {"budget": 1024}, {"budget": 1024, "packed": True}):
             specs.append(
                 dict(
                     group="budget",
@@ -258,18 +261,19 @@ def fit_per_token(rows: list[dict[str, Any]], checkpointing: bool) -> dict[str, 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = (
-        f"{'group':<7} {'preset':<6} {'params':>7} {'L x h':>7} {'ckpt':>4} {'split':>10} {'ep x (prompt+resp)':>19} "
+        f"{'group':<7} {'preset':<6} {'params':>7} {'L x h':>7} {'ckpt':>4} {'split':>17} {'ep x (prompt+resp)':>19} "
         f"{'micro':>5} {'max tok':>7} {'before GB':>9} {'peak GB':>8} {'delta GB':>8} {'B/tok/L/h':>9} {'s':>6}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         split = f"budget {r['budget']}" if r.get("budget") else f"accum {r.get('accumulation', 1)}"
+        split += " packed" if r.get("packed") else ""
         shape = f"{r['episodes']} x ({r['prompt_len']}+{r['response_len']}){'~' if r.get('varied') else ''}"
         per = r["delta_gb"] * 1e9 / r["max_micro_tokens"] / (r["layers"] * r["hidden"])
         print(
             f"{r['group']:<7} {r['preset']:<6} {r['params'] / 1e6:>6.0f}M {r['layers']}x{r['hidden']:<5} "
-            f"{'on' if r['checkpointing'] else 'off':>4} {split:>10} {shape:>19} {r['micro_batches']:>5} "
+            f"{'on' if r['checkpointing'] else 'off':>4} {split:>17} {shape:>19} {r['micro_batches']:>5} "
             f"{r['max_micro_tokens']:>7} {r['before_gb']:>9.2f} {r['peak_gb']:>8.2f} {r['delta_gb']:>8.2f} "
             f"{per:>9.1f} {r['seconds']:>6.1f}"
         )
@@ -281,6 +285,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON of every row (default: WORK/results.json)")
     parser.add_argument("--quick", action="store_true", help="tiny models only (a smoke run)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--groups", nargs="+", choices=["size", "length", "budget"], help="run only these groups")
     parser.add_argument("--build", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--reprint", type=Path, help="print the table and fits of an earlier run's JSON, run nothing")
@@ -297,6 +302,9 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     presets, specs = grid(args.quick)
+    if args.groups:
+        specs = [s for s in specs if s["group"] in args.groups]
+        presets = [p for p in presets if any(s["preset"] == p for s in specs)]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s)")
     sizes = {}
     for preset in presets:
@@ -357,6 +365,8 @@ def gpu_estimate(shape: tuple, fit: dict[str, float], four_bit: bool, tokens: in
 def report(rows: list[dict[str, Any]]) -> None:
     """The table, the per-token fits and the GPU extrapolation."""
     print_table(rows)
+    if not any(r["group"] == "size" for r in rows):
+        return  # the fits need the size sweep
     print()
     fits = {}
     for on in (False, True):
