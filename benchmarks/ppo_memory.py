@@ -1,5 +1,6 @@
 """Peak memory of PPO's optimisation phase against sequence length and model size, with and without gradient
-checkpointing (`ppo.gradient_checkpointing`) and token budgets (`ppo.micro_batch_tokens`), side by side.
+checkpointing (`ppo.gradient_checkpointing`), token budgets (`ppo.micro_batch_tokens`) and packing
+(`ppo.pack_sequences`), side by side.
 
 Each configuration runs in its own child process, so peaks never mix: the child loads the roles the way the PPO
 stage does (`pipeline.ppo.roles.build_roles`: one frozen base, policy / value / reward LoRA adapters, value head) from

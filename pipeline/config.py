@@ -637,7 +637,9 @@ class PPOConfig:
     pack_sequences: bool = _f(
         False,
         "Run each micro-batch of the update as one row of its episodes' real tokens, position ids restarting per "
-        "episode, without padding (a token budget then counts real tokens). Needs sdpa or eager attention.",
+        "episode, without padding (a token budget then counts real tokens). Needs sdpa or eager attention, which "
+        "compute the packed row's whole masked attention: it saves padding compute, not memory "
+        "(benchmarks/results/ppo_memory.md).",
     )
     learning_rate: float = _f(1e-4, "Peak learning rate of the policy and value adapters.")
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = _f(
