@@ -163,9 +163,11 @@ def test_ppo_end_to_end_trains_adapters_and_writes_final(reference, upstream, tm
             "eos_rate",
             "time_generate",
             "time_optimise",
+            "peak_memory_gb",
         ):
             assert isinstance(r[key], float) and r[key] == r[key] and abs(r[key]) != float("inf"), (key, r[key])
     assert records[-1]["approx_kl"] > 0  # the policy moved within an update
+    assert all(0.05 < r["peak_memory_gb"] < 20 and r["peak_memory_kind"].startswith("rss_peak") for r in records)
     assert all(2.0 < r["ptx_loss"] < 10.0 for r in records)  # next-token loss of a near-random LM on the corpus
 
     # Exactly these files (the tokenizer's own set taken from a save of it).
@@ -338,7 +340,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference, upstream, tmp
         for key, tensor in uninterrupted.items():
             assert torch.equal(resumed[key], tensor), f"{name}: {key} differs after resume"
     # the metrics log holds each update once, as the uninterrupted run logged it
-    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("time")}  # noqa: E731
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith(("time", "peak_memory"))}  # noqa: E731
     assert [drop(r) for r in _metrics(tmp_path / "run")] == [drop(r) for r in _metrics(run_ref)]
 
 
@@ -493,6 +495,10 @@ def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokeniz
         mixed_precision=precision,
         mini_batch_size=4,
     )
+    # and the memory settings: checkpointed 4-bit layers on both bases, packed micro-batches by a token budget
+    options.update(
+        gradient_checkpointing=True, micro_batch_tokens=40, gradient_accumulation_steps=1, pack_sequences=True
+    )
     cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", tmp_path / "up", **options))
     captured, build = {}, loop.build_roles
     loop.build_roles = lambda *a, **k: captured.setdefault("roles", build(*a, **k))
@@ -505,6 +511,8 @@ def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokeniz
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and q_proj.base_layer.weight.dtype == torch.uint8
     assert roles.critic is not roles.model and isinstance(roles.reward, SeparateReward)
     assert set(roles.model.peft_config) == {"policy"} and set(roles.critic.peft_config) == {"value"}
+    layers = [*roles.model.get_base_model().model.layers, *roles.critic.get_base_model().model.layers]
+    assert all(layer._ppo_checkpointed for layer in layers) and len(layers) == 4
     assert roles.value_head.weight.abs().sum() > 0  # started at zero, trained
     assert roles.numerics.name == precision
     record = _metrics(tmp_path / "run")[0]

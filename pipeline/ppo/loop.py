@@ -46,6 +46,7 @@ from pipeline.ppo.checkpoint import load_checkpoint, prune, rewrite_metrics, sav
 from pipeline.ppo.control import AdaptiveKLController, FixedKLController, build_kl_controller
 from pipeline.ppo.evaluation import best_policy, detect_overoptimisation, evaluate_policies
 from pipeline.ppo.losses import explained_variance
+from pipeline.ppo.memory import peak_memory_gb, reset_peak_memory
 from pipeline.ppo.optimise import NonFinite, build_optimizer, ppo_update
 from pipeline.ppo.processes import all_gather_tensor, all_sum
 from pipeline.ppo.ptx import PtxStream, load_corpus_texts
@@ -283,6 +284,7 @@ def train_update(
     """Sample a rollout batch, score it, run the PPO epochs over it; returns the update's logged record."""
     state = distributed_state()
     world = state.num_processes
+    memory_kind = reset_peak_memory(state.device)
     rollout = collect_rollout(roles, prompts, _local_indices(training, pcfg), sampling, pcfg, state.device)
     all_scores = all_gather_tensor(rollout.scores)
     if torch.isfinite(all_scores).all():
@@ -325,6 +327,8 @@ def train_update(
         "learning_rate": training.scheduler.get_last_lr()[0],
         **rollout.timings,
         "time_optimise": time_optimise,
+        "peak_memory_gb": peak_memory_gb(state.device),  # this process's (the main one's in the log)
+        "peak_memory_kind": memory_kind,
     }
     training.kl_ctl.update(record["kl"], pcfg.rollout_batch_size)
     training.history.append(
