@@ -611,6 +611,17 @@ class PPOConfig:
     )
     top_k: int = _f(0, "Sample from the k most likely tokens (0: off).")
     top_p: float = _f(1.0, "Nucleus sampling mass (1.0: off).")
+    rollout_engine: Literal["hf", "vllm"] = _f(
+        "hf",
+        "What samples the rollouts: 'hf' (the policy's model.generate in the trainer) or 'vllm' (a vLLM engine on the "
+        "same base, the policy adapter pushed to it each update; needs the 'vllm' extra; one process only). With "
+        "vllm the trainer recomputes the rollout log-probs and corrects the policy loss with tis_cap.",
+    )
+    tis_cap: float = _f(
+        2.0,
+        "rollout_engine=vllm: cap C of the truncated importance-sampling weight min(pi_old / pi_engine, C) on each "
+        "token's policy loss (Yao et al. 2025), which corrects for the engine's log-probs differing from the trainer's.",
+    )
     num_updates: int = _f(20, "PPO updates (one rollout batch each).")
     rollout_batch_size: int = _f(32, "Episodes (prompt + response) per update, over all processes.")
     mini_batch_size: int = _f(8, "Episodes per optimiser step, over all processes.")
@@ -680,6 +691,7 @@ class PPOConfig:
         _check(self.temperature > 0, "temperature", "must be > 0 (PPO samples; log-probs divide by it)")
         _check(self.top_k >= 0, "top_k", "must be >= 0 (0 switches it off)")
         _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        _check(self.tis_cap > 0, "tis_cap", "must be > 0 (it caps an importance weight)")
         _check(self.num_updates >= 1, "num_updates", "must be >= 1")
         _check(self.mini_batch_size >= 1, "mini_batch_size", "must be >= 1")
         _check(

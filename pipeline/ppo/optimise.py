@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pipeline.ppo.losses import clipped_policy_loss, clipped_value_loss, masked_mean
+from pipeline.ppo.losses import clipped_policy_loss, clipped_value_loss, masked_mean, truncated_is_weights
 from pipeline.ppo.processes import all_sum, sync_gradients
 from pipeline.ppo.ptx import PtxStream, pretraining_loss
 from pipeline.ppo.roles import Roles
@@ -99,8 +99,12 @@ def ppo_update(
                     for k in ("logprobs", "advantages", "values", "returns")
                 }
                 logprobs, entropy = roles.policy_logprobs(ids, mask, p_len, pcfg.temperature, pcfg.entropy_coef > 0)
+                tis = None  # responses sampled by another engine (vLLM): truncated importance weights
+                if rollout.engine_logprobs is not None:
+                    engine_lp = rollout.engine_logprobs[rows, :r_len].to(device)
+                    tis = truncated_is_weights(old["logprobs"], engine_lp, pcfg.tis_cap)
                 pg_loss, clip_fraction, approx_kl = clipped_policy_loss(
-                    logprobs, old["logprobs"], old["advantages"], resp_mask, pcfg.cliprange
+                    logprobs, old["logprobs"], old["advantages"], resp_mask, pcfg.cliprange, tis
                 )
                 loss = pg_loss - (pcfg.entropy_coef * masked_mean(entropy, resp_mask) if entropy is not None else 0.0)
                 if ptx is not None:

@@ -133,6 +133,7 @@ class Rollout:
     returns: torch.Tensor | None = None
     kl: torch.Tensor | None = None  # per token, the penalty's estimator
     normalized_scores: torch.Tensor | None = None
+    engine_logprobs: torch.Tensor | None = None  # the rollout engine's own log-probs (rollout_engine=vllm)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -163,21 +164,27 @@ def collect_rollout(
     sampling: SamplingArgs,
     pcfg: PPOConfig,
     device: torch.device,
+    engine: Any = None,
 ) -> Rollout:
-    """Sample a response to each prompt and compute everything PPO needs about it (no gradients)."""
+    """Sample a response to each prompt and compute everything PPO needs about it (no gradients); `engine` (see
+    pipeline/ppo/engines.py) samples instead of the policy's `generate` when given."""
     tokenizer = roles.tokenizer
     records = [prompts.records[i] for i in indices]
     started = time.perf_counter()
-    from_generation = pcfg.rollout_logprobs == "generation"
-    sampled = sample_ids(
-        roles.generation_model(),
-        [prompts.ids[i] for i in indices],
-        sampling,
-        roles.end_ids,
-        tokenizer.pad_token_id,
-        pcfg.generation_batch_size,
-        with_logprobs=from_generation,
-    )
+    # another engine's log-probs are not the trainer's: it recomputes them (the engine's feed the TIS weights)
+    from_generation = pcfg.rollout_logprobs == "generation" and engine is None
+    if engine is None:
+        sampled = sample_ids(
+            roles.generation_model(),
+            [prompts.ids[i] for i in indices],
+            sampling,
+            roles.end_ids,
+            tokenizer.pad_token_id,
+            pcfg.generation_batch_size,
+            with_logprobs=from_generation,
+        )
+    else:
+        sampled = engine.sample(roles, [prompts.ids[i] for i in indices], sampling)
     prompt_ids, prompt_mask = sampled.prompt_ids, sampled.prompt_mask
     response_ids, response_mask = sampled.response_ids, sampled.response_mask
     generated = time.perf_counter()
@@ -214,6 +221,7 @@ def collect_rollout(
         entropy,
         scores,
         timings,
+        engine_logprobs=sampled.logprobs if engine is not None else None,
     )
 
 
