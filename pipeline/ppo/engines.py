@@ -27,7 +27,7 @@ import torch
 
 from pipeline.config import PPOConfig
 from pipeline.errors import UserError
-from pipeline.generation import SampledIds, SamplingArgs, _pad_rows, left_pad, mask_after_eos
+from pipeline.generation import SampledIds, SamplingArgs, left_pad, mask_after_eos
 from pipeline.ppo.losses import masked_mean, truncated_is_weights
 from pipeline.ppo.roles import POLICY, Roles, save_adapter
 
@@ -82,14 +82,24 @@ def sampled_ids_from_outputs(
         responses.append(torch.tensor(tokens, dtype=torch.long))
         # each position's dict holds the sampled token (and, with logprobs=k > 0, the k most likely)
         logprobs.append(torch.tensor([step[t].logprob for step, t in zip(completion.logprobs, tokens, strict=True)]))
-    width = max(r.shape[0] for r in responses)
-    response_ids = _pad_rows(responses, width, pad_id, torch.long)
+    response_ids = torch.nn.utils.rnn.pad_sequence(responses, batch_first=True, padding_value=pad_id)
     response_mask, ended = mask_after_eos(response_ids, list(end_ids))
     response_ids = response_ids.masked_fill(response_mask == 0, pad_id)
     prompts, prompt_mask = left_pad(prompt_ids, pad_id)
     batch = SampledIds(prompts, prompt_mask, response_ids, response_mask, ended)
-    batch.logprobs = _pad_rows(logprobs, width, 0.0, torch.float32).masked_fill(response_mask == 0, 0.0)
+    padded = torch.nn.utils.rnn.pad_sequence(logprobs, batch_first=True, padding_value=0.0).float()
+    batch.logprobs = padded.masked_fill(response_mask == 0, 0.0)
     return batch
+
+
+def device_memory_share() -> float | None:
+    """On a GPU, the share of its memory still free (less 5 %), for vLLM's gpu_memory_utilization: vLLM refuses to
+    start unless that share is free, and the trainer's roles already hold theirs (the KV cache itself is sized by
+    `kv_cache_bytes`). None elsewhere (vLLM's default)."""
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return max(0.01, 0.95 * free / total)
 
 
 def logprob_mismatch(
@@ -137,6 +147,7 @@ class VLLMEngine:
                 "vLLM has no sleep mode on this platform (%s): the engine keeps its memory between rollouts",
                 current_platform.device_type,
             )
+        share = device_memory_share()
         self.llm = vllm.LLM(
             model=str(roles.base_path),
             skip_tokenizer_init=True,  # token ids in, token ids out
@@ -151,6 +162,7 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",  # log softmax(logits / temperature), what the trainer computes
             enable_sleep_mode=self.sleeps,
             seed=0,  # each request gets its own seed (see `sample`)
+            **({"gpu_memory_utilization": share} if share is not None else {}),
         )
         if self.sleeps:
             self.llm.sleep(level=1)
