@@ -48,6 +48,15 @@ class _Invalid(Exception):
         self.key, self.message = key, message
 
 
+def _checkpointing_argument() -> str:
+    """The TrainingArguments name of gradient checkpointing: `activation_checkpointing` in recent transformers 5,
+    `gradient_checkpointing` in older ones (5.19, which vLLM's CPU build pins, has only that)."""
+    import transformers
+
+    fields = transformers.TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise _Invalid(key, message)
@@ -117,7 +126,7 @@ class TrainArgs:
             num_train_epochs=self.num_train_epochs,
             max_steps=self.max_steps,
             max_grad_norm=self.max_grad_norm,
-            activation_checkpointing=self.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
+            **{_checkpointing_argument(): self.gradient_checkpointing},
             save_strategy="steps",
             save_steps=self.save_steps,
             save_total_limit=None,
