@@ -138,7 +138,7 @@ class VLLMEngine:
         vllm = import_vllm()
         from vllm.platforms import current_platform
 
-        self.end_ids, self.pad_id = list(roles.end_ids), roles.tokenizer.pad_token_id
+        self.base_path = str(roles.base_path)
         dtype = next(roles.model.get_base_model().parameters()).dtype
         max_len = pcfg.max_prompt_len + pcfg.max_new_tokens
         self.sleeps = current_platform.is_sleep_mode_available()
@@ -149,7 +149,7 @@ class VLLMEngine:
             )
         share = device_memory_share()
         self.llm = vllm.LLM(
-            model=str(roles.base_path),
+            model=self.base_path,
             skip_tokenizer_init=True,  # token ids in, token ids out
             generation_config="vllm",  # ignore a generation_config.json: every sampling setting is given below
             dtype=str(dtype).removeprefix("torch."),
@@ -169,28 +169,39 @@ class VLLMEngine:
         self.adapters = Path(tempfile.mkdtemp(prefix="rlhf-vllm-adapter-"))
         self.lora_id = 0
 
-    def _push_policy(self, roles: Roles) -> Any:
+    def _push_policy(self, model: Any) -> Any:
         """Save the policy adapter as it is now and return a new LoRARequest for it (the old one is dropped)."""
         from vllm.lora.request import LoRARequest
 
         previous = self.lora_id
         self.lora_id += 1
         out = self.adapters / f"policy-{self.lora_id}"
-        save_adapter(roles.model, POLICY, out, str(roles.base_path))
+        save_adapter(model, POLICY, out, self.base_path)
         if previous:
             self.llm.llm_engine.remove_lora(previous)
             shutil.rmtree(self.adapters / f"policy-{previous}", ignore_errors=True)
         return LoRARequest(f"policy-{self.lora_id}", self.lora_id, str(out))
 
-    def sample(self, roles: Roles, prompt_ids: Sequence[Sequence[int]], sampling: SamplingArgs) -> SampledIds:
-        """Responses to tokenized prompts from the current policy, with the engine's log-probs of each token.
+    def sample_ids(
+        self,
+        model: Any,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: SamplingArgs,
+        eos_id: int | Sequence[int],
+        pad_id: int,
+        batch_size: int = 16,
+        with_logprobs: bool = False,
+    ) -> SampledIds:
+        """`pipeline.generation.sample_ids` done by vLLM with `model`'s policy adapter: the same arguments (vLLM
+        batches by itself, so `batch_size` is unused) and result, the engine's log-probs always in `logprobs`.
 
         Each prompt gets a seed drawn from torch's global generator, so a seeded (or resumed) run samples the same.
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        request = self._push_policy(roles)
+        ends = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+        request = self._push_policy(model)
         seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),)).tolist()
         params = [
             SamplingParams(
@@ -199,7 +210,7 @@ class VLLMEngine:
                 top_k=sampling.top_k,
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_new_tokens,
-                stop_token_ids=self.end_ids,
+                stop_token_ids=ends,
                 logprobs=0,  # the sampled token's log-prob only
                 detokenize=False,
                 seed=seed,
@@ -214,7 +225,7 @@ class VLLMEngine:
         finally:
             if self.sleeps:
                 self.llm.sleep(level=1)
-        return sampled_ids_from_outputs(outputs, prompt_ids, self.end_ids, self.pad_id)
+        return sampled_ids_from_outputs(outputs, prompt_ids, ends, pad_id)
 
     def close(self) -> None:
         shutil.rmtree(self.adapters, ignore_errors=True)

@@ -166,25 +166,22 @@ def collect_rollout(
     device: torch.device,
     engine: Any = None,
 ) -> Rollout:
-    """Sample a response to each prompt and compute everything PPO needs about it (no gradients); `engine` (see
-    pipeline/ppo/engines.py) samples instead of the policy's `generate` when given."""
+    """Sample a response to each prompt and compute everything PPO needs about it (no gradients); an `engine`
+    (pipeline/ppo/engines.py, e.g. vLLM) samples in place of the policy's `generate` when given."""
     tokenizer = roles.tokenizer
     records = [prompts.records[i] for i in indices]
     started = time.perf_counter()
     # another engine's log-probs are not the trainer's: it recomputes them (the engine's feed the TIS weights)
     from_generation = pcfg.rollout_logprobs == "generation" and engine is None
-    if engine is None:
-        sampled = sample_ids(
-            roles.generation_model(),
-            [prompts.ids[i] for i in indices],
-            sampling,
-            roles.end_ids,
-            tokenizer.pad_token_id,
-            pcfg.generation_batch_size,
-            with_logprobs=from_generation,
-        )
-    else:
-        sampled = engine.sample(roles, [prompts.ids[i] for i in indices], sampling)
+    sampled = (sample_ids if engine is None else engine.sample_ids)(
+        roles.generation_model(),
+        [prompts.ids[i] for i in indices],
+        sampling,
+        roles.end_ids,
+        tokenizer.pad_token_id,
+        pcfg.generation_batch_size,
+        with_logprobs=from_generation,
+    )
     prompt_ids, prompt_mask = sampled.prompt_ids, sampled.prompt_mask
     response_ids, response_mask = sampled.response_ids, sampled.response_mask
     generated = time.perf_counter()
