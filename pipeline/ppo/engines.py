@@ -3,7 +3,9 @@
     hf    the policy's own `model.generate` in the trainer (`pipeline.generation.sample_ids`), the default
     vllm  a vLLM `LLM` built once on the same base (the merged SFT model), with LoRA enabled: before each rollout the
           policy adapter is saved (`roles.save_adapter`) and sent to it as a new `LoRARequest` (a new id), the
-          prompts go in as token ids and come back as token ids with the log-prob of each sampled token
+          prompts go in as token ids and come back as token ids with the log-prob of each sampled token;
+          `VLLMEngine.sample_ids` takes `sample_ids`'s arguments and returns its `SampledIds`, so the rest of the
+          rollout is the same for both
 
 vLLM's log-probs are those of its own kernels: close to the trainer's for the same weights, not equal. With vllm
 the trainer therefore recomputes the rollout's log-probs itself (the PPO ratio's denominator), and the policy loss
