@@ -266,3 +266,68 @@ def test_ppo_through_vllm_resumed_after_sigkill_matches_an_uninterrupted_run(tmp
         finals[name] = load_file(str(run / "ppo" / "final" / "adapter_model.safetensors"))
     assert finals["whole"].keys() == finals["killed"].keys()
     assert all(torch.equal(finals["whole"][k], finals["killed"][k]) for k in finals["whole"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The hooks in the rollout and the update, with a fake engine (no vLLM needed)
+
+
+class ShiftedEngine:
+    """A stand-in engine: samples with `sample_ids` and reports log-probs `shift` nats off the trainer's."""
+
+    def __init__(self, shift: float):
+        self.shift = shift
+
+    def sample_ids(self, model, prompt_ids, sampling, eos_id, pad_id, batch_size=16, with_logprobs=False):
+        from pipeline.generation import sample_ids
+
+        assert not with_logprobs  # the trainer recomputes: it never asks an engine for generation log-probs
+        batch = sample_ids(model, prompt_ids, sampling, eos_id, pad_id, batch_size, with_logprobs=True)
+        batch.logprobs = (batch.logprobs + self.shift) * batch.response_mask
+        batch.entropy = None
+        return batch
+
+
+def test_engine_rollouts_are_recomputed_and_weighted_by_the_capped_ratio(tmp_path, tiny_tokenizer):
+    import dataclasses
+
+    from test_ppo_stage import _save_upstream
+
+    from pipeline.config import PPOConfig
+    from pipeline.generation import SamplingArgs
+    from pipeline.ppo.optimise import build_optimizer, ppo_update
+    from pipeline.ppo.roles import build_roles
+    from pipeline.ppo.rollout import RunningMoments, collect_rollout, normalize_scores, prepare_prompts, score_rollout
+
+    merged, reward = _save_upstream(tmp_path, tiny_tokenizer)
+    pcfg = PPOConfig(rollout_batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=6, tis_cap=2.0)
+    # unwhitened advantages: their mean, the loss at ratio 1, is then not ~0
+    pcfg = dataclasses.replace(pcfg, lora=dataclasses.replace(pcfg.lora, r=4, alpha=8), whiten_advantages=False)
+    roles = build_roles(pcfg, str(merged), str(reward), torch.device("cpu"))
+    records = [{"prompt": [{"role": "user", "content": f"What is the capital of Veloria, {i}?"}]} for i in range(4)]
+    prompts = prepare_prompts(records, roles.tokenizer, 48, "truncate", "prompts")
+    sampling = SamplingArgs(pcfg.max_new_tokens, pcfg.temperature)
+    params = roles.trainable_parameters()
+    start = [p.detach().clone() for p in params]
+
+    losses = {}
+    for shift in (0.0, -5.0):  # engine log-probs equal to the trainer's (w = 1), or 5 nats lower (w = min(e^5, 2))
+        with torch.no_grad():  # the same policy samples the same responses both times
+            for param, value in zip(params, start, strict=True):
+                param.copy_(value)
+        torch.manual_seed(0)
+        rollout = collect_rollout(roles, prompts, range(4), sampling, pcfg, torch.device("cpu"), ShiftedEngine(shift))
+        mask = rollout.response_mask.bool()
+        # the trainer's own log-probs (recomputed), the engine's kept beside them
+        assert torch.allclose(rollout.engine_logprobs[mask], rollout.logprobs[mask] + shift, atol=1e-5)
+        assert rollout.entropy[mask].abs().sum() > 0  # recomputed too
+        score_rollout(
+            rollout, normalize_scores(rollout.scores, pcfg, roles.reward_stats, RunningMoments()), 0.05, pcfg
+        )
+        optimizer, scheduler = build_optimizer(pcfg, params, 1)
+        losses[shift] = ppo_update(roles, rollout, pcfg, optimizer, scheduler, None, 1)["policy_loss"]
+        stats = logprob_mismatch(rollout.logprobs, rollout.engine_logprobs, rollout.response_mask, pcfg.tis_cap)
+        assert stats["engine_logprob_diff_mean"] == pytest.approx(abs(shift), abs=1e-4)
+        assert stats["tis_truncated_share"] == (1.0 if shift else 0.0)
+    # one mini-batch, its loss taken before the step at ratio 1: mean(w * -A) with w = 1, then w = 2 on every token
+    assert losses[-5.0] == pytest.approx(2.0 * losses[0.0], rel=1e-4, abs=1e-6)
