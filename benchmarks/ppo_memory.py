@@ -146,7 +146,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     work = Path(spec["work"]) / spec["preset"]
     roles = build_roles(pcfg, str(work / "base"), str(work / "reward"), torch.device("cpu"))
     rollout = synthetic_rollout(episodes, spec["prompt_len"], spec["response_len"], spec.get("varied", False))
-    optimizer, scheduler = build_optimizer(pcfg, roles.trainable_parameters(), 10)
+    optimizer, scheduler = build_optimizer(pcfg, roles.policy_parameters(), roles.critic_parameters(), 10)
     micro = split_micro_batches(
         torch.arange(episodes),
         rollout.prompt_mask.sum(1),

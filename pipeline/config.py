@@ -48,6 +48,15 @@ class _Invalid(Exception):
         self.key, self.message = key, message
 
 
+def _checkpointing_argument() -> str:
+    """The TrainingArguments name of gradient checkpointing: `activation_checkpointing` in recent transformers 5,
+    `gradient_checkpointing` in older ones (5.19, which vLLM's CPU build pins, has only that)."""
+    import transformers
+
+    fields = transformers.TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise _Invalid(key, message)
@@ -117,7 +126,7 @@ class TrainArgs:
             num_train_epochs=self.num_train_epochs,
             max_steps=self.max_steps,
             max_grad_norm=self.max_grad_norm,
-            activation_checkpointing=self.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
+            **{_checkpointing_argument(): self.gradient_checkpointing},
             save_strategy="steps",
             save_steps=self.save_steps,
             save_total_limit=None,
@@ -627,6 +636,17 @@ class PPOConfig:
     )
     top_k: int = _f(0, "Must stay 0 (off): PPO's log-probs, ratio and KL are those of the full distribution.")
     top_p: float = _f(1.0, "Must stay 1.0 (off), as top_k.")
+    rollout_engine: Literal["hf", "vllm"] = _f(
+        "hf",
+        "What samples the rollouts: 'hf' (the policy's model.generate in the trainer) or 'vllm' (a vLLM engine on the "
+        "same base, the policy adapter pushed to it each update; needs the 'vllm' extra; one process only). With "
+        "vllm the trainer recomputes the rollout log-probs and corrects the policy loss with tis_cap.",
+    )
+    tis_cap: float = _f(
+        2.0,
+        "rollout_engine=vllm: cap C of the truncated importance-sampling weight min(pi_old / pi_engine, C) on each "
+        "token's policy loss (Yao et al. 2025), which corrects for the engine's log-probs differing from the trainer's.",
+    )
     num_updates: int = _f(20, "PPO updates (one rollout batch each).")
     rollout_batch_size: int = _f(32, "Episodes (prompt + response) per update, over all processes.")
     mini_batch_size: int = _f(8, "Episodes per optimiser step, over all processes.")
@@ -752,6 +772,7 @@ class PPOConfig:
             "value_max_grad_norm",
             "must be > 0 or null",
         )
+        _check(self.tis_cap > 0, "tis_cap", "must be > 0 (it caps an importance weight)")
         _check(self.num_updates >= 1, "num_updates", "must be >= 1")
         _check(
             self.critic == "adapter" or self.critic_placement == "shared",

@@ -28,6 +28,8 @@ def test_overrides_take_precedence_over_recipe_and_defaults(tmp_path):
         ("sft.finetune=qlorax", "sft.finetune: 'qlorax' is not valid; choose one of lora, qlora, full"),
         ("world.toxic_share=1.5", "world.toxic_share: must be in [0, 1)"),
         ("sft.lora.r=0", "sft.lora.r: must be a positive integer"),
+        ("ppo.tis_cap=0", "ppo.tis_cap: must be > 0"),
+        ("ppo.rollout_engine=sglang", "ppo.rollout_engine: 'sglang' is not valid; choose one of hf, vllm"),
         ("pretrain=3", "'pretrain' must be a mapping"),
         ("nonsense", "is not key=value"),
         ("ppo.top_k=50", "ppo.top_k: must be 0 in PPO"),

@@ -25,6 +25,7 @@ from pipeline.ppo.losses import (
     rloo_advantages,
     sequence_advantages_to_tokens,
     shape_rewards,
+    truncated_is_weights,
 )
 
 
@@ -93,6 +94,41 @@ def test_clipped_policy_loss_gradient_vanishes_when_clipped():
     loss, _, _ = clipped_policy_loss(logprobs, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), 0.2)
     loss.backward()
     assert logprobs.grad.item() == 0.0  # ratio 1.5 > 1.2 with A > 0: no incentive to push further
+
+
+def test_truncated_is_weights_by_hand():
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    engine = torch.tensor([[-1.0, -1.5, -2.0]])
+    # exp(0) = 1; exp(-0.5) = 0.60653; exp(1.5) = 4.4817 -> capped at 2
+    assert close(truncated_is_weights(old, engine, 2.0), [[1.0, math.exp(-0.5), 2.0]])
+
+
+def test_clipped_policy_loss_with_weights_by_hand():
+    eps = 0.2
+    ratio = torch.tensor([[1.5, 0.5, 1.5, 0.5]])
+    advantages = torch.tensor([[1.0, 1.0, -2.0, -2.0]])
+    weights = torch.tensor([[2.0, 0.5, 1.0, 0.0]])
+    logprobs = ratio.log().requires_grad_(True)
+    loss, clip_fraction, approx_kl = clipped_policy_loss(
+        logprobs, torch.zeros_like(ratio), advantages, torch.ones(1, 4), eps, weights
+    )
+    # per token (as in the unweighted test): -1.2, -0.5, 3.0, 1.6; weighted: -2.4, -0.25, 3.0, 0.0
+    assert close(loss, (-2.4 - 0.25 + 3.0 + 0.0) / 4)  # 0.0875
+    assert close(clip_fraction, 0.5)  # the weights do not change which term was chosen,
+    assert close(approx_kl, (2 * (0.5 - math.log(1.5)) + 2 * (-0.5 - math.log(0.5))) / 4)  # nor the KL
+    loss.backward()
+    # d/dlogp of w * (-A * ratio) = -w * A * ratio on unclipped tokens: token 2: -0.5 * 1 * 0.5 / 4; token 3:
+    # -1 * -2 * 1.5 / 4; clipped tokens 1 and 4 get 0
+    assert close(logprobs.grad, [[0.0, -0.0625, 0.75, 0.0]])
+
+
+def test_clipped_policy_loss_with_unit_weights_is_unweighted():
+    torch.manual_seed(0)
+    logprobs, old, advantages = torch.randn(3, 5), torch.randn(3, 5), torch.randn(3, 5)
+    mask = torch.ones(3, 5)
+    plain = clipped_policy_loss(logprobs, old, advantages, mask, 0.2)
+    weighted = clipped_policy_loss(logprobs, old, advantages, mask, 0.2, torch.ones(3, 5))
+    assert all(torch.equal(a, b) for a, b in zip(plain, weighted, strict=True))
 
 
 def test_clipped_value_loss_by_hand():

@@ -59,6 +59,7 @@ def _rollout(n: int, vocab: int, seed: int = 0) -> _Rollout:
         returns=per_token["values"] + torch.randn(n, r_width, generator=g, dtype=torch.float64),
         n=n,
         kl_loss_coef=0.0,
+        engine_logprobs=None,
         **per_token,
     )
 

@@ -44,6 +44,7 @@ from pipeline.judge import NO_JUDGE, Judge, load_judge
 from pipeline.modeling import check_context, is_local_reference
 from pipeline.ppo.checkpoint import load_checkpoint, prune, rewrite_metrics, save_checkpoint, set_rng_state
 from pipeline.ppo.control import AdaptiveKLController, FixedKLController, build_kl_controller
+from pipeline.ppo.engines import build_rollout_engine, logprob_mismatch
 from pipeline.ppo.evaluation import best_policy, detect_overoptimisation, evaluate_policies
 from pipeline.ppo.losses import explained_variance
 from pipeline.ppo.memory import peak_memory_gb, reset_peak_memory
@@ -280,12 +281,13 @@ def train_update(
     pcfg: Any,
     judge: Judge | None,
     sdir: Path,
+    engine: Any = None,
 ) -> dict[str, Any]:
     """Sample a rollout batch, score it, run the PPO epochs over it; returns the update's logged record."""
     state = distributed_state()
     world = state.num_processes
     memory_kind = reset_peak_memory(state.device)
-    rollout = collect_rollout(roles, prompts, _local_indices(training, pcfg), sampling, pcfg, state.device)
+    rollout = collect_rollout(roles, prompts, _local_indices(training, pcfg), sampling, pcfg, state.device, engine)
     all_scores = all_gather_tensor(rollout.scores)
     if torch.isfinite(all_scores).all():
         training.running.update(all_scores)
@@ -330,6 +332,8 @@ def train_update(
         "peak_memory_gb": peak_memory_gb(state.device),  # this process's (the main one's in the log)
         "peak_memory_kind": memory_kind,
     }
+    if rollout.engine_logprobs is not None:  # one process (build_rollout_engine): no all-reduce needed
+        record.update(logprob_mismatch(rollout.logprobs, rollout.engine_logprobs, rollout.response_mask, pcfg.tis_cap))
     training.kl_ctl.update(record["kl"], pcfg.rollout_batch_size)
     training.history.append(
         {
@@ -416,6 +420,7 @@ def run(cfg: PipelineConfig, rerun: bool = False, round_no: int = 1) -> Path:
     )
     training = build_training(cfg, roles, train_prompts, inputs, seed)
     resume(sdir, roles, training, seed, pcfg.num_updates)
+    engine = build_rollout_engine(pcfg, roles, world)
 
     writer = None
     if state.is_main_process and pcfg.report_to == "tensorboard":
@@ -423,7 +428,7 @@ def run(cfg: PipelineConfig, rerun: bool = False, round_no: int = 1) -> Path:
 
         writer = SummaryWriter(str(sdir / "tensorboard"), purge_step=training.update + 1)
     while training.update < pcfg.num_updates:
-        record = train_update(roles, training, train_prompts, sampling, pcfg, judge, sdir)
+        record = train_update(roles, training, train_prompts, sampling, pcfg, judge, sdir, engine)
         if state.is_main_process:
             _log_update(sdir, record, writer)
         last = training.update == pcfg.num_updates
@@ -437,7 +442,9 @@ def run(cfg: PipelineConfig, rerun: bool = False, round_no: int = 1) -> Path:
             raise Preempted(f"pre-empted after update {training.update}; run the same command to resume")
     if writer is not None:
         writer.close()
-    final_point = measure_policy(roles, training, train_prompts, sampling, pcfg, judge)
+    final_point = measure_policy(roles, training, train_prompts, sampling, pcfg, judge, engine)
+    if engine is not None:
+        engine.close()
     finish(
         cfg,
         roles,
@@ -455,11 +462,17 @@ def run(cfg: PipelineConfig, rerun: bool = False, round_no: int = 1) -> Path:
 
 
 def measure_policy(
-    roles: Roles, training: Training, prompts: PromptSet, sampling: SamplingArgs, pcfg: Any, judge: Judge | None
+    roles: Roles,
+    training: Training,
+    prompts: PromptSet,
+    sampling: SamplingArgs,
+    pcfg: Any,
+    judge: Judge | None,
+    engine: Any = None,
 ) -> dict[str, Any]:
     """Scores of the last policy, which has no rollout of its own: one more batch of training prompts, no update."""
     state = distributed_state()
-    rollout = collect_rollout(roles, prompts, _local_indices(training, pcfg), sampling, pcfg, state.device)
+    rollout = collect_rollout(roles, prompts, _local_indices(training, pcfg), sampling, pcfg, state.device, engine)
     gold_scores = _gold_scores(judge, rollout)
     sums = all_sum(
         {

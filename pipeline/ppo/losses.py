@@ -27,6 +27,7 @@ __all__ = [
     "sequence_advantages_to_tokens",
     "clipped_policy_loss",
     "clipped_value_loss",
+    "truncated_is_weights",
     "kl_per_token",
     "entropy_from_logits",
     "logprobs_from_logits",
@@ -156,22 +157,38 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) as a loss: (loss, clip fraction, approximate KL).
 
-    loss = mean over tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), ratio = exp(logp - logp_old).
-    The clip fraction is the share of tokens where the clipped term was chosen; the approximate KL(old || new) is the
-    k3 estimator mean((ratio - 1) - log ratio), always >= 0.
+    loss = mean over tokens of w * max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), ratio = exp(logp - logp_old),
+    w = `weights` (per token, no gradient; e.g. `truncated_is_weights`) or 1. The clip fraction is the share of
+    tokens where the clipped term was chosen; the approximate KL(old || new) is the k3 estimator
+    mean((ratio - 1) - log ratio), always >= 0.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights.detach()
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
     return loss, clip_fraction, approx_kl
+
+
+def truncated_is_weights(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weights min(pi_old / pi_engine, cap) = min(exp(logp_old - logp_engine), cap).
+
+    When another engine (vLLM) sampled the responses, its log-probs differ a little from the trainer's own for the
+    same weights (other kernels, other precision): the samples are slightly off-policy. Weighting each token's
+    policy-gradient loss by this ratio corrects for it; the cap bounds the variance (Yao et al. 2025, "Your
+    efficient RL framework secretly brings you off-policy RL training": TIS, as in veRL and OpenRLHF).
+    """
+    return torch.exp(old_logprobs - engine_logprobs).clamp(max=cap)
 
 
 def clipped_value_loss(

@@ -15,7 +15,13 @@ from typing import Any
 
 import torch
 
-from pipeline.ppo.losses import clipped_policy_loss, clipped_value_loss, kl_per_token, masked_mean
+from pipeline.ppo.losses import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    kl_per_token,
+    masked_mean,
+    truncated_is_weights,
+)
 from pipeline.ppo.memory import (
     pack_episodes,
     packed_policy_logprobs,
@@ -137,8 +143,12 @@ def ppo_update(
                     logprobs, entropy = roles.policy_logprobs(
                         ids, mask, p_len, pcfg.temperature, pcfg.entropy_coef > 0
                     )
+                tis = None  # responses sampled by another engine (vLLM): truncated importance weights
+                if rollout.engine_logprobs is not None:
+                    engine_lp = rollout.engine_logprobs[rows, :r_len].to(device)
+                    tis = truncated_is_weights(old["logprobs"], engine_lp, pcfg.tis_cap)
                 pg_loss, clip_fraction, approx_kl = clipped_policy_loss(
-                    logprobs, old["logprobs"], old["advantages"], resp_mask, pcfg.cliprange
+                    logprobs, old["logprobs"], old["advantages"], resp_mask, pcfg.cliprange, tis
                 )
                 loss = pg_loss - (pcfg.entropy_coef * masked_mean(entropy, resp_mask) if entropy is not None else 0.0)
                 if rollout.kl_loss_coef > 0:  # grpo: the KL to the reference in the loss (k3, Shao et al. 2024)

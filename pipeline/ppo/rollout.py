@@ -140,6 +140,7 @@ class Rollout:
     kl: torch.Tensor | None = None  # per token, the penalty's estimator
     normalized_scores: torch.Tensor | None = None
     kl_loss_coef: float = 0.0  # grpo: the weight of the k3 KL to the reference in the policy loss
+    engine_logprobs: torch.Tensor | None = None  # the rollout engine's own log-probs (rollout_engine=vllm)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -170,13 +171,16 @@ def collect_rollout(
     sampling: SamplingArgs,
     pcfg: PPOConfig,
     device: torch.device,
+    engine: Any = None,
 ) -> Rollout:
-    """Sample a response to each prompt and compute everything PPO needs about it (no gradients)."""
+    """Sample a response to each prompt and compute everything PPO needs about it (no gradients); an `engine`
+    (pipeline/ppo/engines.py, e.g. vLLM) samples in place of the policy's `generate` when given."""
     tokenizer = roles.tokenizer
     records = [prompts.records[i] for i in indices]
     started = time.perf_counter()
-    from_generation = pcfg.rollout_logprobs == "generation"
-    sampled = sample_ids(
+    # another engine's log-probs are not the trainer's: it recomputes them (the engine's feed the TIS weights)
+    from_generation = pcfg.rollout_logprobs == "generation" and engine is None
+    sampled = (sample_ids if engine is None else engine.sample_ids)(
         roles.generation_model(),
         [prompts.ids[i] for i in indices],
         sampling,
@@ -230,6 +234,7 @@ def collect_rollout(
         entropy,
         scores,
         timings,
+        engine_logprobs=sampled.logprobs if engine is not None else None,
     )
 
 
