@@ -15,18 +15,18 @@ from pipeline.cli import parse_args
 
 PARENT = textwrap.dedent(
     """
-    import multiprocessing, sys, time
+    import multiprocessing, os, sys, time
     from pipeline.preemption import children_die_with_parent
     if sys.argv[1] == "guarded":
         children_die_with_parent()
     def grandchild_parent():  # a child that forks again, as datatrove's pool worker forks the extractor's sandbox
         child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,))
         child.start()
-        print(child.pid, flush=True)
+        os.write(1, f"{child.pid}\\n".encode())  # one write: lines of two processes never interleave
         time.sleep(120)
     child = multiprocessing.get_context("fork").Process(target=grandchild_parent)
     child.start()
-    print(child.pid, flush=True)
+    os.write(1, f"{child.pid}\\n".encode())
     time.sleep(120)
     """
 )
