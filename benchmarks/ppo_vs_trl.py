@@ -52,8 +52,8 @@ ppo.forward_batch_size); trl's bf16 flag autocasts the training passes only (our
         --ours-config grpo:advantage=grpo,samples_per_prompt=4 --ours-config ppo-bf16:mixed_precision=bf16
     .venv/bin/python benchmarks/ppo_vs_trl.py --phases speed --layers 2 --updates 2 --sides ours trl-rloo  # smoke
 
-Every phase's size is an option, and an estimate of the run's time is printed first. --sides trains a subset;
---reuse takes the other sides (trained, timed and evaluated) from an earlier results.json with the same shared
+Every phase's size is an option, and an estimate of the run's time is printed first (--estimate: only that).
+--sides trains a subset (--gold-sides another one in the gold phase); --reuse takes the other sides (trained, timed and evaluated) from an earlier results.json with the same shared
 settings, so a long run can be split. The run dir may be a copy of a run (its reward adapter is then re-pointed at
 the copy's SFT model). Recorded figures: benchmarks/results/ppo_vs_trl.md, benchmarks/results/ppo_configs.md.
 
@@ -487,8 +487,9 @@ def run_phase(
     overrides: dict[str, Any],
     args: argparse.Namespace,
     python: Path | None,
+    names: list[str],
 ) -> dict[str, Any]:
-    """Prepare the shared inputs, then train every side of --sides one after the other."""
+    """Prepare the shared inputs, then train the sides `names` one after the other."""
     from pipeline.config import save_config
     from pipeline.ppo.roles import read_reward_stats, reward_max_len
     from pipeline.tokenizer import load_tokenizer
@@ -507,7 +508,7 @@ def run_phase(
     pcfg = dataclasses.replace(cfg.ppo, **overrides)
     base_recipe = work / "recipe.yaml"  # the shared settings: our configurations start from it; evaluation reads it
     save_config(dataclasses.replace(cfg, ppo=pcfg), base_recipe)
-    sides = build_sides(args, base_recipe, work, args.sides, pcfg)
+    sides = build_sides(args, base_recipe, work, names, pcfg)
     tokenizer = load_tokenizer(base)
     n_train = write_prompt_ids(prompts["train"], tokenizer, pcfg, work / "train_ids.jsonl")
     write_prompt_ids(prompts["eval"], tokenizer, pcfg, work / "eval_ids.jsonl")
@@ -524,7 +525,7 @@ def run_phase(
             shutil.rmtree(merged)
         merge_reward(reward, merged)
     print(
-        f"\n[{name}] {n_train} training prompts; running {', then '.join(args.sides) or 'nothing'} (logs in {work})",
+        f"\n[{name}] {n_train} training prompts; running {', then '.join(names) or 'nothing'} (logs in {work})",
         flush=True,
     )
     results = {}
@@ -660,6 +661,12 @@ def evaluate(runs: list[dict[str, Any]], recipe: str, args: argparse.Namespace) 
 
 
 SHARED_KEYS = ("settings", "lora", "score_affine", "precision")
+
+
+def in_order(sides: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """`sides` with our configurations first (in --ours-config order), then trl's, then anything reused."""
+    order = [*args.ours_configs, *TRL_SIDES]
+    return dict(sorted(sides.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
 
 
 def reuse_speed(phase: dict[str, Any], earlier: list[tuple[Path, dict[str, Any]]]) -> None:
@@ -856,6 +863,7 @@ def gold_figures(phase: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "label": _label(runs[0]),
             "implementation": runs[0]["implementation"],
             "kind": runs[0]["kind"],
+            "precision": runs[0]["precision"],
             "gold_gain": _mean(gains),
             "gold_gain_sem": gain_sem,
             "gold_gain_per_seed": gains,
@@ -923,12 +931,12 @@ def print_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
     for name in ours:
         r = speed.get(name)
         if r is not None and ref is not None:
-            precision = "" if r["precision"] == ref["precision"] else " (unequal precision)"
-            speedup, cpu = _ratio(r["episodes_per_s"], ref["episodes_per_s"]), None
+            star = "" if r["precision"] == ref["precision"] else "*"
+            speedup = _ratio(r["episodes_per_s"], ref["episodes_per_s"])
             cpu = _ratio(r["episodes_per_cpu_s"], ref["episodes_per_cpu_s"])
             memory = _ratio(r["peak_rss_mb"], ref["peak_rss_mb"])
             add(
-                f"{name}: episodes/s{precision}",
+                f"{name}{star}: episodes/s",
                 _fmt(r["episodes_per_s"]),
                 _fmt(ref["episodes_per_s"]),
                 f"{_fmt(speedup, 2)}x",
@@ -936,7 +944,7 @@ def print_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
                 None if speedup is None else speedup >= 2,
             )
             add(
-                f"{name}: episodes/CPU-s",
+                f"{name}{star}: episodes/CPU-s",
                 _fmt(r["episodes_per_cpu_s"]),
                 _fmt(ref["episodes_per_cpu_s"]),
                 f"{_fmt(cpu, 2)}x",
@@ -944,7 +952,7 @@ def print_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
                 None if cpu is None else cpu >= 2,
             )
             add(
-                f"{name}: peak RSS, MB",
+                f"{name}{star}: peak RSS, MB",
                 f"{r['peak_rss_mb']:.0f}",
                 f"{ref['peak_rss_mb']:.0f}",
                 f"{_fmt(memory, 2)}x",
@@ -952,50 +960,50 @@ def print_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
                 None if memory is None else memory <= 0.6,
             )
         g = gold.get(name)
-        if g is None:
-            continue
-        twin_name = f"trl-{g['kind']}"
-        twin = gold.get(twin_name)
-        if twin is None:
-            continue
-        diff = g["gold_gain"] - twin["gold_gain"]
-        diff_sem = (g["gold_gain_sem"] ** 2 + twin["gold_gain_sem"] ** 2) ** 0.5
-        add(
-            f"{name}: gold gain vs {twin_name}",
-            f"{g['gold_gain']:+.3f}",
-            f"{twin['gold_gain']:+.3f}",
-            f"{diff:+.3f}+-{diff_sem:.3f}",
-            ">= trl's",
-            g["gold_gain"] >= twin["gold_gain"] and g["kl_within_target"],
-        )
-        per_cpu = (
-            _ratio(g["gold_gain_per_cpu_s"], twin["gold_gain_per_cpu_s"]) if twin["gold_gain_per_cpu_s"] > 0 else None
-        )
-        add(
-            f"{name}: gold gain/CPU-s vs {twin_name}",
-            f"{g['gold_gain_per_cpu_s']:.2e}",
-            f"{twin['gold_gain_per_cpu_s']:.2e}",
-            f"{_fmt(per_cpu, 2)}x",
-            ">= 1x",
-            None if per_cpu is None else per_cpu >= 1,
-        )
-        add(
-            f"{name}: KL to reference",
-            _fmt(g["kl_to_reference"], 2),
-            _fmt(twin["kl_to_reference"], 2),
-            f"{_fmt(_ratio(g['kl_to_reference'], twin['kl_to_reference']), 2)}x",
-            f"<= {results['gold']['ours_kl_target']}",
-            g["kl_within_target"] and twin["kl_within_target"],
-        )
-    print(
-        f"\n{'summary: ours vs trl (trl-ppo = trl 1.12 PPO)':<44} {'ours':>9} {'trl':>9} {'ours/trl (diff)':>15} {'goal':>9}  met?"
-    )
+        for twin_name in dict.fromkeys([f"trl-{g['kind']}", "trl-ppo"]) if g else []:
+            twin = gold.get(twin_name)
+            if twin is None:
+                continue
+            star = "" if g["precision"] == twin["precision"] else "*"
+            if twin_name == f"trl-{g['kind']}":  # the same algorithm: gold gain and KL side by side
+                diff = g["gold_gain"] - twin["gold_gain"]
+                diff_sem = (g["gold_gain_sem"] ** 2 + twin["gold_gain_sem"] ** 2) ** 0.5
+                add(
+                    f"{name}{star}: gold gain vs {twin_name}",
+                    f"{g['gold_gain']:+.3f}",
+                    f"{twin['gold_gain']:+.3f}",
+                    f"{diff:+.3f}+-{diff_sem:.3f}",
+                    ">= trl's",
+                    g["gold_gain"] >= twin["gold_gain"] and g["kl_within_target"],
+                )
+                add(
+                    f"{name}{star}: KL to reference vs {twin_name}",
+                    _fmt(g["kl_to_reference"], 2),
+                    _fmt(twin["kl_to_reference"], 2),
+                    f"{_fmt(_ratio(g['kl_to_reference'], twin['kl_to_reference']), 2)}x",
+                    f"<= {results['gold']['ours_kl_target']}",
+                    g["kl_within_target"] and twin["kl_within_target"],
+                )
+            per_cpu = _ratio(g["gold_gain_per_cpu_s"], twin["gold_gain_per_cpu_s"])
+            add(
+                f"{name}{star}: gold gain/CPU-s vs {twin_name}",
+                f"{g['gold_gain_per_cpu_s']:.2e}",
+                f"{twin['gold_gain_per_cpu_s']:.2e}",
+                f"{_fmt(per_cpu, 2)}x" if twin["gold_gain_per_cpu_s"] > 0 else "n/a",
+                ">= 1x",
+                None if per_cpu is None or twin["gold_gain_per_cpu_s"] <= 0 else per_cpu >= 1,
+            )
+    title = "summary: ours vs trl (trl-ppo = trl 1.12 PPO)"
+    print(f"\n{title:<46} {'ours':>9} {'trl':>9} {'ours/trl (diff)':>15} {'goal':>9}  met?")
     for r in rows:
-        print(f"{r['metric']:<44} {r['ours']:>9} {r['trl']:>9} {r['ratio']:>15} {r['goal']:>9}  {_fmt(r['met'])}")
+        print(f"{r['metric']:<46} {r['ours']:>9} {r['trl']:>9} {r['ratio']:>15} {r['goal']:>9}  {_fmt(r['met'])}")
+    if any("*" in r["metric"] for r in rows):
+        print("  * at another precision than the trl side it is compared with")
     if gold:
         print(
-            "  (gold rows: means over the training seeds, +- standard error of the difference; an ours row is met only "
-            "within the KL target; the KL row needs both sides within it)"
+            "  (gold rows: means over the training seeds, +- standard error of the difference; an ours row is met "
+            "only within the KL target; the KL row needs both sides within it; gain/CPU-s: gold gain over the "
+            "CPU-seconds of the whole training process)"
         )
     return rows
 
@@ -1048,25 +1056,30 @@ COST = {"ppo": 1.0, "rloo": 0.7, "grpo": 0.7}
 
 def estimate_minutes(args: argparse.Namespace, cfg: Any, params: float | None) -> dict[str, float]:
     """A rough forecast of each phase's minutes on one quiet core, from the figures above."""
-    kinds = []
-    for name in args.sides:
-        if name in TRL_SIDES:
-            kinds.append(TRL_SIDES[name][1])
-        else:
-            overrides = " ".join(args.ours_configs[name])
-            kinds.append(next((k for k in ("rloo", "grpo") if f"advantage={k}" in overrides), "ppo"))
+
+    def kinds(names: list[str]) -> list[str]:
+        out = []
+        for name in names:
+            if name in TRL_SIDES:
+                out.append(TRL_SIDES[name][1])
+            else:
+                overrides = " ".join(args.ours_configs[name])
+                out.append(next((k for k in ("rloo", "grpo") if f"advantage={k}" in overrides), "ppo"))
+        return out
+
     out = {}
     if "speed" in args.phases:
         per_episode = 1.77 * (params or 86.8e6) / 86.8e6 * args.max_new_tokens / 32
         episodes = args.updates * args.rollout
-        out["speed"] = sum(30 + episodes * per_episode * COST[k] for k in kinds) / 60
+        out["speed"] = sum(30 + episodes * per_episode * COST[k] for k in kinds(args.sides)) / 60
     if "gold" in args.phases:
         pcfg = cfg.ppo
         episodes = (args.gold_updates or pcfg.num_updates) * pcfg.rollout_batch_size
         per_episode = 0.105 * pcfg.max_new_tokens / 40
-        train = sum(10 + episodes * per_episode * COST[k] for k in kinds) * args.gold_seeds
+        gold = kinds(args.gold_sides)
+        train = sum(10 + episodes * per_episode * COST[k] for k in gold) * args.gold_seeds
         prompts = args.eval_prompts or cfg.world.n_eval_prompts
-        evaluation = 20 + len(kinds) * args.gold_seeds * 2 * prompts * args.eval_samples * per_episode * 0.5
+        evaluation = 20 + len(gold) * args.gold_seeds * 2 * prompts * args.eval_samples * per_episode * 0.5
         out["gold"] = (train + evaluation) / 60
     return out
 
@@ -1158,6 +1171,9 @@ def parse_args() -> argparse.Namespace:
     speed.add_argument("--max-new-tokens", type=int, default=32)
     speed.add_argument("--forward-batch", type=int, default=16, help="episodes per no-grad forward / generate call")
     gold = parser.add_argument_group("gold phase (the run's models and PPO settings)")
+    gold.add_argument(
+        "--gold-sides", nargs="+", help="sides to train in the gold phase, as --sides (default: those of --sides)"
+    )
     gold.add_argument("--gold-updates", type=int, help="PPO updates (default: the run's ppo.num_updates)")
     gold.add_argument("--gold-seeds", type=int, default=3, help="training runs per side (seeds 0..N-1)")
     gold.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1 (more seeds in another run)")
@@ -1174,6 +1190,7 @@ def parse_args() -> argparse.Namespace:
     if len(args.ours_configs) < len(configs):
         parser.error("--ours-config names must differ")
     args.sides = expand_sides(args.sides, list(args.ours_configs))
+    args.gold_sides = expand_sides(args.gold_sides, list(args.ours_configs)) if args.gold_sides else args.sides
     args.reuse = [*args.reuse, *([args.trl_from] if args.trl_from else [])]
     return args
 
@@ -1197,12 +1214,15 @@ def main() -> None:
     print(
         "estimate on one quiet core: "
         + ", ".join(f"{phase} phase about {m:.0f} min" for phase, m in minutes.items())
-        + f" ({len(args.sides)} sides: {', '.join(args.sides)})",
+        + f" (sides: {', '.join(args.sides)}; gold phase: {', '.join(args.gold_sides)})",
         flush=True,
     )
     if args.estimate:
         return
-    python = trl_environment(args.venv.resolve()) if "trl-ppo" in args.sides else None
+    trains_trl112 = ("speed" in args.phases and "trl-ppo" in args.sides) or (
+        "gold" in args.phases and "trl-ppo" in args.gold_sides
+    )
+    python = trl_environment(args.venv.resolve()) if trains_trl112 else None
     earlier = [(path, json.loads(path.read_text())) for path in args.reuse]
     prompts = {"train": paths["train_prompts"], "eval": paths["eval_prompts"]}
     load = os.getloadavg()
@@ -1239,9 +1259,10 @@ def main() -> None:
             "eval_max_prompts": 4,
             "kl_target": None,
         }
-        phase = run_phase("speed", cfg, base, reward, prompts, overrides, args, python)
+        phase = run_phase("speed", cfg, base, reward, prompts, overrides, args, python, args.sides)
         phase["model_parameters"] = params
         reuse_speed(phase, earlier)
+        phase["sides"] = in_order(phase["sides"], args)
         layers = args.layers or "as preset"
         title = (
             f"speed phase: random Llama ({args.preset} preset, layers {layers}), {params / 1e6:.1f}M "
@@ -1257,13 +1278,18 @@ def main() -> None:
             overrides = {"eval_max_prompts": 8, "seed_offset": cfg.ppo.seed_offset + k}
             if args.gold_updates:
                 overrides["num_updates"] = args.gold_updates
-            run = run_phase(f"gold/seed{k}", cfg, paths["base"], paths["reward"], prompts, overrides, args, python)
+            run = run_phase(
+                f"gold/seed{k}", cfg, paths["base"], paths["reward"], prompts, overrides, args, python, args.gold_sides
+            )
             runs.append({"seed": k, "sides": run.pop("sides"), "recipe": run["recipe"]})
             shared = run
         phase = {**shared, "runs": runs, "first_seed": args.first_seed}
         phase["eval"] = {"samples": args.eval_samples, "seed": args.seed, "prompts": args.eval_prompts}
         phase["evaluation"] = evaluate(runs, runs[0]["recipe"], args)
         reuse_gold(phase, earlier, args)
+        phase["evaluation"] = in_order(phase["evaluation"], args)
+        for run in runs:
+            run["sides"] = in_order(run["sides"], args)
         print_settings(
             phase,
             f"gold phase: the demo run's SFT model and reward model ({args.run_dir}), "
