@@ -432,6 +432,8 @@ def check_comparable(pcfg: Any, what: str) -> None:
         problems.append("ppo.mini_batch_size")
     if what == "trl 1.16" and pcfg.mini_batch_size % pcfg.samples_per_prompt:
         problems.append("ppo.mini_batch_size (trl 1.16 needs whole groups of samples_per_prompt per mini-batch)")
+    if what == "trl 1.16" and pcfg.advantage == "rloo" and pcfg.kl_estimator != "k1":
+        problems.append("ppo.kl_estimator (trl 1.16 RLOO's penalty is k1)")
     if pcfg.reward_normalization == "running":
         problems.append("ppo.reward_normalization=running (use reward_stats or none)")
     if problems:
@@ -799,7 +801,7 @@ def print_settings(phase: dict[str, Any], title: str) -> None:
     norm = f"(score - {affine[0]:.3f}) / {affine[1]:.3f} on every side" if affine else "none"
     print(f"  reward normalisation: {norm}; gradient clipping: ours and trl 1.16 {phase['ours_max_grad_norm']}")
     for name, overrides in phase["ours_configs"].items():
-        print(f"  ours {name}: {' '.join(overrides) or 'the run settings'}")
+        print(f"  {name} (ours): {' '.join(overrides) or 'the run settings'}")
     sides = phase["sides"] if "sides" in phase else phase["runs"][0]["sides"]
     for name, r in sides.items():
         if r["implementation"] != "ours":
@@ -1050,8 +1052,9 @@ def expand_sides(requested: list[str], configs: list[str]) -> list[str]:
 
 # Seconds per episode measured on one quiet core (benchmarks/results/ppo_vs_trl.md, 2026-11-26): 1.77 at 86.8M
 # parameters with 32-token responses, 0.105 on the demo model with 40; a process starts in about 30 s (speed phase)
-# or 10 s (gold). A critic-free configuration skips the value passes: about 0.7 of PPO's arithmetic.
-COST = {"ppo": 1.0, "rloo": 0.7, "grpo": 0.7}
+# or 10 s (gold). A critic-free configuration skips the value passes: about 0.6 of PPO's CPU time in the gold phase
+# (benchmarks/results/ppo_configs.md); evaluating a policy costs about 0.7 of a gold-phase episode per held-out one.
+COST = {"ppo": 1.0, "rloo": 0.6, "grpo": 0.6}
 
 
 def estimate_minutes(args: argparse.Namespace, cfg: Any, params: float | None) -> dict[str, float]:
@@ -1079,7 +1082,7 @@ def estimate_minutes(args: argparse.Namespace, cfg: Any, params: float | None) -
         gold = kinds(args.gold_sides)
         train = sum(10 + episodes * per_episode * COST[k] for k in gold) * args.gold_seeds
         prompts = args.eval_prompts or cfg.world.n_eval_prompts
-        evaluation = 20 + len(gold) * args.gold_seeds * 2 * prompts * args.eval_samples * per_episode * 0.5
+        evaluation = 15 + len(gold) * args.gold_seeds * prompts * args.eval_samples * per_episode * 0.7
         out["gold"] = (train + evaluation) / 60
     return out
 
