@@ -1087,6 +1087,18 @@ def estimate_minutes(args: argparse.Namespace, cfg: Any, params: float | None) -
     return out
 
 
+def check_ours_configs(args: argparse.Namespace, recipe: Path) -> None:
+    """Every configuration's overrides on the run's recipe, through the pipeline's config loader: an unknown key
+    or a bad value stops the benchmark before anything is trained."""
+    from pipeline.config import load_config
+
+    for name, overrides in args.ours_configs.items():
+        try:
+            load_config(recipe, overrides)
+        except Exception as exc:  # the pipeline's UserError names the key
+            raise SystemExit(f"--ours-config {name}: {exc}") from None
+
+
 def speed_parameters(args: argparse.Namespace, tokenizer_source: Path) -> float:
     """Parameters of the speed phase's model (built on the meta device: nothing allocated)."""
     import torch
@@ -1212,6 +1224,7 @@ def main() -> None:
     args.run_dir, args.work_dir = args.run_dir.resolve(), args.work_dir.resolve()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     cfg, paths = load_run(args.run_dir, args.work_dir)
+    check_ours_configs(args, args.run_dir / "config.yaml")
     params = speed_parameters(args, paths["base"]) if "speed" in args.phases else None
     minutes = estimate_minutes(args, cfg, params)
     print(
