@@ -584,6 +584,10 @@ class PPOConfig:
         "gae",
         "'gae': a critic (value adapter and head) and GAE, the InstructGPT recipe; 'rloo': no critic, each response's reward (score minus the KL penalty) minus the mean of the other samples_per_prompt - 1 responses to its prompt (Ahmadian et al. 2024); 'grpo': no critic, the score normalised within its prompt's group, the KL to the reference as a loss term (k3, weighted by the KL coefficient; Shao et al. 2024).",
     )
+    critic: Literal["adapter", "trunk"] = _f(
+        "adapter",
+        "With advantage=gae: 'adapter', a value adapter of its own on the shared base (value_init, critic_placement); 'trunk', a fresh value head on the policy's own final hidden states (lm-human-preferences): its values come from the sampling pass, and one forward and one backward serve the policy and value losses (the value loss also trains the policy adapter).",
+    )
     samples_per_prompt: int = _f(
         1,
         "Responses sampled per prompt in a rollout (the group of rloo and grpo, which need >= 2); rollout_batch_size counts responses.",
@@ -632,6 +636,27 @@ class PPOConfig:
     ppo_epochs: int = _f(4, "Passes over each rollout batch.")
     generation_batch_size: int = _f(32, "Prompts per model.generate call on each process.")
     forward_batch_size: int = _f(16, "Episodes per no-grad forward (log-probs, values, rewards) on each process.")
+    gradient_checkpointing: bool = _f(
+        False,
+        "Recompute each decoder layer in the backward instead of keeping its activations, in the passes with "
+        "gradients only (policy, value, ptx); the model stays in eval mode. Less activation memory for more "
+        "compute (benchmarks/results/ppo_memory.md). Same gradients bit for bit, so a finished or resumed stage "
+        "may switch it.",
+        volatile=True,
+    )
+    micro_batch_tokens: int = _f(
+        0,
+        "Token budget of a micro-batch: each process's share of a mini-batch is sorted by length and cut so that "
+        "rows x (longest prompt + longest response) stays within it (0: gradient_accumulation_steps cuts it by "
+        "episode count instead). The loss is the mini-batch's token mean either way.",
+    )
+    pack_sequences: bool = _f(
+        False,
+        "Run each micro-batch of the update as one row of its episodes' real tokens, position ids restarting per "
+        "episode, without padding (a token budget then counts real tokens). Needs sdpa or eager attention, which "
+        "compute the packed row's whole masked attention: it saves padding compute, not memory "
+        "(benchmarks/results/ppo_memory.md).",
+    )
     learning_rate: float = _f(1e-4, "Peak learning rate of the policy and value adapters.")
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = _f(
         "linear", "Learning-rate schedule over all optimiser steps."
@@ -729,6 +754,11 @@ class PPOConfig:
         )
         _check(self.num_updates >= 1, "num_updates", "must be >= 1")
         _check(
+            self.critic == "adapter" or self.critic_placement == "shared",
+            "critic_placement",
+            "must be shared with critic=trunk (the value head reads the policy's own states)",
+        )
+        _check(
             self.samples_per_prompt >= (1 if self.advantage == "gae" else 2),
             "samples_per_prompt",
             f"must be >= 2 with advantage={self.advantage} (its baseline is the other responses to the same prompt)"
@@ -750,6 +780,16 @@ class PPOConfig:
         _check(self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1")
         _check(self.generation_batch_size >= 1, "generation_batch_size", "must be >= 1")
         _check(self.forward_batch_size >= 1, "forward_batch_size", "must be >= 1")
+        _check(
+            self.micro_batch_tokens >= 0,
+            "micro_batch_tokens",
+            "must be >= 0 (0 switches it off; else a token budget such as 4096)",
+        )
+        _check(
+            self.micro_batch_tokens == 0 or self.gradient_accumulation_steps == 1,
+            "gradient_accumulation_steps",
+            "must be 1 with ppo.micro_batch_tokens (the token budget decides the micro-batches); set one of them",
+        )
         _check(self.learning_rate > 0, "learning_rate", "must be > 0")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")

@@ -204,6 +204,7 @@ class SampledIds:
     ended: torch.Tensor
     logprobs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    states: torch.Tensor | None = None  # [prompts, response_len, hidden], float32, 0 after the first EOS
 
 
 def _pad_rows(rows: list[torch.Tensor], width: int, value: float | int, dtype: torch.dtype) -> torch.Tensor:
@@ -223,11 +224,14 @@ def sample_ids(
     batch_size: int = 16,
     with_logprobs: bool = False,
     precision: Callable[[], contextlib.AbstractContextManager] | None = None,
+    with_states: bool = False,
 ) -> SampledIds:
     """Sample responses to tokenized prompts (see `SampledIds`).
 
     Prompts go through `model.generate` in chunks of `batch_size`, left-padded, with the KV cache; the chunks are
     padded to one width afterwards. Sampling uses torch's global generator (seed it for reproducible samples).
+    With `with_states`, the final hidden states the LM head read at each step (the state before each response
+    token, what a value head on the trunk reads) are kept too, as `SampledIds.states`.
     """
     if not prompt_ids:
         raise ValueError("sample_ids needs at least one prompt")
@@ -243,6 +247,12 @@ def sample_ids(
     responses: list[torch.Tensor] = []
     logprobs: list[torch.Tensor] = []
     entropy: list[torch.Tensor] = []
+    states: list[torch.Tensor] = []
+    steps_seen: list[torch.Tensor] = []  # this chunk's head inputs, one [chunk, hidden] per generated token
+    hook = None
+    if with_states:
+        head = model.get_output_embeddings()
+        hook = head.register_forward_hook(lambda _m, args, _out: steps_seen.append(args[0][:, -1].float().cpu()))
     try:
         for start in range(0, len(prompt_ids), batch_size):
             ids, mask = left_pad(prompt_ids[start : start + batch_size], pad_id)
@@ -253,6 +263,9 @@ def sample_ids(
             sequences = out.sequences if with_logprobs else out
             new = sequences[:, ids.shape[1] :]
             responses.extend(new.cpu())
+            if with_states:
+                states.extend(torch.stack(steps_seen[: new.shape[1]], 1))
+                steps_seen.clear()
             if with_logprobs:
                 steps = range(new.shape[1])  # out.logits: one [chunk, vocab] tensor per new token
                 logprobs.extend(
@@ -262,6 +275,8 @@ def sample_ids(
             del out
     finally:
         model.train(was_training)
+        if hook is not None:
+            hook.remove()
     all_prompts, all_masks = left_pad(prompt_ids, pad_id)
     width = max(r.shape[0] for r in responses)
     response_ids = _pad_rows(responses, width, pad_id, torch.long)
@@ -272,6 +287,11 @@ def sample_ids(
         after_eos = response_mask == 0
         batch.logprobs = _pad_rows(logprobs, width, 0.0, torch.float32).masked_fill(after_eos, 0.0)
         batch.entropy = _pad_rows(entropy, width, 0.0, torch.float32).masked_fill(after_eos, 0.0)
+    if with_states:
+        padded = torch.zeros(len(states), width, states[0].shape[-1])
+        for i, row in enumerate(states):
+            padded[i, : row.shape[0]] = row
+        batch.states = padded * response_mask.unsqueeze(-1)
     return batch
 
 

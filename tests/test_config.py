@@ -36,6 +36,8 @@ def test_overrides_take_precedence_over_recipe_and_defaults(tmp_path):
         ("ppo.mixed_precision=fp16", "ppo.mixed_precision: 'fp16' is not valid; choose one of auto, no, bf16"),
         ("ppo.value_learning_rate=0", "ppo.value_learning_rate: must be > 0 or null"),
         ("ppo.kl_horizon=0", "ppo.kl_horizon: must be >= 1"),
+        ("ppo.micro_batch_tokens=-1", "ppo.micro_batch_tokens: must be >= 0"),
+        ("ppo.gradient_checkpointing=maybe", "ppo.gradient_checkpointing: expected"),
     ],
 )
 def test_bad_override_names_the_dotted_key(override, fragment):
@@ -44,6 +46,12 @@ def test_bad_override_names_the_dotted_key(override, fragment):
     message = str(info.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_token_budget_with_gradient_accumulation_is_refused_naming_both():
+    with pytest.raises(UserError, match=r"ppo.gradient_accumulation_steps: must be 1 with ppo.micro_batch_tokens"):
+        load_config(None, ["ppo.micro_batch_tokens=4096", "ppo.gradient_accumulation_steps=2"])
+    assert load_config(None, ["ppo.micro_batch_tokens=4096"]).ppo.micro_batch_tokens == 4096
 
 
 def test_missing_and_malformed_recipes_are_user_errors(tmp_path):
@@ -61,6 +69,9 @@ def test_volatile_keys_do_not_enter_stage_settings():
     assert "pretrain.logging_steps" not in settings and "pretrain.save_steps" not in settings
     assert settings["pretrain.learning_rate"] == cfg.pretrain.learning_rate
     assert not any(key.startswith("sft.") for key in settings)
+    # PPO's gradient checkpointing gives the same gradients bit for bit (tests/test_ppo_memory.py): memory only
+    ppo = stage_settings(load_config(None, ["ppo.gradient_checkpointing=true"]), "ppo")
+    assert "ppo.gradient_checkpointing" not in ppo and "ppo.micro_batch_tokens" in ppo
 
 
 def test_flatten_joins_nested_keys():

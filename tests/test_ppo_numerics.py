@@ -232,3 +232,59 @@ def test_whitening_over_every_process_equals_whitening_the_whole_batch():
     assert not torch.allclose(alone, whole, atol=1e-2)
     # by hand: 3 + 2 + 4 + 1 = 10 entries summing to 6 + 14 + 16 + 0.5 = 36.5
     assert float(summed[0]) == 10 and float(summed[1]) == 36.5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The lean LoRA forward
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-base"])
+def test_lean_lora_forward_equals_peft_with_gradients(tiny_model, precision):
+    """The scaling on the rank-r side and the add fused into B's matmul: peft's outputs and gradients to float
+    rounding with the adapter on, exactly peft's with it off. Under bf16 autocast the fused add rounds once where
+    peft rounds twice, so there the check is that it is no further from the float32 result than peft is."""
+    import contextlib
+
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.ppo.lean_lora import use_lean_lora
+
+    model = tiny_model.to(torch.bfloat16) if precision == "bf16-base" else tiny_model
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    ids = torch.randint(0, 300, (2, 7))
+
+    def run(autocast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        cast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with cast:
+            logits = model(input_ids=ids).logits.float()
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad.float().clone() for n, p in model.named_parameters() if "lora_" in n]
+
+    def off() -> torch.Tensor:
+        with model.disable_adapter(), torch.no_grad():
+            return model(input_ids=ids).logits
+
+    autocast = precision == "bf16-autocast"
+    exact_logits, exact_grads = run(False)  # peft's forward without autocast
+    peft_logits, peft_grads = run(autocast)
+    peft_off = off()
+    assert use_lean_lora(model) == 14  # 2 layers x 7 linear layers
+    lean_logits, lean_grads = run(autocast)
+    assert torch.equal(off(), peft_off)
+    assert not torch.equal(lean_logits, peft_off.float())  # the adapter is on and matters
+    if not autocast:
+        tol = 1e-5 if precision == "fp32" else 1e-2
+        assert (lean_logits - peft_logits).abs().max() <= tol
+        for lean, ref in zip(lean_grads, peft_grads, strict=True):
+            assert (lean - ref).abs().max() <= tol * max(1.0, float(ref.abs().max()))
+        return
+    assert (lean_logits - exact_logits).abs().max() <= (peft_logits - exact_logits).abs().max()
+    lean_error = sum(float((a - b).abs().sum()) for a, b in zip(lean_grads, exact_grads, strict=True))
+    peft_error = sum(float((a - b).abs().sum()) for a, b in zip(peft_grads, exact_grads, strict=True))
+    assert lean_error <= 1.2 * peft_error, (lean_error, peft_error)

@@ -163,9 +163,11 @@ def test_ppo_end_to_end_trains_adapters_and_writes_final(reference, upstream, tm
             "eos_rate",
             "time_generate",
             "time_optimise",
+            "peak_memory_gb",
         ):
             assert isinstance(r[key], float) and r[key] == r[key] and abs(r[key]) != float("inf"), (key, r[key])
     assert records[-1]["approx_kl"] > 0  # the policy moved within an update
+    assert all(0.05 < r["peak_memory_gb"] < 20 and r["peak_memory_kind"].startswith("rss_peak") for r in records)
     assert all(2.0 < r["ptx_loss"] < 10.0 for r in records)  # next-token loss of a near-random LM on the corpus
 
     # Exactly these files (the tokenizer's own set taken from a save of it).
@@ -338,7 +340,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference, upstream, tmp
         for key, tensor in uninterrupted.items():
             assert torch.equal(resumed[key], tensor), f"{name}: {key} differs after resume"
     # the metrics log holds each update once, as the uninterrupted run logged it
-    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("time")}  # noqa: E731
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith(("time", "peak_memory"))}  # noqa: E731
     assert [drop(r) for r in _metrics(tmp_path / "run")] == [drop(r) for r in _metrics(run_ref)]
 
 
@@ -375,6 +377,61 @@ def test_critic_free_advantages_train_resume_bit_for_bit_and_save_no_critic(upst
     assert resumed.keys() == policy.keys() and all(torch.equal(resumed[k], policy[k]) for k in policy)
     drop = lambda r: {k: v for k, v in r.items() if not k.startswith("time")}  # noqa: E731
     assert [drop(r) for r in _metrics(tmp_path / "run")] == [drop(r) for r in records]
+
+
+def test_trunk_critic_reads_the_sampling_pass_and_trains_with_the_policy(upstream, tmp_path, tiny_tokenizer):
+    """critic=trunk: the values a rollout takes from the sampling pass's states equal those of a full forward; a run
+    trains the head and the policy adapter through one backward, saves the head alone, and resumes exactly."""
+    import dataclasses
+
+    from pipeline.generation import SamplingArgs, tokenize_prompts
+    from pipeline.ppo import loop
+    from pipeline.ppo.roles import build_roles
+    from pipeline.ppo.rollout import PromptSet, collect_rollout, episode_inputs
+
+    settings = dict(critic="trunk", mini_batch_size=4, gradient_accumulation_steps=1)
+    cfg = load_config(_recipe(tmp_path / "whole.yaml", tmp_path / "whole", upstream, **settings))
+    merged, reward = upstream / "sft" / "final" / "merged", upstream / "reward" / "final"
+    roles = build_roles(cfg.ppo, str(merged), str(reward), torch.device("cpu"))
+    assert roles.trunk_critic and roles.critic_parameters() == list(roles.value_head.parameters())
+    with torch.no_grad():
+        roles.value_head.weight.normal_(0, 1.0)  # a head that reads the states at all
+        for param in roles.policy_parameters():
+            param.normal_(0, 0.2)
+    texts = ["The capital of", "Veloria exports", "Hello", "What is"]
+    prompts = PromptSet([{"prompt": t} for t in texts], tokenize_prompts(tiny_tokenizer, texts))
+    torch.manual_seed(3)
+    rollout = collect_rollout(roles, prompts, range(4), SamplingArgs(6), cfg.ppo, torch.device("cpu"))
+    ids, mask, p_len, r_len = episode_inputs(
+        rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, torch.arange(4)
+    )
+    with torch.no_grad():
+        _, _, values = roles.policy_logprobs_and_values(ids, mask, p_len, 1.0)
+    keep = rollout.response_mask[:, :r_len].bool()
+    assert rollout.values[:, :r_len][keep].abs().min() > 1e-4
+    assert torch.allclose(rollout.values[:, :r_len][keep], values[keep], atol=1e-5)
+    torch.manual_seed(3)
+    recomputed = collect_rollout(
+        roles, prompts, range(4), SamplingArgs(6), dataclasses.replace(cfg.ppo, rollout_logprobs="recompute"), "cpu"
+    )
+    assert torch.allclose(recomputed.values[keep], rollout.values[keep], atol=1e-5)
+
+    loop.run(cfg)
+    records = _metrics(tmp_path / "whole")
+    assert records[0]["clip_fraction"] == 0.0 and all(r["value_loss"] > 0 for r in records)
+    head = load_file(tmp_path / "whole" / "ppo" / "final" / "value" / "value_head.safetensors")
+    assert head["weight"].abs().sum() > 0 and set(head) == {"weight", "bias"}  # started at zero, trained
+    assert not (tmp_path / "whole" / "ppo" / "final" / "value" / "adapter_model.safetensors").exists()
+
+    recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, **settings)
+    sdir = tmp_path / "run" / "ppo"
+    first = start_rlhf("ppo", str(recipe), env=_subprocess_env())
+    assert signal_when(first, checkpoint_done(sdir, 1), timeout=180) == -signal.SIGKILL
+    second = run_rlhf("ppo", str(recipe), env=_subprocess_env(), timeout=300)
+    assert second.returncode == 0 and "resuming from" in second.stderr, second.stderr[-3000:]
+    for name in ("adapter_model.safetensors", "value/value_head.safetensors"):
+        resumed, whole = load_file(sdir / "final" / name), load_file(tmp_path / "whole" / "ppo" / "final" / name)
+        assert all(torch.equal(resumed[k], whole[k]) for k in whole), name
 
 
 def test_critic_free_settings_are_checked_in_one_line():
@@ -418,9 +475,11 @@ def test_two_processes_train_with_world_size_two(upstream, tmp_path):
     assert [(r["optimizer_steps"], r["early_stopped"]) for r in records] == [(2.0, 1.0), (2.0, 1.0)]
 
 
-def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokenizer, precision):
     """The options off the default path in one short run: a 4-bit NF4 base, a reward model with its own weights
-    (fed re-tokenised text), a critic on its own copy of the base, started fresh."""
+    (fed re-tokenised text), a critic on its own copy of the base, started fresh; in float32 and under bf16
+    autocast (the first update then still clips nothing)."""
     import bitsandbytes as bnb
 
     from pipeline.ppo import loop
@@ -428,7 +487,17 @@ def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokeniz
 
     _save_upstream(tmp_path / "up", tiny_tokenizer, hidden_size=64, intermediate_size=128)  # 4-bit needs rows of 64
     options = dict(
-        num_updates=1, finetune="qlora", reward_placement="separate", critic_placement="separate", value_init="fresh"
+        num_updates=1,
+        finetune="qlora",
+        reward_placement="separate",
+        critic_placement="separate",
+        value_init="fresh",
+        mixed_precision=precision,
+        mini_batch_size=4,
+    )
+    # and the memory settings: checkpointed 4-bit layers on both bases, packed micro-batches by a token budget
+    options.update(
+        gradient_checkpointing=True, micro_batch_tokens=40, gradient_accumulation_steps=1, pack_sequences=True
     )
     cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", tmp_path / "up", **options))
     captured, build = {}, loop.build_roles
@@ -442,9 +511,13 @@ def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokeniz
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and q_proj.base_layer.weight.dtype == torch.uint8
     assert roles.critic is not roles.model and isinstance(roles.reward, SeparateReward)
     assert set(roles.model.peft_config) == {"policy"} and set(roles.critic.peft_config) == {"value"}
+    layers = [*roles.model.get_base_model().model.layers, *roles.critic.get_base_model().model.layers]
+    assert all(layer._ppo_checkpointed for layer in layers) and len(layers) == 4
     assert roles.value_head.weight.abs().sum() > 0  # started at zero, trained
+    assert roles.numerics.name == precision
     record = _metrics(tmp_path / "run")[0]
     assert all(record[k] == record[k] for k in ("policy_loss", "value_loss", "rm_score", "kl"))
+    assert record["clip_fraction"] == 0.0 and abs(record["kl"]) < 0.05, record
     assert (final / "value" / "adapter_model.safetensors").is_file()
 
 

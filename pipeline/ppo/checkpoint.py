@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from pipeline.checkpoints import list_checkpoints, mark_checkpoint_complete
 from pipeline.errors import UserError
-from pipeline.ppo.roles import POLICY, VALUE, Roles, load_adapter_weights, save_adapter
+from pipeline.ppo.roles import POLICY, Roles, load_adapter_weights, load_critic, save_adapter, save_critic
 from pipeline.tracking import distributed_state
 
 
@@ -56,8 +56,7 @@ def save_checkpoint(
             shutil.rmtree(path)
         path.mkdir(parents=True)
         save_adapter(roles.model, POLICY, path / "policy", roles.base_path)
-        if roles.critic is not None:
-            save_adapter(roles.critic, VALUE, path / "value", roles.base_path, head=roles.value_head)
+        save_critic(roles, path / "value")
         torch.save(train_state, path / "trainer_state.pt")
     state.wait_for_everyone()
     torch.save({**rank_state, "rng": rng_state()}, path / f"rank_{state.process_index}.pt")
@@ -78,12 +77,7 @@ def load_checkpoint(path: Path, roles: Roles) -> tuple[dict[str, Any], dict[str,
             "resume with the same number of processes, or use a new run_dir"
         )
     load_adapter_weights(roles.model, POLICY, load_file(str(path / "policy" / "adapter_model.safetensors")))
-    if roles.critic is not None:
-        value = load_file(str(path / "value" / "adapter_model.safetensors"))
-        load_adapter_weights(roles.critic, VALUE, {k: v for k, v in value.items() if "lora_" in k})
-        with torch.no_grad():
-            for key, param in roles.value_head.named_parameters():
-                param.copy_(value[f"base_model.model.score.{key}"])
+    load_critic(roles, path / "value")
     train_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
     return train_state, rank_state

@@ -46,10 +46,11 @@ from pipeline.ppo.checkpoint import load_checkpoint, prune, rewrite_metrics, sav
 from pipeline.ppo.control import AdaptiveKLController, FixedKLController, build_kl_controller
 from pipeline.ppo.evaluation import best_policy, detect_overoptimisation, evaluate_policies
 from pipeline.ppo.losses import explained_variance
+from pipeline.ppo.memory import peak_memory_gb, reset_peak_memory
 from pipeline.ppo.optimise import NonFinite, build_optimizer, ppo_update
 from pipeline.ppo.processes import all_gather_tensor, all_sum
 from pipeline.ppo.ptx import PtxStream, load_corpus_texts
-from pipeline.ppo.roles import POLICY, VALUE, Roles, build_roles, save_adapter
+from pipeline.ppo.roles import POLICY, Roles, build_roles, save_adapter, save_critic
 from pipeline.ppo.rollout import (
     PromptSampler,
     PromptSet,
@@ -283,6 +284,7 @@ def train_update(
     """Sample a rollout batch, score it, run the PPO epochs over it; returns the update's logged record."""
     state = distributed_state()
     world = state.num_processes
+    memory_kind = reset_peak_memory(state.device)
     rollout = collect_rollout(roles, prompts, _local_indices(training, pcfg), sampling, pcfg, state.device)
     all_scores = all_gather_tensor(rollout.scores)
     if torch.isfinite(all_scores).all():
@@ -325,6 +327,8 @@ def train_update(
         "learning_rate": training.scheduler.get_last_lr()[0],
         **rollout.timings,
         "time_optimise": time_optimise,
+        "peak_memory_gb": peak_memory_gb(state.device),  # this process's (the main one's in the log)
+        "peak_memory_kind": memory_kind,
     }
     training.kl_ctl.update(record["kl"], pcfg.rollout_batch_size)
     training.history.append(
@@ -530,8 +534,7 @@ def finish(
         with finishing(cfg, stage) as out:
             save_adapter(roles.model, POLICY, out, roles.base_path)
             roles.tokenizer.save_pretrained(str(out))
-            if roles.critic is not None:
-                save_adapter(roles.critic, VALUE, out / "value", roles.base_path, head=roles.value_head)
+            save_critic(roles, out / "value")
             write_json_atomic(out / "eval.json", report)
             (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
             write_stage_json(out, identity, metrics, contents="adapter", extra={"rank_parameter_digests": digests})

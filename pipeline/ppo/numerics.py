@@ -55,8 +55,9 @@ class Numerics:
         return "no" if self.dtype is None else "bf16"
 
 
-def resolve_precision(setting: str, device: torch.device) -> str:
+def resolve_precision(setting: str, device: torch.device | str) -> str:
     """'no' or 'bf16' from `ppo.mixed_precision` and accelerate's setting (see the module docstring)."""
+    device = torch.device(device)
     source = "ppo.mixed_precision"
     if setting == "auto" and os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip():
         setting, source = os.environ["ACCELERATE_MIXED_PRECISION"].strip().lower(), "accelerate's mixed_precision"
@@ -72,7 +73,8 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     return setting
 
 
-def build_numerics(setting: str, device: torch.device) -> Numerics:
+def build_numerics(setting: str, device: torch.device | str) -> Numerics:
+    device = torch.device(device)
     precision = resolve_precision(setting, device)
     dtype = {"no": None, "bf16": torch.bfloat16}[precision]
     return Numerics("cuda" if device.type == "cuda" else "cpu", dtype)

@@ -16,6 +16,14 @@ from typing import Any
 import torch
 
 from pipeline.ppo.losses import clipped_policy_loss, clipped_value_loss, kl_per_token, masked_mean
+from pipeline.ppo.memory import (
+    pack_episodes,
+    packed_policy_logprobs,
+    packed_values,
+    set_gradient_checkpointing,
+    split_micro_batches,
+    token_weights,
+)
 from pipeline.ppo.processes import all_sum, sync_gradients
 from pipeline.ppo.ptx import PtxStream, pretraining_loss
 from pipeline.ppo.roles import Roles
@@ -46,12 +54,13 @@ def _malloc_trim() -> Any:
 
 
 def release_freed_memory() -> None:
-    """Give the memory freed by a backward pass back to the operating system (glibc's malloc_trim; elsewhere a no-op).
+    """Give the memory freed by an update's backward passes back to the operating system (glibc's malloc_trim;
+    elsewhere a no-op), once per update.
 
     Each pass with gradients allocates and frees some hundred MB of activations in blocks below glibc's mmap
     threshold; left in the heap, fragmented, they made the resident size creep up update after update (3 updates of
     the 125m-shaped speed benchmark, benchmarks/ppo_vs_trl.py: peak RSS 2.28 GB without it, 1.87 GB with it, in
-    the same time).
+    the same time). Called after every backward it cost about 8 % of an update's CPU time.
     """
     trim = _malloc_trim()
     if trim is not None:
@@ -71,6 +80,9 @@ def ppo_update(
     mb_local = pcfg.mini_batch_size // world
     micro = max(1, mb_local // pcfg.gradient_accumulation_steps)
     device = params[0].device
+    set_gradient_checkpointing([m for m in (roles.model, roles.critic) if m is not None], pcfg.gradient_checkpointing)
+    prompt_lengths, response_lengths = rollout.prompt_mask.sum(1), rollout.response_mask.sum(1)
+    episodes = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
     totals = {
         "policy_loss": 0.0,
         "value_loss": 0.0,
@@ -96,9 +108,11 @@ def ppo_update(
                 "ptx_loss": 0.0,
             }
             bad = False
-            for m_start in range(0, len(batch), micro):
-                rows = batch[m_start : m_start + micro]
-                weight = len(rows) / len(batch)
+            micro_batches = split_micro_batches(
+                batch, prompt_lengths, response_lengths, micro, pcfg.micro_batch_tokens, pcfg.pack_sequences
+            )
+            # token-mean losses weighted by token share: the mini-batch's token mean, however it is cut
+            for rows, weight in zip(micro_batches, token_weights(rollout.response_mask, micro_batches), strict=True):
                 ids, mask, p_len, r_len = episode_inputs(
                     rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, rows
                 )
@@ -108,7 +122,21 @@ def ppo_update(
                     k: getattr(rollout, k)[rows, :r_len].to(device)
                     for k in ("logprobs", "advantages", "values", "returns")
                 }
-                logprobs, entropy = roles.policy_logprobs(ids, mask, p_len, pcfg.temperature, pcfg.entropy_coef > 0)
+                values = None
+                if pcfg.pack_sequences:  # one row of real tokens (pipeline/ppo/memory.py)
+                    packed = pack_episodes(*episodes, rows).to(device)
+                    logprobs, entropy, states = packed_policy_logprobs(
+                        roles, packed, pcfg.temperature, pcfg.entropy_coef > 0
+                    )
+                    values = roles.head_values(states) if roles.trunk_critic else None
+                elif roles.trunk_critic:  # one forward and one backward for both losses
+                    logprobs, entropy, values = roles.policy_logprobs_and_values(
+                        ids, mask, p_len, pcfg.temperature, pcfg.entropy_coef > 0
+                    )
+                else:
+                    logprobs, entropy = roles.policy_logprobs(
+                        ids, mask, p_len, pcfg.temperature, pcfg.entropy_coef > 0
+                    )
                 pg_loss, clip_fraction, approx_kl = clipped_policy_loss(
                     logprobs, old["logprobs"], old["advantages"], resp_mask, pcfg.cliprange
                 )
@@ -116,22 +144,26 @@ def ppo_update(
                 if rollout.kl_loss_coef > 0:  # grpo: the KL to the reference in the loss (k3, Shao et al. 2024)
                     ref = rollout.ref_logprobs[rows, :r_len].to(device)
                     loss = loss + rollout.kl_loss_coef * masked_mean(kl_per_token(logprobs, ref, "k3"), resp_mask)
-                if ptx is not None:
-                    ptx_loss = pretraining_loss(roles, ptx.next_batch(pcfg.ptx_batch_size).to(device))
-                    loss = loss + pcfg.ptx_coef * ptx_loss
-                    stats["ptx_loss"] += weight * float(ptx_loss)
-                bad |= not bool(torch.isfinite(loss))
-                (loss * weight).backward()
-                release_freed_memory()
                 vf_loss, vf_clip = torch.zeros(()), torch.zeros(())
-                if roles.critic is not None:
-                    values = roles.values(ids, mask, p_len)
+                if roles.trunk_critic:
+                    vf_loss, vf_clip = clipped_value_loss(
+                        values, old["values"], old["returns"], resp_mask, pcfg.cliprange_value
+                    )
+                    loss = loss + pcfg.vf_coef * vf_loss
+                loss = loss * weight
+                if ptx is not None:  # equal ptx blocks per micro-batch: their plain mean
+                    ptx_loss = pretraining_loss(roles, ptx.next_batch(pcfg.ptx_batch_size).to(device))
+                    loss = loss + pcfg.ptx_coef * ptx_loss / len(micro_batches)
+                    stats["ptx_loss"] += float(ptx_loss) / len(micro_batches)
+                bad |= not bool(torch.isfinite(loss))
+                loss.backward()
+                if roles.critic is not None and not roles.trunk_critic:
+                    values = packed_values(roles, packed) if pcfg.pack_sequences else roles.values(ids, mask, p_len)
                     vf_loss, vf_clip = clipped_value_loss(
                         values, old["values"], old["returns"], resp_mask, pcfg.cliprange_value
                     )
                     bad |= not bool(torch.isfinite(vf_loss))
                     (pcfg.vf_coef * vf_loss * weight).backward()
-                    release_freed_memory()
                 for key, value in (
                     ("policy_loss", pg_loss),
                     ("value_loss", vf_loss),
@@ -160,6 +192,7 @@ def ppo_update(
                 break
         if stop:
             break
+    release_freed_memory()  # once per update: after every backward it cost 8 % of the update (benchmarks/ppo_step.py)
     steps = max(totals.pop("steps"), 1.0)
     out = {key: value / steps for key, value in totals.items()}
     out["optimizer_steps"] = steps

@@ -44,6 +44,7 @@ from pipeline.modeling import (
     reward_scores,
     right_pad,
 )
+from pipeline.ppo.lean_lora import use_lean_lora
 from pipeline.ppo.numerics import Numerics, build_numerics
 from pipeline.tokenizer import end_ids, load_tokenizer
 
@@ -403,6 +404,7 @@ class Roles:
     reward_stats: dict[str, float] | None
     end_ids: list[int]  # every id that ends a response (EOS, the template's end of turn, generation_config's)
     numerics: Numerics = FULL_PRECISION  # the autocast of every pass (pipeline/ppo/numerics.py)
+    trunk_critic: bool = False  # the value head reads the policy's own states (ppo.critic=trunk)
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
         """The policy adapter's weights, in a fixed order."""
@@ -412,6 +414,8 @@ class Roles:
         """The value adapter's weights and the value head, in a fixed order (none without a critic)."""
         if self.critic is None:
             return []
+        if self.trunk_critic:  # the trunk is the policy's: only the head is the critic's own
+            return list(self.value_head.parameters())
         params = [p for n, p in self.critic.named_parameters() if f".{VALUE}." in n and "lora_" in n]
         return params + list(self.value_head.parameters())
 
@@ -431,7 +435,25 @@ class Roles:
         with use_adapter(self.model, None), self.numerics():
             return response_logprobs(self.model, input_ids, attention_mask, prompt_len, temperature)[0]
 
+    def policy_logprobs_and_values(self, input_ids, attention_mask, prompt_len, temperature, with_entropy=False):
+        """(log-probs, entropy or None, values) of the response tokens from one forward of the policy: the trunk
+        critic's head reads the same states as the LM head."""
+        with use_adapter(self.model, POLICY), self.numerics():
+            states = hidden_states(self.model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
+            logits = lm_logits(self.model.get_base_model(), states)
+            tokens = input_ids[:, prompt_len:]
+            logprobs = logprobs_from_logits(logits, tokens, temperature)
+            entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+        return logprobs, entropy, self.head_values(states)
+
+    def head_values(self, states: torch.Tensor) -> torch.Tensor:
+        """The value head on final hidden states [..., hidden], in float32."""
+        with self.numerics.full_precision():
+            return self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1)
+
     def values(self, input_ids, attention_mask, prompt_len):
+        if self.trunk_critic:
+            return self.policy_logprobs_and_values(input_ids, attention_mask, prompt_len, 1.0)[2]
         with use_adapter(self.critic, VALUE):
             return response_values(self.critic, self.value_head, input_ids, attention_mask, prompt_len, self.numerics)
 
@@ -439,6 +461,37 @@ class Roles:
         """The model to sample from, with the policy adapter active."""
         activate_adapter(self.model, POLICY)
         return self.model
+
+
+TRUNK_HEAD = "value_head.safetensors"  # critic=trunk: the head alone (its trunk is the policy adapter's)
+
+
+def save_critic(roles: Roles, out: Path) -> None:
+    """The critic into `out`: the value adapter and head (loadable like the reward model), or with critic=trunk the
+    head alone (`value_head.safetensors`); nothing without a critic."""
+    if roles.critic is None:
+        return
+    if not roles.trunk_critic:
+        save_adapter(roles.critic, VALUE, out, roles.base_path, head=roles.value_head)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()}
+    save_file(state, str(out / TRUNK_HEAD), metadata={"critic": "trunk: reads the policy adapter's final states"})
+
+
+def load_critic(roles: Roles, path: Path) -> None:
+    """Put a critic saved by `save_critic` in place."""
+    if roles.critic is None:
+        return
+    if roles.trunk_critic:
+        state = load_file(str(path / TRUNK_HEAD))
+    else:
+        value = load_file(str(path / "adapter_model.safetensors"))
+        load_adapter_weights(roles.critic, VALUE, {k: v for k, v in value.items() if "lora_" in k})
+        state = {k.rsplit(".", 1)[-1]: v for k, v in value.items() if k.startswith("base_model.model.score.")}
+    with torch.no_grad():
+        for key, param in roles.value_head.named_parameters():
+            param.copy_(state[key])
 
 
 def _load_base(base_path: str, quantize_4bit: bool, device: torch.device) -> Any:
@@ -503,18 +556,22 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
         )
     model = peft.get_peft_model(base, build_lora_config(pcfg.lora, base, "CAUSAL_LM"), adapter_name=POLICY)
     critic, value_head = None, None
-    if pcfg.advantage == "gae":  # rloo and grpo take their baseline from the other responses to a prompt
+    hidden = base.config.get_text_config().hidden_size
+    trunk = pcfg.advantage == "gae" and pcfg.critic == "trunk"
+    if trunk:  # a fresh head on the policy's states (the reward head reads the reward adapter's, not these)
+        critic, value_head = model, scalar_head(hidden, None, device, bias=True)
+    elif pcfg.advantage == "gae":  # rloo and grpo take their baseline from the other responses to a prompt
         critic, value_head = _add_critic(pcfg, model, base_path, reward_adapter, device)
     reward_len = reward_max_len(pcfg, reward_path)
     if reward_adapter is not None:
         model.add_adapter(REWARD, lora_config_of(reward_adapter))
         load_adapter_weights(model, REWARD, reward_adapter.lora)
-        hidden = base.config.get_text_config().hidden_size
         head = scalar_head(hidden, reward_adapter.head, device).requires_grad_(False)
         reward: SharedReward | SeparateReward = SharedReward(model, head, tokenizer, reward_len, numerics)
     else:
         reward = SeparateReward(reward_path, pcfg.finetune == "qlora", device, reward_len, numerics)
     for part in {id(m): m for m in (model, critic) if m is not None}.values():
+        use_lean_lora(part)  # the same LoRA function with two fewer full-size tensor ops per layer
         _keep_trainable(part)
         part.eval()  # peft builds its wrappers in training mode
     activate_adapter(model, POLICY)
@@ -525,7 +582,7 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
         )
     logger.info("ppo: responses end at any of the ids %s; every pass computes in %s", ends, numerics.name)
     stats = read_reward_stats(reward_path)
-    return Roles(model, tokenizer, critic, value_head, reward, base_path, stats, ends, numerics)
+    return Roles(model, tokenizer, critic, value_head, reward, base_path, stats, ends, numerics, trunk)
 
 
 def reward_max_len(pcfg: PPOConfig, reward_path: str) -> int:

@@ -185,6 +185,7 @@ def collect_rollout(
         pcfg.generation_batch_size,
         with_logprobs=from_generation,
         precision=roles.numerics,
+        with_states=from_generation and roles.trunk_critic,  # a trunk critic reads the sampling pass's states
     )
     prompt_ids, prompt_mask = sampled.prompt_ids, sampled.prompt_mask
     response_ids, response_mask = sampled.response_ids, sampled.response_mask
@@ -196,15 +197,21 @@ def collect_rollout(
         logprobs, entropy = sampled.logprobs, sampled.entropy
     else:
         logprobs, entropy = torch.zeros(n, width), torch.zeros(n, width)
+    if sampled.states is not None:
+        values = roles.head_values(sampled.states.to(device)).float().cpu()
     for start in range(0, n, pcfg.forward_batch_size):
         rows = torch.arange(start, min(n, start + pcfg.forward_batch_size))
         ids, mask, p_len, r_len = episode_inputs(prompt_ids, prompt_mask, response_ids, response_mask, rows)
         ids, mask = ids.to(device), mask.to(device)
-        if not from_generation:
+        if not from_generation and roles.trunk_critic:  # one forward: log-probs and the trunk critic's values
+            lp, ent, v = roles.policy_logprobs_and_values(ids, mask, p_len, sampling.temperature, with_entropy=True)
+            logprobs[rows, :r_len], entropy[rows, :r_len] = lp.float().cpu(), ent.float().cpu()
+            values[rows, :r_len] = v.float().cpu()
+        elif not from_generation:
             lp, ent = roles.policy_logprobs(ids, mask, p_len, sampling.temperature, with_entropy=True)
             logprobs[rows, :r_len], entropy[rows, :r_len] = lp.float().cpu(), ent.float().cpu()
         ref_logprobs[rows, :r_len] = roles.reference_logprobs(ids, mask, p_len, sampling.temperature).float().cpu()
-        if roles.critic is not None:
+        if roles.critic is not None and not roles.trunk_critic:
             values[rows, :r_len] = roles.values(ids, mask, p_len).float().cpu()
     scores = roles.reward.score([r["prompt"] for r in records], texts, pcfg.forward_batch_size)
     done = time.perf_counter()
