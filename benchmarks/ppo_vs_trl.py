@@ -48,14 +48,16 @@ ppo.forward_batch_size); trl's bf16 flag autocasts the training passes only (our
 
     .venv/bin/rlhf run recipes/demo.yaml --until reward          # the gold phase's models, prompts and settings
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/ppo_vs_trl.py --run-dir runs/demo \\
-        --ours-config ppo: --ours-config rloo:advantage=rloo,samples_per_prompt=4 \\
-        --ours-config grpo:advantage=grpo,samples_per_prompt=4 --ours-config ppo-bf16:mixed_precision=bf16
+        --ours-config ppo: --ours-config ppo-trunk:critic=trunk --ours-config ppo-bf16:mixed_precision=bf16 \\
+        --ours-config rloo:advantage=rloo,samples_per_prompt=4 --ours-config grpo:advantage=grpo,samples_per_prompt=4
     .venv/bin/python benchmarks/ppo_vs_trl.py --phases speed --layers 2 --updates 2 --sides ours trl-rloo  # smoke
 
-Every phase's size is an option, and an estimate of the run's time is printed first (--estimate: only that).
---sides trains a subset (--gold-sides another one in the gold phase); --reuse takes the other sides (trained, timed and evaluated) from an earlier results.json with the same shared
-settings, so a long run can be split. The run dir may be a copy of a run (its reward adapter is then re-pointed at
-the copy's SFT model). Recorded figures: benchmarks/results/ppo_vs_trl.md, benchmarks/results/ppo_configs.md.
+Every phase's size is an option, and an estimate of the run's time is printed first (--estimate: only that). --sides
+trains a subset (--gold-sides another one in the gold phase); --reuse takes the other sides (trained, timed and
+evaluated) from an earlier results.json with the same shared settings, so a long run can be split (a phase not run
+at all is taken whole from the first earlier run that has it, for the summary). The run dir may be a copy of a run
+(its reward adapter is then re-pointed at the copy's SFT model). Recorded figures: benchmarks/results/ppo_vs_trl.md,
+benchmarks/results/ppo_configs.md.
 
 It prints figures (and writes them to --out, default WORK_DIR/results.json); it is not a test. Timings are noisy on
 a shared machine: run it on a quiet one.
@@ -755,7 +757,7 @@ UNMATCHED = {
     "trl 1.12": (
         "trl 1.12 PPO: fixed kl_coef (ours adapts it towards ppo.kl_target); no gradient clipping; value model a full "
         "copy of the reward model trained in full (ours: LoRA adapter + head on the shared base, head / reward_stats "
-        "std); score one token after EOS; the reward model reads the sampled ids (ours: re-tokenised text + end of "
+        "std; with ppo.critic=trunk a head on the policy's own states); score one token after EOS; the reward model reads the sampled ids (ours: re-tokenised text + end of "
         "turn); learning rate steps per update (ours: per optimiser step)"
     ),
     "trl 1.16": (
@@ -1314,6 +1316,11 @@ def main() -> None:
         phase["comparison"] = print_gold(phase)
         results["gold"] = phase
 
+    for name in ("speed", "gold"):  # a phase not run now: the first earlier run's, for the summary
+        earlier_phase = next(((path, r[name]) for path, r in earlier if name not in results and name in r), None)
+        if earlier_phase is not None:
+            results[name] = {**earlier_phase[1], "reused_from": str(earlier_phase[0])}
+            print(f"\n[{name}] the whole phase taken from {earlier_phase[0]} for the summary", flush=True)
     results["summary"] = print_summary(results)
     results["load_average_after"] = os.getloadavg()
     out = args.out or args.work_dir / "results.json"
