@@ -44,7 +44,8 @@ log-probs come from generate's logits (as ours). trl 1.16 RLOO clips a sequence-
 over sequences (ours: per token, averaged over tokens), and normalises advantages per sequence (ours per token);
 trl 1.16 takes old log-probs from a forward pass (ours from the sampling pass), generates a whole rollout in one
 generate call and runs its no-grad forwards in mini-batches (ours: ppo.generation_batch_size and
-ppo.forward_batch_size); trl's bf16 flag autocasts the training passes only (ours every pass).
+ppo.forward_batch_size), and its mini-batches are the same slices of whole groups on every pass (ours reshuffles the
+episodes every epoch); trl's bf16 flag autocasts the training passes only (ours every pass).
 
     .venv/bin/rlhf run recipes/demo.yaml --until reward          # the gold phase's models, prompts and settings
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/ppo_vs_trl.py --run-dir runs/demo \\
@@ -755,18 +756,20 @@ def _label(result: dict[str, Any]) -> str:
 
 UNMATCHED = {
     "trl 1.12": (
-        "trl 1.12 PPO: fixed kl_coef (ours adapts it towards ppo.kl_target); no gradient clipping; value model a full "
-        "copy of the reward model trained in full (ours: LoRA adapter + head on the shared base, head / reward_stats "
-        "std; with ppo.critic=trunk a head on the policy's own states); score one token after EOS; the reward model reads the sampled ids (ours: re-tokenised text + end of "
-        "turn); learning rate steps per update (ours: per optimiser step)"
+        "trl 1.12 PPO: fixed kl_coef (ours adapts it towards ppo.kl_target); no gradient clipping; value model a full"
+        " copy of the reward model trained in full (ours: LoRA adapter + head on the shared base, head / reward_stats"
+        " std; with ppo.critic=trunk a head on the policy's own states); score one token after EOS; the reward model "
+        "reads the sampled ids (ours: re-tokenised text + end of turn); learning rate steps per update (ours: per "
+        "optimiser step)"
     ),
     "trl 1.16": (
         "trl 1.16 RLOO/GRPO: fixed beta (ours adapts the KL coefficient towards ppo.kl_target); old log-probs from a "
-        "forward pass (ours: the sampling pass's logits); one generate call per rollout and no-grad forwards in "
-        "mini-batches (ours: generation_batch_size / forward_batch_size); RLOO clips a sequence-level ratio, averages "
+        "forward pass (ours: the sampling pass's logits); one generate call per rollout and no-grad forwards in mini-"
+        "batches (ours: generation_batch_size / forward_batch_size); its mini-batches are the same slices of whole "
+        "groups on every pass (ours: episodes reshuffled every epoch); RLOO clips a sequence-level ratio, averages "
         "its loss over sequences and normalises advantages per sequence (ours: per token); bf16 autocasts the "
-        "training passes only (ours: every pass); the reward model is merged into its own copy of the base (ours: "
-        "an adapter on the policy's base)"
+        "training passes only (ours: every pass); the reward model is merged into its own copy of the base (ours: an "
+        "adapter on the policy's base)"
     ),
 }
 
