@@ -1058,8 +1058,9 @@ def expand_sides(requested: list[str], configs: list[str]) -> list[str]:
 # Seconds per episode measured on one quiet core (benchmarks/results/ppo_vs_trl.md, 2026-11-26): 1.77 at 86.8M
 # parameters with 32-token responses, 0.105 on the demo model with 40; a process starts in about 30 s (speed phase)
 # or 10 s (gold). A critic-free configuration skips the value passes: about 0.6 of PPO's CPU time in the gold phase
-# (benchmarks/results/ppo_configs.md); evaluating a policy costs about 0.7 of a gold-phase episode per held-out one.
-COST = {"ppo": 1.0, "rloo": 0.6, "grpo": 0.6}
+# (benchmarks/results/ppo_configs.md), PPO with ppo.critic=trunk about 0.5; evaluating a policy costs about 0.7 of
+# a gold-phase episode per held-out one.
+COST = {"ppo": 1.0, "ppo-trunk": 0.5, "rloo": 0.6, "grpo": 0.6}
 
 
 def estimate_minutes(args: argparse.Namespace, cfg: Any, params: float | None) -> dict[str, float]:
@@ -1072,7 +1073,8 @@ def estimate_minutes(args: argparse.Namespace, cfg: Any, params: float | None) -
                 out.append(TRL_SIDES[name][1])
             else:
                 overrides = " ".join(args.ours_configs[name])
-                out.append(next((k for k in ("rloo", "grpo") if f"advantage={k}" in overrides), "ppo"))
+                kind = next((k for k in ("rloo", "grpo") if f"advantage={k}" in overrides), "ppo")
+                out.append("ppo-trunk" if kind == "ppo" and "critic=trunk" in overrides else kind)
         return out
 
     out = {}
