@@ -124,7 +124,7 @@ def main() -> None:
         report_to="none",
         logging_steps=1,
         disable_tqdm=True,
-        bf16=False,  # trl defaults to bf16 autocast; our stage runs float32 on a CPU
+        bf16=spec.get("bf16", False),  # trl defaults to bf16 autocast; the benchmark's --precision decides
         fp16=False,
         gradient_checkpointing=False,  # trl's default is True; our stage does not checkpoint activations
         use_cpu=not torch.cuda.is_available(),
