@@ -36,7 +36,7 @@ FIGURES = [
     ("PPO: KL to SFT, nats per response", "ppo", "kl_to_reference", "<= kl_target (6)"),
     ("PPO: insult rate on adversarial prompts, SFT", "ppo", "sft_insult_rate", ""),
     ("PPO: insult rate on adversarial prompts, PPO", "ppo", "ppo_insult_rate", "< SFT's on every seed"),
-    ("demo wall time, minutes (2 cores, set-up excluded)", "run", "minutes", "<= 10"),
+    ("demo wall time, minutes (set-up excluded; threads in the line above)", "run", "minutes", "<= 10 on 2 cores"),
 ]
 
 
@@ -102,7 +102,7 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int], meta: dict[str, Any])
         return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
 
     lines = [f"Demo figures, median (range) over seeds {', '.join(map(str, seeds))}: {meta['date']}, commit "
-             f"`{meta['commit'][:10]}`, `{meta['command']}`.", "",
+             f"`{meta['commit'][:10]}`, `{meta['command']}` ({meta['threads']} thread(s) per run).", "",
              "| figure | median | range | " + " | ".join(f"seed {s}" for s in seeds) + " | goal |",
              "|---|---|---|" + "---|" * len(seeds) + "---|"]  # fmt: skip
     for row in rows:
@@ -132,7 +132,13 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     per_seed = {seed: run_seed(args.recipe, seed, args.work_dir, args.threads, args.overrides) for seed in args.seeds}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    command = " ".join(["python benchmarks/demo_figures.py", *map(str, ["--seeds", *args.seeds]), *args.overrides])
+    command = " ".join(
+        [
+            "python benchmarks/demo_figures.py",
+            *map(str, ["--seeds", *args.seeds, "--threads", args.threads]),
+            *args.overrides,
+        ]
+    )
     meta = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "command": command, "threads": args.threads,
             "recipe": str(args.recipe.relative_to(ROOT)), "versions": next(iter(per_seed.values()))["versions"]}  # fmt: skip
     rows = summarise(per_seed)
