@@ -3,6 +3,7 @@ for tests that run the CLI in a subprocess and kill it (SIGKILL, SIGTERM) at a c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -64,13 +65,26 @@ def tiny_model(tiny_tokenizer):
     return AutoModelForCausalLM.from_config(tiny_llama_config(tiny_tokenizer))
 
 
+TEST_THREADS = min(2, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int = TEST_THREADS):
+    """Bitwise comparisons need a fixed thread count: the in-process runs (module-scoped references included, which
+    are made before any function-scoped fixture) and the CLI subprocesses (OMP_NUM_THREADS from it) use the same one,
+    whatever OMP_NUM_THREADS the test command was started with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _fixed_threads():
-    """Bitwise comparisons need a fixed thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    yield
-    torch.set_num_threads(threads)
+    with fixed_threads():
+        yield
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import fixed_threads
 from families import FAMILIES, TINY, build_family, scale_logits_past_cap
 
 from pipeline.config import load_config
@@ -226,14 +227,10 @@ def _run_chain(name: str, root: Path) -> dict:
         raw_max = scale_logits_past_cap(model)
         model.save_pretrained(base)
     cfg = load_config(_recipe(root, base, _write_data(root)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with fixed_threads(2):
         sft_final = sft.run(cfg)
         reward_final = reward_stage.run(cfg)
         ppo_final = loop.run(cfg)
-    finally:
-        torch.set_num_threads(threads)
     return {
         "family": family,
         "base": base,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import checkpoint_done, run_rlhf, signal_when, start_rlhf
+from conftest import checkpoint_done, fixed_threads, run_rlhf, signal_when, start_rlhf
 from safetensors.torch import load_file
 
 from pipeline.config import load_config
@@ -121,14 +121,12 @@ def reference(tmp_path_factory, upstream):
         captured["roles"] = build(*args, **kwargs)
         return captured["roles"]
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
     loop.build_roles = keep
     try:
-        final = loop.run(cfg)
+        with fixed_threads():
+            final = loop.run(cfg)
     finally:
         loop.build_roles = build
-        torch.set_num_threads(threads)
     return base / "run", final, captured["roles"]
 
 
