@@ -70,9 +70,8 @@ TEST_THREADS = min(2, len(os.sched_getaffinity(0)))  # the CPUs this process may
 
 @contextlib.contextmanager
 def fixed_threads(threads: int = TEST_THREADS):
-    """Bitwise comparisons need a fixed thread count: the in-process runs (module-scoped references included, which
-    are made before any function-scoped fixture) and the CLI subprocesses (OMP_NUM_THREADS from it) use the same one,
-    whatever OMP_NUM_THREADS the test command was started with."""
+    """Bitwise comparisons need a fixed thread count: the in-process runs and the CLI subprocesses (OMP_NUM_THREADS
+    from it) use the same one, whatever OMP_NUM_THREADS the test command was started with."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -81,8 +80,17 @@ def fixed_threads(threads: int = TEST_THREADS):
         torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_threads():
+    """The thread count for everything made before a test's own fixtures: module-scoped references, in process or
+    in a CLI subprocess (OMP_NUM_THREADS is read from torch), get the tests' count too."""
+    with fixed_threads():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _fixed_threads():
+    """The same count again for each test (a test that changes it cannot leak into the next)."""
     with fixed_threads():
         yield
 

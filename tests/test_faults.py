@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import checkpoint_done, fixed_threads, signal_when, start_rlhf, tiny_llama_config
+from conftest import checkpoint_done, signal_when, start_rlhf, tiny_llama_config
 from safetensors.torch import load_file
 
 from pipeline.checkpoints import list_checkpoints, read_stage_json
@@ -92,8 +92,7 @@ def reward_setup(tmp_path_factory, tiny_tokenizer):
 
     from pipeline.reward.stage import run
 
-    with fixed_threads():  # a module fixture is made before the function-scoped thread fixture
-        reference = run(load_config(None, overrides(root / "reference")))
+    reference = run(load_config(None, overrides(root / "reference")))
     assert read_stage_json(reference)["metrics"]["data"]["records"]["train"] == 16
     return root, overrides, reference
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import checkpoint_done, fixed_threads, run_rlhf, signal_when, start_rlhf
+from conftest import checkpoint_done, run_rlhf, signal_when, start_rlhf
 from safetensors.torch import load_file
 
 from pipeline.config import load_config
@@ -123,8 +123,7 @@ def reference(tmp_path_factory, upstream):
 
     loop.build_roles = keep
     try:
-        with fixed_threads():
-            final = loop.run(cfg)
+        final = loop.run(cfg)
     finally:
         loop.build_roles = build
     return base / "run", final, captured["roles"]

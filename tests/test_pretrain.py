@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import checkpoint_done, fixed_threads, run_rlhf, signal_when, start_rlhf
+from conftest import checkpoint_done, run_rlhf, signal_when, start_rlhf
 from datasets import Dataset
 from safetensors.torch import load_file
 
@@ -120,8 +120,7 @@ def reference(tmp_path_factory, corpus) -> Path:
 
     base = tmp_path_factory.mktemp("reference")
     cfg = load_config(_recipe(base / "recipe.yaml", base / "run", corpus))
-    with fixed_threads():
-        final = pretrain.run(cfg)
+    final = pretrain.run(cfg)
     assert final == base / "run" / "pretrain" / "final"
     return base / "run"
 
