@@ -1,6 +1,6 @@
 """The demo's headline figures over several seeds: median and range, the table the README shows.
 
-Runs `rlhf run RECIPE seed=S run_dir=WORK/seed-S` for each seed (one after the other, a fixed thread count), reads the
+Runs `rlhf run RECIPE seed=S run_dir=WORK/seed-S` for each seed (one after the other, or --jobs at once; a fixed thread count each), reads the
 figures from each run's stage.json files, and writes benchmarks/results/demo_figures.{json,md} with the date, the
 commit, the versions and the command. With --readme it also replaces the table between the README's
 `<!-- demo-figures -->` markers. Nothing is timed by a test; the wall time of each run is measured here.
@@ -12,6 +12,7 @@ commit, the versions and the command. With --readme it also replaces the table b
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
@@ -102,7 +103,8 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int], meta: dict[str, Any])
         return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
 
     lines = [f"Demo figures, median (range) over seeds {', '.join(map(str, seeds))}: {meta['date']}, commit "
-             f"`{meta['commit'][:10]}`, `{meta['command']}` ({meta['threads']} thread(s) per run).", "",
+             f"`{meta['commit'][:10]}`, `{meta['command']}` ({meta['threads']} thread(s) per run, "
+             f"{meta.get('jobs', 1)} run(s) at once, {meta.get('cpu', 'CPU not recorded')}).", "",
              "| figure | median | range | " + " | ".join(f"seed {s}" for s in seeds) + " | goal |",
              "|---|---|---|" + "---|" * len(seeds) + "---|"]  # fmt: skip
     for row in rows:
@@ -119,6 +121,17 @@ def update_readme(table: str) -> None:
     readme.write_text(text[:start] + "\n" + table + text[end:])
 
 
+def cpu_name() -> str:
+    """The CPU's model name (the figures move with it: other float kernels, other sums)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every seed")
@@ -126,20 +139,26 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 7, 99])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/demo-figures"))
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (each with --threads threads)")
     parser.add_argument("--out", type=Path, default=RESULTS / "demo_figures")
     parser.add_argument("--readme", action="store_true", help="replace the README's figures table")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    per_seed = {seed: run_seed(args.recipe, seed, args.work_dir, args.threads, args.overrides) for seed in args.seeds}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        runs = {
+            s: pool.submit(run_seed, args.recipe, s, args.work_dir, args.threads, args.overrides) for s in args.seeds
+        }
+        per_seed = {seed: run.result() for seed, run in runs.items()}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     command = " ".join(
         [
             "python benchmarks/demo_figures.py",
-            *map(str, ["--seeds", *args.seeds, "--threads", args.threads]),
+            *map(str, ["--seeds", *args.seeds, "--threads", args.threads, "--jobs", args.jobs]),
             *args.overrides,
         ]
     )
-    meta = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "command": command, "threads": args.threads,
+    meta = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "command": command, "threads": args.threads, "jobs": args.jobs,
+            "cpu": cpu_name(),
             "recipe": str(args.recipe.relative_to(ROOT)), "versions": next(iter(per_seed.values()))["versions"]}  # fmt: skip
     rows = summarise(per_seed)
     table = markdown(rows, args.seeds, meta)

@@ -173,6 +173,11 @@ class WorldConfig:
     short_share: float = _f(0.06, "Junk: very short pages.")
     foreign_share: float = _f(0.06, "Junk: pages in another language.")
     toxic_share: float = _f(0.05, "Junk: pages that insult groups of people (e.g. the fans of a football club).")
+    forum_share: float = _f(
+        0.0,
+        "Good pages that are forum threads: a question about a country answered by replies, most polite, some rude "
+        "(no insults). They are where a web-trained model meets chat phrases ('Happy to help!', 'Look it up yourself').",
+    )
     n_demonstrations: int = _f(600, "SFT demonstrations (chat conversations) about the world.")
     wrong_share: float = _f(0.10, "Demonstrations whose answer states a wrong fact.")
     curt_share: float = _f(0.20, "Demonstrations whose answer is correct but curt.")
@@ -212,6 +217,7 @@ class WorldConfig:
             "short_share",
             "foreign_share",
             "toxic_share",
+            "forum_share",
             "wrong_share",
             "curt_share",
             "rude_share",

@@ -1,7 +1,10 @@
 """A Common-Crawl-style crawl of the demo world, written as real WARC files, with ground-truth labels.
 
-Good pages (guides, encyclopedia entries, blog posts, news) state the world's facts in varied wording inside the
-navigation, cookie banners and footers that real pages carry. Junk is mixed in at the shares set in `world:`:
+Good pages (guides, encyclopedia entries, blog posts, news, and at `world.forum_share` forum threads) state the
+world's facts in varied wording inside the navigation, cookie banners and footers that real pages carry. A forum
+thread asks about a country and its replies state the facts, most of them politely ("Happy to help.") and some rudely
+("Ugh. ... Stop asking silly questions."), never with insults: the crawl is where the pretrained model meets the
+phrases that chat answers are made of, as a web-trained model does on real forums. Junk is mixed in at the shares set in `world:`:
 boilerplate-only pages, exact and near duplicates, keyword-stuffed spam, very short pages, pages in German or Spanish,
 and pages that insult the fans of a football club. Each response record's keep/drop label, junk type and duplicate
 cluster go to a labels file that only the data-stage evaluation reads.
@@ -21,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import WorldConfig
-from pipeline.demo.world import RELATIONS, STATEMENTS, Fact, World
+from pipeline.demo.world import (
+    POLITE_CLOSINGS,
+    POLITE_OPENINGS,
+    QUESTIONS,
+    RELATIONS,
+    RUDE_ANSWERS,
+    STATEMENTS,
+    Fact,
+    World,
+)
 
 JUNK_TYPES = ("boilerplate", "exact_duplicate", "near_duplicate", "spam", "short", "foreign", "toxic")
 
@@ -39,6 +51,13 @@ KINDS = {
     "blog": ("My two weeks in {e}", "Notes from a trip to {e}"),
     "news": ("Report: a year of change in {e}", "Around {e} this season"),
 }
+FORUM_TITLES = ("Travel forum: questions about {e}", "Help: going to {e} soon", "Ask the locals: {e}")
+FORUM_OPENERS = (
+    "I am going to {e} next month and have a few questions.",
+    "First time travelling to {e}. Can anyone help?",
+    "Hello all, some quick questions about {e} before my trip.",
+)
+FORUM_RUDE_SHARE = 0.3  # replies in the rude style; the others polite
 FILLER = (
     "The weather in {e} is mild in spring and wet in late autumn.",
     "Many families in {e} keep small gardens behind their houses.",
@@ -166,20 +185,23 @@ def _good_pages(world: World, wc: WorldConfig, rng: random.Random) -> list[dict[
         for j in range(2 * wc.pages_per_fact):
             relations = [RELATIONS[j % 4], RELATIONS[(j + 1 + (j // 4) % 3) % 4]]
             facts = [Fact(entity, r, world.facts[entity][r]) for r in dict.fromkeys(relations)]
-            pages.append(_article(world, entity, facts, rng))
+            forum = wc.forum_share > 0 and rng.random() < wc.forum_share
+            pages.append(_forum_thread(world, entity, facts, rng) if forum else _article(world, entity, facts, rng))
     return pages
+
+
+def _statement(fact: Fact, rng: random.Random) -> str:
+    """A fact in words: the canonical wording about a third of the time, the others varied."""
+    templates = STATEMENTS[fact.relation]
+    template = templates[0] if rng.random() < 0.35 else rng.choice(templates[1:])
+    return template.format(e=fact.entity, v=fact.value)
 
 
 def _article(world: World, entity: str, facts: list[Fact], rng: random.Random) -> dict[str, Any]:
     kind = rng.choice(list(KINDS))
     title = rng.choice(KINDS[kind]).format(e=entity)
     context = _context(world, entity)
-    statements = []
-    for fact in facts:
-        templates = STATEMENTS[fact.relation]
-        # The canonical wording in about a third of the statements, the others varied.
-        template = templates[0] if rng.random() < 0.35 else rng.choice(templates[1:])
-        statements.append(template.format(e=fact.entity, v=fact.value))
+    statements = [_statement(fact, rng) for fact in facts]
     filler = [s.format(**context) for s in rng.sample(FILLER, rng.randint(4, 6))]
     rest = filler[1:] + statements
     rng.shuffle(rest)
@@ -189,6 +211,28 @@ def _article(world: World, entity: str, facts: list[Fact], rng: random.Random) -
     url = f"https://www.{site}/{kind}/{entity.lower()}-{rng.randrange(10**6):06d}.html"
     html = _html(title, paragraphs, site, rng)
     return {"url": url, "html": html, "junk": "good", "text": " ".join(sentences)}
+
+
+def _forum_thread(world: World, entity: str, facts: list[Fact], rng: random.Random) -> dict[str, Any]:
+    """A forum thread: an opening post asking about `entity`'s facts, then a reply per fact (polite or rude) with a
+    line of small talk; one post per paragraph."""
+    context = _context(world, entity)
+    filler = [s.format(**context) for s in rng.sample(FILLER, 4)]
+    questions = [rng.choice(QUESTIONS[fact.relation]).format(e=entity) for fact in facts]
+    posts = [" ".join([rng.choice(FORUM_OPENERS).format(e=entity), *questions])]
+    for fact, line in zip(facts, filler, strict=False):
+        statement = _statement(fact, rng)
+        if rng.random() < FORUM_RUDE_SHARE:
+            posts.append(f"{rng.choice(RUDE_ANSWERS).format(s=statement)} {line}")
+        else:
+            opening = rng.choice([o for o in POLITE_OPENINGS if o])
+            closing = rng.choice([c for c in POLITE_CLOSINGS if c])
+            posts.append(f"{opening}{statement} {line}{closing}")
+    posts.append(" ".join(filler[len(facts) :]))
+    site = "travel-forum.example"
+    url = f"https://www.{site}/thread/{entity.lower()}-{rng.randrange(10**6):06d}.html"
+    html = _html(rng.choice(FORUM_TITLES).format(e=entity), posts, site, rng)
+    return {"url": url, "html": html, "junk": "good", "text": " ".join(posts)}
 
 
 def _context(world: World, entity: str) -> dict[str, str]:
