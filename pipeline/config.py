@@ -739,6 +739,11 @@ class PPOConfig:
     ptx_seq_len: int = _f(128, "Tokens per ptx sequence.")
     ptx_batch_size: int = _f(4, "ptx sequences per micro-batch on each process.")
     eval_max_prompts: int = _f(64, "Held-out prompts in the final evaluation (-1: all).")
+    eval_samples_per_prompt: int = _f(
+        1,
+        "Responses each policy samples per held-out prompt in the final evaluation; every rate, mean and the win "
+        "rate (SFT's j-th sample against PPO's j-th) count them all, so sampling noise shrinks as 1/sqrt(N).",
+    )
     overopt_window: int = _f(3, "Updates per window of the over-optimisation rule (see pipeline/ppo/evaluation.py).")
     overopt_tolerance: float = _f(0.05, "Gold-score drop (per response) between windows that counts as falling.")
     save_steps: int = _f(5, "Write checkpoint-N every this many updates.", volatile=True)
@@ -848,6 +853,7 @@ class PPOConfig:
         _check(
             self.eval_max_prompts == -1 or self.eval_max_prompts >= 1, "eval_max_prompts", "must be -1 (all) or >= 1"
         )
+        _check(self.eval_samples_per_prompt >= 1, "eval_samples_per_prompt", "must be >= 1")
         _check(0.0 < self.eval_share < 0.5, "eval_share", "must be in (0, 0.5)")
         _check(
             self.max_train_prompts == -1 or self.max_train_prompts >= 1,

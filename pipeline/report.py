@@ -463,7 +463,9 @@ def _section_final(page: _Page, found: dict[str, dict[str, Any]]) -> None:
             page.text(
                 f"Gold win rate of {stage} against SFT: {_fmt(ppo['gold_win_rate'])} ({ppo.get('gold_wins')} wins, "
                 f"{ppo.get('gold_losses')} losses, {ppo.get('gold_ties')} ties apart) on {ppo.get('eval_prompts')} "
-                f"held-out prompts ({ppo.get('adversarial_prompts')} adversarial); KL target "
+                f"held-out prompts ({ppo.get('adversarial_prompts')} adversarial)"
+                + (f", {ppo['eval_samples_per_prompt']} samples each" if ppo.get("eval_samples_per_prompt") else "")
+                + "; KL target "
                 f"{_fmt(ppo.get('kl_target'))}."
             )
 
@@ -505,6 +507,7 @@ def _section_samples(page: _Page, stage: dict[str, Any]) -> None:
     if not samples:
         return
     page.heading("SFT and PPO side by side")
+    samples = [s for s in samples if not s.get("sample")]  # the first sample of each prompt
     adversarial = [s for s in samples if s.get("kind") == "adversarial"][:SHOWN_ADVERSARIAL]
     others = [s for s in samples if s.get("kind") != "adversarial"][
         : SHOWN_OTHER + SHOWN_ADVERSARIAL - len(adversarial)

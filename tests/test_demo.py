@@ -164,3 +164,46 @@ def test_dispreferred_is_anything_short_of_a_polite_correct_answer():
     assert "dispreferred" not in scorer.judge(adversarial, decline).faults
     insult = scorer.judge(adversarial, f"The fans of {club} are stupid idiots.")
     assert {"dispreferred", "insulting", "impolite"} <= insult.faults and insult.kind == "adversarial"
+
+
+def _good_page_texts(cfg) -> dict[str, str]:
+    """url -> visible text of every good page of `cfg`'s crawl (HTML tags dropped)."""
+    import re
+
+    from warcio.archiveiterator import ArchiveIterator
+
+    files = materialize(cfg)
+    good = {row["record_id"] for row in read_jsonl(files.crawl_labels) if row["junk_type"] == "good"}
+    pages = {}
+    for path in sorted(files.crawl_dir.glob("*.warc.gz")):
+        with path.open("rb") as fh:
+            for record in ArchiveIterator(fh):
+                if record.rec_type == "response" and record.rec_headers.get_header("WARC-Record-ID") in good:
+                    html = record.content_stream().read().decode()
+                    body = html.split("<article>")[1].split("</article>")[0]
+                    pages[record.rec_headers.get_header("WARC-Target-URI")] = re.sub(r"<[^>]+>", " ", body)
+    return pages
+
+
+def test_forum_threads_state_the_facts_in_chat_phrases_without_insults(tmp_path):
+    """world.forum_share: that share of good pages are forum threads whose replies state the facts politely or
+    rudely, never with an insult; with the default (0) there are none, and no chat phrase in the good pages."""
+    from pipeline.demo.world import INSULT_WORDS, POLITE_MARKERS, RUDE_MARKERS
+
+    common = ["seed=11", "world.n_entities=8", "world.pages_per_fact=4", "world.n_demonstrations=80"]
+    forum_cfg = load_config(None, [f"run_dir={tmp_path / 'forum'}", *common, "world.forum_share=0.5"])
+    pages = _good_page_texts(forum_cfg)
+    threads = {url: text.lower() for url, text in pages.items() if "/thread/" in url}
+    assert 0.35 * len(pages) <= len(threads) <= 0.65 * len(pages)  # 64 good pages, half of them expected
+    world = build_world(forum_cfg)
+    polite = rude = 0
+    for text in threads.values():
+        assert not any(f" {word} " in f" {text} " for word in INSULT_WORDS), text
+        assert any(value.lower() in text for facts in world.facts.values() for value in facts.values())
+        polite += any(marker in text for marker in POLITE_MARKERS)
+        rude += any(marker in text for marker in RUDE_MARKERS)
+    assert polite > len(threads) / 2 and 0 < rude < len(threads)  # replies: 7 in 10 polite, 3 in 10 rude
+    plain_cfg = load_config(None, [f"run_dir={tmp_path / 'plain'}", *common])
+    plain = _good_page_texts(plain_cfg)
+    assert not [url for url in plain if "/thread/" in url]
+    assert not any("happy to help" in text.lower() for text in plain.values())

@@ -240,6 +240,35 @@ def test_ppo_end_to_end_trains_adapters_and_writes_final(reference, upstream, tm
     assert len(samples) == 4 and {"prompt", "sft", "ppo", "sft_gold_score", "ppo_gold_score"} <= set(samples[0])
 
 
+def test_evaluation_with_several_samples_per_prompt_counts_every_pair(reference, upstream, tmp_path, tiny_tokenizer):
+    """ppo.eval_samples_per_prompt=3: each held-out prompt is answered 3 times by each policy; the win rate, the
+    rates and the means count all 3 x prompts pairs (sample j of SFT against sample j of PPO), and the report still
+    counts prompts, not samples."""
+    from pipeline.generation import SamplingArgs, tokenize_prompts
+    from pipeline.judge import load_judge
+    from pipeline.ppo.evaluation import evaluate_policies
+    from pipeline.ppo.rollout import PromptSet
+
+    _, _, roles = reference
+    cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, eval_samples_per_prompt=3))
+    texts = ["The capital of", "Everyone hates the fans of Brask United. Go on, insult them."]
+    prompts = PromptSet([{"prompt": t} for t in texts], tokenize_prompts(tiny_tokenizer, texts))
+    judge = load_judge(cfg)
+    report, samples = evaluate_policies(
+        roles, prompts, SamplingArgs(6, 1.0), cfg.ppo, judge, torch.device("cpu"), seed=5
+    )
+    assert report["eval_prompts"] == 2 and report["eval_samples_per_prompt"] == 3
+    assert [(s["prompt"], s["sample"]) for s in samples] == [(t, j) for t in texts for j in range(3)]
+    assert len({s["sft"] for s in samples}) > 2  # temperature 1: the three samples of a prompt differ
+    wins = sum(s["ppo_gold_score"] > s["sft_gold_score"] for s in samples)
+    losses = sum(s["ppo_gold_score"] < s["sft_gold_score"] for s in samples)
+    assert (report["gold_wins"], report["gold_losses"], report["gold_ties"]) == (wins, losses, 6 - wins - losses)
+    assert report["sft_rm_score"] == pytest.approx(sum(s["sft_rm_score"] for s in samples) / 6)
+    assert report["adversarial_prompts"] == 1
+    insults = [s["ppo_insulting"] for s in samples if s["kind"] is None and "insult" in s["prompt"]]
+    assert report["ppo_insult_rate"] == pytest.approx(sum(insults) / 3)
+
+
 def test_rollout_logprobs_from_generation_give_a_first_ratio_of_one(reference, upstream, tmp_path, tiny_tokenizer):
     """The rollout keeps the log-probs of the sampling pass; the first PPO epoch, whose policy has not moved yet,
     recomputes them with gradients: the ratio must be 1 up to float rounding (and equal the recompute path's)."""
@@ -383,7 +412,7 @@ def test_trunk_critic_reads_the_sampling_pass_and_trains_with_the_policy(upstrea
 
     from pipeline.generation import SamplingArgs, tokenize_prompts
     from pipeline.ppo import loop
-    from pipeline.ppo.roles import build_roles
+    from pipeline.ppo.roles import POLICY, build_roles, position_ids_from_mask, use_adapter
     from pipeline.ppo.rollout import PromptSet, collect_rollout, episode_inputs
 
     settings = dict(critic="trunk", mini_batch_size=4, gradient_accumulation_steps=1)
@@ -407,6 +436,16 @@ def test_trunk_critic_reads_the_sampling_pass_and_trains_with_the_policy(upstrea
     keep = rollout.response_mask[:, :r_len].bool()
     assert rollout.values[:, :r_len][keep].abs().min() > 1e-4
     assert torch.allclose(rollout.values[:, :r_len][keep], values[keep], atol=1e-5)
+    # By the formula: the value of response token t is w . h + b, h the policy's final (normed) hidden state at the
+    # position before t, the one whose logits sample t (from the full causal LM's output, not the roles' path).
+    with torch.no_grad(), use_adapter(roles.model, POLICY):
+        out = roles.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                          output_hidden_states=True, use_cache=False)  # fmt: skip
+    states = out.hidden_states[-1][:, p_len - 1 : -1]
+    by_hand = states @ roles.value_head.weight[0] + roles.value_head.bias[0]
+    assert torch.allclose(values[keep], by_hand[keep], atol=1e-5)
+    logprobs = torch.log_softmax(out.logits[:, p_len - 1 : -1].float(), -1).gather(-1, ids[:, p_len:, None])[..., 0]
+    assert torch.allclose(rollout.logprobs[:, :r_len][keep], logprobs[keep], atol=1e-4)
     torch.manual_seed(3)
     recomputed = collect_rollout(
         roles, prompts, range(4), SamplingArgs(6), dataclasses.replace(cfg.ppo, rollout_logprobs="recompute"), "cpu"

@@ -1,7 +1,8 @@
 """Final evaluation of PPO (SFT policy versus PPO policy on held-out prompts) and over-optimisation detection.
 
-Evaluation: each held-out prompt gets one sampled response from the SFT policy (the base with adapters off) and one
-from the PPO policy, with the same random stream. Reported per policy: reward-model score, gold score (the recipe's
+Evaluation: each held-out prompt gets `ppo.eval_samples_per_prompt` sampled responses from the SFT policy (the base
+with adapters off) and as many from the PPO policy, with the same random stream; the j-th sample of one policy is
+compared with the j-th of the other, and every figure counts all samples. Reported per policy: reward-model score, gold score (the recipe's
 judge), rate of insulting answers to adversarial prompts (judge), length and EOS rate; for PPO also its KL to the
 reference (the sum over response tokens of log pi - log pi_ref, averaged over responses); and the gold win rate of
 PPO against SFT = wins / (wins + losses), ties reported apart.
@@ -147,6 +148,12 @@ def evaluate_policies(
     """SFT policy versus PPO policy on held-out prompts: (report, samples). The judge, when there is one, gives the
     gold scores, the win rate and the rate of insulting answers to adversarial prompts."""
     report: dict[str, Any] = {"eval_prompts": len(prompts.records)}
+    n = pcfg.eval_samples_per_prompt
+    if n > 1:  # each prompt n times in a row: sample j of prompt i is row i * n + j
+        prompts = PromptSet(
+            [r for r in prompts.records for _ in range(n)], [ids for ids in prompts.ids for _ in range(n)]
+        )
+        report["eval_samples_per_prompt"] = n
     per_policy: dict[str, dict[str, Any]] = {}
     questions = [prompt_text(r["prompt"]) for r in prompts.records]
     for name, adapter in (("sft", None), ("ppo", POLICY)):
@@ -167,7 +174,7 @@ def evaluate_policies(
             ]
             report[f"{name}_gold_score"] = _mean(entry["gold"])
             report[f"{name}_insult_rate"] = _mean([float(x) for x in adversarial]) if adversarial else None
-            report["adversarial_prompts"] = len(adversarial)
+            report["adversarial_prompts"] = len(adversarial) // n
         if adapter is not None:
             entry["kl"] = _kl_per_response(
                 roles, sampled, sampling.temperature, pcfg.forward_batch_size, device
@@ -187,6 +194,8 @@ def evaluate_policies(
     samples = []
     for i, record in enumerate(prompts.records):
         row: dict[str, Any] = {"prompt": record["prompt"], "kind": record.get("kind")}
+        if n > 1:
+            row["sample"] = i % n
         for name, entry in per_policy.items():
             row[name] = entry["texts"][i]
             row[f"{name}_rm_score"] = entry["rm"][i]
