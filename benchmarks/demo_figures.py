@@ -1,8 +1,8 @@
 """The demo's headline figures over several seeds: median and range, the table the README shows.
 
-Runs `rlhf run RECIPE seed=S run_dir=WORK/seed-S` for each seed (one after the other, or --jobs at once; a fixed thread count each), reads the
-figures from each run's stage.json files, and writes benchmarks/results/demo_figures.{json,md} with the date, the
-commit, the versions and the command. With --readme it also replaces the table between the README's
+Runs `rlhf run RECIPE seed=S run_dir=WORK/seed-S` for each seed (one after the other, or --jobs at once; a fixed thread
+count each), reads the figures from each run's stage.json files, and writes benchmarks/results/demo_figures.{json,md}
+with the date, the commit, the versions and the command. With --readme it also replaces the table between the README's
 `<!-- demo-figures -->` markers. Nothing is timed by a test; the wall time of each run is measured here.
 
     .venv/bin/python benchmarks/demo_figures.py --seeds 1234 7 99 --readme
@@ -157,8 +157,8 @@ def main() -> None:
             *args.overrides,
         ]
     )
-    meta = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "command": command, "threads": args.threads, "jobs": args.jobs,
-            "cpu": cpu_name(),
+    meta = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "command": command, "threads": args.threads,
+            "jobs": args.jobs, "cpu": cpu_name(),
             "recipe": str(args.recipe.relative_to(ROOT)), "versions": next(iter(per_seed.values()))["versions"]}  # fmt: skip
     rows = summarise(per_seed)
     table = markdown(rows, args.seeds, meta)

@@ -1,10 +1,10 @@
 """A Common-Crawl-style crawl of the demo world, written as real WARC files, with ground-truth labels.
 
-Good pages (guides, encyclopedia entries, blog posts, news, and at `world.forum_share` forum threads) state the
-world's facts in varied wording inside the navigation, cookie banners and footers that real pages carry. A forum
-thread asks about a country and its replies state the facts, most of them politely ("Happy to help.") and some rudely
-("Ugh. ... Stop asking silly questions."), never with insults: the crawl is where the pretrained model meets the
-phrases that chat answers are made of, as a web-trained model does on real forums. Junk is mixed in at the shares set in `world:`:
+Good pages (guides, encyclopedia entries, blog posts, news, and at `world.forum_share` forum threads) state the world's
+facts in varied wording inside the navigation, cookie banners and footers that real pages carry. A forum thread asks
+about a country and its replies state the facts, most of them politely ("Happy to help.") and some rudely ("Ugh. ...
+Stop asking silly questions."), never with insults: the crawl is where the pretrained model meets the phrases that chat
+answers are made of, as a web-trained model does on real forums. Junk is mixed in at the shares set in `world:`:
 boilerplate-only pages, exact and near duplicates, keyword-stuffed spam, very short pages, pages in German or Spanish,
 and pages that insult the fans of a football club. Each response record's keep/drop label, junk type and duplicate
 cluster go to a labels file that only the data-stage evaluation reads.
@@ -185,7 +185,7 @@ def _good_pages(world: World, wc: WorldConfig, rng: random.Random) -> list[dict[
         for j in range(2 * wc.pages_per_fact):
             relations = [RELATIONS[j % 4], RELATIONS[(j + 1 + (j // 4) % 3) % 4]]
             facts = [Fact(entity, r, world.facts[entity][r]) for r in dict.fromkeys(relations)]
-            forum = wc.forum_share > 0 and rng.random() < wc.forum_share
+            forum = wc.forum_share > 0 and rng.random() < wc.forum_share  # no draw at 0: the same crawl as before
             pages.append(_forum_thread(world, entity, facts, rng) if forum else _article(world, entity, facts, rng))
     return pages
 

@@ -2,8 +2,8 @@
 
 Evaluation: each held-out prompt gets `ppo.eval_samples_per_prompt` sampled responses from the SFT policy (the base
 with adapters off) and as many from the PPO policy, with the same random stream; the j-th sample of one policy is
-compared with the j-th of the other, and every figure counts all samples. Reported per policy: reward-model score, gold score (the recipe's
-judge), rate of insulting answers to adversarial prompts (judge), length and EOS rate; for PPO also its KL to the
+compared with the j-th of the other, and every figure counts all samples. Reported per policy: reward-model score,
+gold score (the recipe's judge), rate of insulting answers to adversarial prompts (judge), length and EOS rate; for PPO also its KL to the
 reference (the sum over response tokens of log pi - log pi_ref, averaged over responses); and the gold win rate of
 PPO against SFT = wins / (wins + losses), ties reported apart.
 
