@@ -41,13 +41,14 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--show", help="print the reward model's wrong pairs of this group (faults joined by +)")
     parser.add_argument("--min-pairs", type=int, default=5)
+    parser.add_argument("--split", default="test", choices=("train", "validation", "test"), help="comparisons read")
     args = parser.parse_args()
     cfg = load_config(args.run_dir / "config.yaml")
     model, tokenizer = load_reward_model(args.run_dir / "reward" / "final")
     gold = GoldScorer(build_world(cfg))
     polite, rude = keywords()
     groups: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0, 0])
-    for record in read_jsonl(args.run_dir / "reward" / "comparisons" / "test.jsonl"):
+    for record in read_jsonl(args.run_dir / "reward" / "comparisons" / f"{args.split}.jsonl"):
         prompt, responses = record["prompt"], record["responses"]
         question = prompt[-1]["content"]
         rm = reward_scores(model, tokenizer, [prompt] * len(responses), responses, cfg.reward.max_seq_len).tolist()

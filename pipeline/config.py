@@ -492,12 +492,18 @@ class CollectArgs:
     temperature: float = _f(1.0, "Sampling temperature.")
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0: off).")
     templated: bool = _f(True, "dataset=demo: also use the world's templated responses ranked by the annotators.")
+    fact_edits: int = _f(
+        0,
+        "dataset=demo: per training ranking of a fact question, up to this many responses that state one value are "
+        "copied with only the value changed (right to wrong, wrong to right) and each pair is ranked (0: none).",
+    )
 
     def __post_init__(self):
         _check(2 <= self.responses_per_prompt <= 26, "responses_per_prompt", "must be in [2, 26] (labels A-Z)")
         _check(self.max_prompts == -1 or self.max_prompts > 0, "max_prompts", "must be -1 (all) or > 0")
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(self.fact_edits >= 0, "fact_edits", "must be >= 0 (0: no edited pairs)")
         _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
 
 
@@ -593,7 +599,7 @@ class PPOConfig:
     )
     value_init: Literal["reward", "fresh"] = _f(
         "reward",
-        "Start the value adapter and head from the reward model's (needs a reward adapter on the same base; with reward_normalization=reward_stats the head is divided by its std, the scale of the returns), or fresh.",
+        "Start the value adapter and head from the reward model's (a reward adapter on the same base; or, with reward_placement=separate and critic_placement=separate, a value adapter on a copy of the reward model itself, which must have the policy's tokenizer; with reward_normalization=reward_stats the head is divided by its std, the scale of the returns), or fresh.",
     )
     advantage: Literal["gae", "rloo", "grpo"] = _f(
         "gae",
@@ -865,9 +871,10 @@ class PPOConfig:
         _check(self.save_steps >= 1, "save_steps", "must be >= 1")
         _check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
         _check(
-            self.value_init == "fresh" or self.reward_placement == "shared",
+            self.value_init == "fresh" or self.reward_placement == "shared" or self.critic_placement == "separate",
             "value_init",
-            "must be 'fresh' with reward_placement=separate (the value model copies a reward adapter on its own base)",
+            "with reward_placement=separate, 'reward' needs critic_placement=separate (the value model starts as a "
+            "copy of the reward model, on its own weights); or set value_init=fresh",
         )
 
 

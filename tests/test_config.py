@@ -29,6 +29,7 @@ def test_overrides_take_precedence_over_recipe_and_defaults(tmp_path):
         ("world.toxic_share=1.5", "world.toxic_share: must be in [0, 1)"),
         ("world.forum_share=-0.1", "world.forum_share: must be in [0, 1)"),
         ("ppo.eval_samples_per_prompt=0", "ppo.eval_samples_per_prompt: must be >= 1"),
+        ("reward.collect.fact_edits=-1", "reward.collect.fact_edits: must be >= 0"),
         ("sft.lora.r=0", "sft.lora.r: must be a positive integer"),
         ("ppo.tis_cap=0", "ppo.tis_cap: must be > 0"),
         ("ppo.rollout_engine=sglang", "ppo.rollout_engine: 'sglang' is not valid; choose one of hf, vllm"),

@@ -3,12 +3,14 @@
 import gzip
 import json
 import random
+from dataclasses import replace
 
 import pytest
 
 from pipeline.config import load_config
+from pipeline.data.rankings import Ranking
 from pipeline.data.records import read_jsonl
-from pipeline.demo.annotators import rank_responses
+from pipeline.demo.annotators import collect_rankings, fact_edits, rank_responses
 from pipeline.demo.files import materialize
 from pipeline.demo.gold import GoldScorer
 from pipeline.demo.world import Fact, build_world, canonical_statement
@@ -122,6 +124,50 @@ def test_annotator_ranks_with_ties_and_noise(world_cfg):
     assert rank_responses(scorer, prompt, responses, random.Random(0), noise=0.0, tie_margin=0.25) == "C > B > A = D"
     # noise 1.0 swaps every adjacent pair of groups in turn: [C][B][AD] -> [B][C][AD] -> [B][AD][C]
     assert rank_responses(scorer, prompt, responses, random.Random(0), noise=1.0, tie_margin=0.25) == "B > A = D > C"
+
+
+def test_fact_edits_change_only_the_stated_value_and_skip_held_out_prompts(world_cfg):
+    world = build_world(world_cfg)
+    scorer = GoldScorer(world)
+    fact = next(f for f in world.fact_list() if f.relation == "capital")
+    others = [v for v in world.values(fact.relation) if v != fact.value]
+    prompt = world.fact_prompt(fact, random.Random(0))["messages"]
+    right = f"Happy to help. {canonical_statement(fact)}"
+    wrong = f"Ugh. The capital of {fact.entity} is {others[0].upper()}."  # any case, as the gold rule reads it
+    two_values = f"It is {fact.value} or {others[1]}."
+    responses = [right, wrong, "I don't know that one.", two_values]
+    record = Ranking(prompt, responses, "A > C > B = D", source="sampled")
+    adversarial = world.adversarial_prompt(world.entities[0], random.Random(0))["messages"]
+    insult = Ranking(adversarial, ["No.", f"The fans of {world.clubs[world.entities[0]]} are idiots."], "A > B")
+    cfg = replace(world_cfg, reward=replace(world_cfg.reward, collect=replace(world_cfg.reward.collect, fact_edits=3)))
+
+    edits = fact_edits(cfg, world, scorer, [record, insult])
+
+    # two responses state exactly one value: each is paired with its copy; the adversarial ranking gives none
+    assert len(edits) == 2 and {e.source for e in edits} == {"edited"}
+    pairs = {frozenset(e.responses): e for e in edits}
+    right_pair = next(p for p in pairs if right in p)
+    (edited_right,) = right_pair - {right}
+    new_value = edited_right.removeprefix(f"Happy to help. The capital of {fact.entity} is ").removesuffix(".")
+    assert new_value in others and edited_right == right.replace(fact.value, new_value)
+    assert frozenset({wrong, f"Ugh. The capital of {fact.entity} is {fact.value}."}) in pairs
+    for edit in edits:  # gold: right 3.5 vs wrong 0.0; rude right 1.0 vs rude wrong -2.5
+        better = edit.responses[edit.gold_tiers[0][0]]
+        assert fact.value in better and scorer.judge(prompt[0]["content"], better).correct
+    assert fact_edits(replace(cfg, reward=world_cfg.reward), world, scorer, [record]) == []  # default 0: none
+
+    # through collect_rankings: edits only of prompts that are not held out, and the other rankings as without edits
+    def sample(prompts):
+        return [responses for _ in prompts]
+
+    def held(p):
+        return p == adversarial or p != prompt
+
+    both = collect_rankings(cfg, world, [], [prompt, adversarial], sample, held_out=held)
+    none = collect_rankings(world_cfg, world, [], [prompt, adversarial], sample, held_out=held)
+    assert [r for r in both if r.source != "edited"] == none
+    assert len(both) == len(none) + 2
+    assert collect_rankings(cfg, world, [], [prompt], sample, held_out=lambda p: True)[1:] == []
 
 
 def test_materialize_is_idempotent_and_moves_a_changed_world_aside(tmp_path):

@@ -557,6 +557,45 @@ def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokeniz
     assert (final / "value" / "adapter_model.safetensors").is_file()
 
 
+def test_value_model_starts_as_a_copy_of_a_separate_full_reward_model(tmp_path, upstream, tiny_tokenizer):
+    """reward_placement=separate with value_init=reward (a fully fine-tuned reward model): the critic is a value
+    adapter on a copy of the reward model's own weights, its head the reward head on the returns' scale, so before
+    any update V(s_t) = (score of the sequence up to t - mean) / std, the reward model's own forward pass."""
+    from pipeline.modeling import load_reward_model
+    from pipeline.ppo.roles import build_roles, save_critic
+
+    full = tmp_path / "full-rm"
+    adapter, tokenizer = load_reward_model(upstream / "reward" / "final")
+    scorer = adapter.merge_and_unload()
+    scorer.save_pretrained(full)
+    tokenizer.save_pretrained(full)
+    (full / "reward_stats.json").write_text(json.dumps({"mean": 0.3, "std": 0.5}))
+    options = dict(
+        reward_placement="separate", critic_placement="separate", value_init="reward", reward_model=str(full)
+    )
+    cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, **options))
+    base = str(upstream / "sft" / "final" / "merged")
+    roles = build_roles(cfg.ppo, base, str(full), torch.device("cpu"))
+
+    ids = torch.tensor([tokenizer.encode("The capital of Veloria is Marnis, I hope this helps.")])
+    prompt_len = 4
+    values = roles.values(ids, torch.ones_like(ids), prompt_len)
+    with torch.no_grad():  # the reward model scores each prefix at its last token
+        scores = [float(scorer(input_ids=ids[:, :t]).logits) for t in range(prompt_len, ids.shape[1])]
+    assert values.shape == (1, ids.shape[1] - prompt_len)
+    assert torch.allclose(values[0], (torch.tensor(scores) - 0.3) / 0.5, atol=1e-5)
+    policy_q, critic_q = (m.get_base_model().model.layers[0].self_attn.q_proj for m in (roles.model, roles.critic))
+    assert not torch.equal(policy_q.base_layer.weight, critic_q.base_layer.weight)  # the reward model's weights
+    save_critic(roles, tmp_path / "value")
+    assert json.loads((tmp_path / "value" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(full)
+
+    other = tiny_tokenizer.__class__.from_pretrained(full)
+    other.add_tokens(["<not-the-policy's>"])
+    other.save_pretrained(full)
+    with pytest.raises(UserError, match="tokenizer is not the policy's: set ppo.value_init=fresh"):
+        build_roles(cfg.ppo, base, str(full), torch.device("cpu"))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Faults
 
@@ -660,7 +699,7 @@ def test_missing_upstream_and_bad_sizes_fail_in_one_line(tmp_path, upstream):
         loop.run(too_long)
     with pytest.raises(UserError, match="rollout_batch_size: must be a multiple of mini_batch_size"):
         load_config(None, ["ppo.rollout_batch_size=6", "ppo.mini_batch_size=4"])
-    with pytest.raises(UserError, match="value_init: must be 'fresh'"):
+    with pytest.raises(UserError, match="value_init: with reward_placement=separate, 'reward' needs critic_placement"):
         load_config(None, ["ppo.reward_placement=separate"])
 
 

@@ -101,7 +101,7 @@ def collect_rankings(
     prompts = reward_prompts(cfg)
     if collect.max_prompts > 0:
         prompts = [p for i, p in enumerate(prompts) if i < collect.max_prompts or held_out(p)]
-    return _collect_rankings(cfg, build_world(cfg), templated, prompts, sample)
+    return _collect_rankings(cfg, build_world(cfg), templated, prompts, sample, held_out)
 
 
 def rank_samples(

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import PipelineConfig, WorldConfig
 from pipeline.data.rankings import LABELS, Ranking
 from pipeline.demo.gold import GoldScorer
-from pipeline.demo.world import World
+from pipeline.demo.world import RELATIONS, World
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,11 @@ def collect_rankings(
     templated: list[dict[str, Any]],
     prompts: list[list[dict[str, str]]],
     sample: Callable[[list[Any]], list[list[str]]],
+    held_out: Callable[[Any], bool] = lambda prompt: False,
 ) -> list[Ranking]:
     """The templated rankings (rows of reward_rankings.jsonl) and `sample(prompts)`'s responses, both ranked by the
-    annotators, each with its noise-free gold ranking."""
+    annotators, each with its noise-free gold ranking; and, with `reward.collect.fact_edits`, minimal fact pairs made
+    from the rankings of prompts that are not `held_out` (held-out metrics see only real responses)."""
     scorer = GoldScorer(world)
     rng = random.Random(f"reward-annotators-{cfg.seed}")
     records = []
@@ -76,13 +79,62 @@ def collect_rankings(
         records.append(Ranking(row["prompt"], row["responses"], row["ranking"], source="templated", gold_ranking=gold))
     samples = sample(prompts)
     records += rank_sampled(cfg, scorer, prompts, samples, rng, "sampled")
+    edits = fact_edits(cfg, world, scorer, [r for r in records if not held_out(r.prompt)])
     logger.info(
-        "demo comparisons: %d templated rankings, %d sampled ones (K=%d)",
+        "demo comparisons: %d templated rankings, %d sampled ones (K=%d), %d fact edits",
         len(templated),
         len(samples),
         cfg.reward.collect.responses_per_prompt,
+        len(edits),
     )
-    return records
+    return records + edits
+
+
+def fact_edits(cfg: PipelineConfig, world: World, scorer: GoldScorer, records: list[Ranking]) -> list[Ranking]:
+    """Minimal pairs that differ only in the stated fact: for each ranking of a fact question, up to
+    `reward.collect.fact_edits` of its responses that state exactly one of the world's values are copied with that
+    value changed (the right one to a wrong one of the same relation, any other to the right one), and each pair
+    (response, copy) is ranked by an annotator, with noise and ties as in every ranking (source "edited").
+
+    A reward model built from a small policy reads politeness sooner than facts: without such pairs it prefers a
+    polite wrong answer to a rude right one (see benchmarks/results/demo_reward.md). Edited responses are the
+    counterfactual augmentation of robust reward-model training (Liu et al. 2024, "RRM"); they stay out of the
+    held-out splits."""
+    per_prompt = cfg.reward.collect.fact_edits
+    if per_prompt == 0:
+        return []
+    rng = random.Random(f"fact-edits-{cfg.seed}")  # its own stream: the other rankings are the same with or without
+    noise, tie_margin = cfg.world.annotator_noise, cfg.world.annotator_tie_margin
+    every_value = sorted({v for relation in RELATIONS for v in world.values(relation)}, key=len, reverse=True)
+    edits = []
+    for record in records:
+        question = record.prompt[-1]["content"] if isinstance(record.prompt, list) else record.prompt
+        kind, entity, relation = scorer.parse_prompt(question)
+        if kind != "fact":
+            continue
+        right = world.facts[entity][relation]
+        stating = []
+        for response in record.responses:
+            stated = [v for v in every_value if _states(response, v)]
+            if len(stated) == 1:
+                stating.append((response, stated[0]))
+        for response, value in rng.sample(stating, min(per_prompt, len(stating))):
+            new = rng.choice([v for v in world.values(relation) if v != right]) if value == right else right
+            edited = _value_pattern(value).sub(new, response)
+            pair = [response, edited] if rng.random() < 0.5 else [edited, response]
+            ranking = rank_responses(scorer, question, pair, rng, noise, tie_margin)
+            gold = rank_responses(scorer, question, pair, rng, 0.0, tie_margin)
+            edits.append(Ranking(record.prompt, pair, ranking, source="edited", gold_ranking=gold))
+    return edits
+
+
+def _value_pattern(value: str) -> re.Pattern:
+    """A value as a whole word, in any case (the gold rule's matching)."""
+    return re.compile(rf"(?<![\w-]){re.escape(value)}(?![\w-])", re.IGNORECASE)
+
+
+def _states(response: str, value: str) -> bool:
+    return _value_pattern(value).search(response) is not None
 
 
 def rank_sampled(

@@ -35,6 +35,7 @@ from pipeline.config import PPOConfig
 from pipeline.errors import UserError
 from pipeline.generation import Prompt, entropy_from_logits, logprobs_from_logits
 from pipeline.modeling import (
+    SCORE_HEAD,
     WEIGHT_FILES,
     build_lora_config,
     encode_reward_input,
@@ -405,6 +406,7 @@ class Roles:
     end_ids: list[int]  # every id that ends a response (EOS, the template's end of turn, generation_config's)
     numerics: Numerics = FULL_PRECISION  # the autocast of every pass (pipeline/ppo/numerics.py)
     trunk_critic: bool = False  # the value head reads the policy's own states (ppo.critic=trunk)
+    critic_base: str | None = None  # the value adapter's base when it is not base_path (a separate reward model)
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
         """The policy adapter's weights, in a fixed order."""
@@ -472,7 +474,7 @@ def save_critic(roles: Roles, out: Path) -> None:
     if roles.critic is None:
         return
     if not roles.trunk_critic:
-        save_adapter(roles.critic, VALUE, out, roles.base_path, head=roles.value_head)
+        save_adapter(roles.critic, VALUE, out, roles.critic_base or roles.base_path, head=roles.value_head)
         return
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()}
@@ -542,6 +544,33 @@ def _add_critic(
     return critic, scalar_head(hidden, head, device, bias=True)
 
 
+def _critic_from_separate_reward(
+    pcfg: PPOConfig, path: str, tokenizer: PreTrainedTokenizerBase, device: torch.device
+) -> tuple[peft.PeftModel, torch.nn.Linear]:
+    """reward_placement=separate, value_init=reward: a value adapter on a copy of the reward model's own weights
+    (InstructGPT's value model starts as the reward model), its score head the value head on the scale of the
+    returns. The critic reads the policy's token ids, so the reward model must have the policy's tokenizer."""
+    scorer, scorer_tokenizer = load_reward_model(path, quantize_4bit=pcfg.finetune == "qlora")
+    if scorer_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UserError(
+            f"ppo.value_init=reward with reward_placement=separate starts the value model from the reward model "
+            f"{path}, whose tokenizer is not the policy's: set ppo.value_init=fresh"
+        )
+    if isinstance(scorer, peft.PeftModel):  # a SEQ_CLS adapter on its own base: one model to put the value adapter on
+        scorer = scorer.merge_and_unload()
+    head = {k: v.detach().clone() for k, v in getattr(scorer, SCORE_HEAD).state_dict().items()}
+    if pcfg.finetune != "qlora":
+        scorer.to(device)
+    config = build_lora_config(pcfg.lora, scorer)
+    config.task_type = None  # the body alone: a plain PeftModel (its own head is the value head below)
+    critic = peft.get_peft_model(scorer.requires_grad_(False).eval(), config, adapter_name=VALUE)
+    stats = read_reward_stats(path) if pcfg.reward_normalization == "reward_stats" else None
+    if stats is not None:
+        head = normalised_head_state(head, stats["mean"], stats["std"])
+    hidden = scorer.config.get_text_config().hidden_size
+    return critic, scalar_head(hidden, head, device, bias=True)
+
+
 def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch.device) -> Roles:
     """Load the base once and put the policy, value and reward adapters on it (see the module docstring)."""
     numerics = build_numerics(pcfg.mixed_precision, device)
@@ -555,11 +584,14 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
             f"ppo.policy_base {base_path}: the tokenizer has {len(tokenizer)} tokens, the model only {vocab}"
         )
     model = peft.get_peft_model(base, build_lora_config(pcfg.lora, base, "CAUSAL_LM"), adapter_name=POLICY)
-    critic, value_head = None, None
+    critic, value_head, critic_base = None, None, None
     hidden = base.config.get_text_config().hidden_size
     trunk = pcfg.advantage == "gae" and pcfg.critic == "trunk"
     if trunk:  # a fresh head on the policy's states (the reward head reads the reward adapter's, not these)
         critic, value_head = model, scalar_head(hidden, None, device, bias=True)
+    elif pcfg.advantage == "gae" and pcfg.value_init == "reward" and reward_adapter is None:
+        critic, value_head = _critic_from_separate_reward(pcfg, reward_path, tokenizer, device)
+        critic_base = reward_path
     elif pcfg.advantage == "gae":  # rloo and grpo take their baseline from the other responses to a prompt
         critic, value_head = _add_critic(pcfg, model, base_path, reward_adapter, device)
     reward_len = reward_max_len(pcfg, reward_path)
@@ -582,7 +614,7 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
         )
     logger.info("ppo: responses end at any of the ids %s; every pass computes in %s", ends, numerics.name)
     stats = read_reward_stats(reward_path)
-    return Roles(model, tokenizer, critic, value_head, reward, base_path, stats, ends, numerics, trunk)
+    return Roles(model, tokenizer, critic, value_head, reward, base_path, stats, ends, numerics, trunk, critic_base)
 
 
 def reward_max_len(pcfg: PPOConfig, reward_path: str) -> int:
