@@ -144,12 +144,13 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true", help="replace the README's figures table")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    # the code the runs use: read before they start (a commit made while they run is not theirs)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         runs = {
             s: pool.submit(run_seed, args.recipe, s, args.work_dir, args.threads, args.overrides) for s in args.seeds
         }
         per_seed = {seed: run.result() for seed, run in runs.items()}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     command = " ".join(
         [
             "python benchmarks/demo_figures.py",

@@ -806,8 +806,8 @@ def test_demo_ppo_beats_sft_within_kl_target_and_kl_zero_overoptimises(tmp_path)
 
     cfg = load_config(REPO / "recipes" / "demo.yaml", [f"run_dir={run_dir}"])
     report = json.loads((loop.run(cfg) / "eval.json").read_text())
-    # PPO wins clearly over 96 prompts x 4 samples (seed 1234: 0.693 at 2 threads, 0.703 at 1 on an AMD EPYC). The
-    # goal of >= 0.70 is on the median over seeds, measured by benchmarks/demo_figures.py, not by one seed here.
+    # PPO wins clearly over 96 prompts x 4 samples (seed 1234: 0.737 at one thread on an AMD EPYC). The goal of
+    # >= 0.70 is on the median over seeds, measured by benchmarks/demo_figures.py, not by one seed here.
     assert report["gold_win_rate"] > 0.6, report
     assert report["eval_samples_per_prompt"] == 4
     assert report["ppo_gold_score"] > report["sft_gold_score"]
@@ -822,7 +822,7 @@ def test_demo_ppo_beats_sft_within_kl_target_and_kl_zero_overoptimises(tmp_path)
             f"run_dir={tmp_path / 'kl0'}",
             "ppo.init_kl_coef=0",
             "ppo.kl_target=null",
-            "ppo.num_updates=48",
+            f"ppo.num_updates={2 * cfg.ppo.num_updates}",
             "ppo.lr_scheduler_type=constant",
             f"ppo.policy_base={run_dir / 'sft' / 'final' / 'merged'}",
             f"ppo.reward_model={run_dir / 'reward' / 'final'}",
