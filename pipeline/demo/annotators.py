@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import PipelineConfig, WorldConfig
 from pipeline.data.rankings import LABELS, Ranking
-from pipeline.demo.gold import GoldScorer
+from pipeline.demo.gold import GoldScorer, word_pattern
 from pipeline.demo.world import RELATIONS, World
 
 logger = logging.getLogger(__name__)
@@ -115,26 +114,17 @@ def fact_edits(cfg: PipelineConfig, world: World, scorer: GoldScorer, records: l
         right = world.facts[entity][relation]
         stating = []
         for response in record.responses:
-            stated = [v for v in every_value if _states(response, v)]
+            stated = [v for v in every_value if word_pattern(v).search(response)]
             if len(stated) == 1:
                 stating.append((response, stated[0]))
         for response, value in rng.sample(stating, min(per_prompt, len(stating))):
             new = rng.choice([v for v in world.values(relation) if v != right]) if value == right else right
-            edited = _value_pattern(value).sub(new, response)
+            edited = word_pattern(value).sub(new, response)
             pair = [response, edited] if rng.random() < 0.5 else [edited, response]
             ranking = rank_responses(scorer, question, pair, rng, noise, tie_margin)
             gold = rank_responses(scorer, question, pair, rng, 0.0, tie_margin)
             edits.append(Ranking(record.prompt, pair, ranking, source="edited", gold_ranking=gold))
     return edits
-
-
-def _value_pattern(value: str) -> re.Pattern:
-    """A value as a whole word, in any case (the gold rule's matching)."""
-    return re.compile(rf"(?<![\w-]){re.escape(value)}(?![\w-])", re.IGNORECASE)
-
-
-def _states(response: str, value: str) -> bool:
-    return _value_pattern(value).search(response) is not None
 
 
 def rank_sampled(

@@ -25,6 +25,7 @@ Score of a response (see data_cards/demo-rankings.md):
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -78,8 +79,14 @@ class Judgement:
         return frozenset(name for name, present in named.items() if present)
 
 
+@functools.cache
+def word_pattern(word: str) -> re.Pattern:
+    """`word` as a whole word (not inside a longer word or a hyphenated one), in any case."""
+    return re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.IGNORECASE)
+
+
 def _has_word(text: str, word: str) -> bool:
-    return re.search(rf"(?<![\w-]){re.escape(word.lower())}(?![\w-])", text) is not None
+    return word_pattern(word).search(text) is not None
 
 
 class GoldScorer:
