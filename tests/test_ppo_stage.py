@@ -557,19 +557,26 @@ def test_qlora_base_with_separate_reward_model_and_critic(tmp_path, tiny_tokeniz
     assert (final / "value" / "adapter_model.safetensors").is_file()
 
 
+def _save_full_reward_model(upstream: Path, out: Path):
+    """The upstream reward adapter merged into a full sequence-classification model (a fully fine-tuned reward model),
+    with reward stats of mean 0.3 and std 0.5; returns (path, model, tokenizer)."""
+    from pipeline.modeling import load_reward_model
+
+    adapter, tokenizer = load_reward_model(upstream / "reward" / "final")
+    scorer = adapter.merge_and_unload()
+    scorer.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "reward_stats.json").write_text(json.dumps({"mean": 0.3, "std": 0.5}))
+    return out, scorer, tokenizer
+
+
 def test_value_model_starts_as_a_copy_of_a_separate_full_reward_model(tmp_path, upstream, tiny_tokenizer):
     """reward_placement=separate with value_init=reward (a fully fine-tuned reward model): the critic is a value
     adapter on a copy of the reward model's own weights, its head the reward head on the returns' scale, so before
     any update V(s_t) = (score of the sequence up to t - mean) / std, the reward model's own forward pass."""
-    from pipeline.modeling import load_reward_model
     from pipeline.ppo.roles import build_roles, save_critic
 
-    full = tmp_path / "full-rm"
-    adapter, tokenizer = load_reward_model(upstream / "reward" / "final")
-    scorer = adapter.merge_and_unload()
-    scorer.save_pretrained(full)
-    tokenizer.save_pretrained(full)
-    (full / "reward_stats.json").write_text(json.dumps({"mean": 0.3, "std": 0.5}))
+    full, scorer, tokenizer = _save_full_reward_model(upstream, tmp_path / "full-rm")
     options = dict(
         reward_placement="separate", critic_placement="separate", value_init="reward", reward_model=str(full)
     )
@@ -594,6 +601,35 @@ def test_value_model_starts_as_a_copy_of_a_separate_full_reward_model(tmp_path, 
     other.save_pretrained(full)
     with pytest.raises(UserError, match="tokenizer is not the policy's: set ppo.value_init=fresh"):
         build_roles(cfg.ppo, base, str(full), torch.device("cpu"))
+
+
+def test_ppo_with_a_value_model_from_a_separate_reward_model_resumes_bit_for_bit(upstream, tmp_path):
+    """The demo recipe's placement (reward model and value model on their own weights): a run killed after its first
+    checkpoint resumes to the uninterrupted run's policy and value adapters and metrics, bit for bit."""
+    from pipeline.ppo import loop
+
+    full, _, _ = _save_full_reward_model(upstream, tmp_path / "full-rm")
+    options = dict(
+        reward_placement="separate", critic_placement="separate", value_init="reward", reward_model=str(full)
+    )
+    whole = tmp_path / "whole"
+    final = loop.run(load_config(_recipe(tmp_path / "whole.yaml", whole, upstream, **options)))
+    assert json.loads((final / "value" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(full)
+
+    recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, **options)
+    sdir = tmp_path / "run" / "ppo"
+    first = start_rlhf("ppo", str(recipe), env=_subprocess_env())
+    assert signal_when(first, checkpoint_done(sdir, 1), timeout=180) == -signal.SIGKILL
+    assert not (sdir / "final").exists(), "killed too late"
+    second = run_rlhf("ppo", str(recipe), env=_subprocess_env(), timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr
+    for name in ("adapter_model.safetensors", "value/adapter_model.safetensors"):
+        resumed, uninterrupted = load_file(sdir / "final" / name), load_file(final / name)
+        assert resumed.keys() == uninterrupted.keys()
+        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted), f"{name} differs after resume"
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith(("time", "peak_memory"))}  # noqa: E731
+    assert [drop(r) for r in _metrics(tmp_path / "run")] == [drop(r) for r in _metrics(whole)]
 
 
 # --------------------------------------------------------------------------------------------------------------
