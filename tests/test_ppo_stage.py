@@ -814,7 +814,9 @@ def test_best_checkpoint_and_win_rate_by_hand():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The demo's claims (slow: runs every upstream stage of recipes/demo.yaml first; 26 minutes at one thread)
+# The demo's claims (slow: runs every upstream stage of recipes/demo.yaml first; 16 minutes at one
+# thread, commit 3436b96: win rate 0.781, KL 1.24, insults 0.086 -> 0.031; the KL-free run of 128 updates flagged
+# over-optimisation at policy 20, gold 2.77 -> 2.23, best checkpoint-32)
 
 
 @pytest.mark.slow
