@@ -149,6 +149,8 @@ def relocate_adapter(adapter: Path, made_in: Path, run_dir: Path, out: Path) -> 
                 return str(run_dir / recorded.relative_to(old))
         return path
 
+    if not (adapter / "adapter_config.json").is_file():  # a fully fine-tuned reward model records no base
+        return adapter
     stage = json.loads((adapter / "stage.json").read_text()) if (adapter / "stage.json").is_file() else {}
     config = json.loads((adapter / "adapter_config.json").read_text())
     base = stage.get("inputs", {}).get("base", {}).get("path")
@@ -524,8 +526,9 @@ def run_phase(
         "score_affine": [stats["mean"], stats["std"]] if stats else None,
         "lora": lora_for_trl(pcfg, base),
     }
-    merged = work / "reward_merged"
-    if any(s.name == "trl-ppo" for s in sides):
+    full = not (reward / "adapter_config.json").is_file()  # a fully fine-tuned reward model: trl takes it as it is
+    merged = reward if full else work / "reward_merged"
+    if any(s.name == "trl-ppo" for s in sides) and not full:
         if merged.exists():
             shutil.rmtree(merged)
         merge_reward(reward, merged)
@@ -757,8 +760,9 @@ def _label(result: dict[str, Any]) -> str:
 UNMATCHED = {
     "trl 1.12": (
         "trl 1.12 PPO: fixed kl_coef (ours adapts it towards ppo.kl_target); no gradient clipping; value model a full"
-        " copy of the reward model trained in full (ours: LoRA adapter + head on the shared base, head / reward_stats"
-        " std; with ppo.critic=trunk a head on the policy's own states); score one token after EOS; the reward model "
+        " copy of the reward model trained in full (ours: a LoRA adapter + head on the shared base, or with "
+        "critic_placement=separate on a copy of the reward model, head / reward_stats std; with ppo.critic=trunk or "
+        "head a head on the policy's own states); score one token after EOS; the reward model "
         "reads the sampled ids (ours: re-tokenised text + end of turn); learning rate steps per update (ours: per "
         "optimiser step)"
     ),
@@ -768,8 +772,8 @@ UNMATCHED = {
         "batches (ours: generation_batch_size / forward_batch_size); its mini-batches are the same slices of whole "
         "groups on every pass (ours: episodes reshuffled every epoch); RLOO clips a sequence-level ratio, averages "
         "its loss over sequences and normalises advantages per sequence (ours: per token); bf16 autocasts the "
-        "training passes only (ours: every pass); the reward model is merged into its own copy of the base (ours: an "
-        "adapter on the policy's base)"
+        "training passes only (ours: every pass); a reward adapter is merged into its own copy of the base (ours: an "
+        "adapter on the policy's base unless reward_placement=separate)"
     ),
 }
 
@@ -1058,7 +1062,7 @@ def expand_sides(requested: list[str], configs: list[str]) -> list[str]:
 # Seconds per episode measured on one quiet core (benchmarks/results/ppo_vs_trl.md, 2026-11-26): 1.77 at 86.8M
 # parameters with 32-token responses, 0.105 on the demo model with 40; a process starts in about 30 s (speed phase)
 # or 10 s (gold). A critic-free configuration skips the value passes: about 0.6 of PPO's CPU time in the gold phase
-# (benchmarks/results/ppo_configs.md), PPO with ppo.critic=trunk about 0.5; evaluating a policy costs about 0.7 of
+# (benchmarks/results/ppo_configs.md), PPO with ppo.critic=trunk or head about 0.5; evaluating a policy costs about 0.7 of
 # a gold-phase episode per held-out one.
 COST = {"ppo": 1.0, "ppo-trunk": 0.5, "rloo": 0.6, "grpo": 0.6}
 
@@ -1074,7 +1078,8 @@ def estimate_minutes(args: argparse.Namespace, cfg: Any, params: float | None) -
             else:
                 overrides = " ".join(args.ours_configs[name])
                 kind = next((k for k in ("rloo", "grpo") if f"advantage={k}" in overrides), "ppo")
-                out.append("ppo-trunk" if kind == "ppo" and "critic=trunk" in overrides else kind)
+                trunk = "critic=trunk" in overrides or "critic=head" in overrides
+                out.append("ppo-trunk" if kind == "ppo" and trunk else kind)
         return out
 
     out = {}

@@ -605,9 +605,9 @@ class PPOConfig:
         "gae",
         "'gae': a critic (value adapter and head) and GAE, the InstructGPT recipe; 'rloo': no critic, each response's reward (score minus the KL penalty) minus the mean of the other samples_per_prompt - 1 responses to its prompt (Ahmadian et al. 2024); 'grpo': no critic, the score normalised within its prompt's group, the KL to the reference as a loss term (k3, weighted by the KL coefficient; Shao et al. 2024).",
     )
-    critic: Literal["adapter", "trunk"] = _f(
+    critic: Literal["adapter", "trunk", "head"] = _f(
         "adapter",
-        "With advantage=gae: 'adapter', a value adapter of its own on the shared base (value_init, critic_placement); 'trunk', a fresh value head on the policy's own final hidden states (lm-human-preferences): its values come from the sampling pass, and one forward and one backward serve the policy and value losses (the value loss also trains the policy adapter).",
+        "With advantage=gae: 'adapter', a value adapter of its own on the shared base (value_init, critic_placement); 'trunk', a fresh value head on the policy's own final hidden states (lm-human-preferences): its values come from the sampling pass, and one forward and one backward serve the policy and value losses (the value loss also trains the policy adapter); 'head', the same head on the same states detached: the value loss trains the head alone and leaves the policy's gradient to the policy loss.",
     )
     samples_per_prompt: int = _f(
         1,
@@ -794,7 +794,7 @@ class PPOConfig:
         _check(
             self.critic == "adapter" or self.critic_placement == "shared",
             "critic_placement",
-            "must be shared with critic=trunk (the value head reads the policy's own states)",
+            "must be shared with critic=trunk or head (the value head reads the policy's own states)",
         )
         _check(
             self.samples_per_prompt >= (1 if self.advantage == "gae" else 2),
@@ -871,7 +871,10 @@ class PPOConfig:
         _check(self.save_steps >= 1, "save_steps", "must be >= 1")
         _check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
         _check(
-            self.value_init == "fresh" or self.reward_placement == "shared" or self.critic_placement == "separate",
+            self.value_init == "fresh"
+            or self.reward_placement == "shared"
+            or self.critic_placement == "separate"
+            or (self.advantage, self.critic) != ("gae", "adapter"),  # a head on the policy's states starts fresh
             "value_init",
             "with reward_placement=separate, 'reward' needs critic_placement=separate (the value model starts as a "
             "copy of the reward model, on its own weights); or set value_init=fresh",

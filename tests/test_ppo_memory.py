@@ -208,7 +208,7 @@ def test_token_weights_sum_to_one_in_proportion_to_response_tokens():
         {"pack_sequences": True, "micro_batch_tokens": 40},
     ],
 )
-@pytest.mark.parametrize("critic", ["adapter", "trunk"])
+@pytest.mark.parametrize("critic", ["adapter", "trunk", "head"])
 def test_gradient_of_a_mini_batch_does_not_depend_on_its_cut(upstream, split, critic):
     common = dict(
         rollout_batch_size=8, mini_batch_size=8, ppo_epochs=1, max_grad_norm=1e9, entropy_coef=0.01, critic=critic

@@ -470,6 +470,38 @@ def test_trunk_critic_reads_the_sampling_pass_and_trains_with_the_policy(upstrea
         assert all(torch.equal(resumed[k], whole[k]) for k in whole), name
 
 
+@pytest.mark.parametrize("critic", ["trunk", "head"])
+def test_head_critic_trains_the_head_alone_and_trunk_the_policy_too(upstream, tmp_path, critic):
+    """critic=head reads the same states as critic=trunk, but its value loss reaches the head only: the policy
+    adapter's gradient from a value loss is zero with head and not with trunk, and the head's is the same in both."""
+    from pipeline.ppo.roles import POLICY, build_roles, use_adapter
+
+    cfg = load_config(_recipe(tmp_path / "r.yaml", tmp_path / "run", upstream, critic=critic))
+    merged, reward = upstream / "sft" / "final" / "merged", upstream / "reward" / "final"
+    roles = build_roles(cfg.ppo, str(merged), str(reward), torch.device("cpu"))
+    assert roles.trunk_critic and roles.detached_states == (critic == "head")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        roles.value_head.weight.normal_(0, 1.0)
+        for param in roles.policy_parameters():
+            param.normal_(0, 0.2)  # B starts at zero: without this no gradient reaches A
+    ids = torch.randint(5, 60, (2, 9))
+    logprobs, _, values = roles.policy_logprobs_and_values(ids, torch.ones_like(ids), 4, 1.0)
+    (values**2).sum().backward(retain_graph=True)  # the policy loss below reads the same graph
+    policy_grad = sum(float(p.grad.abs().sum()) for p in roles.policy_parameters() if p.grad is not None)
+    assert (policy_grad == 0.0) == (critic == "head"), policy_grad
+    head_grad = roles.value_head.weight.grad
+    assert head_grad.abs().sum() > 0
+    # the head's gradient by hand: d/dw sum (w.h + b)^2 = 2 sum (w.h + b) h, h the policy's final states it read
+    with torch.no_grad(), use_adapter(roles.model, POLICY):
+        out = roles.model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+    states = out.hidden_states[-1][:, 3:-1]
+    assert torch.allclose(head_grad[0], 2 * (values.detach()[..., None] * states).sum((0, 1)), atol=1e-4)
+    roles.model.zero_grad(set_to_none=True)
+    logprobs.sum().backward()  # the policy loss alone still trains the policy adapter
+    assert sum(float(p.grad.abs().sum()) for p in roles.policy_parameters() if p.grad is not None) > 0
+
+
 def test_critic_free_settings_are_checked_in_one_line():
     from pipeline.config import PPOConfig
 
@@ -737,6 +769,12 @@ def test_missing_upstream_and_bad_sizes_fail_in_one_line(tmp_path, upstream):
         load_config(None, ["ppo.rollout_batch_size=6", "ppo.mini_batch_size=4"])
     with pytest.raises(UserError, match="value_init: with reward_placement=separate, 'reward' needs critic_placement"):
         load_config(None, ["ppo.reward_placement=separate"])
+    for critic_free in (["ppo.critic=head"], ["ppo.critic=trunk"], ["ppo.advantage=rloo", "ppo.samples_per_prompt=2"]):
+        # no value adapter to start from the reward model: the setting does not apply
+        cfg = load_config(None, ["ppo.reward_placement=separate", *critic_free])
+        assert cfg.ppo.reward_placement == "separate" and cfg.ppo.value_init == "reward"
+    with pytest.raises(UserError, match="critic_placement: must be shared with critic=trunk or head"):
+        load_config(None, ["ppo.critic=head", "ppo.critic_placement=separate"])
 
 
 def test_long_prompts_are_truncated_or_refused_and_counted(tiny_tokenizer):

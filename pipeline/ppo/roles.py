@@ -405,8 +405,9 @@ class Roles:
     reward_stats: dict[str, float] | None
     end_ids: list[int]  # every id that ends a response (EOS, the template's end of turn, generation_config's)
     numerics: Numerics = FULL_PRECISION  # the autocast of every pass (pipeline/ppo/numerics.py)
-    trunk_critic: bool = False  # the value head reads the policy's own states (ppo.critic=trunk)
+    trunk_critic: bool = False  # the value head reads the policy's own states (ppo.critic=trunk or head)
     critic_base: str | None = None  # the value adapter's base when it is not base_path (a separate reward model)
+    detached_states: bool = False  # ppo.critic=head: the value loss reaches the head only, not the policy adapter
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
         """The policy adapter's weights, in a fixed order."""
@@ -450,6 +451,8 @@ class Roles:
 
     def head_values(self, states: torch.Tensor) -> torch.Tensor:
         """The value head on final hidden states [..., hidden], in float32."""
+        if self.detached_states:
+            states = states.detach()
         with self.numerics.full_precision():
             return self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1)
 
@@ -586,7 +589,7 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
     model = peft.get_peft_model(base, build_lora_config(pcfg.lora, base, "CAUSAL_LM"), adapter_name=POLICY)
     critic, value_head, critic_base = None, None, None
     hidden = base.config.get_text_config().hidden_size
-    trunk = pcfg.advantage == "gae" and pcfg.critic == "trunk"
+    trunk = pcfg.advantage == "gae" and pcfg.critic in ("trunk", "head")
     if trunk:  # a fresh head on the policy's states (the reward head reads the reward adapter's, not these)
         critic, value_head = model, scalar_head(hidden, None, device, bias=True)
     elif pcfg.advantage == "gae" and pcfg.value_init == "reward" and reward_adapter is None:
@@ -614,7 +617,10 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
         )
     logger.info("ppo: responses end at any of the ids %s; every pass computes in %s", ends, numerics.name)
     stats = read_reward_stats(reward_path)
-    return Roles(model, tokenizer, critic, value_head, reward, base_path, stats, ends, numerics, trunk, critic_base)
+    detached = trunk and pcfg.critic == "head"
+    return Roles(
+        model, tokenizer, critic, value_head, reward, base_path, stats, ends, numerics, trunk, critic_base, detached
+    )
 
 
 def reward_max_len(pcfg: PPOConfig, reward_path: str) -> int:
