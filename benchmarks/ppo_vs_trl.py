@@ -18,7 +18,8 @@ Each side trains in its own process, one after the other (never at once):
 Two phases:
 
 - speed: a randomly initialised Llama (default: the 125m preset, 12 layers, ~86M parameters with the demo
-  tokenizer); a LoRA reward adapter on it (random score head), a fixed KL coefficient on every side. Measured:
+  tokenizer); a LoRA reward adapter on it (random score head; merged into a full model when the run's reward model
+  is a full one), a fixed KL coefficient on every side. Measured:
   episodes per second over the updates after the first (warm-up excluded; taken when our update's record is logged,
   at trl 1.12's on_step_end, and at trl 1.16's on_step_end closing a generation batch's last optimiser step), the same
   per CPU-second of the process (steadier on a shared machine), and the peak RSS of each process (os.wait4, whole
@@ -187,8 +188,11 @@ def merge_reward(adapter: Path, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def build_speed_models(args: argparse.Namespace, tokenizer_source: Path, work: Path) -> tuple[Path, Path, int]:
-    """A random Llama of the chosen size with the demo tokenizer, and a LoRA reward adapter on it: (base, reward)."""
+def build_speed_models(
+    args: argparse.Namespace, tokenizer_source: Path, work: Path, full_reward: bool
+) -> tuple[Path, Path, int]:
+    """A random Llama of the chosen size with the demo tokenizer, and a LoRA reward adapter on it, merged into a full
+    reward model when the run's reward model is a full one (as the demo's): (base, reward)."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -208,6 +212,8 @@ def build_speed_models(args: argparse.Namespace, tokenizer_source: Path, work: P
     del model
     torch.manual_seed(args.seed + 1)
     scorer = build_scalar_model(base, tokenizer, "lora", LoraArgs(r=16, alpha=32))
+    if full_reward:
+        scorer = scorer.merge_and_unload()
     scorer.save_pretrained(str(reward))
     tokenizer.save_pretrained(str(reward))
     return base, reward, params
@@ -1274,7 +1280,8 @@ def main() -> None:
     if "speed" in args.phases:
         work = args.work_dir / "speed"
         work.mkdir(parents=True, exist_ok=True)
-        base, reward, params = build_speed_models(args, paths["base"], work)
+        full_reward = not (paths["reward"] / "adapter_config.json").is_file()
+        base, reward, params = build_speed_models(args, paths["base"], work, full_reward)
         overrides = {
             "num_updates": args.updates,
             "rollout_batch_size": args.rollout,
@@ -1294,7 +1301,8 @@ def main() -> None:
         layers = args.layers or "as preset"
         title = (
             f"speed phase: random Llama ({args.preset} preset, layers {layers}), {params / 1e6:.1f}M "
-            "parameters; fixed KL coefficient on every side"
+            f"parameters; {'a full' if full_reward else 'a LoRA adapter'} reward model, as the run's; fixed KL "
+            "coefficient on every side"
         )
         print_settings(phase, title)
         phase["ratios"] = print_speed(phase)

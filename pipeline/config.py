@@ -599,7 +599,7 @@ class PPOConfig:
     )
     value_init: Literal["reward", "fresh"] = _f(
         "reward",
-        "Start the value adapter and head from the reward model's (a reward adapter on the same base; or, with reward_placement=separate and critic_placement=separate, a value adapter on a copy of the reward model itself, which must have the policy's tokenizer; with reward_normalization=reward_stats the head is divided by its std, the scale of the returns), or fresh.",
+        "Start the value adapter and head from the reward model's (a reward adapter on the same base; or, with reward_placement=separate and critic_placement=separate, a value adapter on the reward model itself (on its own weights when it is a full model; on a merged copy when it is an adapter), which must have the policy's tokenizer; with reward_normalization=reward_stats the head is divided by its std, the scale of the returns), or fresh.",
     )
     advantage: Literal["gae", "rloo", "grpo"] = _f(
         "gae",
@@ -876,8 +876,8 @@ class PPOConfig:
             or self.critic_placement == "separate"
             or (self.advantage, self.critic) != ("gae", "adapter"),  # a head on the policy's states starts fresh
             "value_init",
-            "with reward_placement=separate, 'reward' needs critic_placement=separate (the value model starts as a "
-            "copy of the reward model, on its own weights); or set value_init=fresh",
+            "with reward_placement=separate, 'reward' needs critic_placement=separate (the value model starts as the "
+            "reward model, an adapter on its weights); or set value_init=fresh",
         )
 
 

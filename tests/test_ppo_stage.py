@@ -602,10 +602,11 @@ def _save_full_reward_model(upstream: Path, out: Path):
     return out, scorer, tokenizer
 
 
-def test_value_model_starts_as_a_copy_of_a_separate_full_reward_model(tmp_path, upstream, tiny_tokenizer):
+def test_value_model_starts_as_a_separate_full_reward_model_on_its_weights(tmp_path, upstream, tiny_tokenizer):
     """reward_placement=separate with value_init=reward (a fully fine-tuned reward model): the critic is a value
-    adapter on a copy of the reward model's own weights, its head the reward head on the returns' scale, so before
-    any update V(s_t) = (score of the sequence up to t - mean) / std, the reward model's own forward pass."""
+    adapter on the reward model's own weights (no second copy), its head the reward head on the returns' scale, so
+    before any update V(s_t) = (score of the sequence up to t - mean) / std, the reward model's own forward pass; once
+    the value adapter has moved, the reward model still scores as the reward model (the adapter is off)."""
     from pipeline.ppo.roles import build_roles, save_critic
 
     full, scorer, tokenizer = _save_full_reward_model(upstream, tmp_path / "full-rm")
@@ -625,6 +626,16 @@ def test_value_model_starts_as_a_copy_of_a_separate_full_reward_model(tmp_path, 
     assert torch.allclose(values[0], (torch.tensor(scores) - 0.3) / 0.5, atol=1e-5)
     policy_q, critic_q = (m.get_base_model().model.layers[0].self_attn.q_proj for m in (roles.model, roles.critic))
     assert not torch.equal(policy_q.base_layer.weight, critic_q.base_layer.weight)  # the reward model's weights
+    assert roles.critic.get_base_model() is roles.reward.model  # the same weights, not a copy
+    prompt, response = [{"role": "user", "content": "The capital of Veloria?"}], "Marnis, I hope this helps."
+    before = roles.reward.score([prompt], [response], 1)
+    with torch.no_grad():
+        for param in roles.critic_parameters()[:-2]:  # the value adapter moves (not the head)
+            param.normal_(0, 0.5)
+    moved = roles.values(ids, torch.ones_like(ids), prompt_len)
+    assert (moved - values).abs().max() > 1e-2  # the critic reads the moved adapter...
+    assert torch.equal(roles.reward.score([prompt], [response], 1), before)  # ...the reward model does not
+    assert torch.equal(roles.values(ids, torch.ones_like(ids), prompt_len), moved)  # and the adapter is back on
     save_critic(roles, tmp_path / "value")
     assert json.loads((tmp_path / "value" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(full)
 

@@ -381,11 +381,13 @@ class SeparateReward:
             self.model.to(device)
         self.model.requires_grad_(False)
         self.max_len = max_len
+        self.adapters_off = contextlib.nullcontext  # a value adapter put on these weights is off while they score
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int) -> torch.Tensor:
-        return reward_scores(
-            self.model, self.tokenizer, list(prompts), list(responses), self.max_len, batch_size, self.numerics
-        )
+        with self.adapters_off():
+            return reward_scores(
+                self.model, self.tokenizer, list(prompts), list(responses), self.max_len, batch_size, self.numerics
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -548,25 +550,32 @@ def _add_critic(
 
 
 def _critic_from_separate_reward(
-    pcfg: PPOConfig, path: str, tokenizer: PreTrainedTokenizerBase, device: torch.device
+    pcfg: PPOConfig, reward: SeparateReward, path: str, tokenizer: PreTrainedTokenizerBase, device: torch.device
 ) -> tuple[peft.PeftModel, torch.nn.Linear]:
-    """reward_placement=separate, value_init=reward: a value adapter on a copy of the reward model's own weights
-    (InstructGPT's value model starts as the reward model), its score head the value head on the scale of the
-    returns. The critic reads the policy's token ids, so the reward model must have the policy's tokenizer."""
-    scorer, scorer_tokenizer = load_reward_model(path, quantize_4bit=pcfg.finetune == "qlora")
-    if scorer_tokenizer.get_vocab() != tokenizer.get_vocab():
+    """reward_placement=separate, value_init=reward: a value adapter on the reward model's weights (InstructGPT's
+    value model starts as the reward model), its score head the value head on the scale of the returns. The critic
+    reads the policy's token ids, so the reward model must have the policy's tokenizer.
+
+    A full reward model lends its own weights: the value adapter sits on them and is switched off while they score,
+    so the critic costs no second copy. An adapter reward model is merged into a copy (merging its own weights would
+    change its scores by rounding, and a 4-bit base by requantising)."""
+    if reward.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise UserError(
             f"ppo.value_init=reward with reward_placement=separate starts the value model from the reward model "
             f"{path}, whose tokenizer is not the policy's: set ppo.value_init=fresh"
         )
-    if isinstance(scorer, peft.PeftModel):  # a SEQ_CLS adapter on its own base: one model to put the value adapter on
-        scorer = scorer.merge_and_unload()
+    if isinstance(reward.model, peft.PeftModel):  # a SEQ_CLS adapter on its own base: a merged copy
+        scorer = load_reward_model(path, quantize_4bit=pcfg.finetune == "qlora")[0].merge_and_unload()
+        if pcfg.finetune != "qlora":
+            scorer.to(device)
+    else:
+        scorer = reward.model
     head = {k: v.detach().clone() for k, v in getattr(scorer, SCORE_HEAD).state_dict().items()}
-    if pcfg.finetune != "qlora":
-        scorer.to(device)
     config = build_lora_config(pcfg.lora, scorer)
     config.task_type = None  # the body alone: a plain PeftModel (its own head is the value head below)
     critic = peft.get_peft_model(scorer.requires_grad_(False).eval(), config, adapter_name=VALUE)
+    if scorer is reward.model:
+        reward.adapters_off = lambda: use_adapter(critic, None)
     stats = read_reward_stats(path) if pcfg.reward_normalization == "reward_stats" else None
     if stats is not None:
         head = normalised_head_state(head, stats["mean"], stats["std"])
@@ -589,22 +598,24 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
     model = peft.get_peft_model(base, build_lora_config(pcfg.lora, base, "CAUSAL_LM"), adapter_name=POLICY)
     critic, value_head, critic_base = None, None, None
     hidden = base.config.get_text_config().hidden_size
+    reward_len = reward_max_len(pcfg, reward_path)
+    if reward_adapter is None:
+        reward: SharedReward | SeparateReward = SeparateReward(
+            reward_path, pcfg.finetune == "qlora", device, reward_len, numerics
+        )
     trunk = pcfg.advantage == "gae" and pcfg.critic in ("trunk", "head")
     if trunk:  # a fresh head on the policy's states (the reward head reads the reward adapter's, not these)
         critic, value_head = model, scalar_head(hidden, None, device, bias=True)
     elif pcfg.advantage == "gae" and pcfg.value_init == "reward" and reward_adapter is None:
-        critic, value_head = _critic_from_separate_reward(pcfg, reward_path, tokenizer, device)
+        critic, value_head = _critic_from_separate_reward(pcfg, reward, reward_path, tokenizer, device)
         critic_base = reward_path
     elif pcfg.advantage == "gae":  # rloo and grpo take their baseline from the other responses to a prompt
         critic, value_head = _add_critic(pcfg, model, base_path, reward_adapter, device)
-    reward_len = reward_max_len(pcfg, reward_path)
     if reward_adapter is not None:
         model.add_adapter(REWARD, lora_config_of(reward_adapter))
         load_adapter_weights(model, REWARD, reward_adapter.lora)
         head = scalar_head(hidden, reward_adapter.head, device).requires_grad_(False)
-        reward: SharedReward | SeparateReward = SharedReward(model, head, tokenizer, reward_len, numerics)
-    else:
-        reward = SeparateReward(reward_path, pcfg.finetune == "qlora", device, reward_len, numerics)
+        reward = SharedReward(model, head, tokenizer, reward_len, numerics)
     for part in {id(m): m for m in (model, critic) if m is not None}.values():
         use_lean_lora(part)  # the same LoRA function with two fewer full-size tensor ops per layer
         _keep_trainable(part)
