@@ -107,6 +107,26 @@ def _subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
+def _resumes_bit_for_bit(recipe: Path, run: Path, whole: Path, files: tuple[str, ...], not_yet=("final",)) -> None:
+    """`rlhf ppo recipe` killed with SIGKILL after its first checkpoint (before any of `not_yet` exists), then run
+    again: it resumes, and `files` of its final/ and its metrics log equal those of the uninterrupted run `whole`."""
+    sdir = run / "ppo"
+    first = start_rlhf("ppo", str(recipe), env=_subprocess_env())
+    assert signal_when(first, checkpoint_done(sdir, 1), timeout=180) == -signal.SIGKILL
+    assert not any((sdir / name).exists() for name in not_yet), "killed too late; make the run longer"
+    second = run_rlhf("ppo", str(recipe), env=_subprocess_env(), timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr
+    for name in files:
+        resumed, uninterrupted = load_file(sdir / "final" / name), load_file(whole / "ppo" / "final" / name)
+        assert resumed.keys() == uninterrupted.keys()
+        for key, tensor in uninterrupted.items():
+            assert torch.equal(resumed[key], tensor), f"{name}: {key} differs after resume"
+    # the metrics log holds each update once, as the uninterrupted run logged it
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith(("time", "peak_memory"))}  # noqa: E731
+    assert [drop(r) for r in _metrics(run)] == [drop(r) for r in _metrics(whole)]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, upstream):
     """One uninterrupted in-process run, with the roles kept for inspection."""
@@ -350,24 +370,10 @@ def test_finished_ppo_is_skipped_and_changed_settings_refused(reference):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(reference, upstream, tmp_path):
-    run_ref, final_ref, _ = reference
+    run_ref, _, _ = reference
     recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream)
-    sdir = tmp_path / "run" / "ppo"
-    first = start_rlhf("ppo", str(recipe), env=_subprocess_env())
-    assert signal_when(first, checkpoint_done(sdir, 1), timeout=180) == -signal.SIGKILL
-    assert not (sdir / "final").exists() and not (sdir / "checkpoint-3").exists(), "killed too late; make it longer"
-
-    second = run_rlhf("ppo", str(recipe), env=_subprocess_env(), timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from" in second.stderr
-    for name in ("adapter_model.safetensors", "value/adapter_model.safetensors"):
-        resumed, uninterrupted = load_file(sdir / "final" / name), load_file(final_ref / name)
-        assert resumed.keys() == uninterrupted.keys()
-        for key, tensor in uninterrupted.items():
-            assert torch.equal(resumed[key], tensor), f"{name}: {key} differs after resume"
-    # the metrics log holds each update once, as the uninterrupted run logged it
-    drop = lambda r: {k: v for k, v in r.items() if not k.startswith(("time", "peak_memory"))}  # noqa: E731
-    assert [drop(r) for r in _metrics(tmp_path / "run")] == [drop(r) for r in _metrics(run_ref)]
+    files = ("adapter_model.safetensors", "value/adapter_model.safetensors")
+    _resumes_bit_for_bit(recipe, tmp_path / "run", run_ref, files, not_yet=("final", "checkpoint-3"))
 
 
 @pytest.mark.parametrize("advantage", ["rloo", "grpo"])
@@ -392,17 +398,7 @@ def test_critic_free_advantages_train_resume_bit_for_bit_and_save_no_critic(upst
     assert any(v.abs().sum() > 0 for k, v in policy.items() if "lora_B" in k)  # it trained
 
     recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, **settings)
-    sdir = tmp_path / "run" / "ppo"
-    first = start_rlhf("ppo", str(recipe), env=_subprocess_env())
-    assert signal_when(first, checkpoint_done(sdir, 1), timeout=180) == -signal.SIGKILL
-    assert not (sdir / "final").exists(), "killed too late"
-    second = run_rlhf("ppo", str(recipe), env=_subprocess_env(), timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from" in second.stderr
-    resumed = load_file(sdir / "final" / "adapter_model.safetensors")
-    assert resumed.keys() == policy.keys() and all(torch.equal(resumed[k], policy[k]) for k in policy)
-    drop = lambda r: {k: v for k, v in r.items() if not k.startswith(("time", "peak_memory"))}  # noqa: E731
-    assert [drop(r) for r in _metrics(tmp_path / "run")] == [drop(r) for r in records]
+    _resumes_bit_for_bit(recipe, tmp_path / "run", whole, ("adapter_model.safetensors",))
 
 
 def test_trunk_critic_reads_the_sampling_pass_and_trains_with_the_policy(upstream, tmp_path, tiny_tokenizer):
@@ -460,14 +456,8 @@ def test_trunk_critic_reads_the_sampling_pass_and_trains_with_the_policy(upstrea
     assert not (tmp_path / "whole" / "ppo" / "final" / "value" / "adapter_model.safetensors").exists()
 
     recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, **settings)
-    sdir = tmp_path / "run" / "ppo"
-    first = start_rlhf("ppo", str(recipe), env=_subprocess_env())
-    assert signal_when(first, checkpoint_done(sdir, 1), timeout=180) == -signal.SIGKILL
-    second = run_rlhf("ppo", str(recipe), env=_subprocess_env(), timeout=300)
-    assert second.returncode == 0 and "resuming from" in second.stderr, second.stderr[-3000:]
-    for name in ("adapter_model.safetensors", "value/value_head.safetensors"):
-        resumed, whole = load_file(sdir / "final" / name), load_file(tmp_path / "whole" / "ppo" / "final" / name)
-        assert all(torch.equal(resumed[k], whole[k]) for k in whole), name
+    files = ("adapter_model.safetensors", "value/value_head.safetensors")
+    _resumes_bit_for_bit(recipe, tmp_path / "run", tmp_path / "whole", files)
 
 
 @pytest.mark.parametrize("critic", ["trunk", "head"])
@@ -660,19 +650,8 @@ def test_ppo_with_a_value_model_from_a_separate_reward_model_resumes_bit_for_bit
     assert json.loads((final / "value" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(full)
 
     recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, **options)
-    sdir = tmp_path / "run" / "ppo"
-    first = start_rlhf("ppo", str(recipe), env=_subprocess_env())
-    assert signal_when(first, checkpoint_done(sdir, 1), timeout=180) == -signal.SIGKILL
-    assert not (sdir / "final").exists(), "killed too late"
-    second = run_rlhf("ppo", str(recipe), env=_subprocess_env(), timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from" in second.stderr
-    for name in ("adapter_model.safetensors", "value/adapter_model.safetensors"):
-        resumed, uninterrupted = load_file(sdir / "final" / name), load_file(final / name)
-        assert resumed.keys() == uninterrupted.keys()
-        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted), f"{name} differs after resume"
-    drop = lambda r: {k: v for k, v in r.items() if not k.startswith(("time", "peak_memory"))}  # noqa: E731
-    assert [drop(r) for r in _metrics(tmp_path / "run")] == [drop(r) for r in _metrics(whole)]
+    files = ("adapter_model.safetensors", "value/adapter_model.safetensors")
+    _resumes_bit_for_bit(recipe, tmp_path / "run", whole, files)
 
 
 # --------------------------------------------------------------------------------------------------------------
