@@ -140,6 +140,7 @@ def load_run(run_dir: Path, work: Path):
 
 def relocate_adapter(adapter: Path, made_in: Path, run_dir: Path, out: Path) -> Path:
     """`adapter`, or a copy of it whose recorded base path (under the run dir it was made in) points into run_dir."""
+    from pipeline.ppo.roles import is_adapter
 
     def moved(path: str | None) -> str | None:
         if path is None:
@@ -150,7 +151,7 @@ def relocate_adapter(adapter: Path, made_in: Path, run_dir: Path, out: Path) -> 
                 return str(run_dir / recorded.relative_to(old))
         return path
 
-    if not (adapter / "adapter_config.json").is_file():  # a fully fine-tuned reward model records no base
+    if not is_adapter(adapter):  # a fully fine-tuned reward model records no base
         return adapter
     stage = json.loads((adapter / "stage.json").read_text()) if (adapter / "stage.json").is_file() else {}
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -504,7 +505,7 @@ def run_phase(
 ) -> dict[str, Any]:
     """Prepare the shared inputs, then train the sides `names` one after the other."""
     from pipeline.config import save_config
-    from pipeline.ppo.roles import read_reward_stats, reward_max_len
+    from pipeline.ppo.roles import is_adapter, read_reward_stats, reward_max_len
     from pipeline.tokenizer import load_tokenizer
 
     work = args.work_dir / name
@@ -532,7 +533,7 @@ def run_phase(
         "score_affine": [stats["mean"], stats["std"]] if stats else None,
         "lora": lora_for_trl(pcfg, base),
     }
-    full = not (reward / "adapter_config.json").is_file()  # a fully fine-tuned reward model: trl takes it as it is
+    full = not is_adapter(reward)  # a fully fine-tuned reward model: trl takes it as it is
     merged = reward if full else work / "reward_merged"
     if any(s.name == "trl-ppo" for s in sides) and not full:
         if merged.exists():
@@ -767,7 +768,7 @@ UNMATCHED = {
     "trl 1.12": (
         "trl 1.12 PPO: fixed kl_coef (ours adapts it towards ppo.kl_target); no gradient clipping; value model a full"
         " copy of the reward model trained in full (ours: a LoRA adapter + head on the shared base, or with "
-        "critic_placement=separate on a copy of the reward model, head / reward_stats std; with ppo.critic=trunk or "
+        "critic_placement=separate on the reward model's own weights, head / reward_stats std; with ppo.critic=trunk or "
         "head a head on the policy's own states); score one token after EOS; the reward model "
         "reads the sampled ids (ours: re-tokenised text + end of turn); learning rate steps per update (ours: per "
         "optimiser step)"
@@ -1280,7 +1281,9 @@ def main() -> None:
     if "speed" in args.phases:
         work = args.work_dir / "speed"
         work.mkdir(parents=True, exist_ok=True)
-        full_reward = not (paths["reward"] / "adapter_config.json").is_file()
+        from pipeline.ppo.roles import is_adapter
+
+        full_reward = not is_adapter(paths["reward"])
         base, reward, params = build_speed_models(args, paths["base"], work, full_reward)
         overrides = {
             "num_updates": args.updates,

@@ -628,9 +628,19 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
         )
     logger.info("ppo: responses end at any of the ids %s; every pass computes in %s", ends, numerics.name)
     stats = read_reward_stats(reward_path)
-    detached = trunk and pcfg.critic == "head"
     return Roles(
-        model, tokenizer, critic, value_head, reward, base_path, stats, ends, numerics, trunk, critic_base, detached
+        model,
+        tokenizer,
+        critic,
+        value_head,
+        reward,
+        base_path,
+        stats,
+        ends,
+        numerics,
+        trunk_critic=trunk,
+        critic_base=critic_base,
+        detached_states=trunk and pcfg.critic == "head",
     )
 
 
