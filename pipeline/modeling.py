@@ -233,6 +233,7 @@ def load_base_model(
                 device_map={"": _local_device()},
                 **model_kwargs,
             )
+            keep_4bit_layers_differentiable(model)
         else:
             model = _from_pretrained(model_class, source, what, dtype=dtype, **model_kwargs)
     except (OSError, ValueError) as exc:
@@ -241,6 +242,23 @@ def load_base_model(
             "(give a directory saved with save_pretrained or a Hub id reachable from this machine)"
         ) from None
     return model
+
+
+def keep_4bit_layers_differentiable(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns how many layers it touched.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50's `Linear4bit` repacks its weights the first time it runs in eval mode
+    without grad (generation, scoring, evaluation), for good. Every later forward, training included, then goes
+    through `gemv_4bit`, which has no backward: the gradient through the frozen base layers is dropped without an
+    error, so adapters below the top layer learn from part of their gradient. Saving a `state_dict` unpacks them again,
+    so a run's numerics came to depend on when it last checkpointed, and a resumed run drifted from an unbroken one.
+    """
+    touched = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            touched += 1
+    return touched
 
 
 class _NoLoadReport(logging.Filter):

@@ -654,6 +654,30 @@ def test_ppo_with_a_value_model_from_a_separate_reward_model_resumes_bit_for_bit
     _resumes_bit_for_bit(recipe, tmp_path / "run", whole, files)
 
 
+def test_qlora_ppo_resumes_bit_for_bit(tmp_path, tiny_tokenizer):
+    """A 4-bit NF4 policy base with the value model on a separate, fully fine-tuned reward model (also 4-bit): killed
+    after its first checkpoint, it resumes bit for bit. bitsandbytes' CPU repacking made the path a 4-bit layer took
+    depend on when the run last saved a checkpoint, so a resumed run drifted in the third decimal."""
+    from pipeline.ppo import loop
+
+    up = tmp_path / "up"
+    _save_upstream(up, tiny_tokenizer, hidden_size=64, intermediate_size=128)  # 4-bit needs rows of 64
+    full, _, _ = _save_full_reward_model(up, tmp_path / "full-rm")
+    options = dict(
+        finetune="qlora",
+        reward_placement="separate",
+        critic_placement="separate",
+        value_init="reward",
+        reward_model=str(full),
+    )
+    whole = tmp_path / "whole"
+    loop.run(load_config(_recipe(tmp_path / "whole.yaml", whole, up, **options)))
+
+    recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", up, **options)
+    files = ("adapter_model.safetensors", "value/adapter_model.safetensors")
+    _resumes_bit_for_bit(recipe, tmp_path / "run", whole, files)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Faults
 

@@ -264,6 +264,41 @@ def test_qlora_trains_on_cpu_with_4bit_nf4_base_and_merges_into_dequantised_copy
     assert torch.allclose(got, expected, atol=2e-2), (got - expected).abs().max()
 
 
+def test_4bit_layers_still_pass_gradients_after_an_eval_forward(workdir):
+    """bitsandbytes repacks 4-bit weights on an AVX512-BF16 CPU at the first eval forward, after which its forward has
+    no backward. Our loader turns that off: an eval pass (generation, scoring) between training steps must leave the
+    gradients bit for bit what they are without one, and reach every adapter."""
+    import bitsandbytes as bnb
+
+    from pipeline.config import LoraArgs
+    from pipeline.modeling import apply_lora, load_base_model
+
+    ids = torch.tensor([[5, 9, 14, 3, 22, 7, 11, 30]])
+
+    def gradients(eval_first: bool) -> dict[str, torch.Tensor | None]:
+        torch.manual_seed(0)
+        model = apply_lora(load_base_model(workdir / "base", quantize_4bit=True), LoraArgs(r=4, alpha=8))
+        for name, param in model.named_parameters():  # LoRA B starts at zero, which would hide a lost gradient
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, after_eval = gradients(eval_first=False), gradients(eval_first=True)
+    assert plain.keys() == after_eval.keys()
+    missing = [name for name, grad in after_eval.items() if grad is None or not grad.abs().sum()]
+    assert not missing, f"no gradient reached {missing[:3]}"
+    for name in plain:
+        assert torch.equal(plain[name], after_eval[name]), name
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The stage end to end
 
