@@ -609,6 +609,10 @@ class PPOConfig:
         "adapter",
         "With advantage=gae: 'adapter', a value adapter of its own on the shared base (value_init, critic_placement); 'trunk', a fresh value head on the policy's own final hidden states (lm-human-preferences): its values come from the sampling pass, and one forward and one backward serve the policy and value losses (the value loss also trains the policy adapter); 'head', the same head on the same states detached: the value loss trains the head alone and leaves the policy's gradient to the policy loss.",
     )
+    ratio_level: Literal["token", "sequence"] = _f(
+        "token",
+        "What the clipped ratio treats as one action. 'token': each token (PPO's and OpenRLHF's; the loss is the token mean); 'sequence' (advantage=rloo only): the whole response, as in Ahmadian et al. 2024 and trl's RLOOTrainer: its ratio is exp of the summed token log-ratios, clipped as one, the loss is the mean over responses and whiten_advantages whitens over responses.",
+    )
     samples_per_prompt: int = _f(
         1,
         "Responses sampled per prompt in a rollout (the group of rloo and grpo, which need >= 2); rollout_batch_size counts responses.",
@@ -795,6 +799,11 @@ class PPOConfig:
             self.critic == "adapter" or self.critic_placement == "shared",
             "critic_placement",
             "must be shared with critic=trunk or head (the value head reads the policy's own states)",
+        )
+        _check(
+            self.ratio_level == "token" or self.advantage == "rloo",
+            "ratio_level",
+            f"must be token with advantage={self.advantage} (sequence takes one advantage per response: advantage=rloo)",
         )
         _check(
             self.samples_per_prompt >= (1 if self.advantage == "gae" else 2),

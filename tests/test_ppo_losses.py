@@ -131,6 +131,39 @@ def test_clipped_policy_loss_with_unit_weights_is_unweighted():
     assert all(torch.equal(a, b) for a, b in zip(plain, weighted, strict=True))
 
 
+def test_clipped_policy_loss_at_the_sequence_level_by_hand():
+    eps = 0.2
+    # response 1: token log-ratios 0.1, 0.2 (A = 1); response 2: -0.3 and a masked token (A = -1); response 3:
+    # 0.05, 0.05 (A = 2); the masked token's log-ratio 5.0 must not count
+    log_ratio = torch.tensor([[0.1, 0.2], [-0.3, 5.0], [0.05, 0.05]])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
+    advantages = torch.tensor([1.0, -1.0, 2.0])
+    logprobs = log_ratio.clone().requires_grad_(True)
+    seq = dict(level="sequence")
+    loss, clip_fraction, approx_kl = clipped_policy_loss(logprobs, torch.zeros(3, 2), advantages, mask, eps, **seq)
+    # ratios e^0.3 = 1.34986 (clipped to 1.2: max(-1.34986, -1.2) = -1.2), e^-0.3 = 0.740818 (A < 0:
+    # max(0.740818, 0.8) = 0.8, clipped), e^0.1 = 1.105171 (inside: max(-2.210342, -2.4) = -2.210342)
+    assert close(loss, (-1.2 + 0.8 - 2 * math.exp(0.1)) / 3)  # -0.870114
+    assert close(clip_fraction, 2 / 3)
+    # per-token k3 over the 5 real tokens: e^x - 1 - x for x = 0.1, 0.2, -0.3, 0.05, 0.05
+    k3 = [math.exp(x) - 1 - x for x in (0.1, 0.2, -0.3, 0.05, 0.05)]
+    assert close(approx_kl, sum(k3) / 5)
+    loss.backward()
+    # only response 3 is unclipped: d/dlogp_t of -A * exp(sum of its log-ratios) / 3 = -2 * e^0.1 / 3 on each token
+    g = -2 * math.exp(0.1) / 3
+    assert close(logprobs.grad, [[0.0, 0.0], [0.0, 0.0], [g, g]])
+    # the advantage may come on every real token of its response, as the rollout stores it
+    per_token = sequence_advantages_to_tokens(advantages, mask)
+    assert torch.equal(
+        clipped_policy_loss(log_ratio, torch.zeros(3, 2), per_token, mask, eps, **seq)[0], loss.detach()
+    )
+    # one weight per response: response 3's term doubled
+    weighted = clipped_policy_loss(
+        log_ratio, torch.zeros(3, 2), advantages, mask, eps, torch.tensor([1.0, 1.0, 2.0]), **seq
+    )
+    assert close(weighted[0], (-1.2 + 0.8 - 4 * math.exp(0.1)) / 3)
+
+
 def test_clipped_value_loss_by_hand():
     old = torch.tensor([[1.0, 1.0, 1.0]])
     values = torch.tensor([[1.5, 1.5, 1.1]])

@@ -208,15 +208,28 @@ def test_token_weights_sum_to_one_in_proportion_to_response_tokens():
         {"pack_sequences": True, "micro_batch_tokens": 40},
     ],
 )
-@pytest.mark.parametrize("critic", ["adapter", "trunk", "head"])
+@pytest.mark.parametrize("critic", ["adapter", "trunk", "head", "rloo-sequence"])
 def test_gradient_of_a_mini_batch_does_not_depend_on_its_cut(upstream, split, critic):
-    common = dict(
-        rollout_batch_size=8, mini_batch_size=8, ppo_epochs=1, max_grad_norm=1e9, entropy_coef=0.01, critic=critic
-    )
+    """The mini-batch's token mean (its response mean with ratio_level=sequence), however it is cut."""
+    common = dict(rollout_batch_size=8, mini_batch_size=8, ppo_epochs=1, max_grad_norm=1e9, entropy_coef=0.01)
+    if critic == "rloo-sequence":
+        common.update(advantage="rloo", samples_per_prompt=2, ratio_level="sequence", entropy_coef=0.0)
+    else:
+        common.update(critic=critic)
     pcfg, roles = _roles(upstream, **common)
     roles.model.double()
-    roles.value_head.double()
+    if roles.value_head is not None:
+        roles.value_head.double()
     r = _rollout(8, len(roles.tokenizer))
+    if critic == "rloo-sequence":  # old log-probs near the policy's: a random response ratio would be clipped
+        from pipeline.ppo.rollout import episode_inputs
+
+        ids, mask, p_len, r_len = episode_inputs(
+            r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask, range(8)
+        )
+        with torch.no_grad():
+            logprobs = roles.policy_logprobs(ids, mask, p_len, 1.0, False)[0].double()
+        r.logprobs = logprobs + 0.01 * torch.randn(logprobs.shape, generator=torch.Generator().manual_seed(1))
     whole = _gradients(roles, pcfg, r)
     cut = _gradients(roles, PPOConfig(lora=pcfg.lora, **common, **split), r)
     assert len(memory.split_micro_batches(torch.arange(8), r.prompt_mask.sum(1), r.response_mask.sum(1), 2, 40)) > 2

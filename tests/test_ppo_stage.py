@@ -5,6 +5,7 @@ the gold scorer from the demo world. Resume after SIGKILL, two processes, faults
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -376,14 +377,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference, upstream, tmp
     _resumes_bit_for_bit(recipe, tmp_path / "run", run_ref, files, not_yet=("final", "checkpoint-3"))
 
 
-@pytest.mark.parametrize("advantage", ["rloo", "grpo"])
+@pytest.mark.parametrize("advantage", ["rloo", "grpo", "rloo-sequence"])
 def test_critic_free_advantages_train_resume_bit_for_bit_and_save_no_critic(upstream, tmp_path, advantage):
-    """rloo and grpo: two responses per prompt, no value adapter anywhere (checkpoints, final/); the first update's
-    figures are those of a policy that has not moved; a run killed after its first checkpoint resumes to the
-    uninterrupted run's adapter and metrics, bit for bit."""
+    """rloo (its ratio per token or per response) and grpo: two responses per prompt, no value adapter anywhere
+    (checkpoints, final/); the first update's figures are those of a policy that has not moved; a run killed after
+    its first checkpoint resumes to the uninterrupted run's adapter and metrics, bit for bit."""
     from pipeline.ppo import loop
 
+    advantage, _, level = advantage.partition("-")
     settings = dict(advantage=advantage, samples_per_prompt=2, mini_batch_size=4, gradient_accumulation_steps=1)
+    settings.update(ratio_level=level or "token")
     whole = tmp_path / "whole"
     loop.run(load_config(_recipe(tmp_path / "whole.yaml", whole, upstream, **settings)))
     records = _metrics(whole)
@@ -492,6 +495,33 @@ def test_head_critic_trains_the_head_alone_and_trunk_the_policy_too(upstream, tm
     assert sum(float(p.grad.abs().sum()) for p in roles.policy_parameters() if p.grad is not None) > 0
 
 
+def test_rloo_at_the_sequence_level_whitens_over_responses_not_tokens():
+    """With ratio_level=sequence each response counts once in whitening; with token, each of its tokens does."""
+    import types
+
+    from pipeline.config import PPOConfig
+    from pipeline.ppo.rollout import score_rollout
+
+    # two prompts, two responses each: lengths 3, 1, 2, 2; scores 1, 0, 2, 0; no KL (logprobs equal the reference)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 0]])
+    zeros = torch.zeros(4, 3)
+    rollout = lambda: types.SimpleNamespace(  # noqa: E731
+        response_mask=mask, ended=torch.ones(4, dtype=torch.bool), logprobs=zeros, ref_logprobs=zeros
+    )
+    scores = torch.tensor([1.0, 0.0, 2.0, 0.0])
+    # leave-one-out with k = 2: 1 - 0, 0 - 1, 2 - 0, 0 - 2 = [1, -1, 2, -2]; over responses: mean 0, unbiased
+    # variance (1 + 1 + 4 + 4) / 3 = 10/3
+    options = dict(advantage="rloo", samples_per_prompt=2, rollout_batch_size=4, mini_batch_size=4)
+    sequence = score_rollout(rollout(), scores, 0.1, PPOConfig(**options, ratio_level="sequence")).advantages
+    expected = torch.tensor([1.0, -1.0, 2.0, -2.0]) / math.sqrt(10 / 3)
+    torch.testing.assert_close(sequence, expected[:, None] * mask, atol=1e-6, rtol=0)
+    # over tokens: 1, 1, 1, -1, 2, 2, -2, -2: mean 2/8 = 0.25, variance (3 * 0.75^2 + 1.25^2 + 2 * 1.75^2 +
+    # 2 * 2.25^2) / 7 = 19.5 / 7: the long response's tokens pull the mean up
+    token = score_rollout(rollout(), scores, 0.1, PPOConfig(**options)).advantages
+    by_hand = (torch.tensor([1.0, -1.0, 2.0, -2.0]) - 0.25) / math.sqrt(19.5 / 7)
+    torch.testing.assert_close(token, by_hand[:, None] * mask, atol=1e-6, rtol=0)
+
+
 def test_critic_free_settings_are_checked_in_one_line():
     from pipeline.config import PPOConfig
 
@@ -501,6 +531,13 @@ def test_critic_free_settings_are_checked_in_one_line():
     with pytest.raises(UserError, match="rollout_batch_size: must be a multiple of samples_per_prompt"):
         load_config(None, ["ppo.advantage=grpo", "ppo.samples_per_prompt=3", "ppo.rollout_batch_size=32"])
     assert PPOConfig(advantage="grpo", samples_per_prompt=4).samples_per_prompt == 4
+    for advantage in ("gae", "grpo"):
+        with pytest.raises(UserError, match=f"ppo.ratio_level: must be token with advantage={advantage}") as info:
+            load_config(None, [f"ppo.advantage={advantage}", "ppo.samples_per_prompt=2", "ppo.ratio_level=sequence"])
+        assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="ppo.ratio_level: 'response' is not valid; choose one of token, sequence"):
+        load_config(None, ["ppo.ratio_level=response"])
+    assert PPOConfig(advantage="rloo", samples_per_prompt=2, ratio_level="sequence").ratio_level == "sequence"
 
 
 def test_two_processes_train_with_world_size_two(upstream, tmp_path):

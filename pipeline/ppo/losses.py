@@ -158,25 +158,39 @@ def clipped_policy_loss(
     mask: torch.Tensor,
     clip_range: float,
     weights: torch.Tensor | None = None,
+    level: Literal["token", "sequence"] = "token",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) as a loss: (loss, clip fraction, approximate KL).
 
-    loss = mean over tokens of w * max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), ratio = exp(logp - logp_old),
-    w = `weights` (per token, no gradient; e.g. `truncated_is_weights`) or 1. The clip fraction is the share of
-    tokens where the clipped term was chosen; the approximate KL(old || new) is the k3 estimator
-    mean((ratio - 1) - log ratio), always >= 0.
+    level "token": loss = mean over tokens of w * max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)),
+    ratio = exp(logp - logp_old), w = `weights` (per token, no gradient; e.g. `truncated_is_weights`) or 1; the clip
+    fraction is the share of tokens where the clipped term was chosen.
+
+    level "sequence", the whole response as one action (Ahmadian et al. 2024; trl's RLOOTrainer): ratio_i = exp(sum
+    over response i's tokens of logp - logp_old), A_i its advantage (`advantages` [batch], or [batch, response_len]
+    holding it on every real token), w_i = `weights` [batch] or 1; loss = mean over responses of w_i * max(-A_i *
+    ratio_i, -A_i * clip(ratio_i)); the clip fraction is the share of responses clipped.
+
+    At either level the approximate KL(old || new) is the per-token k3 estimator mean((ratio - 1) - log ratio),
+    always >= 0, so that ppo.max_approx_kl means the same.
     """
     log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    if level == "sequence":
+        log_ratio = log_ratio * mask.to(log_ratio.dtype)
+        ratio = torch.exp(log_ratio.sum(1))
+        advantages = masked_mean(advantages, mask, dim=1) if advantages.dim() == 2 else advantages
+        item_mask = torch.ones_like(ratio)
+    else:
+        ratio, item_mask = torch.exp(log_ratio), mask
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    per_token = torch.maximum(unclipped, clipped)
+    per_item = torch.maximum(unclipped, clipped)
     if weights is not None:
-        per_token = per_token * weights.detach()
-    loss = masked_mean(per_token, mask)
+        per_item = per_item * weights.detach()
+    loss = masked_mean(per_item, item_mask)
     with torch.no_grad():
-        clip_fraction = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
-        approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
+        clip_fraction = masked_mean((clipped > unclipped).to(logprobs.dtype), item_mask)
+        approx_kl = masked_mean(torch.exp(log_ratio) - 1.0 - log_ratio, mask)
     return loss, clip_fraction, approx_kl
 
 

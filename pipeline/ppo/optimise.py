@@ -117,8 +117,13 @@ def ppo_update(
             micro_batches = split_micro_batches(
                 batch, prompt_lengths, response_lengths, micro, pcfg.micro_batch_tokens, pcfg.pack_sequences
             )
-            # token-mean losses weighted by token share: the mini-batch's token mean, however it is cut
-            for rows, weight in zip(micro_batches, token_weights(rollout.response_mask, micro_batches), strict=True):
+            # token-mean losses weighted by token share: the mini-batch's token mean, however it is cut (with
+            # ratio_level=sequence, response-mean losses weighted by response share: the mini-batch's response mean)
+            if pcfg.ratio_level == "sequence":
+                weights = [len(rows) / len(batch) for rows in micro_batches]
+            else:
+                weights = token_weights(rollout.response_mask, micro_batches)
+            for rows, weight in zip(micro_batches, weights, strict=True):
                 ids, mask, p_len, r_len = episode_inputs(
                     rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, rows
                 )
@@ -146,9 +151,13 @@ def ppo_update(
                 tis = None  # responses sampled by another engine (vLLM): truncated importance weights
                 if rollout.engine_logprobs is not None:
                     engine_lp = rollout.engine_logprobs[rows, :r_len].to(device)
-                    tis = truncated_is_weights(old["logprobs"], engine_lp, pcfg.tis_cap)
+                    if pcfg.ratio_level == "sequence":  # one weight per response, from its summed log-probs
+                        old_lp, engine_lp = (old["logprobs"] * resp_mask).sum(1), (engine_lp * resp_mask).sum(1)
+                        tis = truncated_is_weights(old_lp, engine_lp, pcfg.tis_cap)
+                    else:
+                        tis = truncated_is_weights(old["logprobs"], engine_lp, pcfg.tis_cap)
                 pg_loss, clip_fraction, approx_kl = clipped_policy_loss(
-                    logprobs, old["logprobs"], old["advantages"], resp_mask, pcfg.cliprange, tis
+                    logprobs, old["logprobs"], old["advantages"], resp_mask, pcfg.cliprange, tis, pcfg.ratio_level
                 )
                 loss = pg_loss - (pcfg.entropy_coef * masked_mean(entropy, resp_mask) if entropy is not None else 0.0)
                 if rollout.kl_loss_coef > 0:  # grpo: the KL to the reference in the loss (k3, Shao et al. 2024)

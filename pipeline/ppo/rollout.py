@@ -308,8 +308,14 @@ def _score_without_critic(rollout: Rollout, scores: torch.Tensor, kl_coef: float
     mask, k = rollout.response_mask, pcfg.samples_per_prompt
     if pcfg.advantage == "rloo":
         rewards = scores - kl_coef * rollout.kl.sum(1)
-        advantages = sequence_advantages_to_tokens(rloo_advantages(rewards, k), mask)
-        if pcfg.whiten_advantages:
+        per_response = rloo_advantages(rewards, k)
+        if pcfg.whiten_advantages and pcfg.ratio_level == "sequence":  # each response counted once
+            ones = torch.ones_like(per_response)
+            per_response = masked_whiten(
+                per_response, ones, moments=global_moments(masked_moments(per_response, ones))
+            )
+        advantages = sequence_advantages_to_tokens(per_response, mask)
+        if pcfg.whiten_advantages and pcfg.ratio_level == "token":
             advantages = masked_whiten(advantages, mask, moments=global_moments(masked_moments(advantages, mask)))
     else:
         rewards = scores
