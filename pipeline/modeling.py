@@ -244,8 +244,8 @@ def load_base_model(
     return model
 
 
-def keep_4bit_layers_differentiable(model: torch.nn.Module) -> int:
-    """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns how many layers it touched.
+def keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference.
 
     On a CPU with AVX512-BF16, bitsandbytes 0.50's `Linear4bit` repacks its weights the first time it runs in eval mode
     without grad (generation, scoring, evaluation), for good. Every later forward, training included, then goes
@@ -253,12 +253,9 @@ def keep_4bit_layers_differentiable(model: torch.nn.Module) -> int:
     error, so adapters below the top layer learn from part of their gradient. Saving a `state_dict` unpacks them again,
     so a run's numerics came to depend on when it last checkpointed, and a resumed run drifted from an unbroken one.
     """
-    touched = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-            touched += 1
-    return touched
 
 
 class _NoLoadReport(logging.Filter):

@@ -292,12 +292,17 @@ def score_rollout(rollout: Rollout, normalized: torch.Tensor, kl_coef: float, pc
         return _score_without_critic(rollout, scores, kl_coef, pcfg)
     rewards, _ = shape_rewards(scores, kl, kl_coef, mask)
     if pcfg.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False, moments=global_moments(masked_moments(rewards, mask)))
+        rewards = _whiten_over_processes(rewards, mask, shift_mean=False)
     advantages, returns = gae_advantages(rewards, rollout.values, mask, pcfg.gamma, pcfg.lam)
     if pcfg.whiten_advantages:  # over every process's episodes: the same scale for all of them
-        advantages = masked_whiten(advantages, mask, moments=global_moments(masked_moments(advantages, mask)))
+        advantages = _whiten_over_processes(advantages, mask)
     rollout.rewards, rollout.advantages, rollout.returns = rewards, advantages, returns
     return rollout
+
+
+def _whiten_over_processes(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """`masked_whiten` with the mean and variance of every process's entries: the same scale for all of them."""
+    return masked_whiten(x, mask, shift_mean=shift_mean, moments=global_moments(masked_moments(x, mask)))
 
 
 def _score_without_critic(rollout: Rollout, scores: torch.Tensor, kl_coef: float, pcfg: PPOConfig) -> Rollout:
@@ -310,13 +315,10 @@ def _score_without_critic(rollout: Rollout, scores: torch.Tensor, kl_coef: float
         rewards = scores - kl_coef * rollout.kl.sum(1)
         per_response = rloo_advantages(rewards, k)
         if pcfg.whiten_advantages and pcfg.ratio_level == "sequence":  # each response counted once
-            ones = torch.ones_like(per_response)
-            per_response = masked_whiten(
-                per_response, ones, moments=global_moments(masked_moments(per_response, ones))
-            )
+            per_response = _whiten_over_processes(per_response, torch.ones_like(per_response))
         advantages = sequence_advantages_to_tokens(per_response, mask)
-        if pcfg.whiten_advantages and pcfg.ratio_level == "token":
-            advantages = masked_whiten(advantages, mask, moments=global_moments(masked_moments(advantages, mask)))
+        if pcfg.whiten_advantages and pcfg.ratio_level == "token":  # each token counted once
+            advantages = _whiten_over_processes(advantages, mask)
     else:
         rewards = scores
         advantages = sequence_advantages_to_tokens(grpo_advantages(scores, k), mask)
