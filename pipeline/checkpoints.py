@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig, hash_settings, save_config, stage_settings
+from pipeline.config import PipelineConfig, config_to_dict, flatten, hash_settings, save_config, stage_settings
 from pipeline.errors import UserError, note_output_dir
 from pipeline.tracking import git_commit, hardware, on_main, package_versions
 
@@ -119,13 +119,35 @@ def _portable(value: Path | str, cfg: PipelineConfig) -> str:
         return str(value)
 
 
+def same_stage(old: dict[str, Any], new: dict[str, Any], cfg: PipelineConfig) -> bool:
+    """True when a recorded identity (a finished stage's stage.json, an unfinished one's identity.json) describes
+    the stage that `new` does: the same hash, or a hash that differs only by keys added to the pipeline after it was
+    recorded, each holding its default here. Such a key did not exist for the recorded run, which therefore ran as
+    its default does (e.g. ppo.ratio_level=token), so that run can be resumed or kept."""
+    if old.get("config_hash") == new["config_hash"]:
+        return True
+    recorded, settings = old.get("settings"), new["settings"]
+    if not isinstance(recorded, dict) or not isinstance(old.get("config_hash"), str):
+        return False
+    added = set(settings) - set(recorded)
+    defaults = flatten(config_to_dict(PipelineConfig()))  # config_to_dict as stage_settings, so values compare
+    if not added or any(key not in defaults or settings[key] != defaults[key] for key in added):
+        return False
+    kept = {key: value for key, value in settings.items() if key not in added}
+    upstream = {role: e.get("config_hash") or _portable(e["path"], cfg) for role, e in new["inputs"].items()}
+    return old["config_hash"] == hash_settings({"settings": kept, "inputs": upstream})
+
+
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two identities (settings, then inputs by role)."""
+    """Dotted keys whose values differ between two identities (settings, then inputs by role); a key the old one
+    predates counts as holding its default there (what the older checkout did)."""
     keys = []
     old_s, new_s = old.get("settings", {}), new.get("settings", {})
+    defaults = flatten(config_to_dict(PipelineConfig()))
     for key in sorted(set(old_s) | set(new_s)):
-        if old_s.get(key, "<unset>") != new_s.get(key, "<unset>"):
-            keys.append(f"{key} ({old_s.get(key, '<unset>')!r} -> {new_s.get(key, '<unset>')!r})")
+        before = old_s.get(key, defaults.get(key, "<unset>"))
+        if before != new_s.get(key, "<unset>"):
+            keys.append(f"{key} ({before!r} -> {new_s.get(key, '<unset>')!r})")
     old_i, new_i = old.get("inputs", {}), new.get("inputs", {})
     for role in sorted(set(old_i) | set(new_i)):
         if old_i.get(role) != new_i.get(role):
@@ -145,7 +167,7 @@ def prepare_stage(cfg: PipelineConfig, stage: str, identity: dict[str, Any], rer
     note_output_dir(sdir)
     if is_finished(final):
         old = read_stage_json(final)
-        if old.get("config_hash") == identity["config_hash"] and not rerun:
+        if same_stage(old, identity, cfg) and not rerun:
             return final
         if not rerun:
             changes = "; ".join(changed_keys(old, identity)) or "settings"
@@ -156,7 +178,7 @@ def prepare_stage(cfg: PipelineConfig, stage: str, identity: dict[str, Any], rer
         _move_aside(sdir)
     elif (sdir / "identity.json").is_file():
         old = json.loads((sdir / "identity.json").read_text())
-        if old.get("config_hash") != identity["config_hash"]:
+        if not same_stage(old, identity, cfg):
             if not rerun:
                 changes = "; ".join(changed_keys(old, identity)) or "settings"
                 raise UserError(
@@ -213,7 +235,7 @@ def wait_for_final(cfg: PipelineConfig, stage: str, identity: dict[str, Any], po
     other processes of a launch wait for a stage that one process runs. If that process fails, the launcher ends
     them too."""
     final = final_dir(cfg, stage)
-    while not (is_finished(final) and read_stage_json(final).get("config_hash") == identity["config_hash"]):
+    while not (is_finished(final) and same_stage(read_stage_json(final), identity, cfg)):
         time.sleep(poll_s)
     return final
 

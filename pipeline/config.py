@@ -605,9 +605,13 @@ class PPOConfig:
         "gae",
         "'gae': a critic (value adapter and head) and GAE, the InstructGPT recipe; 'rloo': no critic, each response's reward (score minus the KL penalty) minus the mean of the other samples_per_prompt - 1 responses to its prompt (Ahmadian et al. 2024); 'grpo': no critic, the score normalised within its prompt's group, the KL to the reference as a loss term (k3, weighted by the KL coefficient; Shao et al. 2024).",
     )
-    critic: Literal["adapter", "trunk", "head"] = _f(
+    critic: Literal["adapter", "trunk", "head", "reward"] = _f(
         "adapter",
-        "With advantage=gae: 'adapter', a value adapter of its own on the shared base (value_init, critic_placement); 'trunk', a fresh value head on the policy's own final hidden states (lm-human-preferences): its values come from the sampling pass, and one forward and one backward serve the policy and value losses (the value loss also trains the policy adapter); 'head', the same head on the same states detached: the value loss trains the head alone and leaves the policy's gradient to the policy loss.",
+        "With advantage=gae: 'adapter', a value adapter of its own on the shared base (value_init, critic_placement); 'trunk', a fresh value head on the policy's own final hidden states (lm-human-preferences): its values come from the sampling pass, and one forward and one backward serve the policy and value losses (the value loss also trains the policy adapter); 'head', the same head on the same states detached: the value loss trains the head alone and leaves the policy's gradient to the policy loss; 'reward', a value head on the frozen reward model's final states before each response token, started as the reward model's score head (value_init=reward; on the returns' scale with reward_stats), so it starts where 'adapter' with value_init=reward starts, and trained alone: the states come from the scoring pass (where the reward model reads the policy's own tokens first; else from one more forward of it), are kept with the rollout (episodes x response tokens x hidden floats, on the CPU), and the critic costs no pass with gradients. The reward model must have the policy's tokenizer.",
+    )
+    reward_input: Literal["text", "ids"] = _f(
+        "text",
+        "What the reward model reads. 'text': the conversation re-tokenised from text with its own tokenizer, as the reward stage trained on it; 'ids': the policy's own prompt and sampled ids, the end of the turn added to a response that did not end, as trl 1.12's PPOTrainer and OpenRLHF score (the reward model must have the policy's tokenizer; no decoding and re-tokenising, and with critic=reward every state the critic reads comes from the scoring pass; a sample that is not the tokenizer's own split of its text is scored as sampled).",
     )
     ratio_level: Literal["token", "sequence"] = _f(
         "token",
@@ -796,7 +800,7 @@ class PPOConfig:
         _check(self.tis_cap > 0, "tis_cap", "must be > 0 (it caps an importance weight)")
         _check(self.num_updates >= 1, "num_updates", "must be >= 1")
         _check(
-            self.critic == "adapter" or self.critic_placement == "shared",
+            self.critic in ("adapter", "reward") or self.critic_placement == "shared",
             "critic_placement",
             "must be shared with critic=trunk or head (the value head reads the policy's own states)",
         )
@@ -883,7 +887,7 @@ class PPOConfig:
             self.value_init == "fresh"
             or self.reward_placement == "shared"
             or self.critic_placement == "separate"
-            or (self.advantage, self.critic) != ("gae", "adapter"),  # a head on the policy's states starts fresh
+            or (self.advantage, self.critic) != ("gae", "adapter"),  # the other critics have no value adapter
             "value_init",
             "with reward_placement=separate, 'reward' needs critic_placement=separate (the value model starts as the "
             "reward model, an adapter on its weights); or set value_init=fresh",

@@ -35,6 +35,7 @@ from pipeline.checkpoints import (
     metric,
     newest_checkpoint,
     read_stage_json,
+    same_stage,
     stage_dir,
     stage_identity,
     stage_seconds,
@@ -115,7 +116,7 @@ def stage_state(cfg: PipelineConfig, stage: str) -> tuple[str, dict[str, Any]]:
     identity = stage_identity(cfg, stage, stage_module(stage).resolve_inputs(cfg, **round_arguments(stage)))
     final = final_dir(cfg, stage)
     if is_finished(final):
-        same = read_stage_json(final).get("config_hash") == identity["config_hash"]
+        same = same_stage(read_stage_json(final), identity, cfg)
         return ("finished" if same else "changed"), identity
     if newest_checkpoint(stage_dir(cfg, stage)) or (stage_dir(cfg, stage) / "identity.json").is_file():
         return "interrupted", identity

@@ -595,8 +595,7 @@ def encode_reward_inputs(
     give, is joined as prompt ids + response ids + the template's end-of-turn token (EOS when it names none).
     """
     prompt_ids = tokenize_prompts(tokenizer, [prompt])[0]
-    turn = turn_end_token(tokenizer)  # how the template ends an assistant turn (EOS when it says nothing)
-    eos = [tokenizer.convert_tokens_to_ids(turn) if turn is not None else tokenizer.eos_token_id]
+    eos = [turn_end_id(tokenizer)]
     responses_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     out = []
     for response, ids in zip(responses, responses_ids, strict=True):
@@ -604,6 +603,12 @@ def encode_reward_inputs(
         head, tail = rendered if rendered is not None else (prompt_ids, ids + eos)
         out.append(join_prompt_response(head, tail, max_seq_len))
     return out
+
+
+def turn_end_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that ends an assistant turn in the chat template (EOS when the template says nothing)."""
+    turn = turn_end_token(tokenizer)
+    return tokenizer.convert_tokens_to_ids(turn) if turn is not None else tokenizer.eos_token_id
 
 
 def _rendered_turn(tokenizer: PreTrainedTokenizerBase, prompt: list, response: str) -> tuple[list, list] | None:
@@ -639,9 +644,11 @@ def score_sequences(
     pad_id: int,
     batch_size: int = 32,
     precision: Callable[[], contextlib.AbstractContextManager] | None = None,
+    states_out: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """The scalar output for each token sequence (float32, on the CPU), in batches of similar lengths; under
-    `precision()` when given (PPO's one autocast), else `mixed_precision(model)`."""
+    `precision()` when given (PPO's one autocast), else `mixed_precision(model)`. With `states_out` (a list as long
+    as `sequences`), each sequence's final states [len, hidden] as the score head read them, float32 on the CPU."""
     if not sequences:
         return torch.zeros(0)
     device = next(model.parameters()).device
@@ -649,6 +656,10 @@ def score_sequences(
     model.eval()
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     scores = torch.zeros(len(sequences))
+    read: list[torch.Tensor] = []
+    hook = None
+    if states_out is not None:  # the head runs on every position before the model pools the last one
+        hook = getattr(model, SCORE_HEAD).register_forward_hook(lambda _m, args, _out: read.append(args[0]))
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
@@ -656,8 +667,14 @@ def score_sequences(
             with precision() if precision is not None else mixed_precision(model):
                 out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             scores[chunk] = out.logits.squeeze(-1).float().cpu()
+            if states_out is not None:
+                states = read.pop().detach().float().cpu()
+                for row, i in enumerate(chunk):
+                    states_out[i] = states[row, : len(sequences[i])]
     finally:
         model.train(was_training)
+        if hook is not None:
+            hook.remove()
     return scores
 
 

@@ -57,6 +57,46 @@ def test_volatile_change_does_not_invalidate(tmp_path):
     assert prepare_stage(relogged, "pretrain", stage_identity(relogged, "pretrain", {})) is not None
 
 
+def _as_an_older_checkout_recorded(identity, *missing):
+    """The identity an older checkout, which had no `missing` keys yet, wrote for the same settings."""
+    from pipeline.config import hash_settings
+
+    settings = {k: v for k, v in identity["settings"].items() if k not in missing}
+    upstream = {role: entry.get("config_hash") or entry["path"] for role, entry in identity["inputs"].items()}
+    return {**identity, "settings": settings, "config_hash": hash_settings({"settings": settings, "inputs": upstream})}
+
+
+def test_keys_added_since_a_run_was_recorded_count_as_unchanged_at_their_default(tmp_path):
+    """A stage finished (or interrupted) under an older checkout that lacked some keys is kept (or resumed) when each
+    new key holds its default here, the value that run had in effect; a new key set otherwise is a change."""
+    import json
+
+    from pipeline.checkpoints import same_stage, write_json_atomic
+
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    new = stage_identity(cfg, "pretrain", {})
+    old = _as_an_older_checkout_recorded(new, "pretrain.learning_rate", "pretrain.warmup_ratio")
+    assert old["config_hash"] != new["config_hash"] and same_stage(old, new, cfg)
+    other = load_config(None, [f"run_dir={tmp_path}", "pretrain.learning_rate=0.5"])
+    assert not same_stage(old, stage_identity(other, "pretrain", {}), other)  # the added key is not at its default
+    seeded = load_config(None, [f"run_dir={tmp_path}", "seed=8"])
+    recorded = _as_an_older_checkout_recorded(stage_identity(seeded, "pretrain", {}), "pretrain.learning_rate")
+    assert not same_stage(recorded, new, cfg)  # a key the old checkout had changed
+    assert not same_stage({"config_hash": "0" * 16}, new, cfg)  # no settings recorded: nothing to compare
+
+    # an unfinished stage recorded by the older checkout resumes; once finished it is kept, not refused
+    (tmp_path / "pretrain").mkdir()
+    write_json_atomic(tmp_path / "pretrain" / "identity.json", old)
+    assert prepare_stage(cfg, "pretrain", new) is None
+    assert json.loads((tmp_path / "pretrain" / "identity.json").read_text())["config_hash"] == new["config_hash"]
+    with finishing(cfg, "pretrain") as out:
+        (out / "weights.bin").write_text("w")
+        write_stage_json(out, old, {"loss": 1.0}, contents="model")
+    assert prepare_stage(cfg, "pretrain", new) == tmp_path / "pretrain" / "final"
+    with pytest.raises(UserError, match=r"pretrain.learning_rate \(0.001 -> 0.5\)"):
+        prepare_stage(other, "pretrain", stage_identity(other, "pretrain", {}))
+
+
 def test_upstream_change_invalidates_downstream(tmp_path):
     cfg = load_config(None, [f"run_dir={tmp_path}"])
     _finish(cfg, "pretrain")

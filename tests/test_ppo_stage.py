@@ -4,6 +4,7 @@ the gold scorer from the demo world. Resume after SIGKILL, two processes, faults
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -463,6 +464,95 @@ def test_trunk_critic_reads_the_sampling_pass_and_trains_with_the_policy(upstrea
     _resumes_bit_for_bit(recipe, tmp_path / "run", tmp_path / "whole", files)
 
 
+class _ScriptedEngine:
+    """A rollout engine (the interface vLLM's has, pipeline/ppo/engines.py) that answers with the given responses."""
+
+    def __init__(self, responses: list[list[int]], eos: int):
+        self.responses, self.eos = responses, eos
+
+    def sample_ids(self, model, prompt_ids, sampling, end_ids, pad_id, *args, **kwargs):
+        from pipeline.generation import SampledIds
+
+        width, p_width = max(map(len, self.responses)), max(map(len, prompt_ids))
+        prompt = torch.tensor([[pad_id] * (p_width - len(p)) + list(p) for p in prompt_ids])
+        response = torch.tensor([r + [pad_id] * (width - len(r)) for r in self.responses])
+        ended = torch.tensor([r[-1] == self.eos for r in self.responses])
+        return SampledIds(prompt, (prompt != pad_id).long(), response, (response != pad_id).long(), ended,
+                          logprobs=torch.zeros(response.shape))  # fmt: skip
+
+
+@pytest.mark.parametrize("placement,reward_input", [("shared", "text"), ("separate", "text"), ("shared", "ids")])
+def test_reward_critic_starts_as_the_reward_model_on_each_prefix(
+    upstream, tmp_path, tiny_tokenizer, placement, reward_input
+):
+    """critic=reward: before training, the value of response token t is the reward model's normalised score of the
+    episode cut just before t (the state the head reads is the one the reward model reads its score from). With
+    reward_input=text the scoring pass supplies the states where it read the policy's ids, and one more forward does
+    for episodes it reads otherwise (a prompt cut by its first token, a response whose text re-tokenises
+    differently); with reward_input=ids it reads the policy's ids (plus the end of the turn where a response did not
+    end) and supplies all. A run trains the head alone, reports the share of episodes that needed that forward, and
+    resumes bit for bit."""
+    from pipeline.generation import SamplingArgs, tokenize_prompts
+    from pipeline.ppo import loop
+    from pipeline.ppo.roles import build_roles
+    from pipeline.ppo.rollout import PromptSet, collect_rollout
+
+    settings = dict(critic="reward", reward_placement=placement, mini_batch_size=4, gradient_accumulation_steps=1)
+    settings.update(reward_input=reward_input)
+    cfg = load_config(_recipe(tmp_path / "whole.yaml", tmp_path / "whole", upstream, **settings))
+    assert cfg.ppo.reward_normalization == "reward_stats"
+    merged, reward = upstream / "sft" / "final" / "merged", upstream / "reward" / "final"
+    roles = build_roles(cfg.ppo, str(merged), str(reward), torch.device("cpu"))
+    assert roles.reward_critic and roles.critic is None
+    assert roles.critic_parameters() == list(roles.value_head.parameters())
+    texts = ["The capital of", "Veloria exports", "Hello there, what", "What is"]
+    ids = tokenize_prompts(tiny_tokenizer, texts)
+    ids[2] = ids[2][1:]  # the reward model renders the whole text: its ids no longer start with the policy's
+    # responses that re-tokenise to themselves (a random tiny model's samples decode to broken UTF-8), one cut short,
+    # but for one whose leading space the decoded text loses (so its ids are not the policy's either)
+    eos = tiny_tokenizer.eos_token_id
+    words = ["Veloria is", " wine and salt", "the capital", "It is the"]
+    responses = [tiny_tokenizer(w, add_special_tokens=False)["input_ids"] + [eos] for w in words]
+    responses[3] = responses[3][:-1]
+    calls: list[int] = []
+    score_ids = roles.reward.score_ids
+    roles.reward.score_ids = lambda seqs, *args: calls.append(len(seqs)) or score_ids(seqs, *args)
+    rollout = collect_rollout(
+        roles, PromptSet([{"prompt": t} for t in texts], ids), range(4), SamplingArgs(6), cfg.ppo, "cpu",
+        engine=_ScriptedEngine(responses, eos),
+    )  # fmt: skip
+    if reward_input == "text":  # those two need a forward of their own; the others' states come from the scoring pass
+        assert calls == [4, 2] and rollout.critic_recomputed == 2
+    else:  # the reward model read the policy's ids: the unended response gets the end of the turn (EOS here)
+        assert calls == [4] and rollout.critic_recomputed == 0
+        for i in range(4):
+            own = ids[i] + responses[i] + ([] if i < 3 else [eos])
+            assert rollout.scores[i].item() == pytest.approx(float(score_ids([own], 1)[0]), abs=1e-5)
+    mean, std = roles.reward_stats["mean"], roles.reward_stats["std"]
+    checked = 0
+    for i in range(4):
+        own = ids[i] + rollout.response_ids[i][rollout.response_mask[i].bool()].tolist()
+        for t in range(int(rollout.response_mask[i].sum())):
+            prefix = own[: len(ids[i]) + t]  # the episode up to the token before response token t
+            expected = (float(score_ids([prefix], 1)[0]) - mean) / std
+            assert rollout.values[i, t].item() == pytest.approx(expected, abs=1e-4), (i, t)
+            checked += 1
+    assert checked >= 8 and rollout.critic_states.shape[:2] == rollout.response_ids.shape
+
+    loop.run(cfg)
+    records = _metrics(tmp_path / "whole")
+    assert all(r["value_loss"] > 0 and r["explained_variance"] is not None for r in records)
+    assert all(0.0 <= r["reward_states_recomputed"] <= 1.0 for r in records)
+    final = tmp_path / "whole" / "ppo" / "final" / "value"
+    head = load_file(final / "value_head.safetensors")
+    assert set(head) == {"weight", "bias"} and not (final / "adapter_model.safetensors").exists()
+    assert not torch.equal(head["weight"], roles.value_head.weight.detach())  # it trained from the reward head
+    if (placement, reward_input) == ("shared", "text"):
+        recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, **settings)
+        files = ("adapter_model.safetensors", "value/value_head.safetensors")
+        _resumes_bit_for_bit(recipe, tmp_path / "run", tmp_path / "whole", files)
+
+
 @pytest.mark.parametrize("critic", ["trunk", "head"])
 def test_head_critic_trains_the_head_alone_and_trunk_the_policy_too(upstream, tmp_path, critic):
     """critic=head reads the same states as critic=trunk, but its value loss reaches the head only: the policy
@@ -671,6 +761,9 @@ def test_value_model_starts_as_a_separate_full_reward_model_on_its_weights(tmp_p
     other.save_pretrained(full)
     with pytest.raises(UserError, match="tokenizer is not the policy's: set ppo.value_init=fresh"):
         build_roles(cfg.ppo, base, str(full), torch.device("cpu"))
+    for setting, fix in (({"critic": "reward"}, "ppo.critic=adapter"), ({"reward_input": "ids"}, "reward_input=text")):
+        with pytest.raises(UserError, match=f"tokenizer is not the policy's: set {fix}"):
+            build_roles(dataclasses.replace(cfg.ppo, **setting), base, str(full), torch.device("cpu"))
 
 
 def test_ppo_with_a_value_model_from_a_separate_reward_model_resumes_bit_for_bit(upstream, tmp_path):

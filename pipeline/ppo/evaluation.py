@@ -34,7 +34,7 @@ from pipeline.generation import SampledIds, SamplingArgs, decode_responses, samp
 from pipeline.judge import Judge
 from pipeline.ppo.losses import kl_per_token
 from pipeline.ppo.roles import POLICY, Roles, use_adapter
-from pipeline.ppo.rollout import PromptSet, episode_inputs
+from pipeline.ppo.rollout import PromptSet, episode_inputs, reward_inputs
 
 
 def _mean(values: list[float]) -> float:
@@ -158,7 +158,8 @@ def evaluate_policies(
     questions = [prompt_text(r["prompt"]) for r in prompts.records]
     for name, adapter in (("sft", None), ("ppo", POLICY)):
         sampled, texts = _sample(roles, prompts, sampling, adapter, pcfg.generation_batch_size, seed)
-        rm = roles.reward.score([r["prompt"] for r in prompts.records], texts, pcfg.forward_batch_size).tolist()
+        sequences = reward_inputs(roles, pcfg.reward_input, prompts.records, texts, sampled)
+        rm = roles.reward.score_ids(sequences, pcfg.forward_batch_size).tolist()
         entry: dict[str, Any] = {"texts": texts, "rm": rm}
         report[f"{name}_rm_score"] = _mean(rm)
         report[f"{name}_response_length"] = float(sampled.response_mask.sum(1).float().mean())

@@ -307,7 +307,7 @@ def train_update(
     sums = rollout_means(rollout)
     sums["gold_sum"] = float(gold_scores.sum()) if gold_scores is not None else 0.0
     sums["gold_sq_sum"] = float((gold_scores**2).sum()) if gold_scores is not None else 0.0
-    has_critic = roles.critic is not None
+    has_critic = roles.value_head is not None
     ev = explained_variance(rollout.values, rollout.returns, rollout.response_mask) if has_critic else 0.0
     sums["explained_variance"] = float(ev)
     sums = all_sum(sums)
@@ -332,6 +332,8 @@ def train_update(
         "peak_memory_gb": peak_memory_gb(state.device),  # this process's (the main one's in the log)
         "peak_memory_kind": memory_kind,
     }
+    if roles.reward_critic:  # the share of episodes whose critic states took a forward besides the scoring pass
+        record["reward_states_recomputed"] = sums["recomputed_sum"] / episodes
     if rollout.engine_logprobs is not None:  # one process (build_rollout_engine): no all-reduce needed
         record.update(logprob_mismatch(rollout.logprobs, rollout.engine_logprobs, rollout.response_mask, pcfg.tis_cap))
     training.kl_ctl.update(record["kl"], pcfg.rollout_batch_size)

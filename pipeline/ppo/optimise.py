@@ -176,8 +176,11 @@ def ppo_update(
                     stats["ptx_loss"] += float(ptx_loss) / len(micro_batches)
                 bad |= not bool(torch.isfinite(loss))
                 loss.backward()
-                if roles.critic is not None and not roles.trunk_critic:
+                if roles.reward_critic:  # the head on the reward model's states, kept by the rollout
+                    values = roles.head_values(rollout.critic_states[rows, :r_len].to(device))
+                elif roles.critic is not None and not roles.trunk_critic:
                     values = packed_values(roles, packed) if pcfg.pack_sequences else roles.values(ids, mask, p_len)
+                if values is not None and not roles.trunk_critic:
                     vf_loss, vf_clip = clipped_value_loss(
                         values, old["values"], old["returns"], resp_mask, pcfg.cliprange_value
                     )

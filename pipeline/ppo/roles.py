@@ -42,8 +42,8 @@ from pipeline.modeling import (
     lm_logits,
     load_base_model,
     load_reward_model,
-    reward_scores,
     right_pad,
+    score_sequences,
 )
 from pipeline.ppo.lean_lora import use_lean_lora
 from pipeline.ppo.numerics import Numerics, build_numerics
@@ -331,12 +331,31 @@ def response_values(
         return head(states.to(head.weight.dtype)).squeeze(-1)
 
 
-class SharedReward:
-    """The reward adapter and score head on the shared base.
+class _RewardModel:
+    """What both placements share: the ids a reward model reads, and its scores of them."""
 
-    It scores the ids the reward stage trained on (`pipeline.modeling.encode_reward_input`: the rendered prompt, the
-    re-tokenised response text, EOS) and reads the score at the last token.
-    """
+    tokenizer: PreTrainedTokenizerBase
+    max_len: int
+
+    def encode(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[list[int]]:
+        """The ids the reward stage trained on (`pipeline.modeling.encode_reward_input`: the rendered prompt, the
+        re-tokenised response text, the end of the turn), in the reward model's own tokenizer."""
+        return [
+            encode_reward_input(self.tokenizer, p, r, self.max_len) for p, r in zip(prompts, responses, strict=True)
+        ]
+
+    def score_ids(
+        self, sequences: list[list[int]], batch_size: int, states_out: list[torch.Tensor | None] | None = None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int) -> torch.Tensor:
+        """Raw reward-model scores of each (prompt, response), [batch] on the CPU."""
+        return self.score_ids(self.encode(prompts, responses), batch_size)
+
+
+class SharedReward(_RewardModel):
+    """The reward adapter and score head on the shared base; it reads its score at the last token."""
 
     def __init__(
         self,
@@ -350,24 +369,30 @@ class SharedReward:
         self.numerics = numerics
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int) -> torch.Tensor:
-        """Raw reward-model scores of each (prompt, response), [batch] on the CPU."""
-        sequences = [
-            encode_reward_input(self.tokenizer, p, r, self.max_len) for p, r in zip(prompts, responses, strict=True)
-        ]
+    def score_ids(
+        self, sequences: list[list[int]], batch_size: int, states_out: list[torch.Tensor | None] | None = None
+    ) -> torch.Tensor:
+        """Scores of token sequences, [batch] on the CPU; with `states_out`, each one's final states [len, hidden]."""
         out = []
         for start in range(0, len(sequences), batch_size):
             ids, mask = right_pad(sequences[start : start + batch_size], self.tokenizer.pad_token_id)
             ids, mask = ids.to(self.head.weight.device), mask.to(self.head.weight.device)
             with use_adapter(self.model, REWARD), self.numerics():
                 states = hidden_states(self.model, ids, mask)
-            pooled = states[torch.arange(len(ids), device=ids.device), mask.sum(1) - 1]
+            lengths = mask.sum(1)
+            if states_out is not None:
+                for row, length in enumerate(lengths.tolist()):
+                    states_out[start + row] = states[row, :length].float().cpu()
+            pooled = states[torch.arange(len(ids), device=ids.device), lengths - 1]
             with self.numerics.full_precision():
                 out.append(self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float().cpu())
         return torch.cat(out)
 
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.head.state_dict().items()}
 
-class SeparateReward:
+
+class SeparateReward(_RewardModel):
     """A reward model with its own weights and tokenizer (a SEQ_CLS adapter on its own base, or a full model),
     fed the conversation re-tokenised with its own tokenizer."""
 
@@ -383,11 +408,19 @@ class SeparateReward:
         self.max_len = max_len
         self.adapters_off = contextlib.nullcontext  # a value adapter put on these weights is off while they score
 
-    def score(self, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int) -> torch.Tensor:
+    def score_ids(
+        self, sequences: list[list[int]], batch_size: int, states_out: list[torch.Tensor | None] | None = None
+    ) -> torch.Tensor:
         with self.adapters_off():
-            return reward_scores(
-                self.model, self.tokenizer, list(prompts), list(responses), self.max_len, batch_size, self.numerics
-            )
+            pad = self.tokenizer.pad_token_id
+            return score_sequences(self.model, sequences, pad, batch_size, self.numerics, states_out)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The trained score head (an adapter's own copy of it, not the base's untrained one)."""
+        head = getattr(self.model, SCORE_HEAD)
+        if hasattr(head, "modules_to_save"):  # peft's wrapper: the copy trained with the adapter
+            head = head.modules_to_save[head.active_adapters[0]]
+        return {k: v.detach().clone() for k, v in head.state_dict().items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -408,6 +441,9 @@ class Roles:
     end_ids: list[int]  # every id that ends a response (EOS, the template's end of turn, generation_config's)
     numerics: Numerics = FULL_PRECISION  # the autocast of every pass (pipeline/ppo/numerics.py)
     trunk_critic: bool = False  # the value head reads the policy's own states (ppo.critic=trunk or head)
+    reward_critic: bool = (
+        False  # ppo.critic=reward: the value head reads the reward model's states, kept by the rollout
+    )
     critic_base: str | None = None  # the value adapter's base when it is not base_path (a separate reward model)
     detached_states: bool = False  # ppo.critic=head: the value loss reaches the head only, not the policy adapter
 
@@ -417,9 +453,9 @@ class Roles:
 
     def critic_parameters(self) -> list[torch.nn.Parameter]:
         """The value adapter's weights and the value head, in a fixed order (none without a critic)."""
-        if self.critic is None:
+        if self.value_head is None:
             return []
-        if self.trunk_critic:  # the trunk is the policy's: only the head is the critic's own
+        if self.critic is None or self.trunk_critic:  # a head on states the critic does not train: only the head
             return list(self.value_head.parameters())
         params = [p for n, p in self.critic.named_parameters() if f".{VALUE}." in n and "lora_" in n]
         return params + list(self.value_head.parameters())
@@ -470,27 +506,28 @@ class Roles:
         return self.model
 
 
-TRUNK_HEAD = "value_head.safetensors"  # critic=trunk: the head alone (its trunk is the policy adapter's)
+TRUNK_HEAD = "value_head.safetensors"  # critic=trunk, head or reward: the head alone (the states are not its own)
 
 
 def save_critic(roles: Roles, out: Path) -> None:
-    """The critic into `out`: the value adapter and head (loadable like the reward model), or with critic=trunk the
-    head alone (`value_head.safetensors`); nothing without a critic."""
-    if roles.critic is None:
+    """The critic into `out`: the value adapter and head (loadable like the reward model), or with critic=trunk, head
+    or reward the head alone (`value_head.safetensors`); nothing without a critic."""
+    if roles.value_head is None:
         return
-    if not roles.trunk_critic:
+    if roles.critic is not None and not roles.trunk_critic:
         save_adapter(roles.critic, VALUE, out, roles.critic_base or roles.base_path, head=roles.value_head)
         return
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()}
-    save_file(state, str(out / TRUNK_HEAD), metadata={"critic": "trunk: reads the policy adapter's final states"})
+    reads = "the reward model's final states" if roles.reward_critic else "the policy adapter's final states"
+    save_file(state, str(out / TRUNK_HEAD), metadata={"critic": f"a value head on {reads}"})
 
 
 def load_critic(roles: Roles, path: Path) -> None:
     """Put a critic saved by `save_critic` in place."""
-    if roles.critic is None:
+    if roles.value_head is None:
         return
-    if roles.trunk_critic:
+    if roles.critic is None or roles.trunk_critic:
         state = load_file(str(path / TRUNK_HEAD))
     else:
         value = load_file(str(path / "adapter_model.safetensors"))
@@ -540,13 +577,42 @@ def _add_critic(
     if pcfg.value_init == "reward":
         load_adapter_weights(critic, VALUE, reward.lora)
     hidden = base.config.get_text_config().hidden_size
-    if pcfg.value_init != "reward":
-        return critic, scalar_head(hidden, None, device, bias=True)
-    head = reward.head
-    stats = read_reward_stats(str(reward.path)) if pcfg.reward_normalization == "reward_stats" else None
-    if stats is not None:  # the critic predicts returns built from normalised scores: start it on their scale
-        head = normalised_head_state(head, stats["mean"], stats["std"])
-    return critic, scalar_head(hidden, head, device, bias=True)
+    head = reward.head if pcfg.value_init == "reward" else None
+    return critic, _value_head(pcfg, hidden, head, str(reward.path) if reward else None, device)
+
+
+def _value_head(
+    pcfg: PPOConfig, hidden: int, reward_head: dict[str, torch.Tensor] | None, reward_path: str | None, device
+) -> torch.nn.Linear:
+    """The critic's head: a copy of the reward model's score head, or zero when there is none (value_init=fresh);
+    with reward_normalization=reward_stats the critic predicts returns built from normalised scores, so it starts
+    on their scale."""
+    stats = read_reward_stats(reward_path) if reward_head and pcfg.reward_normalization == "reward_stats" else None
+    if stats is not None:
+        reward_head = normalised_head_state(reward_head, stats["mean"], stats["std"])
+    return scalar_head(hidden, reward_head, device, bias=True)
+
+
+def _check_same_vocab(reward: _RewardModel, tokenizer: PreTrainedTokenizerBase, what: str, fix: str) -> None:
+    if reward.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"{what} on the policy's token ids, but its tokenizer is not the policy's: set {fix}")
+
+
+def _reward_critic_head(
+    pcfg: PPOConfig,
+    reward: SharedReward | SeparateReward,
+    reward_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device,
+) -> torch.nn.Linear:
+    """critic=reward: a value head on the reward model's own final states, which it reads on the policy's tokens."""
+    _check_same_vocab(
+        reward, tokenizer, f"ppo.critic=reward reads the reward model {reward_path}", "ppo.critic=adapter"
+    )
+    head = reward.head_state()
+    return _value_head(
+        pcfg, head["weight"].shape[1], head if pcfg.value_init == "reward" else None, reward_path, device
+    )
 
 
 def _critic_from_separate_reward(
@@ -576,11 +642,7 @@ def _critic_from_separate_reward(
     critic = peft.get_peft_model(scorer.requires_grad_(False).eval(), config, adapter_name=VALUE)
     if scorer is reward.model:
         reward.adapters_off = lambda: use_adapter(critic, None)
-    stats = read_reward_stats(path) if pcfg.reward_normalization == "reward_stats" else None
-    if stats is not None:
-        head = normalised_head_state(head, stats["mean"], stats["std"])
-    hidden = scorer.config.get_text_config().hidden_size
-    return critic, scalar_head(hidden, head, device, bias=True)
+    return critic, _value_head(pcfg, scorer.config.get_text_config().hidden_size, head, path, device)
 
 
 def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch.device) -> Roles:
@@ -606,16 +668,22 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
     trunk = pcfg.advantage == "gae" and pcfg.critic in ("trunk", "head")
     if trunk:  # a fresh head on the policy's states (the reward head reads the reward adapter's, not these)
         critic, value_head = model, scalar_head(hidden, None, device, bias=True)
-    elif pcfg.advantage == "gae" and pcfg.value_init == "reward" and reward_adapter is None:
+    elif pcfg.advantage == "gae" and pcfg.critic == "adapter" and pcfg.value_init == "reward" and not reward_adapter:
         critic, value_head = _critic_from_separate_reward(pcfg, reward, reward_path, tokenizer, device)
         critic_base = reward_path
-    elif pcfg.advantage == "gae":  # rloo and grpo take their baseline from the other responses to a prompt
+    elif pcfg.advantage == "gae" and pcfg.critic == "adapter":  # rloo, grpo: the other responses are the baseline
         critic, value_head = _add_critic(pcfg, model, base_path, reward_adapter, device)
     if reward_adapter is not None:
         model.add_adapter(REWARD, lora_config_of(reward_adapter))
         load_adapter_weights(model, REWARD, reward_adapter.lora)
         head = scalar_head(hidden, reward_adapter.head, device).requires_grad_(False)
         reward = SharedReward(model, head, tokenizer, reward_len, numerics)
+    if pcfg.reward_input == "ids":
+        _check_same_vocab(
+            reward, tokenizer, f"ppo.reward_input=ids feeds the reward model {reward_path}", "ppo.reward_input=text"
+        )
+    if pcfg.advantage == "gae" and pcfg.critic == "reward":  # no module of its own: the reward model's states
+        value_head = _reward_critic_head(pcfg, reward, reward_path, tokenizer, device)
     for part in {id(m): m for m in (model, critic) if m is not None}.values():
         use_lean_lora(part)  # the same LoRA function with two fewer full-size tensor ops per layer
         _keep_trainable(part)
@@ -639,6 +707,7 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
         ends,
         numerics,
         trunk_critic=trunk,
+        reward_critic=pcfg.advantage == "gae" and pcfg.critic == "reward",
         critic_base=critic_base,
         detached_states=trunk and pcfg.critic == "head",
     )

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from pipeline.config import PPOConfig
 from pipeline.errors import UserError
 from pipeline.generation import SamplingArgs, decode_responses, sample_ids, tokenize_prompts
+from pipeline.modeling import join_prompt_response, turn_end_id
 from pipeline.ppo.losses import (
     apply_missing_eos_penalty,
     gae_advantages,
@@ -141,6 +142,8 @@ class Rollout:
     normalized_scores: torch.Tensor | None = None
     kl_loss_coef: float = 0.0  # grpo: the weight of the k3 KL to the reference in the policy loss
     engine_logprobs: torch.Tensor | None = None  # the rollout engine's own log-probs (rollout_engine=vllm)
+    critic_states: torch.Tensor | None = None  # critic=reward: [episodes, response_len, hidden], what the head reads
+    critic_recomputed: int = 0  # critic=reward: episodes whose states took a forward of their own
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -217,7 +220,17 @@ def collect_rollout(
         ref_logprobs[rows, :r_len] = roles.reference_logprobs(ids, mask, p_len, sampling.temperature).float().cpu()
         if roles.critic is not None and not roles.trunk_critic:
             values[rows, :r_len] = roles.values(ids, mask, p_len).float().cpu()
-    scores = roles.reward.score([r["prompt"] for r in records], texts, pcfg.forward_batch_size)
+    critic_states, recomputed = None, 0
+    sequences = reward_inputs(roles, pcfg.reward_input, records, texts, sampled)
+    read: list[torch.Tensor | None] | None = [None] * n if roles.reward_critic else None
+    scores = roles.reward.score_ids(sequences, pcfg.forward_batch_size, read)
+    if roles.reward_critic:  # the same pass of the reward model gives the critic's states
+        critic_states, recomputed = reward_states_before_responses(
+            roles.reward, sequences, read, sampled, pcfg.forward_batch_size
+        )
+        for start in range(0, n, pcfg.forward_batch_size):
+            rows = slice(start, start + pcfg.forward_batch_size)
+            values[rows] = roles.head_values(critic_states[rows].to(device)).float().cpu()
     done = time.perf_counter()
     timings = {"time_generate": generated - started, "time_score": done - generated}
     return Rollout(
@@ -235,7 +248,60 @@ def collect_rollout(
         scores,
         timings,
         engine_logprobs=sampled.logprobs if engine is not None else None,
+        critic_states=critic_states,
+        critic_recomputed=recomputed,
     )
+
+
+def reward_inputs(roles: Roles, how: str, records: Sequence[dict[str, Any]], texts: list[str], sampled: Any) -> list:
+    """The ids the reward model scores (ppo.reward_input): 'text', the conversation re-tokenised as the reward stage
+    trained on it; 'ids', the policy's own prompt and sampled ids, the end of the turn added to a response that did
+    not end (trl 1.12's and OpenRLHF's way), cut to the reward model's length as 'text' is."""
+    if how == "text":
+        return roles.reward.encode([r["prompt"] for r in records], texts)
+    end, out = turn_end_id(roles.reward.tokenizer), []
+    for i in range(len(texts)):
+        prompt = sampled.prompt_ids[i][sampled.prompt_mask[i].bool()].tolist()
+        response = sampled.response_ids[i][sampled.response_mask[i].bool()].tolist()
+        response += [] if bool(sampled.ended[i]) else [end]
+        out.append(join_prompt_response(prompt, response, roles.reward.max_len))
+    return out
+
+
+def reward_states_before_responses(
+    reward: Any, sequences: list[list[int]], read: list[torch.Tensor], sampled: Any, batch_size: int
+) -> tuple[torch.Tensor, int]:
+    """[episodes, response_len, hidden]: the reward model's final state at the position before each response token
+    (the one a causal LM samples that token from), on the policy's own ids.
+
+    `sequences` are the ids the reward model scored and `read` its final states on them, `sampled` the episodes'
+    ids (`pipeline.generation.SampledIds`). Where they start with the
+    episode's prompt and response ids, these are the states wanted: attention is causal, so the tokens after them
+    (an end of turn, another rendering of the end) do not change them. Otherwise (a truncated prompt, a response
+    that re-tokenises differently) one more forward of the reward model on the policy's ids gives them; the second
+    value returned counts those episodes.
+    """
+    prompt_ids, prompt_mask = sampled.prompt_ids, sampled.prompt_mask
+    response_ids, response_mask = sampled.response_ids, sampled.response_mask
+    n, width = response_ids.shape
+    out = torch.zeros(n, width, read[0].shape[-1])
+    again: dict[int, list[int]] = {}
+    for i in range(n):
+        p, r = int(prompt_mask[i].sum()), int(response_mask[i].sum())
+        if r == 0:
+            continue
+        own = torch.cat([prompt_ids[i][prompt_mask[i].bool()], response_ids[i, :r]])[: p + r - 1].tolist()
+        if sequences[i][: len(own)] == own:
+            out[i, :r] = read[i][p - 1 : p + r - 1]
+        else:
+            again[i] = own
+    if again:
+        states: list[torch.Tensor | None] = [None] * len(again)
+        reward.score_ids(list(again.values()), batch_size, states)
+        for (i, own), state in zip(again.items(), states, strict=True):
+            p = int(prompt_mask[i].sum())
+            out[i, : len(own) - p + 1] = state[p - 1 :]
+    return out, len(again)
 
 
 class RunningMoments:
@@ -357,4 +423,5 @@ def rollout_means(rollout: Rollout) -> dict[str, float]:
         "length_sum": float(mask.sum()),
         "eos_sum": float(rollout.ended.float().sum()),
         "value_token_sum": float(masked_mean(rollout.values, mask) * mask.sum()),
+        "recomputed_sum": float(rollout.critic_recomputed),
     }
