@@ -769,9 +769,9 @@ UNMATCHED = {
         "trl 1.12 PPO: fixed kl_coef (ours adapts it towards ppo.kl_target); no gradient clipping; value model a full"
         " copy of the reward model trained in full (ours: a LoRA adapter + head on the shared base, or with "
         "critic_placement=separate on the reward model's own weights, head / reward_stats std; with ppo.critic=trunk or "
-        "head a head on the policy's own states); score one token after EOS; the reward model "
-        "reads the sampled ids (ours: re-tokenised text + end of turn); learning rate steps per update (ours: per "
-        "optimiser step)"
+        "head a head on the policy's own states; with ppo.critic=reward a head on the frozen reward model's states); "
+        "score one token after EOS; the reward model reads the sampled ids (ours: re-tokenised text + end of turn, "
+        "unless ppo.reward_input=ids); learning rate steps per update (ours: per optimiser step)"
     ),
     "trl 1.16": (
         "trl 1.16 RLOO/GRPO: fixed beta (ours adapts the KL coefficient towards ppo.kl_target); old log-probs from a "
@@ -1069,7 +1069,7 @@ def expand_sides(requested: list[str], configs: list[str]) -> list[str]:
 # Seconds per episode measured on one quiet core (benchmarks/results/ppo_vs_trl.md, 2026-11-26): 1.77 at 86.8M
 # parameters with 32-token responses, 0.105 on the demo model with 40; a process starts in about 30 s (speed phase)
 # or 10 s (gold). A critic-free configuration skips the value passes: about 0.6 of PPO's CPU time in the gold phase
-# (benchmarks/results/ppo_configs.md), PPO with ppo.critic=trunk or head about 0.5; evaluating a policy costs about 0.7 of
+# (benchmarks/results/ppo_configs.md), PPO with ppo.critic=trunk, head or reward about 0.5; evaluating a policy costs about 0.7 of
 # a gold-phase episode per held-out one.
 COST = {"ppo": 1.0, "ppo-trunk": 0.5, "rloo": 0.6, "grpo": 0.6}
 
@@ -1085,7 +1085,7 @@ def estimate_minutes(args: argparse.Namespace, cfg: Any, params: float | None) -
             else:
                 overrides = " ".join(args.ours_configs[name])
                 kind = next((k for k in ("rloo", "grpo") if f"advantage={k}" in overrides), "ppo")
-                trunk = "critic=trunk" in overrides or "critic=head" in overrides
+                trunk = any(f"critic={c}" in overrides for c in ("trunk", "head", "reward"))
                 out.append("ppo-trunk" if kind == "ppo" and trunk else kind)
         return out
 
