@@ -630,11 +630,13 @@ def test_critic_free_settings_are_checked_in_one_line():
     assert PPOConfig(advantage="rloo", samples_per_prompt=2, ratio_level="sequence").ratio_level == "sequence"
 
 
-def test_two_processes_train_with_world_size_two(upstream, tmp_path):
+@pytest.mark.parametrize("critic", ["adapter", pytest.param("reward", marks=pytest.mark.slow)])
+def test_two_processes_train_with_world_size_two(upstream, tmp_path, critic):
     # 2 epochs x 2 mini-batches could make 4 optimiser steps; the approximate-KL early stop ends each update after 2
     recipe = _recipe(
-        tmp_path / "recipe.yaml", tmp_path / "run", upstream, num_updates=2, ppo_epochs=2, max_approx_kl=1e-9
-    )
+        tmp_path / "recipe.yaml", tmp_path / "run", upstream, num_updates=2, ppo_epochs=2, max_approx_kl=1e-9,
+        critic=critic,
+    )  # fmt: skip
     env = {**_subprocess_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [
         str(PYTHON.parent / "accelerate"),

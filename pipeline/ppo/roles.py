@@ -8,10 +8,12 @@
 
 A role is picked per forward pass by switching the active adapter (`use_adapter`), so all four share the base's
 weights and its forward code. Optionally the reward model (`reward_placement=separate`, any architecture and
-tokenizer: it is fed re-tokenised text) or the critic (`critic_placement=separate`) get their own copy.
+tokenizer: it is fed re-tokenised text) or the critic (`critic_placement=separate`) get their own copy. Other
+critics are a head without a model of their own: on the policy's final states (`critic=trunk`, `head`), or on the
+frozen reward model's, as its scoring pass computes them (`critic=reward`).
 
-The reward model always scores the conversation rendered as text with its tokenizer's chat template, the way the
-reward stage saw its training data, and reads its score at the last token.
+The reward model scores the conversation rendered as text with its tokenizer's chat template, the way the reward
+stage saw its training data (or with `reward_input=ids` the policy's own ids), and reads its score at the last token.
 """
 
 from __future__ import annotations
