@@ -275,11 +275,10 @@ def reward_states_before_responses(
     (the one a causal LM samples that token from), on the policy's own ids.
 
     `sequences` are the ids the reward model scored and `read` its final states on them, `sampled` the episodes'
-    ids (`pipeline.generation.SampledIds`). Where they start with the
-    episode's prompt and response ids, these are the states wanted: attention is causal, so the tokens after them
-    (an end of turn, another rendering of the end) do not change them. Otherwise (a truncated prompt, a response
-    that re-tokenises differently) one more forward of the reward model on the policy's ids gives them; the second
-    value returned counts those episodes.
+    ids (`pipeline.generation.SampledIds`). Where a sequence starts with its episode's prompt and response ids, these
+    are the states wanted: attention is causal, so the tokens after them (an end of turn, another rendering of the
+    end) do not change them. Otherwise (a truncated prompt, a response that re-tokenises differently) one more
+    forward of the reward model on the policy's ids gives them; the second value returned counts those episodes.
     """
     prompt_ids, prompt_mask = sampled.prompt_ids, sampled.prompt_mask
     response_ids, response_mask = sampled.response_ids, sampled.response_mask
