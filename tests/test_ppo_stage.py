@@ -763,7 +763,8 @@ def test_value_model_starts_as_a_separate_full_reward_model_on_its_weights(tmp_p
     other.save_pretrained(full)
     with pytest.raises(UserError, match="tokenizer is not the policy's: set ppo.value_init=fresh"):
         build_roles(cfg.ppo, base, str(full), torch.device("cpu"))
-    for setting, fix in (({"critic": "reward"}, "ppo.critic=adapter"), ({"reward_input": "ids"}, "reward_input=text")):
+    rloo_with_ids = {"reward_input": "ids", "advantage": "rloo", "samples_per_prompt": 2}  # no value model to refuse
+    for setting, fix in (({"critic": "reward"}, "ppo.critic=adapter"), (rloo_with_ids, "ppo.reward_input=text")):
         with pytest.raises(UserError, match=f"tokenizer is not the policy's: set {fix}"):
             build_roles(dataclasses.replace(cfg.ppo, **setting), base, str(full), torch.device("cpu"))
 
@@ -820,14 +821,14 @@ def test_nonfinite_values_stop_and_keep_the_last_good_checkpoint(upstream, tmp_p
 
     calls = {"n": 0}
     if where == "scores":
-        original = roles.SharedReward.score
+        original = roles.SharedReward.score_ids
 
         def poisoned(self, *args, **kwargs):
             calls["n"] += 1
             out = original(self, *args, **kwargs)
             return out * float("nan") if calls["n"] == 2 else out
 
-        monkeypatch.setattr(roles.SharedReward, "score", poisoned)
+        monkeypatch.setattr(roles.SharedReward, "score_ids", poisoned)
     elif where == "values":
         original = roles.Roles.values
 
