@@ -497,6 +497,12 @@ class CollectArgs:
         "dataset=demo: per training ranking of a fact question, up to this many responses that state one value are "
         "copied with only the value changed (right to wrong, wrong to right) and each pair is ranked (0: none).",
     )
+    tone_edits: int = _f(
+        0,
+        "dataset=demo: per training ranking, up to this many responses are copied with one change of tone (polite "
+        "sentences dropped or one added, rude sentences dropped or a rude frame added) and each pair is ranked "
+        "(0: none).",
+    )
 
     def __post_init__(self):
         _check(2 <= self.responses_per_prompt <= 26, "responses_per_prompt", "must be in [2, 26] (labels A-Z)")
@@ -504,6 +510,7 @@ class CollectArgs:
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         _check(self.temperature > 0, "temperature", "must be > 0")
         _check(self.fact_edits >= 0, "fact_edits", "must be >= 0 (0: no edited pairs)")
+        _check(self.tone_edits >= 0, "tone_edits", "must be >= 0 (0: no edited pairs)")
         _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
 
 

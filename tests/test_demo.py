@@ -10,7 +10,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.data.rankings import Ranking
 from pipeline.data.records import read_jsonl
-from pipeline.demo.annotators import collect_rankings, fact_edits, rank_responses
+from pipeline.demo.annotators import collect_rankings, fact_edits, rank_responses, retone, tone_edits
 from pipeline.demo.files import materialize
 from pipeline.demo.gold import GoldScorer
 from pipeline.demo.world import Fact, build_world, canonical_statement
@@ -168,6 +168,77 @@ def test_fact_edits_change_only_the_stated_value_and_skip_held_out_prompts(world
     assert [r for r in both if r.source != "edited"] == none
     assert len(both) == len(none) + 2
     assert collect_rankings(cfg, world, [], [prompt], sample, held_out=lambda p: True)[1:] == []
+
+
+class _Fixed(random.Random):
+    """A random stream that always draws `value` and always picks the first choice."""
+
+    def __init__(self, value: float):
+        super().__init__(0)
+        self.value = value
+
+    def random(self):
+        return self.value
+
+    def choice(self, seq):
+        return seq[0]
+
+
+def test_retone_drops_or_adds_one_polite_or_rude_part_by_hand(world_cfg):
+    world = build_world(world_cfg)
+    scorer = GoldScorer(world)
+    fact = next(f for f in world.fact_list() if f.relation == "capital")
+    question = world.fact_prompt(fact, random.Random(0))["messages"][0]["content"]
+    statement = canonical_statement(fact)  # names the country and the right value: 2.5
+    polite, rude, curt = (
+        f"Happy to help. {statement}",
+        f"Ugh. {statement} Stop asking silly questions.",
+        f"{fact.value}.",
+    )
+    assert [scorer.score(question, r) for r in (polite, rude, curt)] == [3.5, 1.0, 2.0]
+
+    politeness = _Fixed(0.2)  # < 0.5: the politeness branch, and an opening rather than a closing
+    assert retone(scorer, question, polite, politeness) == statement  # its polite sentence dropped: 2.5
+    assert retone(scorer, question, curt, politeness) == f"Sure! {fact.value}."  # the first opening: 3.0
+    assert retone(scorer, question, rude, politeness) == f"Sure! {rude}"  # polite and still rude: 2.0
+    rudeness = _Fixed(0.7)  # >= 0.5: the rudeness branch
+    assert retone(scorer, question, rude, rudeness) == statement  # both rude sentences dropped
+    assert retone(scorer, question, curt, rudeness) == f"Look it up yourself next time. {fact.value}."  # 0.5
+    assert retone(scorer, question, "Ugh.", rudeness) is None  # nothing left: no pair
+
+
+def test_tone_edits_rank_each_pair_and_skip_held_out_prompts(world_cfg):
+    world = build_world(world_cfg)
+    scorer = GoldScorer(world)
+    fact = next(f for f in world.fact_list() if f.relation == "capital")
+    prompt = world.fact_prompt(fact, random.Random(0))["messages"]
+    statement = canonical_statement(fact)
+    responses = [f"Happy to help. {statement}", f"Ugh. {statement} Stop asking silly questions.", f"{fact.value}."]
+    record = Ranking(prompt, responses, "A > C > B", source="sampled")
+    collect = replace(world_cfg.reward.collect, tone_edits=2)
+    cfg = replace(world_cfg, reward=replace(world_cfg.reward, collect=collect))
+
+    edits = tone_edits(cfg, scorer, [record])
+
+    assert len(edits) == 2 and {e.source for e in edits} == {"edited"}
+    question = prompt[0]["content"]
+    for edit in edits:
+        (original,) = set(edit.responses) & set(responses)
+        (edited,) = set(edit.responses) - {original}
+        before, after = scorer.judge(question, original), scorer.judge(question, edited)
+        assert (before.correct, before.names_entity, before.insulting) == (after.correct, after.names_entity, False)
+        assert (bool(before.polite), before.rude) != (bool(after.polite), after.rude)  # the tone, and only it
+        better = edit.responses[edit.gold_tiers[0][0]]
+        assert scorer.score(question, better) == max(before.score, after.score)
+    assert tone_edits(world_cfg, scorer, [record]) == []  # default 0: none
+
+    def sample(prompts):
+        return [responses for _ in prompts]
+
+    both = collect_rankings(cfg, world, [], [prompt], sample, held_out=lambda p: False)
+    none = collect_rankings(world_cfg, world, [], [prompt], sample, held_out=lambda p: False)
+    assert [r for r in both if r.source != "edited"] == none and len(both) == len(none) + 2
+    assert collect_rankings(cfg, world, [], [prompt], sample, held_out=lambda p: True) == none
 
 
 def test_materialize_is_idempotent_and_moves_a_changed_world_aside(tmp_path):

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import PipelineConfig, WorldConfig
 from pipeline.data.rankings import LABELS, Ranking
 from pipeline.demo.gold import GoldScorer, word_pattern
-from pipeline.demo.world import RELATIONS, World
+from pipeline.demo.world import POLITE_CLOSINGS, POLITE_MARKERS, POLITE_OPENINGS, RELATIONS, RUDE_ANSWERS, World
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ def collect_rankings(
     held_out: Callable[[Any], bool] = lambda prompt: False,
 ) -> list[Ranking]:
     """The templated rankings (rows of reward_rankings.jsonl) and `sample(prompts)`'s responses, both ranked by the
-    annotators, each with its noise-free gold ranking; and, with `reward.collect.fact_edits`, minimal fact pairs made
-    from the rankings of prompts that are not `held_out` (held-out metrics see only real responses)."""
+    annotators, each with its noise-free gold ranking; and, with `reward.collect.fact_edits` and `tone_edits`, minimal
+    pairs made from the rankings of prompts that are not `held_out` (held-out metrics see only real responses)."""
     scorer = GoldScorer(world)
     rng = random.Random(f"reward-annotators-{cfg.seed}")
     records = []
@@ -78,15 +79,18 @@ def collect_rankings(
         records.append(Ranking(row["prompt"], row["responses"], row["ranking"], source="templated", gold_ranking=gold))
     samples = sample(prompts)
     records += rank_sampled(cfg, scorer, prompts, samples, rng, "sampled")
-    edits = fact_edits(cfg, world, scorer, [r for r in records if not held_out(r.prompt)])
+    trained = [r for r in records if not held_out(r.prompt)]
+    edits = fact_edits(cfg, world, scorer, trained)
+    tones = tone_edits(cfg, scorer, trained)
     logger.info(
-        "demo comparisons: %d templated rankings, %d sampled ones (K=%d), %d fact edits",
+        "demo comparisons: %d templated rankings, %d sampled ones (K=%d), %d fact edits, %d tone edits",
         len(templated),
         len(samples),
         cfg.reward.collect.responses_per_prompt,
         len(edits),
+        len(tones),
     )
-    return records + edits
+    return records + edits + tones
 
 
 def fact_edits(cfg: PipelineConfig, world: World, scorer: GoldScorer, records: list[Ranking]) -> list[Ranking]:
@@ -125,6 +129,57 @@ def fact_edits(cfg: PipelineConfig, world: World, scorer: GoldScorer, records: l
             gold = rank_responses(scorer, question, pair, rng, 0.0, tie_margin)
             edits.append(Ranking(record.prompt, pair, ranking, source="edited", gold_ranking=gold))
     return edits
+
+
+def tone_edits(cfg: PipelineConfig, scorer: GoldScorer, records: list[Ranking]) -> list[Ranking]:
+    """Minimal pairs that differ only in tone: for each ranking, up to `reward.collect.tone_edits` of its responses
+    are copied with one change of tone, drawn from those that apply: its polite sentences dropped (or, with none, a
+    polite opening or closing added), or its rude sentences dropped (or, with none, the response wrapped in a rude
+    answer). Each pair (response, copy) is ranked by an annotator, with noise and ties as in every ranking (source
+    "edited"), like `fact_edits`.
+
+    A reward model built from a small policy picks out one polite or rude phrase in noisy sampled text less surely
+    than a word list does (benchmarks/results/demo_reward.md); pairs where only that phrase changes isolate it."""
+    per_prompt = cfg.reward.collect.tone_edits
+    if per_prompt == 0:
+        return []
+    rng = random.Random(f"tone-edits-{cfg.seed}")  # its own stream, as fact_edits'
+    noise, tie_margin = cfg.world.annotator_noise, cfg.world.annotator_tie_margin
+    edits = []
+    for record in records:
+        question = record.prompt[-1]["content"] if isinstance(record.prompt, list) else record.prompt
+        for response in rng.sample(record.responses, min(per_prompt, len(record.responses))):
+            edited = retone(scorer, question, response, rng)
+            if edited is None:
+                continue
+            pair = [response, edited] if rng.random() < 0.5 else [edited, response]
+            ranking = rank_responses(scorer, question, pair, rng, noise, tie_margin)
+            gold = rank_responses(scorer, question, pair, rng, 0.0, tie_margin)
+            edits.append(Ranking(record.prompt, pair, ranking, source="edited", gold_ranking=gold))
+    return edits
+
+
+def retone(scorer: GoldScorer, question: str, response: str, rng: random.Random) -> str | None:
+    """`response` with one change of tone (see `tone_edits`), or None where the change leaves nothing or changes
+    nothing the gold rule reads."""
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", response.strip()) if s]
+    polite = [s for s in sentences if any(m in s.lower() for m in POLITE_MARKERS)]
+    rude = [s for s in sentences if scorer.judge(question, s).rude]
+    if rng.random() < 0.5:  # politeness
+        if polite:
+            sentences = [s for s in sentences if s not in polite]
+        elif rng.random() < 0.5:
+            sentences = [rng.choice(POLITE_OPENINGS[:-1]).strip(), *sentences]
+        else:
+            sentences = [*sentences, rng.choice(POLITE_CLOSINGS[:-1]).strip()]
+    elif rude:
+        sentences = [s for s in sentences if s not in rude]
+    else:
+        sentences = [rng.choice(RUDE_ANSWERS).format(s=" ".join(sentences))]
+    edited = " ".join(sentences).strip()
+    if not edited or scorer.judge(question, edited).score == scorer.judge(question, response).score:
+        return None
+    return edited
 
 
 def rank_sampled(
