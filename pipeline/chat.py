@@ -24,10 +24,11 @@ import torch
 from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
 from pipeline.checkpoints import is_finished, read_stage_json
+from pipeline.data.records import BadRecord
 from pipeline.errors import UserError
 from pipeline.generation import SamplingArgs, special_ids
 from pipeline.modeling import WEIGHT_FILES, check_model_source
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import load_tokenizer, render_chat
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +78,20 @@ def load_chat_model(path: str | Path) -> tuple[Any, Any, str]:
     return model, tokenizer, f"{record['stage']} adapter {final} on {base}"
 
 
+def render(tokenizer: Any, messages: list[dict]) -> str:
+    """The conversation rendered by the chat template with the generation prompt; a template that refuses it (Gemma
+    2 has no system role) is a one-line `UserError` with the template's reason."""
+    try:
+        return render_chat(tokenizer, messages)
+    except BadRecord as bad:
+        system = " (leave out --system)" if any(m["role"] == "system" for m in messages) else ""
+        raise UserError(f"the model's chat template cannot render this conversation: {bad.detail}{system}") from None
+
+
 def fit_history(tokenizer: Any, messages: list[dict], budget: int) -> list[dict]:
     """Drop the oldest exchanges (never a system message or the last turn) until the prompt fits `budget` tokens."""
     messages = list(messages)
-    while len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)) > budget:
+    while len(tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]) > budget:
         first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
         if first is None or first >= len(messages) - 1:
             break
@@ -93,7 +104,7 @@ def fit_history(tokenizer: Any, messages: list[dict], budget: int) -> list[dict]
 def stream_reply(model: Any, tokenizer: Any, messages: list[dict], sampling: Any, out: TextIO) -> str:
     """Sample a reply to `messages`, writing its text to `out` as it is generated; return the whole reply."""
     eos_id, pad_id = special_ids(tokenizer, model)  # stops at any end id of the family
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = render(tokenizer, messages)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     settings: dict[str, Any] = dict(
@@ -200,6 +211,10 @@ def main(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     if not tokenizer.chat_template:
         raise UserError(f"the tokenizer of {args.stage_dir} has no chat template; this model cannot chat")
+    opening = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": "Hi"}
+    ]
+    render(tokenizer, opening)  # a template that refuses the system message stops here, before the first turn
     out = sys.stdout
     if args.prompt is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [

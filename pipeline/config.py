@@ -80,6 +80,7 @@ class LoraArgs:
 
     def __post_init__(self):
         _check(self.r > 0, "r", "must be a positive integer")
+        _check(self.alpha > 0, "alpha", "must be > 0 (the adapter's output is scaled by alpha / r: 0 switches it off)")
         _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
 
 
@@ -140,8 +141,17 @@ class TrainArgs:
 
     def __post_init__(self):
         _check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
         _check(self.per_device_train_batch_size > 0, "per_device_train_batch_size", "must be a positive integer")
+        _check(self.per_device_eval_batch_size > 0, "per_device_eval_batch_size", "must be a positive integer")
+        _check(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs", "must be > 0 (or set max_steps)")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 switches clipping off)")
+        _check(self.logging_steps > 0, "logging_steps", "must be a positive integer")
+        _check(self.eval_steps >= 0, "eval_steps", "must be >= 0 (0 evaluates only at the end)")
+        _check(
+            self.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0 (0 loads in the main process)"
+        )
         _check(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be a positive integer")
         _check(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be -1 (use num_train_epochs) or > 0")
         _check(self.save_steps > 0, "save_steps", "must be a positive integer")
@@ -936,6 +946,7 @@ class PipelineConfig:
 
     def __post_init__(self):
         _check(1 <= self.rounds <= 9, "rounds", "must be in [1, 9] (round 1 is the plain pipeline)")
+        _check(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32) (numpy's seed range)")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from pipeline.data.records import BadRecord
 from pipeline.errors import UserError
-from pipeline.tokenizer import end_ids
+from pipeline.tokenizer import end_ids, render_chat
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +78,29 @@ def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]
                 raise UserError(
                     "the tokenizer has no chat template, so chat prompts cannot be rendered; give plain strings"
                 )
-            rendered.append(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False))
+            try:
+                rendered.append(render_chat(tokenizer, prompt))
+            except BadRecord as bad:
+                raise UserError(
+                    f"prompt {i}: the model's chat template cannot render it ({bad.detail}); give it the turns the "
+                    "template accepts"
+                ) from None
         else:
             raise UserError(
                 f"prompt {i} must be a string or a list of {{'role', 'content'}} messages, got {prompt!r:.80}"
             )
     return rendered
+
+
+def renderable(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> BadRecord | None:
+    """Why the chat template refuses `prompt` (a named skip), or None when it renders (plain text always does)."""
+    if isinstance(prompt, str) or not tokenizer.chat_template:
+        return None
+    try:
+        render_chat(tokenizer, prompt)
+    except BadRecord as bad:
+        return bad
+    return None
 
 
 def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]) -> list[list[int]]:

@@ -31,8 +31,8 @@ from pipeline import demo
 from pipeline.checkpoints import begin_stage, final_dir, finishing, newest_checkpoint, stage_dir, write_stage_json
 from pipeline.config import PipelineConfig
 from pipeline.data.conversations import load_conversations, split_conversations
-from pipeline.data.prompts import prompt_text, up_to_last_user_turn
-from pipeline.data.records import BadRecord, read_jsonl, write_jsonl
+from pipeline.data.prompts import check_prompt, prompt_text, up_to_last_user_turn
+from pipeline.data.records import SUFFIXES, BadRecord, is_local, read_jsonl, write_jsonl
 from pipeline.errors import UserError
 from pipeline.generation import SamplingArgs, generate
 from pipeline.judge import NO_JUDGE, Judge, load_judge
@@ -47,7 +47,14 @@ from pipeline.modeling import (
     merge_lora,
 )
 from pipeline.preemption import raise_if_preempted
-from pipeline.tokenizer import ROLE_TOKENS, load_tokenizer, prepare_chat_tokenizer, render_with_masks, turn_end_token
+from pipeline.tokenizer import (
+    ROLE_TOKENS,
+    load_tokenizer,
+    prepare_chat_tokenizer,
+    render_chat,
+    render_with_masks,
+    turn_end_token,
+)
 from pipeline.tracking import count_parameters, is_main_process
 from pipeline.trainers import train_from, trainer_checkpoint_callback
 
@@ -70,11 +77,23 @@ def resolve_inputs(cfg: PipelineConfig) -> dict[str, str]:
         )
     inputs = {"base": sft.base or str(final_dir(cfg, "pretrain"))}
     inputs["dataset"] = str(cfg.run_path / "world") if sft.dataset == demo.DEMO else sft.dataset
-    if sft.eval_split and Path(sft.eval_split).suffix in (".jsonl", ".json", ".parquet"):
-        inputs["eval_dataset"] = sft.eval_split
+    if sft.eval_split and sft.dataset != demo.DEMO:
+        if is_eval_file(sft.eval_split):
+            inputs["eval_dataset"] = sft.eval_split
+        elif is_local(sft.dataset):
+            raise UserError(
+                f"sft.eval_split: {sft.eval_split!r} is not an existing file or directory, and a split name means "
+                f"something only for a Hub dataset (sft.dataset is the local {sft.dataset}); give a held-out "
+                "file, or leave sft.eval_split unset to hold out sft.eval_share of the training data"
+            )
     if sft.qa_eval:
         inputs["qa_eval"] = sft.qa_eval
     return inputs
+
+
+def is_eval_file(eval_split: str) -> bool:
+    """Whether `sft.eval_split` names a file or directory of held-out conversations (else a Hub split name)."""
+    return Path(eval_split).suffix.lower() in SUFFIXES or Path(eval_split).exists()
 
 
 def load_data(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, Dataset | None, dict]:
@@ -92,9 +111,8 @@ def load_data(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[
     if eval_source is None:
         train, held_out = split_conversations(train, sft.eval_share, cfg.seed)
     else:
-        is_file = Path(eval_source).suffix in (".jsonl", ".json", ".parquet") or Path(eval_source).exists()
         held_out, eval_report = load_conversations(
-            eval_source if is_file else sft.dataset,
+            eval_source if is_eval_file(eval_source) else sft.dataset,
             tokenizer,
             split=eval_source,
             hub_config=sft.dataset_config,
@@ -121,9 +139,12 @@ class TaskEval:
 JUDGED_PROMPTS = 64
 
 
-def load_task_eval(cfg: PipelineConfig, held_out: Dataset | None) -> TaskEval:
+def load_task_eval(
+    cfg: PipelineConfig, held_out: Dataset | None, tokenizer: PreTrainedTokenizerBase | None = None
+) -> TaskEval:
     """The questions (`sft.qa_eval`, or the demo's held-out facts) and, with a judge, the prompts it judges: the
-    demo's evaluation prompts, or the first user turns of held-out conversations."""
+    demo's evaluation prompts, or the first user turns of held-out conversations. Given the tokenizer, a question
+    its chat template cannot render is a one-line error now, not a traceback after training."""
     sft, task = cfg.sft, TaskEval(judge=load_judge(cfg))
     path = Path(sft.qa_eval) if sft.qa_eval else None
     files = demo.files(cfg) if sft.dataset == demo.DEMO else None
@@ -138,6 +159,8 @@ def load_task_eval(cfg: PipelineConfig, held_out: Dataset | None) -> TaskEval:
                 raise UserError(f"sft.qa_eval: {path}:{n} needs 'messages' (a list) and 'answer' (a string)")
         if sft.qa_max_questions > 0:
             task.questions = task.questions[: sft.qa_max_questions]
+        if tokenizer is not None:
+            check_questions(task.questions, path, tokenizer)
         if files is not None and not sft.qa_eval:
             task.distractors = demo.distractors(cfg, task.questions)
     if task.judge is not None:
@@ -146,6 +169,20 @@ def load_task_eval(cfg: PipelineConfig, held_out: Dataset | None) -> TaskEval:
         elif held_out is not None:
             task.judged = [_first_turn(m) for m in held_out["messages"][:JUDGED_PROMPTS]]
     return task
+
+
+def check_questions(questions: list[dict[str, Any]], path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Each question's messages must be a prompt (text turns ending with the user's) that the chat template renders;
+    else a one-line error naming the question."""
+    for n, row in enumerate(questions, start=1):
+        try:
+            row["messages"] = check_prompt(row["messages"])
+            render_chat(tokenizer, row["messages"])
+        except BadRecord as bad:
+            raise UserError(
+                f"sft.qa_eval: {path}:{n}: {bad}; a question is text turns ending with the user's, in the turns the "
+                "model's chat template accepts (Gemma 2 has no system role)"
+            ) from None
 
 
 def _first_turn(messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -432,7 +469,7 @@ def run(cfg: PipelineConfig, rerun: bool = False) -> Path:
         held_out, data_report["eval_tokens"] = tokenize_conversations(held_out, tokenizer, sft)
     model = build_model(cfg, base, tokenizer, added, train)
     logger.info("sft data: %d training and %d held-out conversations", len(train), len(held_out or []))
-    task = load_task_eval(cfg, held_out)
+    task = load_task_eval(cfg, held_out, tokenizer)
     if task.judge is None:
         logger.info("sft: %s", NO_JUDGE)
 

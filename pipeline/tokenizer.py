@@ -171,6 +171,23 @@ def end_ids(tokenizer: PreTrainedTokenizerBase, model: Any = None) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+UNRENDERABLE = "unrenderable by the chat template"
+
+
+def template_refusal(exc: Exception) -> BadRecord:
+    """A chat template's refusal (jinja's TemplateError, or the template's raise_exception with any message: Gemma 2
+    has no system role, Mistral wants user and assistant turns to alternate) as a named skip."""
+    return BadRecord(UNRENDERABLE, str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """`messages` rendered by the chat template with the generation prompt; `template_refusal` when it refuses."""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # a template may raise anything
+        raise template_refusal(exc) from None
+
+
 def render_with_masks(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
 ) -> tuple[list[int], list[int]]:
@@ -179,29 +196,31 @@ def render_with_masks(
     No `{% generation %}` markers are needed: the conversation up to each assistant turn, rendered with the generation
     prompt, must be a prefix of the whole rendering (templates that rewrite earlier turns once later ones exist fail
     here); the turn's span then runs from there through its text to the first end id after it (`end_ids`), which is
-    labelled too (the model must learn to stop). What a template adds inside the span (Qwen3's empty
+    labelled too (the model must learn to stop). An assistant turn that opens the conversation (a greeting before the
+    user's first turn) is kept unlabelled, as context, where the template renders it. What a template adds inside the span (Qwen3's empty
     `<think>\n\n</think>\n\n` on the last turn) is labelled as the template renders it.
 
     Raises `BadRecord` (a named skip) when the template raises (Gemma 2: no system role), a prefix does not extend
     to the next one, the assistant text is not where the template should put it (Qwen3 drops `<think>` of earlier
     turns), no end id follows it, or a token straddles the span's start.
     """
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]  # an opening greeting: context
+    if not trained and messages and messages[0]["role"] == "assistant":
+        raise BadRecord(
+            "assistant turn first", "no assistant turn follows a user turn, so there is nothing to train on"
+        )
     try:
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         starts = [
-            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else None
-            for i, m in enumerate(messages)
-            if m["role"] == "assistant"
+            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) for i in trained
         ]
-    except Exception as exc:  # jinja's TemplateError, or a template's raise_exception with any message
-        raise BadRecord("unrenderable by the chat template", str(exc).splitlines()[0][:120]) from None
-    if starts and starts[0] is None:
-        raise BadRecord("assistant turn first", "the chat template needs a user turn before the first assistant turn")
+    except Exception as exc:  # a template may raise anything
+        raise template_refusal(exc) from None
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     ends = set(end_ids(tokenizer))
     mask = [0] * len(ids)
-    turns = [m for m in messages if m["role"] == "assistant"]
+    turns = [messages[i] for i in trained]
     previous = 0
     for n, (prefix, turn) in enumerate(zip(starts, turns, strict=True)):
         if not full.startswith(prefix) or len(prefix) < previous:

@@ -194,6 +194,11 @@ def _latin1(ctx: Ctx) -> str:
     return ctx.file("latin1.jsonl", record.encode("latin-1"))
 
 
+def _bad_question(ctx: Ctx) -> str:
+    question = {"messages": [{"role": "user", "content": None}], "answer": "Marnis"}
+    return ctx.file("qa.jsonl", json.dumps(question) + "\n")
+
+
 JSON_ARRAY = '[{"prompt": "a", "chosen": 1},\n {"prompt": "d"}]\n'  # a JSON array in a .jsonl file, no usable record
 
 CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
@@ -240,6 +245,27 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "pretrain-garbage-jsonl": (lambda c: c.pretrain(c.file("corpus.jsonl", "}{ not json\n")), "cannot be read"),
     "pretrain-unknown-format": (lambda c: c.pretrain(c.file("corpus.bin", os.urandom(64))), "not a parquet"),
     "pretrain-corpus-missing": (lambda c: c.pretrain(str(c.root / "none" / "corpus.jsonl")), "does not exist"),
+    "sft-dataset-empty-string": (lambda c: c.sft(""), "sft.dataset is empty"),
+    "sft-eval-split-name-on-a-local-file": (
+        lambda c: c.sft(str(c.root / "chats.jsonl"), "sft.eval_split=test"),
+        "sft.eval_split: 'test' is not an existing file or directory",
+    ),
+    "sft-qa-eval-question-not-text": (
+        lambda c: c.sft(str(c.root / "chats.jsonl"), f"sft.qa_eval={_bad_question(c)}"),
+        "sft.qa_eval: ",
+    ),
+    # values the trainer would refuse with a traceback, or take silently
+    "seed-out-of-range": (lambda c: c.reward("seed=-1", f"run_dir={c.run}-2"), "seed: must be in [0, 2**32)"),
+    "eval-batch-size-zero": (
+        lambda c: c.reward("reward.per_device_eval_batch_size=0", f"run_dir={c.run}-2"),
+        "reward.per_device_eval_batch_size",
+    ),
+    "logging-steps-zero": (lambda c: c.sft(str(c.root / "chats.jsonl"), "sft.logging_steps=0"), "sft.logging_steps"),
+    "negative-max-grad-norm": (
+        lambda c: c.sft(str(c.root / "chats.jsonl"), "sft.max_grad_norm=-1"),
+        "sft.max_grad_norm",
+    ),
+    "lora-alpha-zero": (lambda c: c.sft(str(c.root / "chats.jsonl"), "sft.lora.alpha=0"), "sft.lora.alpha"),
     # the run directory
     "changed-settings": (lambda c: c.reward("reward.learning_rate=0.5"), "already finished"),
     "another-recipe-same-run-dir": (_another_recipe, "already finished"),
@@ -292,3 +318,34 @@ def test_bad_input(case, finished, tmp_path, monkeypatch):
 
 def test_at_least_thirty_cases():
     assert len(CASES) >= 30
+
+
+def test_chat_a_template_that_refuses_the_system_message_is_one_line():
+    """Gemma 2's template raises on a system turn: `rlhf chat --system` ended in a jinja traceback."""
+    from families import FAMILIES, build_tokenizer
+
+    from pipeline.chat import render
+    from pipeline.errors import UserError
+
+    tokenizer = build_tokenizer(FAMILIES["gemma2"])
+    with pytest.raises(UserError) as info:
+        render(tokenizer, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    message = str(info.value)
+    assert "\n" not in message and "System role not supported" in message and "--system" in message
+
+
+def test_chat_history_is_cut_to_the_context(tiny_tokenizer):
+    """transformers 5's apply_chat_template(tokenize=True) returns a BatchEncoding, whose len() is 2: the history
+    was never cut, and a long chat ran past the model's context."""
+    from pipeline.chat import fit_history
+
+    turns = [
+        {"role": "user", "content": "Tell me of the river Tol. " * 4},
+        {"role": "assistant", "content": "Marnis. " * 8},
+    ]
+    messages = [{"role": "system", "content": "Be brief."}, *turns * 6, {"role": "user", "content": "Last?"}]
+    kept = fit_history(tiny_tokenizer, messages, budget=64)
+    assert kept[0]["role"] == "system" and kept[-1] == messages[-1] and len(kept) < len(messages)
+    assert (
+        len(tiny_tokenizer.apply_chat_template(kept, add_generation_prompt=True)["input_ids"]) <= 64 or len(kept) == 2
+    )

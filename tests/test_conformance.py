@@ -31,7 +31,7 @@ CHECKS = {
     "pad": "pad = an unused special token of the family (no new token but GPT-2's), never an end id",
     "bos": "one BOS where the family has one (none doubled)",
     "labels": "labels = assistant texts + end token, nothing else",
-    "skips": "a record the template cannot render / an over-long one: named skip / cut, counted",
+    "skips": "a record, ranking or PPO prompt the template cannot render / an over-long one: named skip / cut, counted",
     "first_update": "PPO stage's first update: KL 0, clip fraction 0, approx KL 0",
     "ratio_fp32": "rollout log-probs = training forward (fp32), logits past the cap where the family has one",
     "ratio_bf16": "the same under bf16 autocast",
@@ -148,7 +148,11 @@ def _write_data(root: Path) -> dict[str, Path]:
         }
         for i in range(12)
     ]
+    system = [{"role": "system", "content": "Be brief."}]  # Gemma 2's template refuses it: a named skip
+    rankings.append({**rankings[0], "prompt": system + rankings[0]["prompt"]})
     prompts = [{"messages": [{"role": "user", "content": f"Question {i}: {QUESTION}"}]} for i in range(10)]
+    # first: held out or not, it is read (evaluation keeps the first ppo.eval_max_prompts of its prompts)
+    prompts.insert(0, {"messages": system + [{"role": "user", "content": f"Question 10: {QUESTION}"}]})
     paths = {"sft": root / "sft.jsonl", "rankings": root / "rankings.jsonl", "prompts": root / "prompts.jsonl"}
     for key, rows in (("sft", conversations), ("rankings", rankings), ("prompts", prompts)):
         paths[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -354,6 +358,12 @@ def test_bad_records_are_named_skips_and_long_ones_are_cut_and_counted(chain, na
             expected["template rewrites the assistant text"] = 1  # <think> dropped from an earlier turn
         assert {k: v for k, v in skipped.items() if k in expected or v} == expected, skipped
         assert read["read"] == 13 and counts["kept"] == 13 - sum(expected.values())
+        # the ranking and the PPO prompt with a system turn: skipped and counted where the template refuses them
+        refused = int(name == "gemma2")
+        reward = json.loads((run["reward"] / "stage.json").read_text())["metrics"]["data"]
+        assert reward["unrenderable"] == refused
+        prompts = json.loads((run["ppo"] / "eval.json").read_text())["prompts"]
+        assert prompts["train_unrenderable"] + prompts["eval_unrenderable"] == refused
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -620,3 +630,30 @@ def test_reward_responses_cut_at_max_seq_len_are_counted():
     assert [row["truncated"] for row in rows] == [1, 0]
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     assert len(rows[0]["input_ids"][1]) == fits and rows[0]["input_ids"][1][-1] == eot
+
+
+GREETING = {"role": "assistant", "content": "Hello! Ask me about Veloria."}
+ALTERNATING = {"gemma2", "gemma3", "mistral-v0.3"}  # templates that want the user's turn first
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_opening_assistant_greeting_is_context_not_a_label(name):
+    """A conversation that opens with the assistant's greeting keeps the greeting as unlabelled context where the
+    template renders it, and is a named skip where the template refuses it."""
+    from families import build_tokenizer
+
+    from pipeline.data.records import BadRecord
+    from pipeline.tokenizer import prepare_chat_tokenizer, render_with_masks
+
+    tokenizer = build_tokenizer(FAMILIES[name])
+    prepare_chat_tokenizer(tokenizer)
+    if name in ALTERNATING:
+        with pytest.raises(BadRecord, match="unrenderable by the chat template"):
+            render_with_masks(tokenizer, [GREETING, *CONVERSATION[:2]])
+        return
+    ids, mask = render_with_masks(tokenizer, [GREETING, *CONVERSATION[:2]])
+    _, last, end = SPAN[name]
+    assert tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m]) == last + ANSWER + end
+    assert GREETING["content"] in tokenizer.decode(ids)
+    with pytest.raises(BadRecord, match="assistant turn first"):  # nothing after a user turn to train on
+        render_with_masks(tokenizer, [GREETING, CONVERSATION[0]])

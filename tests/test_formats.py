@@ -5,11 +5,14 @@ were worked out by hand from the fixtures; benchmarks/formats_table.py writes th
 import json
 import logging
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from format_fixtures import count_formats, write_fixtures
 
+from pipeline.data.conversations import load_conversations
 from pipeline.data.prompts import prompts_of_rows, read_prompts
-from pipeline.data.rankings import Ranking, export_ranking_tasks
+from pipeline.data.rankings import Ranking, export_ranking_tasks, read_rankings
 from pipeline.data.records import SkipReport, read_hub
 from pipeline.errors import UserError
 
@@ -169,3 +172,129 @@ def test_a_prompt_given_as_one_message_object_is_not_taken_for_a_tree(tmp_path):
     path.write_text(json.dumps({"prompt": {"role": "user", "content": "Hi?"}, "id": "m1"}) + "\n")
     records, report = read_prompts(path, "ppo.dataset")
     assert records == [{"id": "m1", "prompt": user("Hi?")}] and (report.read, report.kept) == (1, 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a new user's own files look like (each failed before its fix: see the comment on each test)
+
+QA_ROWS = [
+    {"messages": [*user("Capital of Veloria?"), {"role": "assistant", "content": "Marnis."}]},
+    {"messages": [*user("Café?"), {"role": "assistant", "content": "Oui."}]},
+]
+
+
+def test_utf16_files_as_windows_tools_write_them_are_read(tmp_path):
+    """PowerShell's `>` and Notepad's "Unicode" write UTF-16 with a BOM: every line was 'not UTF-8' or invalid JSON."""
+    jsonl, table = tmp_path / "chats.jsonl", tmp_path / "alpaca.csv"
+    jsonl.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in QA_ROWS).encode("utf-16"))
+    table.write_bytes("instruction,input,output\r\nName a river.,,The Oss.\r\n".encode("utf-16"))
+    data, report = load_conversations(jsonl)
+    assert (report.read, report.kept) == (2, 2) and data[1]["messages"][0]["content"] == "Café?"
+    data, report = load_conversations(table)
+    assert data[0]["messages"] == [*user("Name a river."), {"role": "assistant", "content": "The Oss."}]
+
+
+def test_a_csv_row_with_an_unquoted_comma_is_skipped_not_read_with_shifted_columns(tmp_path):
+    """The row became instruction 'Translate', input ' please.', output 'cheese': a wrong demonstration, kept."""
+    path = tmp_path / "alpaca.csv"
+    path.write_text("instruction,input,output\nTranslate, please.,cheese,fromage\nName a river.,,The Oss.\n")
+    data, report = load_conversations(path)
+    assert [m["messages"][0]["content"] for m in data] == ["Name a river."]
+    assert report.named == [
+        f"{path}:2: malformed CSV row: 4 cells where the header has 3 (quote cells that hold commas)"
+    ]
+
+
+def test_preference_pairs_and_rankings_in_csv_are_read_by_their_columns(tmp_path):
+    """A .csv was always taken for ranking tasks: a pairs CSV ended in 'missing field: task_id' for every row."""
+    pairs, ranked = tmp_path / "pairs.csv", tmp_path / "rankings.csv"
+    pairs.write_text("prompt,chosen,rejected\nCapital?,Marnis.,No idea.\nRiver?,The Oss.,Dunno.\n")
+    ranked.write_text('prompt,responses,ranking\nPrime?,"[""2"", ""4"", ""3""]",A = C > B\n')
+    records, report = read_rankings(pairs)
+    assert [(r.prompt, r.responses, r.ranking) for r in records] == [
+        ("Capital?", ["Marnis.", "No idea."], "A > B"),
+        ("River?", ["The Oss.", "Dunno."], "A > B"),
+    ]
+    records, _ = read_rankings(ranked)
+    assert (records[0].responses, records[0].ranking) == (["2", "4", "3"], "A = C > B")
+    tasks = export_ranking_tasks([Ranking("Say hi.", ["hi", "go away"], "A > B")], tmp_path / "tasks.csv")
+    assert read_rankings(tasks)[0][0].ranking == "A > B"  # an exported task file is still ranking tasks
+
+
+def test_label_keyed_responses_in_parquet_keep_rows_with_fewer_labels(tmp_path):
+    """Parquet stores {"A", "B"} and {"A", "B", "C"} as one struct: the first row came back with C = null and was
+    skipped as 'malformed responses'."""
+    path = tmp_path / "keyed.parquet"
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"prompt": "p1", "responses": {"A": "x", "B": "y"}, "ranking": "A > B"},
+                {"prompt": "p2", "responses": {"A": "x", "B": "y", "C": "z"}, "ranking": "C > A = B"},
+            ]
+        ),
+        path,
+    )
+    records, report = read_rankings(path)
+    assert (report.read, report.kept) == (2, 2) and records[0].responses == ["x", "y"]
+
+
+def test_alpaca_input_written_as_nan_is_an_empty_input(tmp_path):
+    """json.dumps of a pandas row writes a missing input as NaN: the row was skipped as a malformed record."""
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text('{"instruction": "Name a river.", "input": NaN, "output": "The Oss."}\n')
+    data, report = load_conversations(path)
+    assert data[0]["messages"][0] == user("Name a river.")[0] and report.kept == 1
+    assert read_prompts(path, "ppo.dataset")[0][0]["prompt"] == user("Name a river.")
+
+
+def test_content_given_as_text_parts_is_joined_and_an_image_part_is_named(tmp_path):
+    """OpenAI's content parts were skipped as 'malformed message: content is list'."""
+    parts = {
+        "role": "user",
+        "content": [{"type": "text", "text": "Capital of "}, {"type": "text", "text": "Veloria?"}],
+    }
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}
+    path = tmp_path / "parts.jsonl"
+    rows = [
+        {"messages": [m, {"role": "assistant", "content": [{"type": "text", "text": "Marnis."}]}]}
+        for m in (parts, image)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data, report = load_conversations(path)
+    assert data[0]["messages"] == [*user("Capital of Veloria?"), {"role": "assistant", "content": "Marnis."}]
+    assert report.named == [
+        f"{path}:2: non-text content: message 0 has a 'image_url' part (only text parts can be trained on)"
+    ]
+
+
+def test_one_json_object_written_over_several_lines_is_one_record(tmp_path):
+    """json.dump(record, indent=2) into a .json file: every line was skipped as invalid JSON."""
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(QA_ROWS[0], indent=2))
+    data, report = load_conversations(path)
+    assert (report.read, report.kept) == (1, 1) and data[0]["messages"] == QA_ROWS[0]["messages"]
+
+
+def test_a_ranking_given_as_a_list_is_named_malformed_not_empty(tmp_path):
+    path = tmp_path / "list_ranking.jsonl"
+    rows = [
+        {"prompt": "p", "responses": ["a", "b"], "ranking": ["B", "A"]},
+        {"prompt": "q", "responses": ["a", "b"], "ranking": "A > B"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, report = read_rankings(path)
+    assert report.named == [f"{path}:1: malformed ranking: a list; give it as text, e.g. 'C > B > A = D'"]
+
+
+def test_an_empty_dataset_path_is_one_line_not_the_working_directory(tmp_path):
+    """Path("") is the working directory: sft.dataset= read every .jsonl/.csv under it (and crashed on one)."""
+    with pytest.raises(UserError) as info:
+        load_conversations("")
+    assert str(info.value) == "sft.dataset is empty: give a .jsonl/.json/.parquet/.csv file, a directory or a Hub id"
+
+
+def test_a_file_suffix_in_capitals_is_read(tmp_path):
+    """TRAIN.JSONL was refused as 'not a .jsonl, .json, .parquet, .csv file'."""
+    path = tmp_path / "TRAIN.JSONL"
+    path.write_text(json.dumps(QA_ROWS[0]) + "\n")
+    assert load_conversations(path)[1].kept == 1

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -58,7 +59,8 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
-    """`role` and `content` of each message after checking them (roles system, user, assistant; text content)."""
+    """`role` and `content` of each message after checking them (roles system, user, assistant; text content, or a
+    list of OpenAI text parts `[{"type": "text", "text": ...}]`, joined)."""
     if messages is None or (isinstance(messages, list) and not messages):
         raise BadRecord("empty conversation")
     if not isinstance(messages, list):
@@ -70,10 +72,23 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
         role, content = message["role"], message["content"]
         if role not in ROLES:
             raise BadRecord("unknown role", f"message {i} has role {role!r} (valid roles: {', '.join(ROLES)})")
+        if isinstance(content, list):  # OpenAI's content parts: [{"type": "text", "text": ...}, ...]
+            content = _text_of_parts(content, i)
         if not isinstance(content, str):
             raise BadRecord("malformed message", f"message {i} content is {type(content).__name__}, not text")
         clean.append({"role": role, "content": content})
     return clean
+
+
+def _text_of_parts(parts: list[Any], i: int) -> str:
+    """The text of a message given as content parts; a part that is not text (an image) makes the record unusable."""
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise BadRecord("non-text content", f"message {i} has a {kind!r} part (only text parts can be trained on)")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def from_sharegpt(turns: Any) -> list[dict[str, Any]]:
@@ -123,7 +138,9 @@ def check_prompt(prompt: Any) -> Prompt:
 
 def instruction_turn(row: dict[str, Any]) -> str:
     """The user's turn of an Alpaca or UltraFeedback row: the instruction, then its `input` when there is one."""
-    instruction, extra = row["instruction"], row.get("input") or ""
+    instruction, extra = row["instruction"], row.get("input")
+    if extra is None or (isinstance(extra, float) and math.isnan(extra)):  # pandas writes a missing input as NaN
+        extra = ""
     if not isinstance(instruction, str) or not isinstance(extra, str):
         raise BadRecord("malformed record", "instruction and input must be strings")
     if not instruction.strip():

@@ -20,7 +20,9 @@ Formats read (`detect_format` tells them apart by their keys):
    ([{"response": ..., "overall_score": ...}], openbmb/UltraFeedback) or `responses` + `scores`; equal scores tie.
 4. trees: messages with `message_id`, `parent_id`, `role`, `text`, `rank` (OpenAssistant/oasst1 rows), or nested
    trees (`{"prompt": {..., "replies": [...]}}`); sibling replies that carry ranks (0 = best) become one ranking.
-5. ranking tasks: the CSV written by `export_ranking_tasks` and filled in by people (`ranking` column).
+5. ranking tasks: the CSV written by `export_ranking_tasks` and filled in by people (`ranking` column), or any
+   table with a `prompt`, response columns `A`, `B`, ... and a `ranking`. A CSV file of another format (pairs,
+   rankings) is read by its columns like any other file.
 
 Bad records (a repeated label, a label naming no response, one response, a missing field) are skipped and counted
 with a summary, or stop the run with a one-line error naming the record (`on_bad="error"`).
@@ -63,7 +65,9 @@ def parse_ranking(text: str, n_responses: int, labels: str | None = None) -> lis
     response must appear exactly once. Raises `BadRecord` for a repeated label, a label that names no response, a
     response left out, or anything that is not letters joined by '>' and '='.
     """
-    if not isinstance(text, str) or not text.strip():
+    if text is not None and not isinstance(text, str):
+        raise BadRecord("malformed ranking", f"a {type(text).__name__}; give it as text, e.g. 'C > B > A = D'")
+    if text is None or not text.strip():
         raise BadRecord("not ranked", "the ranking is empty")
     if n_responses > len(LABELS):
         raise BadRecord("too many responses", f"{n_responses}; rankings name at most {len(LABELS)} (A-Z)")
@@ -166,6 +170,8 @@ def _responses(values: Any) -> tuple[list[str], str]:
     """(responses, their labels): a list of strings is labelled A, B, C, ...; an object keyed by labels
     ({"A": ..., "C": ...}) is taken in label order. Either needs two or more strings."""
     if isinstance(values, dict):
+        # parquet stores label-keyed responses as one struct for every row: labels a row lacks come back as null
+        values = {k: v for k, v in values.items() if v is not None}
         bad = [k for k in values if not (isinstance(k, str) and len(k) == 1 and k in LABELS)]
         if bad:
             raise BadRecord("malformed responses", f"response labels must be capital letters A-Z, got {bad[0]!r}")
@@ -401,7 +407,7 @@ def render_prompt_text(prompt: list[dict[str, str]] | str) -> str:
 
 def from_task_row(row: dict[str, Any]) -> Ranking:
     """Format 5: a filled-in row of an exported ranking-task CSV."""
-    _require(row, "task_id", "prompt", "ranking")
+    _require(row, "prompt", "ranking")
     if not str(row["ranking"]).strip():
         raise BadRecord("not ranked yet", "the ranking column is empty")
     labels = [label for label in LABELS if label in row]
@@ -415,7 +421,7 @@ def from_task_row(row: dict[str, Any]) -> Ranking:
                 "malformed task", "prompt_messages is not valid JSON (leave that column as exported)"
             ) from None
     tiers = parse_ranking(str(row["ranking"]), len(_responses(responses)[0]))
-    return Ranking(check_prompt(prompt), responses, format_ranking(tiers), id=str(row["task_id"]))
+    return Ranking(check_prompt(prompt), responses, format_ranking(tiers), id=str(row.get("task_id") or ""))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -423,8 +429,8 @@ def from_task_row(row: dict[str, Any]) -> Ranking:
 
 
 def detect_format(row: dict[str, Any], path: str = "") -> str:
-    """Which of the formats a record is in, from its keys (a .csv file is ranking tasks)."""
-    if path.endswith(".csv") or "task_id" in row:
+    """Which of the formats a record is in, from its keys (ranking tasks have `task_id`, or response columns A, B)."""
+    if "task_id" in row or ("A" in row and "B" in row):
         return "tasks"
     if "ranking" in row or ("responses" in row and "scores" not in row):
         return "rankings"
@@ -515,8 +521,6 @@ def read_rankings(
 ) -> tuple[list[Ranking], SkipReport]:
     """Read a rankings/pairs/scores/trees/tasks file, directory or Hub dataset into rankings."""
     source = str(source)
-    if fmt == "auto" and source.endswith(".csv"):
-        fmt = "tasks"
     return normalise_rows(read_records(source, what, split, config), fmt, on_bad, score_key, source)
 
 

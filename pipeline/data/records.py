@@ -3,16 +3,20 @@
 Every record comes with where it was found (`file.jsonl:12`, `file.parquet row 3`, `org/name[train] row 7`), so a
 skipped or refused record is always named. A line that is not JSON becomes a `BadRecord` in place of its row (the
 caller counts and skips it), and so does an object that repeats a key (`{"A": "x", "A": "y"}`: JSON would keep the last
-silently), and a jsonl line that is not UTF-8 (a stray Latin-1 byte). Text that is not UTF-8 in a CSV file or a JSON
-array ends the read with a one-line error naming the file and line (a record there may span lines). In a CSV file, a
+silently), and a jsonl line that is not UTF-8 (a stray Latin-1 byte). A file that starts with a UTF-16 byte-order mark
+(what Windows tools write) is read as UTF-16. Text that is not UTF-8 in a CSV file or a JSON array ends the read with
+a one-line error naming the file and line (a record there may span lines). A CSV row with more cells than the header
+(an unquoted comma) is a bad record, not a row with shifted columns. A .json file holding one object written over
+several lines is one record. In a CSV file, a
 conversation cell (`messages`, `conversations`, `prompt`, `chosen`, ...) holding a JSON list of messages is read as
-that list.
+that list, and a `responses` cell holding a JSON list (or label-keyed object) of strings as that.
 SFT conversations, rankings, prompts (PPO, comparison collection) and PPO-ptx's corpus all read through here.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import re
@@ -90,7 +94,7 @@ def is_local(source: str | Path) -> bool:
     return (
         path.exists()
         or text.startswith((".", "/", "~"))
-        or any(text.endswith(s) for s in SUFFIXES)
+        or any(text.lower().endswith(s) for s in SUFFIXES)
         or not _HUB_ID.match(text)
     )
 
@@ -103,10 +107,12 @@ def read_records(
     `what` names the recipe key in errors ("sft.dataset"). A Hub dataset is streamed, so a caller that stops early
     reads only what it needs.
     """
+    if not str(source).strip():  # Path("") is the working directory: never read it by accident
+        raise UserError(f"{what} is empty: give a {'/'.join(SUFFIXES)} file, a directory or a Hub id")
     path = Path(str(source)).expanduser()
     if path.is_dir():
         files = sorted(
-            p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file() and not p.name.startswith(".")
+            p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file() and not p.name.startswith(".")
         )
         if not files:
             raise UserError(f"{what}: {path} holds no {', '.join(SUFFIXES)} files")
@@ -123,15 +129,33 @@ def read_records(
 
 
 def read_file(path: Path, what: str) -> Iterator[tuple[str, Any]]:
-    """The records of one file, by its suffix (.jsonl and .json hold JSON lines, or a JSON array)."""
-    if path.suffix not in SUFFIXES:
+    """The records of one file, by its suffix in any case (.jsonl and .json hold JSON lines, or a JSON array)."""
+    suffix = path.suffix.lower()  # TRAIN.JSONL, as some Windows tools name files
+    if suffix not in SUFFIXES:
         raise UserError(f"{what}: {path} is not a {', '.join(SUFFIXES)} file")
-    if path.suffix == ".parquet":
+    if suffix == ".parquet":
         yield from _read_parquet(path, what)
-    elif path.suffix == ".csv":
+    elif suffix == ".csv":
         yield from _read_csv(path, what)
     else:
         yield from _read_json(path, what)
+
+
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # what Windows tools (PowerShell's `>`, Notepad's "Unicode") write
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    """The bytes of a text file as UTF-8: a UTF-16 file (it starts with its byte-order mark) is converted."""
+    raw = path.read_bytes()
+    if not raw.startswith(_UTF16_BOMS):
+        return raw
+    try:
+        return raw.decode("utf-16").encode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(
+            f"{what}: {path} starts with a UTF-16 byte-order mark but is not valid UTF-16; convert the file to UTF-8 "
+            "(e.g. iconv -f utf-16 -t utf-8)"
+        ) from None
 
 
 def _decode(raw: bytes, path: Path, line: int, what: str) -> str:
@@ -165,13 +189,16 @@ def _repeated(key: _RepeatedKey) -> BadRecord:
 
 
 def _read_json(path: Path, what: str) -> Iterator[tuple[str, Any]]:
-    with path.open("rb") as fh:
-        raw_lines = fh.read().split(b"\n")
+    raw_lines = _read_bytes(path, what).split(b"\n")
     raw_lines[0] = raw_lines[0].removeprefix(b"\xef\xbb\xbf")  # a byte-order mark some editors write
     first = next((raw for raw in raw_lines if raw.strip()), b"")
     if first.lstrip().startswith(b"["):  # a JSON array of records (what `json.dump(rows)` writes)
         lines = [_decode(raw, path, n, what) for n, raw in enumerate(raw_lines, start=1)]
         yield from _read_json_array("\n".join(lines), path, what)
+        return
+    whole = _one_object(raw_lines)
+    if whole is not None:  # one record written over several lines (json.dump(record, indent=2))
+        yield f"{path}:1", whole
         return
     for n, raw in enumerate(raw_lines, start=1):
         try:
@@ -194,6 +221,26 @@ def _read_json(path: Path, what: str) -> Iterator[tuple[str, Any]]:
             yield f"{path}:{n}", BadRecord("invalid JSON", f"{exc.msg} at column {exc.colno}")
         except _RepeatedKey as key:
             yield f"{path}:{n}", _repeated(key)
+
+
+def _one_object(raw_lines: list[bytes]) -> Any:
+    """The record of a file that holds one JSON object spread over lines (its first line alone is not JSON), or
+    None when the file is not that (jsonl, or broken)."""
+    first = next((raw for raw in raw_lines if raw.strip()), b"")
+    if not first.lstrip().startswith(b"{") or _parses(first):
+        return None
+    try:
+        return _DECODER.decode(b"\n".join(raw_lines).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, _RepeatedKey):
+        return None
+
+
+def _parses(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return True
 
 
 def _read_json_array(text: str, path: Path, what: str) -> Iterator[tuple[str, Any]]:
@@ -220,14 +267,23 @@ def _read_json_array(text: str, path: Path, what: str) -> Iterator[tuple[str, An
 
 
 def _read_csv(path: Path, what: str) -> Iterator[tuple[str, Any]]:
-    with path.open("rb") as fh:
-        raw = fh.read()
+    raw = _read_bytes(path, what)
     for n, line in enumerate(raw.split(b"\n"), start=1):
         _decode(line, path, n, what)
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        for row in reader:
-            yield f"{path}:{reader.line_num}", {k: _json_messages(k, v) for k, v in row.items()}
+    reader = csv.DictReader(io.StringIO(raw.decode("utf-8-sig"), newline=""))
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in row:  # DictReader files the cells past the header's under None: the columns have shifted
+            yield (
+                where,
+                BadRecord(
+                    "malformed CSV row",
+                    f"{len(reader.fieldnames or []) + len(row[None])} cells where the header has "
+                    f"{len(reader.fieldnames or [])} (quote cells that hold commas)",
+                ),
+            )
+            continue
+        yield where, {k: _json_messages(k, v) for k, v in row.items()}
 
 
 _MESSAGE_COLUMNS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected")
@@ -235,7 +291,15 @@ _MESSAGE_COLUMNS = ("messages", "conversations", "prompt", "completion", "chosen
 
 def _json_messages(column: str | None, value: Any) -> Any:
     """A CSV cell of a conversation column that holds a JSON list of message objects (what exporting a chat dataset
-    to CSV writes) as that list; any other cell as its text."""
+    to CSV writes) as that list, a `responses` cell holding a JSON list or object of strings as that; any other
+    cell as its text."""
+    if column == "responses" and isinstance(value, str) and value.lstrip().startswith(("[", "{")):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        strings = parsed.values() if isinstance(parsed, dict) else parsed if isinstance(parsed, list) else [None]
+        return parsed if all(isinstance(v, str) for v in strings) else value
     if column not in _MESSAGE_COLUMNS or not isinstance(value, str) or not value.lstrip().startswith("[{"):
         return value
     try:

@@ -536,9 +536,11 @@ def finish(
             "train": len(train_prompts.records),
             "train_truncated": train_prompts.truncated,
             "train_refused": train_prompts.refused,
+            "train_unrenderable": train_prompts.unrenderable,
             "eval": len(eval_prompts.records),
             "eval_truncated": eval_prompts.truncated,
             "eval_refused": eval_prompts.refused,
+            "eval_unrenderable": eval_prompts.unrenderable,
             "read": read_report,
         }
         metrics = _stage_metrics(report, training.history, sdir, state.num_processes, time.time() - started)

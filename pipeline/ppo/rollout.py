@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import PPOConfig
 from pipeline.errors import UserError
-from pipeline.generation import SamplingArgs, decode_responses, sample_ids, tokenize_prompts
+from pipeline.generation import SamplingArgs, decode_responses, renderable, sample_ids, tokenize_prompts
 from pipeline.modeling import join_prompt_response, turn_end_id
 from pipeline.ppo.losses import (
     apply_missing_eos_penalty,
@@ -53,12 +53,22 @@ class PromptSet:
     ids: list[list[int]]
     truncated: int = 0
     refused: int = 0
+    unrenderable: int = 0  # prompts the chat template refuses (Gemma 2: a system turn), skipped
 
 
 def prepare_prompts(
     records: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, max_len: int, policy: str, what: str
 ) -> PromptSet:
-    """Tokenize prompts; longer than `max_len`: keep their last tokens (the generation prompt) or drop them."""
+    """Tokenize prompts; longer than `max_len`: keep their last tokens (the generation prompt) or drop them. A
+    prompt the chat template refuses is skipped and counted."""
+    refusals = [renderable(tokenizer, r["prompt"]) for r in records]
+    unrenderable = sum(bad is not None for bad in refusals)
+    if unrenderable:
+        first = next(bad for bad in refusals if bad is not None)
+        logger.warning("%s: %d prompts skipped, %s (the first: %s)", what, unrenderable, first.kind, first.detail)
+        if unrenderable == len(records):
+            raise UserError(f"{what}: the model's chat template refuses every prompt ({first.detail})")
+        records = [r for r, bad in zip(records, refusals, strict=True) if bad is None]
     kept, ids, truncated, refused = [], [], 0, 0
     for record, tokens in zip(records, tokenize_prompts(tokenizer, [r["prompt"] for r in records]), strict=True):
         if len(tokens) > max_len:
@@ -78,7 +88,7 @@ def prepare_prompts(
         )
     if not kept:
         raise UserError(f"{what}: every prompt is longer than ppo.max_prompt_len={max_len}; raise it or truncate")
-    return PromptSet(kept, ids, truncated, refused)
+    return PromptSet(kept, ids, truncated, refused, unrenderable)
 
 
 class PromptSampler:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +34,11 @@ from pipeline.data.rankings import (
     write_rankings,
 )
 from pipeline.errors import UserError
+from pipeline.generation import renderable
 from pipeline.modeling import encode_reward_inputs, right_pad
 from pipeline.stages import stage_name
+
+logger = logging.getLogger(__name__)
 
 STAGE = "reward"
 SPLITS = ("train", "validation", "test")
@@ -197,6 +201,20 @@ def export_tasks(cfg: PipelineConfig, base: str) -> None:
         f"no rankings yet: wrote ranking tasks to {tasks}; fill in its 'ranking' column (e.g. C > B > A = D), "
         f"then run again with reward.dataset={tasks}"
     )
+
+
+def drop_unrenderable(splits: dict[str, list[Ranking]], tokenizer: Any) -> tuple[dict[str, list[Ranking]], int]:
+    """The splits without the rankings whose prompt the chat template refuses (Gemma 2: a system turn), and how many
+    were skipped; the first is named in a warning."""
+    out, skipped, first = {}, 0, None
+    for name, records in splits.items():
+        refusals = [renderable(tokenizer, r.prompt) for r in records]
+        out[name] = [r for r, bad in zip(records, refusals, strict=True) if bad is None]
+        skipped += len(records) - len(out[name])
+        first = first or next((bad for bad in refusals if bad is not None), None)
+    if first is not None:
+        logger.warning("reward: %d rankings skipped, %s (the first: %s)", skipped, first.kind, first.detail)
+    return out, skipped
 
 
 def read_split(cfg: PipelineConfig, name: str, stage: str = STAGE) -> list[Ranking]:

@@ -44,6 +44,7 @@ from pipeline.reward.data import (
     SPLITS,
     STAGE,
     RankingCollator,
+    drop_unrenderable,
     encode_rankings,
     export_tasks,
     prepare_comparisons,
@@ -198,9 +199,11 @@ def run(cfg: PipelineConfig, rerun: bool = False, round_no: int = 1) -> Path:
         cfg = dataclasses.replace(cfg, reward=dataclasses.replace(rcfg, max_seq_len=fitted))
         rcfg = cfg.reward
     data_summary = on_main(lambda: prepare_comparisons(cfg, base, round_no))
-    splits = {name: read_split(cfg, name, stage) for name in SPLITS}
     tokenizer = load_tokenizer(base)
     prepare_chat_tokenizer(tokenizer)
+    splits, data_summary["unrenderable"] = drop_unrenderable(
+        {name: read_split(cfg, name, stage) for name in SPLITS}, tokenizer
+    )
     train = encode_rankings(splits["train"], tokenizer, rcfg)
     data_summary["truncated_responses"] = sum(row["truncated"] for row in train)  # cut at reward.max_seq_len
     if data_summary["truncated_responses"]:
