@@ -10,7 +10,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -409,8 +409,13 @@ def apply_lora(
     train_embeddings: bool = False,
     gradient_checkpointing: bool = False,
     trainable_token_ids: list[int] | None = None,
+    key: str = "lora",
 ) -> peft.PeftModel:
-    """Wrap `model` with fresh LoRA adapters (seed first); a 4-bit model is prepared for k-bit training first."""
+    """Wrap `model` with fresh LoRA adapters (seed first); a 4-bit model is prepared for k-bit training first.
+
+    `key` names the recipe section in errors ("sft.lora"): a module name in it that matches no module of the model is
+    a one-line error (peft ignores such a `modules_to_save` name, and a `target_modules` name beside a matching one)."""
+    check_lora_modules(model, args, key)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # casts norms to fp32 and makes the inputs require grad, so gradients reach the adapters through frozen layers
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
@@ -420,10 +425,40 @@ def apply_lora(
     try:
         wrapped = peft.get_peft_model(model, config)
     except ValueError as exc:
-        raise UserError(f"lora.target_modules {args.target_modules}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{key}.target_modules {args.target_modules}: {str(exc).splitlines()[0]}") from None
     if rows_only:
         train_only_rows(wrapped, names, trainable_token_ids)
     return wrapped
+
+
+def check_lora_modules(model: PreTrainedModel, args: LoraArgs, key: str) -> None:
+    """Each name of `target_modules` and `modules_to_save` matches a module of `model`, as peft matches them (a
+    target: the full name or its last parts; a module to save: any end of the name), else a one-line error naming
+    the key, the name, and names the model does have (a misspelt name would train less than asked, silently)."""
+    modules = [name for name, _ in model.named_modules() if name]
+    targets = [] if args.target_modules == ["all-linear"] else args.target_modules
+    for field, wanted, found in (
+        ("target_modules", targets, lambda w: any(n == w or n.endswith(f".{w}") for n in modules)),
+        ("modules_to_save", args.modules_to_save, lambda w: any(n.endswith(w) for n in modules)),
+    ):
+        missing = [w for w in wanted if not found(w)]
+        if missing:
+            fix = "use names it has, or 'all-linear'" if field == "target_modules" else "use names it has"
+            raise UserError(
+                f"{key}.{field}: {', '.join(map(repr, missing))} matches no module of the model (it has "
+                f"{', '.join(_module_examples(model))}); {fix}"
+            )
+
+
+def _module_examples(model: PreTrainedModel, n: int = 8) -> list[str]:
+    """The first `n` distinct short names of the model's modules that hold weights: its embeddings and LM head first
+    (what modules_to_save names), then the linear layers (what target_modules names)."""
+    names = embedding_module_names(model)
+    for name, module in model.named_modules():
+        if name and next(module.parameters(recurse=False), None) is not None:
+            names.append(name.rsplit(".", 1)[-1])
+    names = list(dict.fromkeys(names))
+    return names[:n] + ([f"... ({len(names) - n} more)"] if len(names) > n else [])
 
 
 def train_only_rows(model: peft.PeftModel, module_names: list[str], rows: list[int]) -> None:
@@ -557,19 +592,32 @@ def load_reward_model(
     return model, tokenizer
 
 
-def join_prompt_response(prompt_ids: list[int], response_ids: list[int], max_seq_len: int) -> list[int]:
+def cut_start(ids: Sequence[int], keep: int, bos_id: int | None = None) -> list[int]:
+    """The last `keep` of `ids`; a leading BOS stays first (the model has only ever read text after it, and Llama 3's
+    or Gemma's outputs fall apart without it). cut_start([1, 2, 3, 4, 5], 3, bos_id=1) is [1, 4, 5]."""
+    if len(ids) <= keep:
+        return list(ids)
+    if bos_id is not None and keep > 1 and ids[0] == bos_id:
+        return [ids[0], *ids[len(ids) - keep + 1 :]]
+    return list(ids[len(ids) - keep :])
+
+
+def join_prompt_response(
+    prompt_ids: list[int], response_ids: list[int], max_seq_len: int, bos_id: int | None = None
+) -> list[int]:
     """Prompt then response token ids, cut to `max_seq_len`.
 
-    The prompt loses its start first (down to half the budget), then the response its end; the response's last
-    token (EOS, where the reward is read) is always kept. With max_seq_len=6, prompt [1, 2, 3, 4, 5] and response
-    [6, 7, 8, 9] (9 = EOS) give [3, 4, 5, 6, 7, 9].
+    The prompt loses its start first (down to half the budget; a leading `bos_id` is kept, see `cut_start`), then
+    the response its end; the response's last token (EOS, where the reward is read) is always kept. With
+    max_seq_len=6, prompt [1, 2, 3, 4, 5] and response [6, 7, 8, 9] (9 = EOS) give [3, 4, 5, 6, 7, 9], and
+    [1, 4, 5, 6, 7, 9] with bos_id=1.
     """
     if len(prompt_ids) + len(response_ids) <= max_seq_len:
         return list(prompt_ids) + list(response_ids)
     keep_prompt = min(len(prompt_ids), max(max_seq_len // 2, max_seq_len - len(response_ids)))
     keep_response = max_seq_len - keep_prompt
     head = list(response_ids[: keep_response - 1]) + [response_ids[-1]]
-    return list(prompt_ids[len(prompt_ids) - keep_prompt :]) + head
+    return cut_start(prompt_ids, keep_prompt, bos_id) + head
 
 
 def encode_reward_input(
@@ -601,7 +649,7 @@ def encode_reward_inputs(
     for response, ids in zip(responses, responses_ids, strict=True):
         rendered = _rendered_turn(tokenizer, prompt, response) if isinstance(prompt, list) else None
         head, tail = rendered if rendered is not None else (prompt_ids, ids + eos)
-        out.append(join_prompt_response(head, tail, max_seq_len))
+        out.append(join_prompt_response(head, tail, max_seq_len, tokenizer.bos_token_id))
     return out
 
 

@@ -935,6 +935,14 @@ def test_long_prompts_are_truncated_or_refused_and_counted(tiny_tokenizer):
     assert (truncated.truncated, truncated.refused, len(truncated.ids)) == (2, 0, 4)
     full = tiny_tokenizer(records[1]["prompt"])["input_ids"]
     assert truncated.ids[1] == full[-limit:]  # the end of a prompt (the generation prompt) is kept
+    # a family whose template opens with BOS (Llama 3.1's <|begin_of_text|>) keeps it first when the start is cut
+    from families import FAMILIES, build_tokenizer
+
+    llama = build_tokenizer(FAMILIES["llama3.1"])
+    chat = [{"prompt": [{"role": "user", "content": "Veloria " * 40}]}]
+    whole = prepare_prompts(chat, llama, 10_000, "truncate", "test").ids[0]
+    cut = prepare_prompts(chat, llama, limit, "truncate", "test").ids[0]
+    assert whole[0] == llama.bos_token_id and cut == [llama.bos_token_id, *whole[-(limit - 1) :]]
     refused = prepare_prompts(records, tiny_tokenizer, limit, "refuse", "test")
     assert (refused.truncated, refused.refused, [r["prompt"] for r in refused.records]) == (
         0,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.data.rankings import parse_ranking, strict_pairs, tier_of
 from pipeline.metrics import load_metric
-from pipeline.modeling import join_prompt_response
+from pipeline.modeling import cut_start, join_prompt_response
 from pipeline.reward.evaluation import choose_tie_tolerance
 from pipeline.reward.losses import (
     centering_penalty,
@@ -137,6 +137,11 @@ def test_prompt_loses_its_start_then_the_response_its_end_but_keeps_eos():
     assert join_prompt_response([1, 2, 3, 4, 5], [6, 7, 8, 9], 6) == [3, 4, 5, 6, 7, 9]
     assert join_prompt_response([1, 2, 3, 4, 5, 6, 7, 8], [9, 10], 6) == [5, 6, 7, 8, 9, 10]
     assert join_prompt_response([1, 2], [3, 4], 6) == [1, 2, 3, 4]
+    # a leading BOS survives the cut: the model never read a prompt without it
+    assert join_prompt_response([1, 2, 3, 4, 5], [6, 7, 8, 9], 6, bos_id=1) == [1, 4, 5, 6, 7, 9]
+    assert join_prompt_response([1, 2, 3, 4, 5], [6, 7, 8, 9], 6, bos_id=2) == [3, 4, 5, 6, 7, 9]  # not first
+    assert cut_start([1, 2, 3, 4, 5], 3, bos_id=1) == [1, 4, 5] and cut_start([1, 2, 3], 3, bos_id=1) == [1, 2, 3]
+    assert cut_start([1, 2, 3, 4, 5], 1, bos_id=1) == [5]  # no room for both: the end wins
 
 
 # --------------------------------------------------------------------------------------------------------------

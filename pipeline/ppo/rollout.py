@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from pipeline.config import PPOConfig
 from pipeline.errors import UserError
 from pipeline.generation import SamplingArgs, decode_responses, renderable, sample_ids, tokenize_prompts
-from pipeline.modeling import join_prompt_response, turn_end_id
+from pipeline.modeling import cut_start, join_prompt_response, turn_end_id
 from pipeline.ppo.losses import (
     apply_missing_eos_penalty,
     gae_advantages,
@@ -59,7 +59,8 @@ class PromptSet:
 def prepare_prompts(
     records: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, max_len: int, policy: str, what: str
 ) -> PromptSet:
-    """Tokenize prompts; longer than `max_len`: keep their last tokens (the generation prompt) or drop them. A
+    """Tokenize prompts; longer than `max_len`: keep their last tokens (the generation prompt, after a leading BOS)
+    or drop them. A
     prompt the chat template refuses is skipped and counted."""
     refusals = [renderable(tokenizer, r["prompt"]) for r in records]
     unrenderable = sum(bad is not None for bad in refusals)
@@ -75,7 +76,7 @@ def prepare_prompts(
             if policy == "refuse":
                 refused += 1
                 continue
-            tokens, truncated = tokens[-max_len:], truncated + 1
+            tokens, truncated = cut_start(tokens, max_len, tokenizer.bos_token_id), truncated + 1
         kept.append(record)
         ids.append(tokens)
     if truncated or refused:
@@ -84,7 +85,7 @@ def prepare_prompts(
             what,
             truncated or refused,
             max_len,
-            "truncated (their first tokens dropped)" if truncated else "refused",
+            "truncated (their first tokens dropped, a leading BOS kept)" if truncated else "refused",
         )
     if not kept:
         raise UserError(f"{what}: every prompt is longer than ppo.max_prompt_len={max_len}; raise it or truncate")
@@ -274,7 +275,7 @@ def reward_inputs(roles: Roles, how: str, records: Sequence[dict[str, Any]], tex
         prompt = sampled.prompt_ids[i][sampled.prompt_mask[i].bool()].tolist()
         response = sampled.response_ids[i][sampled.response_mask[i].bool()].tolist()
         response += [] if bool(sampled.ended[i]) else [end]
-        out.append(join_prompt_response(prompt, response, roles.reward.max_len))
+        out.append(join_prompt_response(prompt, response, roles.reward.max_len, roles.reward.tokenizer.bos_token_id))
     return out
 
 
