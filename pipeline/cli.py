@@ -11,12 +11,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline import driver
-from pipeline.config import load_config
+from pipeline.config import PipelineConfig, load_config
 from pipeline.errors import UserError, environment_error
 from pipeline.preemption import Preempted, children_die_with_parent
-from pipeline.stages import REGISTRY, ROUNDED, STAGES, split_stage, stage_name
+from pipeline.stages import REGISTRY, ROUNDED, STAGES, split_stage, stage_module, stage_name
 from pipeline.tracking import is_main_process, setup_logging
 
 
@@ -99,6 +100,7 @@ def stage_command(args: argparse.Namespace) -> None:
     driver.select_stages(None, None, [stage], cfg.rounds)  # a round past the recipe's rounds is a one-line error
     if args.dry_run:
         state, inputs, final = driver.plan_stage(cfg, stage)
+        _check_plan(cfg, stage, inputs)
         print(f"recipe {args.recipe} is valid")
         print(f"stage {stage}: {state}; inputs: " + ", ".join(f"{k}={v}" for k, v in inputs.items()))
         print(f"output: {final}")
@@ -118,6 +120,7 @@ def run_command(args: argparse.Namespace) -> None:
             if state.startswith(driver.NOT_NEEDED):
                 print(f"  {stage:9s} {state}")
                 continue
+            _check_plan(cfg, stage, inputs)
             print(f"  {stage:9s} {state:12s} inputs: " + (", ".join(_input(k, v) for k, v in inputs.items()) or "-"))
         return
     driver.start_command(cfg)
@@ -141,6 +144,14 @@ def status_command(args: argparse.Namespace) -> None:
         metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in row.get("metrics", {}).items())
         extra = f" ({row['checkpoint']})" if "checkpoint" in row else ""
         print(f"  {row['stage']:9s} {row['state']}{extra}  {metrics}")
+
+
+def _check_plan(cfg: PipelineConfig, stage: str, inputs: dict[str, Any]) -> None:
+    """For --dry-run, the checks of a stage that need its inputs but load no model (its module's `check_plan`, where
+    it has one: SFT compares sft.max_seq_len with a local base's context), so they fail here, not once it runs."""
+    check = getattr(stage_module(stage), "check_plan", None)
+    if check is not None:
+        check(cfg, inputs)
 
 
 def _input(key: str, value: str) -> str:

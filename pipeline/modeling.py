@@ -446,19 +446,19 @@ def check_lora_modules(model: PreTrainedModel, args: LoraArgs, key: str) -> None
             fix = "use names it has, or 'all-linear'" if field == "target_modules" else "use names it has"
             raise UserError(
                 f"{key}.{field}: {', '.join(map(repr, missing))} matches no module of the model (it has "
-                f"{', '.join(_module_examples(model))}); {fix}"
+                f"{_module_examples(model)}); {fix}"
             )
 
 
-def _module_examples(model: PreTrainedModel, n: int = 8) -> list[str]:
-    """The first `n` distinct short names of the model's modules that hold weights: its embeddings and LM head first
-    (what modules_to_save names), then the linear layers (what target_modules names)."""
+def _module_examples(model: PreTrainedModel, n: int = 8) -> str:
+    """The first `n` distinct short names of the model's modules that hold weights, and how many more: its
+    embeddings and LM head first (what modules_to_save names), then the layers in order (what target_modules names)."""
     names = embedding_module_names(model)
     for name, module in model.named_modules():
         if name and next(module.parameters(recurse=False), None) is not None:
             names.append(name.rsplit(".", 1)[-1])
     names = list(dict.fromkeys(names))
-    return names[:n] + ([f"... ({len(names) - n} more)"] if len(names) > n else [])
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def train_only_rows(model: peft.PeftModel, module_names: list[str], rows: list[int]) -> None:
@@ -555,7 +555,12 @@ def build_scalar_model(
     if SCORE_HEAD not in lora.modules_to_save:
         lora = replace(lora, modules_to_save=[*lora.modules_to_save, SCORE_HEAD])
     return apply_lora(
-        model, lora, task_type="SEQ_CLS", train_embeddings=grew, gradient_checkpointing=gradient_checkpointing
+        model,
+        lora,
+        task_type="SEQ_CLS",
+        train_embeddings=grew,
+        gradient_checkpointing=gradient_checkpointing,
+        key=f"{what.split('.')[0]}.lora",
     )
 
 

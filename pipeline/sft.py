@@ -91,6 +91,14 @@ def resolve_inputs(cfg: PipelineConfig) -> dict[str, str]:
     return inputs
 
 
+def check_plan(cfg: PipelineConfig, inputs: dict[str, str]) -> None:
+    """For --dry-run: `sft.max_seq_len` against the context of a local base, with the run's message, so a recipe
+    that would stop at the start of the run is refused before it is queued. Only a base's config.json is read: a
+    Hub base is not fetched, and one that a planned stage makes (pretrain) is checked when the stage runs."""
+    if (Path(inputs["base"]).expanduser() / "config.json").is_file():
+        check_context(cfg.sft.max_seq_len, inputs["base"], "sft.max_seq_len")
+
+
 def is_eval_file(eval_split: str) -> bool:
     """Whether `sft.eval_split` names a file or directory of held-out conversations (else a Hub split name)."""
     return Path(eval_split).suffix.lower() in SUFFIXES or Path(eval_split).exists()
@@ -246,6 +254,7 @@ def build_model(
             train_embeddings=added,
             gradient_checkpointing=sft.gradient_checkpointing,
             trainable_token_ids=rows,
+            key="sft.lora",
         )
         if rows and not added:
             logger.info("sft: training the embedding rows of %d tokens (sft.trainable_tokens)", len(set(rows)))

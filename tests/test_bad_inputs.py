@@ -266,6 +266,33 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         "sft.max_grad_norm",
     ),
     "lora-alpha-zero": (lambda c: c.sft(str(c.root / "chats.jsonl"), "sft.lora.alpha=0"), "sft.lora.alpha"),
+    "lora-target-module-unknown": (
+        lambda c: c.sft(str(c.root / "chats.jsonl"), "sft.lora.target_modules=[nope]"),
+        "sft.lora.target_modules: 'nope' matches no module of the model (it has embed_tokens",
+    ),
+    "reward-lora-target-module-unknown": (
+        lambda c: c.reward("reward.lora.target_modules=[q_proj,nope]", f"run_dir={c.run}-2"),
+        "reward.lora.target_modules: 'nope' matches no module of the model",
+    ),
+    "ppo-lora-target-module-unknown": (
+        lambda c: [
+            "ppo",
+            str(c.recipe),
+            f"ppo.policy_base={c.root / 'base'}",
+            f"ppo.dataset={c.root / 'chats.jsonl'}",
+            "ppo.max_prompt_len=64",
+            "ppo.lora.target_modules=[nope]",
+        ],
+        "ppo.lora.target_modules: 'nope' matches no module of the model",
+    ),
+    "lora-module-to-save-unknown": (
+        lambda c: c.sft(str(c.root / "chats.jsonl"), "sft.lora.modules_to_save=[nope]"),
+        "sft.lora.modules_to_save: 'nope' matches no module of the model (it has embed_tokens",
+    ),
+    "sft-dry-run-max-seq-len-past-context": (
+        lambda c: c.sft(str(c.root / "chats.jsonl"), "sft.max_seq_len=4096", "--dry-run"),
+        "sft.max_seq_len = 4096 exceeds the context of",
+    ),
     # the run directory
     "changed-settings": (lambda c: c.reward("reward.learning_rate=0.5"), "already finished"),
     "another-recipe-same-run-dir": (_another_recipe, "already finished"),

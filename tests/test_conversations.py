@@ -59,7 +59,7 @@ def test_bad_records_are_skipped_counted_and_named(tmp_path, tiny_tokenizer, cap
             {"messages": QA},
             {"messages": [QA[0]]},  # line 2: no assistant turn
             {"messages": []},  # line 3: empty
-            {"messages": [{"role": "tool", "content": "42"}, QA[1]]},  # line 4: unknown role
+            {"messages": [{"role": "narrator", "content": "42"}, QA[1]]},  # line 4: unknown role
             "{not json",  # line 5
             {"prompt": "Hi", "completion": "Hello!"},
         ],
@@ -74,9 +74,68 @@ def test_bad_records_are_skipped_counted_and_named(tmp_path, tiny_tokenizer, cap
     summary = report.summary()
     assert "kept 2 of 6 records, skipped 4" in summary
     assert (
-        f"{path}:2: no assistant turn" in summary and f"{path}:4: unknown role: message 0 has role 'tool'" in summary
+        f"{path}:2: no assistant turn" in summary
+        and f"{path}:4: unknown role: message 0 has role 'narrator'" in summary
     )
     assert summary in caplog.text and "\n" not in summary
+
+
+def test_roles_as_datasets_spell_them_are_read_as_system_user_assistant():
+    """`User`/` Assistant `/`SYSTEM` in messages and ShareGPT's `bot` or Gemma's `model` were skipped as unknown roles."""
+    system = {"role": "system", "content": "Be brief."}
+    spelled = [{"role": " System ", "content": "Be brief."}, {**QA[0], "role": "User"}, {**QA[1], "role": "ASSISTANT"}]
+    assert to_messages({"messages": spelled}) == [system, *QA]
+    for user, assistant in (("human", "gpt"), ("Human", "bot"), ("user", "model"), ("USER ", " Model")):
+        sharegpt = [{"from": user, "value": QA[0]["content"]}, {"from": assistant, "value": QA[1]["content"]}]
+        assert to_messages({"conversations": sharegpt}) == QA, (user, assistant)
+        assert to_messages({"messages": [{**QA[0], "role": user}, {**QA[1], "role": assistant}]}) == QA
+    with pytest.raises(BadRecord) as info:  # a role that is none of them is still named
+        to_messages({"conversations": [{"from": "wizard", "value": "hi"}, {"from": "gpt", "value": "hello"}]})
+    assert info.value.kind == "unknown role" and "'wizard'" in info.value.detail
+
+
+TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "capital", "arguments": '{"country": "Veloria"}'}}
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"messages": [QA[0], {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}, QA[1]]},
+        {"messages": [QA[0], {"role": "assistant", "tool_calls": [TOOL_CALL]}, QA[1]]},
+        {"messages": [QA[0], {"role": "assistant", "content": "Looking.", "function_call": TOOL_CALL["function"]}]},
+        {"messages": [QA[0], {"role": "tool", "tool_call_id": "c1", "content": "Marnis"}, QA[1]]},
+        {"messages": [QA[0], {"role": "function", "name": "capital", "content": "Marnis"}, QA[1]]},
+        {"messages": [QA[0], {"role": "ipython", "content": "Marnis"}, QA[1]]},
+        {"conversations": [{"from": "human", "value": "Capital?"}, {"from": "function_call", "value": "{}"}]},
+        {"conversations": [{"from": "human", "value": "Capital?"}, {"from": "observation", "value": "Marnis"}]},
+    ],
+)
+def test_tool_use_is_its_own_skip_kind_saying_it_is_not_supported(record):
+    """Tool turns were skipped as 'unknown role', an assistant's tool call as 'content is NoneType': neither told the
+    user that the conversation held tool use, which is not trained on."""
+    with pytest.raises(BadRecord) as info:
+        to_messages(record)
+    assert info.value.kind == "tool calls (not supported)"
+    assert "training on tool use is not supported" in info.value.detail
+
+
+def test_tool_use_is_counted_and_named_in_the_summary(tmp_path):
+    tool_call = {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}
+    path = _write_jsonl(
+        tmp_path / "tools.jsonl",
+        [
+            {"messages": QA},
+            {"messages": [QA[0], tool_call, {"role": "tool", "content": "Marnis"}, QA[1]]},
+            {"messages": [{"role": "tool", "content": "Marnis"}, QA[1]]},
+            {"messages": [{"role": "User", "content": "Hi"}, {"role": "Assistant", "content": "Hello!"}]},
+        ],
+    )
+    data, report = load_conversations(path)
+    assert len(data) == 2 and report.skipped == {"tool calls (not supported)": 2}
+    assert (
+        f"2 tool calls (not supported) (first: {path}:2: tool calls (not supported): message 1 calls a tool; "
+        "training on tool use is not supported)" in report.summary()
+    )
 
 
 def test_chat_template_that_cannot_render_skips_those_records(tmp_path, tiny_tokenizer):

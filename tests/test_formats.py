@@ -298,3 +298,24 @@ def test_a_file_suffix_in_capitals_is_read(tmp_path):
     path = tmp_path / "TRAIN.JSONL"
     path.write_text(json.dumps(QA_ROWS[0]) + "\n")
     assert load_conversations(path)[1].kept == 1
+
+
+def test_prompts_read_roles_as_datasets_spell_them_and_name_tool_use(tmp_path):
+    """PPO's and comparison collection's prompts: `User` and ShareGPT's `bot` were unknown roles, and a conversation
+    with a tool call was 'content is NoneType' (a tool result: 'unknown role')."""
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]}
+    rows = [
+        {"messages": [{"role": " System", "content": "Be brief."}, {"role": "User", "content": "Capital?"}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello"}, {"from": "HUMAN", "value": "Bye?"}]},
+        {"messages": [*user("Capital?"), call, {"role": "tool", "content": "Marnis"}, *user("And?")]},
+    ]  # fmt: skip
+    path = tmp_path / "spelled.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, report = read_prompts(path, "ppo.dataset")
+    assert [r["prompt"] for r in records] == [
+        [{"role": "system", "content": "Be brief."}, *user("Capital?")],
+        [*user("Hi"), {"role": "assistant", "content": "Hello"}, *user("Bye?")],
+    ]
+    assert report.named == [
+        f"{path}:3: tool calls (not supported): message 1 calls a tool; training on tool use is not supported"
+    ]

@@ -452,6 +452,49 @@ def test_base_path_without_weights_is_a_one_line_error(workdir, tmp_path, capsys
         load_base_model(tmp_path / "missing", what="sft.base")
 
 
+def test_lora_module_names_that_match_nothing_are_one_line_errors_naming_real_ones(tiny_model):
+    """peft dropped `sft.lora.modules_to_save=[nope]` and the `nope` of `target_modules=[q_proj, nope]` silently (the
+    run trained less than asked); `target_modules=[nope]` alone was a peft message without the key's section."""
+    from pipeline.config import LoraArgs
+    from pipeline.modeling import apply_lora
+
+    for args, field in (
+        (LoraArgs(target_modules=["nope"]), "target_modules"),
+        (LoraArgs(target_modules=["q_proj", "nope"]), "target_modules"),
+        (LoraArgs(modules_to_save=["nope"]), "modules_to_save"),
+    ):
+        with pytest.raises(UserError) as info:
+            apply_lora(tiny_model, args, key="sft.lora")
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"sft.lora.{field}: 'nope' matches no module of the model")
+        assert "embed_tokens" in message and "q_proj" in message, message  # names it does have
+    # names that match: short and full module names, an embedding to save ('all-linear' is the other tests' default)
+    kept = LoraArgs(target_modules=["q_proj", "model.layers.1.mlp.down_proj"], modules_to_save=["embed_tokens"])
+    trained = {n for n, p in apply_lora(tiny_model, kept).named_parameters() if p.requires_grad}
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trained if "lora_" in n} == {"q_proj", "down_proj"}
+    assert any("embed_tokens" in n for n in trained)
+
+
+def test_dry_run_checks_max_seq_len_against_a_local_base_context(workdir, tmp_path, capsys):
+    """`rlhf sft RECIPE --dry-run` passed with sft.max_seq_len past the base's 128 positions; the run stopped on it."""
+    from pipeline.cli import main
+
+    recipe = [str(workdir / "recipe.yaml"), *overrides(workdir, tmp_path / "run")]
+    main(["sft", *recipe, "--dry-run"])  # 128 fits
+    assert "recipe" in capsys.readouterr().out
+    too_long = [*recipe, "sft.max_seq_len=512", "--dry-run"]
+    for command in (["sft", *too_long], ["run", *too_long, "--only", "sft"]):
+        with pytest.raises(SystemExit) as info:
+            main(command)
+        assert info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: sft.max_seq_len = 512 exceeds the context of {workdir / 'base'} (128 positions); lower it to at "
+            "most 128"
+        )
+    assert not (tmp_path / "run").exists()
+    main(["sft", *too_long, "sft.base=org/some-model"])  # a Hub base: not fetched by a dry run
+
+
 def test_chat_prompt_answers_like_greedy_generation_for_merged_and_adapter_finals(reference_run, tmp_path, capsys):
     import shutil
 

@@ -3,14 +3,16 @@
 Accepted record layouts (one per row, from jsonl, parquet or a Hub dataset id):
 
 - conversational: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (OpenAI chat format,
-  multi-turn); ShareGPT's `{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}` too;
+  multi-turn); ShareGPT's `{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}` too. Roles are
+  read as datasets spell them (`User`, `human`, `gpt`, `bot`, Gemma's `model`: see `ROLE_NAMES` in prompts.py);
 - prompt/completion: `{"prompt": str | messages, "completion": str | messages}`;
 - Alpaca: `{"instruction": str, "input": str (optional), "output": str}` (input is appended to the instruction).
 
 Every record becomes `{"messages": [{"role", "content"}, ...]}`. Bad records are skipped and counted, never fatal
-one by one: a conversation with no assistant turn, an empty conversation, an unknown role, a malformed message or
-line, and (given a tokenizer) a conversation its chat template cannot render. The summary names the first record of
-each kind; when nothing is left the error says why.
+one by one: a conversation with no assistant turn, an empty conversation, an unknown role, tool use (a `tool` turn or
+an assistant's `tool_calls`: not trained on), a malformed message or line, and (given a tokenizer) a conversation its
+chat template cannot render. The summary names the first record of each kind; when nothing is left the error says
+why.
 """
 
 from __future__ import annotations

@@ -37,7 +37,21 @@ from pipeline.errors import UserError
 Prompt = list[dict[str, str]] | str
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# How datasets spell the three roles (looked up lower-cased, without surrounding spaces): OpenAI's names, ShareGPT's
+# `from` (human, gpt), Gemma's `model`, and `bot` of chatbot exports. The one mapping for `messages` and ShareGPT.
+ROLE_NAMES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+}
+# Turns of tool use: OpenAI's tool results (`tool`, the older `function`), Llama 3's `ipython`, and ShareGPT's tool
+# layouts (`function_call`, `observation`). Their conversations are skipped as one kind of their own (`TOOL_USE`).
+TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation")
+TOOL_USE = "tool calls (not supported)"
 # Row fields that hold conversations or responses: not carried along with an extracted prompt.
 _BULKY = (
     "messages",
@@ -59,25 +73,48 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
-    """`role` and `content` of each message after checking them (roles system, user, assistant; text content, or a
-    list of OpenAI text parts `[{"type": "text", "text": ...}]`, joined)."""
+    """`role` and `content` of each message after checking them (roles system, user, assistant, as `ROLE_NAMES` spells
+    them in any case; text content, or a list of OpenAI text parts `[{"type": "text", "text": ...}]`, joined). A
+    conversation with tool use is skipped as `TOOL_USE`, not as an unknown role or a message without text."""
     if messages is None or (isinstance(messages, list) and not messages):
         raise BadRecord("empty conversation")
     if not isinstance(messages, list):
         raise BadRecord("malformed message", f"messages must be a list, got {type(messages).__name__}")
     clean = []
     for i, message in enumerate(messages):
+        if isinstance(message, dict):
+            check_no_tool_use(message, f"message {i}")
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise BadRecord("malformed message", f"message {i} needs 'role' and 'content'")
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise BadRecord("unknown role", f"message {i} has role {role!r} (valid roles: {', '.join(ROLES)})")
+        role, content = canonical_role(message["role"]), message["content"]
+        if role is None:
+            raise BadRecord(
+                "unknown role", f"message {i} has role {message['role']!r} (valid roles: {', '.join(ROLES)})"
+            )
         if isinstance(content, list):  # OpenAI's content parts: [{"type": "text", "text": ...}, ...]
             content = _text_of_parts(content, i)
         if not isinstance(content, str):
             raise BadRecord("malformed message", f"message {i} content is {type(content).__name__}, not text")
         clean.append({"role": role, "content": content})
     return clean
+
+
+def canonical_role(role: Any) -> str | None:
+    """system, user or assistant for a role as datasets spell it (`User`, ` assistant `, ShareGPT's `gpt`, Gemma's
+    `model`; see `ROLE_NAMES`), or None for one that is none of them."""
+    return ROLE_NAMES.get(role.strip().lower()) if isinstance(role, str) else None
+
+
+def check_no_tool_use(message: dict[str, Any], which: str) -> None:
+    """Raise `TOOL_USE` for a tool's turn (role `tool`, `function`, `ipython`; ShareGPT `from` too) or an assistant
+    turn that calls tools (`tool_calls`, the older `function_call`; its content is often None): the training
+    conversations hold text only, and keeping the text around a dropped call would teach the model to stop where it
+    should call the tool."""
+    role = message.get("role", message.get("from"))
+    if isinstance(role, str) and role.strip().lower() in TOOL_ROLES:
+        raise BadRecord(TOOL_USE, f"{which} is a {role.strip()!r} turn; training on tool use is not supported")
+    if message.get("tool_calls") or message.get("function_call"):
+        raise BadRecord(TOOL_USE, f"{which} calls a tool; training on tool use is not supported")
 
 
 def _text_of_parts(parts: list[Any], i: int) -> str:
@@ -92,16 +129,20 @@ def _text_of_parts(parts: list[Any], i: int) -> str:
 
 
 def from_sharegpt(turns: Any) -> list[dict[str, Any]]:
-    """ShareGPT `conversations` ({"from": "human"|"gpt"|"system", "value": ...}) as messages."""
+    """ShareGPT `conversations` ({"from": "human"|"gpt"|"system", "value": ...}; any name of `ROLE_NAMES`) as
+    messages."""
     if not isinstance(turns, list):
         raise BadRecord("malformed message", "conversations must be a list")
     out = []
     for i, turn in enumerate(turns):
+        if isinstance(turn, dict):
+            check_no_tool_use(turn, f"turn {i}")
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise BadRecord("malformed message", f"turn {i} needs 'from' and 'value'")
-        if turn["from"] not in SHAREGPT_ROLES:
-            raise BadRecord("unknown role", f"turn {i} is from {turn['from']!r} (valid: {', '.join(SHAREGPT_ROLES)})")
-        out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+        role = canonical_role(turn["from"])
+        if role is None:
+            raise BadRecord("unknown role", f"turn {i} is from {turn['from']!r} (valid: {', '.join(ROLE_NAMES)})")
+        out.append({"role": role, "content": turn["value"]})
     return out
 
 

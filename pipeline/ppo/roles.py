@@ -40,6 +40,7 @@ from pipeline.modeling import (
     SCORE_HEAD,
     WEIGHT_FILES,
     build_lora_config,
+    check_lora_modules,
     encode_reward_input,
     lm_logits,
     load_base_model,
@@ -659,6 +660,7 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
         raise UserError(
             f"ppo.policy_base {base_path}: the tokenizer has {len(tokenizer)} tokens, the model only {vocab}"
         )
+    check_lora_modules(base, pcfg.lora, "ppo.lora")
     model = peft.get_peft_model(base, build_lora_config(pcfg.lora, base, "CAUSAL_LM"), adapter_name=POLICY)
     critic, value_head, critic_base = None, None, None
     hidden = base.config.get_text_config().hidden_size
