@@ -23,7 +23,7 @@ import peft
 import torch
 from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
-from pipeline.checkpoints import is_finished, read_stage_json
+from pipeline.checkpoints import check_final_files, is_finished, read_stage_json
 from pipeline.data.records import BadRecord
 from pipeline.errors import UserError
 from pipeline.generation import SamplingArgs, special_ids
@@ -49,6 +49,7 @@ def load_chat_model(path: str | Path) -> tuple[Any, Any, str]:
     """(model, tokenizer, description) of the language model a finished stage produced."""
     final = resolve_final(path)
     record = read_stage_json(final)
+    check_final_files(final)
     for candidate in (final, final / "merged"):
         if any((candidate / name).is_file() for name in WEIGHT_FILES) and (candidate / "config.json").is_file():
             model = AutoModelForCausalLM.from_pretrained(candidate)
@@ -56,6 +57,11 @@ def load_chat_model(path: str | Path) -> tuple[Any, Any, str]:
     adapter_file = final / "adapter_config.json"
     if not adapter_file.is_file():
         raise UserError(f"{final} holds neither model weights nor an adapter; nothing to chat with")
+    if not any((final / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise UserError(
+            f"{final} has adapter_config.json but no adapter_model.safetensors; restore it, or run the stage again "
+            "with --rerun"
+        )
     inputs = record.get("inputs", {})
     role = next((r for r in BASE_ROLES if r in inputs), None)
     if role is None:

@@ -166,7 +166,12 @@ def prepare_stage(cfg: PipelineConfig, stage: str, identity: dict[str, Any], rer
     sdir, final = stage_dir(cfg, stage), final_dir(cfg, stage)
     note_output_dir(sdir)
     if is_finished(final):
-        old = read_stage_json(final)
+        try:
+            old = read_stage_json(final)
+        except UserError:  # a damaged stage.json: --rerun (what its message advises) moves it aside like any other
+            if not rerun:
+                raise
+            old = {}
         if same_stage(old, identity, cfg) and not rerun:
             return final
         if not rerun:
@@ -308,6 +313,14 @@ def checkpoint_damage(path: Path) -> str | None:
         except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as exc:
             return f"{file.name} does not load: {type(exc).__name__}"
     return None
+
+
+def check_final_files(final: Path) -> None:
+    """A finished stage's files are whole (read as `checkpoint_damage` reads a checkpoint's): a file cut short or
+    damaged after the stage finished (a copy, a full disk) is a one-line error naming it, not a loader's traceback."""
+    damage = checkpoint_damage(final)
+    if damage is not None:
+        raise UserError(f"{final} is damaged ({damage}); restore it, or run the stage again with --rerun")
 
 
 def mark_checkpoint_complete(path: Path, step: int) -> None:

@@ -105,7 +105,8 @@ def stage_command(args: argparse.Namespace) -> None:
         print(f"stage {stage}: {state}; inputs: " + ", ".join(f"{k}={v}" for k, v in inputs.items()))
         print(f"output: {final}")
         return
-    final = driver.run_stage(cfg, stage, args.rerun)
+    with driver.run_dir_lock(cfg):
+        final = driver.run_stage(cfg, stage, args.rerun)
     if is_main_process():
         print(f"{stage} finished: {final}")
 
@@ -124,16 +125,17 @@ def run_command(args: argparse.Namespace) -> None:
             print(f"  {stage:9s} {state:12s} inputs: " + (", ".join(_input(k, v) for k, v in inputs.items()) or "-"))
         return
     driver.start_command(cfg)
-    summary = driver.run_pipeline(cfg, stages, args.rerun, args.recipe, args.overrides, args.accelerate_config)
-    if not is_main_process():
-        return
-    for stage, info in summary.items():
-        print(f"{stage:9s} {info['action']:8s} {info['seconds']:7.1f} s  {info['final']}")
-    if not args.no_report and split_stage(stages[-1])[0] == STAGES[-1]:
-        from pipeline.report import versions_line, write_report
+    with driver.run_dir_lock(cfg):
+        summary = driver.run_pipeline(cfg, stages, args.rerun, args.recipe, args.overrides, args.accelerate_config)
+        if not is_main_process():
+            return
+        for stage, info in summary.items():
+            print(f"{stage:9s} {info['action']:8s} {info['seconds']:7.1f} s  {info['final']}")
+        if not args.no_report and split_stage(stages[-1])[0] == STAGES[-1]:
+            from pipeline.report import versions_line, write_report
 
-        print(f"report: {write_report(cfg.run_path)}")
-        print(versions_line(cfg.run_path))
+            print(f"report: {write_report(cfg.run_path)}")
+            print(versions_line(cfg.run_path))
 
 
 def status_command(args: argparse.Namespace) -> None:
@@ -219,6 +221,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     argparse ends a `nargs="*"` positional at the first option, so the later overrides come back as extras."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
+    if getattr(args, "only", None):  # `--only ppo ppo.kl_target=3`: nargs="+" took the override as a stage name
+        extras = [a for a in args.only if "=" in a] + extras
+        args.only = [a for a in args.only if "=" not in a]
+        if not args.only:
+            parser.error("--only needs at least one stage name before the key=value overrides")
     stray = [a for a in extras if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

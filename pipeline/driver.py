@@ -17,12 +17,15 @@ happened; `cli.py` prints it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,7 @@ from pipeline.config import PipelineConfig, build_config
 from pipeline.errors import UserError
 from pipeline.preemption import Preempted, install_preemption_handler, preemption_signalled
 from pipeline.stages import STAGES, check_stage, pipeline_stages, round_arguments, split_stage, stage_module
-from pipeline.tracking import is_main_process
+from pipeline.tracking import is_main_process, process_rank
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +115,15 @@ def not_needed_reason(cfg: PipelineConfig, stage: str) -> str:
 
 
 def stage_state(cfg: PipelineConfig, stage: str) -> tuple[str, dict[str, Any]]:
-    """('finished' | 'changed' | 'interrupted' | 'new', identity) of a stage under this config."""
+    """('finished' | 'changed' | 'damaged' | 'interrupted' | 'new', identity) of a stage under this config; a
+    'damaged' one (its stage.json does not parse) stops the run with that error, or runs again under --rerun."""
     identity = stage_identity(cfg, stage, stage_module(stage).resolve_inputs(cfg, **round_arguments(stage)))
     final = final_dir(cfg, stage)
     if is_finished(final):
-        same = same_stage(read_stage_json(final), identity, cfg)
+        try:
+            same = same_stage(read_stage_json(final), identity, cfg)
+        except UserError:
+            return "damaged", identity
         return ("finished" if same else "changed"), identity
     if newest_checkpoint(stage_dir(cfg, stage)) or (stage_dir(cfg, stage) / "identity.json").is_file():
         return "interrupted", identity
@@ -142,13 +149,17 @@ def run_pipeline(
             continue
         state, _ = stage_state(cfg, stage)
         explicit = rerun and position == 0 and stages[0] != STAGES[0]  # `--from S --rerun` / `--only S --rerun`
-        force = upstream_ran or explicit or (rerun and state == "changed")
+        force = upstream_ran or explicit or (rerun and state in ("changed", "damaged"))
         if state == "finished" and not force:
             logger.info("%s: finished with the same settings, skipped", stage)
             summary[stage] = {"action": "skipped", "seconds": 0.0, "final": str(final_dir(cfg, stage))}
             continue
         action = (
-            "rerun" if force and state in ("finished", "changed") else "resumed" if state == "interrupted" else "ran"
+            "rerun"
+            if force and state in ("finished", "changed", "damaged")
+            else "resumed"
+            if state == "interrupted"
+            else "ran"
         )
         logger.info("%s: %s", stage, {"rerun": "running again", "resumed": "resuming", "ran": "running"}[action])
         start = time.time()
@@ -289,6 +300,45 @@ def start_command(cfg: PipelineConfig) -> None:
     """What a command does first: save on pre-emption signals. (The resolved config is recorded by the first stage
     that goes ahead, so a refused command leaves run_dir/config.yaml as it was.)"""
     install_preemption_handler()
+
+
+LOCK_FILE = ".lock"
+_LOCK_HELD = "RLHF_RUN_DIR_LOCK"  # set while a command holds the lock: the stages it launches run under it
+
+
+@contextlib.contextmanager
+def run_dir_lock(cfg: PipelineConfig) -> Iterator[None]:
+    """One command at a time in a run directory: a second `rlhf run` (or stage command) on the same run_dir stops with
+    a one-line error instead of writing the same stage folders. The lock is an flock on run_dir/.lock, so the kernel
+    releases it when its holder dies (SIGKILL included): a killed run never blocks the command that resumes it. Held
+    by the first process of a launch; the stages the driver launches under accelerate inherit it."""
+    if process_rank() != 0 or os.environ.get(_LOCK_HELD):
+        yield
+        return
+    if not cfg.run_path.is_dir():
+        cfg.run_path.mkdir(parents=True, exist_ok=True)
+    handle = open(cfg.run_path / LOCK_FILE, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(
+                f"another rlhf command ({holder}) is running in {cfg.run_path}; wait for it to end (a stage it "
+                "finishes is then skipped), or give this one another run_dir=..."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}: {' '.join(sys.argv[1:3])}")
+        handle.flush()
+        os.environ[_LOCK_HELD] = str(cfg.run_path)
+        try:
+            yield
+        finally:
+            os.environ.pop(_LOCK_HELD, None)
+    finally:
+        handle.close()
 
 
 def plan_stage(cfg: PipelineConfig, stage: str) -> tuple[str, dict[str, str], Path]:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -33,9 +34,13 @@ from pipeline.config import LoraArgs, ModelArgs
 from pipeline.data.records import BadRecord
 from pipeline.errors import UserError
 from pipeline.generation import mixed_precision, tokenize_prompts
-from pipeline.tokenizer import end_ids, load_tokenizer, render_with_masks, turn_end_token
+from pipeline.tokenizer import end_ids, load_tokenizer, pad_candidate, render_with_masks, turn_end_token
 
 logger = logging.getLogger(__name__)
+
+# peft's get_peft_model reads transformers 5's deprecated `is_gradient_checkpointing`: two lines of FutureWarning on
+# stderr in every stage that puts on an adapter, before any one-line error (not ours to act on)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pretraining: Llama size presets and models built from a config
@@ -564,16 +569,77 @@ def build_scalar_model(
     )
 
 
+def fit_pad_token(tokenizer: PreTrainedTokenizerBase, ends: list[int], what: str) -> None:
+    """A model brought as it is (no SFT stage to prepare its tokenizer) may have no pad (Llama 3, GPT-2) or pad with
+    an end id (Qwen's `<|endoftext|>`): use an unused special token it already has, as SFT does (`pad_candidate`;
+    no new token, so the embeddings stay as they are), or refuse in one line when none fits."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in ends:
+        return
+    why = "has no pad token" if tokenizer.pad_token_id is None else f"pads with {tokenizer.pad_token!r}, an end id"
+    candidate = pad_candidate(tokenizer, ends)
+    if candidate is None:
+        raise UserError(
+            f"{what}: the tokenizer {why} and has no unused special token to pad with; save it with a distinct "
+            "pad_token that is no end id (tokenizer.pad_token = ...; tokenizer.save_pretrained)"
+        )
+    tokenizer.pad_token = candidate
+    logger.info("%s: the tokenizer %s; padding with its unused special token %r", what, why, candidate)
+
+
+def check_reward_checkpoint(path: Path, what: str = "reward model") -> None:
+    """Refuse in one line what would load as a reward model with a fresh, random score head: a causal LM (no
+    *ForSequenceClassification architecture), an adapter without a score head (task_type CAUSAL_LM), or a head with
+    more than one output (num_labels=2: a classifier, not one score per response)."""
+    fix = (
+        "give a sequence-classification model or adapter with one output (num_labels=1), e.g. the reward stage's "
+        "final/"
+    )
+    if (path / "adapter_config.json").is_file():
+        file = path / "adapter_model.safetensors"
+        if file.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(file), "pt") as fh:
+                shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()}
+        elif (path / "adapter_model.bin").is_file():
+            shapes = {k: list(v.shape) for k, v in torch.load(path / "adapter_model.bin", map_location="cpu").items()}
+        else:
+            raise UserError(f"{what} {path} has adapter_config.json but no adapter weights; {fix}")
+        heads = [
+            shape
+            for k, shape in shapes.items()
+            if k.split(".")[-2:] in (["score", "weight"], ["classifier", "weight"])
+        ]
+        if not heads:
+            task = json.loads((path / "adapter_config.json").read_text()).get("task_type")
+            raise UserError(f"{what} {path} is a LoRA adapter without a score head (task_type {task}); {fix}")
+        if heads[0][0] != 1:
+            raise UserError(f"{what} {path} has a score head with {heads[0][0]} outputs; {fix}")
+        return
+    check_model_source(path, what)
+    config = AutoConfig.from_pretrained(str(path))
+    architectures = config.architectures or []
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise UserError(
+            f"{what} {path} is a {architectures[0]}, not a reward model: its score head would start random; {fix}"
+        )
+    if architectures and config.num_labels != 1:
+        raise UserError(f"{what} {path} has num_labels={config.num_labels} (one score per response needs 1); {fix}")
+
+
 def load_reward_model(
-    path: str | Path, base: str | Path | None = None, quantize_4bit: bool = False
+    path: str | Path, base: str | Path | None = None, quantize_4bit: bool = False, what: str = "reward model"
 ) -> tuple[PreTrainedModel | peft.PeftModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) of a finished reward stage (`reward/final/`), in eval mode.
+    """(model, tokenizer) of a finished reward stage (`reward/final/`), or any one-output sequence-classification
+    model or adapter (`check_reward_checkpoint`), in eval mode.
 
     An adapter is put on `base`, by default the base recorded in the stage's `stage.json` (the merged SFT model);
-    a fully fine-tuned reward model loads as it is.
+    a fully fine-tuned reward model loads as it is. `what` names it in errors (e.g. "ppo.reward_model").
     """
     path = Path(path)
+    check_reward_checkpoint(path, what)
     tokenizer = load_tokenizer(path)
+    fit_pad_token(tokenizer, end_ids(tokenizer), f"{what} {path}")
     if (path / "adapter_config.json").is_file():
         if base is None:
             stage = json.loads((path / "stage.json").read_text()) if (path / "stage.json").is_file() else {}

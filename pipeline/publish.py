@@ -34,7 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoints import check_weights_saved, is_finished, read_stage_json, write_json_atomic
+from pipeline.checkpoints import (
+    check_final_files,
+    check_weights_saved,
+    is_finished,
+    read_stage_json,
+    write_json_atomic,
+)
 from pipeline.config import PipelineConfig, config_to_dict, flatten
 from pipeline.errors import UserError
 from pipeline.model_card import CardInputs, LineageNode, build_model_card, is_hub_id
@@ -113,9 +119,9 @@ def resolve_final(path: Path) -> Path:
     if not path.exists():
         raise UserError(f"{path} does not exist; give a stage directory such as runs/demo/sft")
     if not is_finished(final):
-        stage = final.parent.name
+        stage, round_no = split_stage(final.parent.name)
         hint = (
-            f"finish it first (rlhf {stage} RECIPE)"
+            f"finish it first (rlhf {stage} RECIPE{f' --round {round_no}' if round_no > 1 else ''})"
             if stage in STAGES
             else "give a stage directory such as runs/demo/sft"
         )
@@ -132,6 +138,7 @@ def check_adapter(final: Path) -> None:
             f"{final} has no adapter ({', '.join(missing)} missing; it holds '{contents}'): publish uploads LoRA "
             "adapters, so give the sft, reward or ppo stage of a run trained with finetune=lora or qlora"
         )
+    check_final_files(final)
     check_weights_saved(final)
 
 
@@ -291,7 +298,14 @@ def read_published(run_dir: Path) -> list[dict[str, Any]]:
     path = published_path(run_dir)
     if not path.is_file():
         return []
-    return json.loads(path.read_text()).get("published", [])
+    try:
+        entries = json.loads(path.read_text()).get("published", [])
+    except (ValueError, AttributeError) as exc:  # cut short by a crash or a full disk, or edited by hand
+        raise UserError(
+            f"{path} is damaged ({type(exc).__name__}); restore it, or move it aside (it only records where results "
+            "were published: the next publish starts a new one)"
+        ) from None
+    return entries
 
 
 def published_entry(final: Path, record: dict[str, Any]) -> dict[str, Any] | None:

@@ -26,11 +26,29 @@ logger = logging.getLogger(__name__)
 
 
 def _load_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # cut short by a crash, a full disk or a copy
+        raise _damaged(path, exc) from None
 
 
 def _load_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _damaged(path, exc) from None
+
+
+def _damaged(path: Path, exc: ValueError) -> UserError:
+    """A stage's result file that does not parse: one line naming it (as read_stage_json does for stage.json)."""
+    where = getattr(exc, "pos", getattr(exc, "start", 0))
+    return UserError(
+        f"{path} is damaged ({type(exc).__name__} at byte {where}); restore it, or run the stage again with --rerun"
+    )
 
 
 def run_stages(run_dir: Path) -> list[str]:

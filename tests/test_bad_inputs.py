@@ -199,6 +199,45 @@ def _bad_question(ctx: Ctx) -> str:
     return ctx.file("qa.jsonl", json.dumps(question) + "\n")
 
 
+def _cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _report_of_truncated(ctx: Ctx) -> list[str]:
+    _truncate_stage_json(ctx)
+    return ["report", str(ctx.run)]
+
+
+def _chat_truncated_adapter(ctx: Ctx) -> list[str]:
+    _cut_in_half(ctx.run / "reward" / "final" / "adapter_model.safetensors")
+    return ["chat", str(ctx.run / "reward"), "--prompt", "Hi", "--max-new-tokens", "2"]
+
+
+def _chat_adapter_weights_missing(ctx: Ctx) -> list[str]:
+    (ctx.run / "reward" / "final" / "adapter_model.safetensors").unlink()
+    return ["chat", str(ctx.run / "reward"), "--prompt", "Hi", "--max-new-tokens", "2"]
+
+
+def _publish_truncated_adapter(ctx: Ctx) -> list[str]:
+    _cut_in_half(ctx.run / "reward" / "final" / "adapter_model.safetensors")
+    return ["publish", str(ctx.run / "reward"), "--repo-id", "o/n", "--dry-run"]
+
+
+def _publish_damaged_published_json(ctx: Ctx) -> list[str]:
+    (ctx.run / "published.json").write_text('{"published": [{"stage": "reward", ')
+    return ["publish", str(ctx.run / "reward"), "--repo-id", "o/n", "--dry-run"]
+
+
+def _run_dir_in_use(ctx: Ctx) -> list[str]:
+    """Another command holds the run directory's lock (a second `rlhf run` on the same run_dir at once)."""
+    import fcntl
+
+    handle = open(ctx.run / ".lock", "a+")  # held open on ctx while the command runs
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    ctx.monkeypatch.setattr(ctx, "lock_holder", handle, raising=False)
+    return ctx.reward("reward.learning_rate=0.5", "--rerun")
+
+
 JSON_ARRAY = '[{"prompt": "a", "chosen": 1},\n {"prompt": "d"}]\n'  # a JSON array in a .jsonl file, no usable record
 
 CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
@@ -314,6 +353,12 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         lambda c: ["ppo", str(c.recipe), "ppo.dataset=demo", "--dry-run"],
         "run stage 'sft' first",
     ),
+    "report-truncated-stage-json": (_report_of_truncated, "stage.json is damaged"),
+    "chat-truncated-adapter": (_chat_truncated_adapter, "is damaged (adapter_model.safetensors is"),
+    "chat-adapter-weights-missing": (_chat_adapter_weights_missing, "no adapter_model.safetensors"),
+    "publish-dry-run-truncated-adapter": (_publish_truncated_adapter, "is damaged (adapter_model.safetensors is"),
+    "publish-damaged-published-json": (_publish_damaged_published_json, "published.json is damaged"),
+    "run-dir-in-use": (_run_dir_in_use, "another rlhf command"),
     "read-only-run-dir": (_read_only, "read-only file system"),
     "disk-full-enospc": (_enospc, "disk full while writing"),
     "disk-full-torch-save": (_disk_full_on_save, "disk full while writing into"),
@@ -376,3 +421,27 @@ def test_chat_history_is_cut_to_the_context(tiny_tokenizer):
     assert (
         len(tiny_tokenizer.apply_chat_template(kept, add_generation_prompt=True)["input_ids"]) <= 64 or len(kept) == 2
     )
+
+
+def test_rerun_replaces_a_stage_whose_stage_json_is_damaged(finished, tmp_path):
+    """The damaged-stage.json error advises --rerun; --rerun itself used to stop on the same error (a dead end)."""
+    root, recipe = finished
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    (tmp_path / "recipe.yaml").write_text(recipe.read_text().replace(str(root / "run"), str(run)))
+    stage_json = run / "reward" / "final" / "stage.json"
+    stage_json.write_bytes(stage_json.read_bytes()[:100])
+    damaged = stage_json.read_bytes()
+    code, err = cli("run", str(tmp_path / "recipe.yaml"), "--only", "reward", "--rerun", "--no-report")
+    assert code == 0, err
+    assert json.loads(stage_json.read_text())["stage"] == "reward"
+    (aside,) = run.glob("reward.replaced-*")
+    assert (aside / "final" / "stage.json").read_bytes() == damaged  # moved aside, not deleted
+
+
+def test_only_stops_at_an_override():
+    """`--only ppo ppo.kl_target=3`: nargs='+' took the override for a stage name ('unknown stage')."""
+    from pipeline.cli import parse_args
+
+    args = parse_args(["run", "r.yaml", "--only", "sft", "ppo", "ppo.kl_target=3", "--rerun", "seed=2"])
+    assert args.only == ["sft", "ppo"] and args.overrides == ["ppo.kl_target=3", "seed=2"] and args.rerun

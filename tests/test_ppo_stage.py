@@ -863,15 +863,20 @@ def test_nonfinite_values_stop_and_keep_the_last_good_checkpoint(upstream, tmp_p
 # Misconfigurations fail loudly at start
 
 
-def test_pad_equal_to_eos_is_refused(tmp_path, tiny_tokenizer):
-    tokenizer = _copy_tokenizer(tiny_tokenizer)
-    tokenizer.pad_token = tokenizer.eos_token
-    _save_upstream(tmp_path / "up", tokenizer)
-    cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", tmp_path / "up"))
-    from pipeline.ppo import loop
+def test_pad_equal_to_eos_is_replaced_by_an_unused_special_token(tmp_path, tiny_tokenizer):
+    """A pad that is an end id would hide every real EOS: PPO pads with an unused special token the tokenizer has
+    (as SFT picks one); where none fits it refuses (test_a_policy_base_brought_as_it_is_pads_with_...)."""
+    from pipeline.ppo.roles import build_roles
 
-    with pytest.raises(UserError, match=r"the pad token .<\|endoftext\|>. is an end id"):
-        loop.run(cfg)
+    tokenizer = _copy_tokenizer(tiny_tokenizer)
+    pad = tokenizer.pad_token
+    tokenizer.pad_token = tokenizer.eos_token
+    merged, reward = _save_upstream(tmp_path / "up", tokenizer)
+    cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", tmp_path / "up"))
+    roles = build_roles(cfg.ppo, str(merged), str(reward), torch.device("cpu"))
+    assert (
+        roles.tokenizer.pad_token == pad != tokenizer.eos_token and roles.tokenizer.pad_token_id not in roles.end_ids
+    )
 
 
 def test_tokenizer_without_eos_is_refused(tiny_tokenizer):
@@ -899,6 +904,99 @@ def test_reward_model_of_another_base_is_refused(upstream, tmp_path, tiny_tokeni
 
     with pytest.raises(UserError, match=r"was trained on .*other.*not on the policy base.*reward_placement=separate"):
         loop.run(cfg)
+
+
+def test_a_reward_model_not_made_by_the_reward_stage_is_checked_in_one_line(upstream, tmp_path, tiny_tokenizer):
+    """A user's own reward model: a plain sequence-classification model scores with reward_placement=separate; what
+    would have loaded with a fresh, random score head (a causal LM, an adapter without a head) or a head of two
+    outputs was a silent random reward or a traceback, and a full model on the shared placement named no fix."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from pipeline.ppo.roles import build_roles
+
+    merged = upstream / "sft" / "final" / "merged"
+    separate = dict(reward_placement="separate", value_init="fresh", reward_normalization="running")
+    cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, **separate))
+    for labels in (1, 2):
+        model = AutoModelForSequenceClassification.from_pretrained(merged, num_labels=labels)
+        model.save_pretrained(tmp_path / f"rm-{labels}")
+        tiny_tokenizer.save_pretrained(tmp_path / f"rm-{labels}")
+    causal = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(merged), peft.LoraConfig(task_type="CAUSAL_LM"))
+    causal.save_pretrained(tmp_path / "causal-adapter")
+    tiny_tokenizer.save_pretrained(tmp_path / "causal-adapter")
+
+    def roles(path: Path, pcfg=cfg.ppo):
+        return build_roles(pcfg, str(merged), str(path), torch.device("cpu"))
+
+    assert roles(tmp_path / "rm-1").reward.score([[{"role": "user", "content": "Hi"}]], ["Marnis."], 1).shape == (1,)
+    for path, message in (
+        (merged, "is a LlamaForCausalLM, not a reward model"),
+        (tmp_path / "rm-2", "has num_labels=2"),
+        (tmp_path / "causal-adapter", "is a LoRA adapter without a score head"),
+    ):
+        with pytest.raises(UserError, match=message) as info:
+            roles(path)
+        assert "num_labels=1" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(UserError, match="is a full model, not a LoRA adapter .*set ppo.reward_placement=separate"):
+        roles(tmp_path / "rm-1", dataclasses.replace(cfg.ppo, reward_placement="shared"))
+    plain = tmp_path / "rm-1"  # its tokenizer without a chat template: it cannot read chat prompts
+    tokenizer = tiny_tokenizer.__class__.from_pretrained(plain)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(UserError, match=r"ppo.reward_model .*rm-1: its tokenizer has no chat template"):
+        roles(plain).reward.score([[{"role": "user", "content": "Hi"}]], ["Marnis."], 1)
+
+
+def test_a_policy_base_brought_as_it_is_pads_with_an_unused_special_token(tmp_path):
+    """ppo.policy_base a family's model with no SFT stage: Qwen pads with <|endoftext|> (an end id) and Llama 3.1 has
+    no pad; both were refused (the Llama fix named a Python function), though each has an unused special token.
+    GPT-2 has none: one line that says what to save."""
+    from families import build_family
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.ppo.roles import build_roles
+    from pipeline.tokenizer import end_ids
+
+    separate = dict(reward_placement="separate", value_init="fresh", reward_normalization="running")
+    cfg = load_config(_recipe(tmp_path / "recipe.yaml", tmp_path / "run", tmp_path, **separate))
+    for family, pad in (("qwen2.5", "<|vision_pad|>"), ("llama3.1", "<|finetune_right_pad_id|>"), ("gpt2", None)):
+        base = build_family(family, tmp_path)
+        reward = tmp_path / f"{family}-rm"
+        AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(reward)
+        AutoTokenizer.from_pretrained(base).save_pretrained(reward)
+        if pad is None:
+            with pytest.raises(UserError, match=r"ppo.policy_base .*gpt2: the tokenizer has no pad token and has no "):
+                build_roles(cfg.ppo, str(base), str(reward), torch.device("cpu"))
+            continue
+        roles = build_roles(cfg.ppo, str(base), str(reward), torch.device("cpu"))
+        assert roles.tokenizer.pad_token == pad and roles.tokenizer.pad_token_id not in roles.end_ids
+        assert roles.reward.tokenizer.pad_token_id not in end_ids(roles.reward.tokenizer)
+
+
+def test_an_error_after_the_adapters_are_on_is_one_line_on_stderr(upstream, tmp_path, tiny_tokenizer):
+    """peft's get_peft_model reads transformers' deprecated `is_gradient_checkpointing`: its two-line FutureWarning
+    came before every error raised once the adapters were on (here: a reward model whose tokenizer has no chat
+    template, met at the first rollout)."""
+    import re
+
+    from transformers import AutoModelForSequenceClassification
+
+    reward = tmp_path / "rm"
+    merged = upstream / "sft" / "final" / "merged"
+    AutoModelForSequenceClassification.from_pretrained(merged, num_labels=1).save_pretrained(reward)
+    plain = _copy_tokenizer(tiny_tokenizer)
+    plain.chat_template = None
+    plain.save_pretrained(reward)
+    options = dict(reward_placement="separate", value_init="fresh", reward_normalization="running")
+    options.update(reward_model=str(reward), max_prompt_len=120)  # no prompt cut: no warning line
+    recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "run", upstream, **options)
+    result = run_rlhf("ppo", str(recipe), env=_subprocess_env(), timeout=300)
+    progress = re.compile(r"[^\r\n]*?\d+%\|[^|\r\n]*\| *\d+/\d+ \[[^\]\r\n]*\]")  # tqdm's bars, as in test_bad_inputs
+    lines = [line for line in progress.sub("", result.stderr).splitlines() if line.strip() and " INFO " not in line]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("error: ppo.reward_model ") and "has no chat template" in lines[0]
 
 
 def test_missing_upstream_and_bad_sizes_fail_in_one_line(tmp_path, upstream):

@@ -41,7 +41,9 @@ from pipeline.modeling import (
     WEIGHT_FILES,
     build_lora_config,
     check_lora_modules,
+    check_model_source,
     encode_reward_input,
+    fit_pad_token,
     lm_logits,
     load_base_model,
     load_reward_model,
@@ -123,6 +125,11 @@ def read_scalar_adapter(path: str | Path, what: str) -> ScalarAdapter:
     """Read a reward or value adapter: LoRA weights, score head, and the base it was trained on."""
     path = Path(path)
     if not is_adapter(path):
+        if (path / "config.json").is_file():  # a full model: it scores on its own weights
+            raise UserError(
+                f"{what} {path} is a full model, not a LoRA adapter on the policy's base: set "
+                "ppo.reward_placement=separate to score with its own weights (or give the reward stage's final/)"
+            )
         raise UserError(
             f"{what} {path} is not a PEFT adapter (no adapter_config.json); give the reward stage's final/"
         )
@@ -403,13 +410,21 @@ class SeparateReward(_RewardModel):
         self, path: str, quantize_4bit: bool, device: torch.device, max_len: int, numerics: Numerics = FULL_PRECISION
     ):
         self.numerics = numerics
-        self.model, self.tokenizer = load_reward_model(path, quantize_4bit=quantize_4bit)
+        self.model, self.tokenizer = load_reward_model(path, quantize_4bit=quantize_4bit, what="ppo.reward_model")
         check_tokenizer(self.tokenizer, f"ppo.reward_model {path}")
         if not quantize_4bit:
             self.model.to(device)
         self.model.requires_grad_(False)
-        self.max_len = max_len
+        self.max_len, self.path = max_len, path
         self.adapters_off = contextlib.nullcontext  # a value adapter put on these weights is off while they score
+
+    def encode(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[list[int]]:
+        if not self.tokenizer.chat_template and not all(isinstance(p, str) for p in prompts):
+            raise UserError(
+                f"ppo.reward_model {self.path}: its tokenizer has no chat template, so it cannot read chat prompts; "
+                "save the template it was trained with (tokenizer.chat_template = ...; tokenizer.save_pretrained)"
+            )
+        return super().encode(prompts, responses)
 
     def score_ids(
         self, sequences: list[list[int]], batch_size: int, states_out: list[torch.Tensor | None] | None = None
@@ -634,7 +649,8 @@ def _critic_from_separate_reward(
             f"{path}, whose tokenizer is not the policy's: set ppo.value_init=fresh"
         )
     if isinstance(reward.model, peft.PeftModel):  # a SEQ_CLS adapter on its own base: a merged copy
-        scorer = load_reward_model(path, quantize_4bit=pcfg.finetune == "qlora")[0].merge_and_unload()
+        scorer = load_reward_model(path, quantize_4bit=pcfg.finetune == "qlora", what="ppo.reward_model")[0]
+        scorer = scorer.merge_and_unload()
         if pcfg.finetune != "qlora":
             scorer.to(device)
     else:
@@ -651,7 +667,10 @@ def _critic_from_separate_reward(
 def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch.device) -> Roles:
     """Load the base once and put the policy, value and reward adapters on it (see the module docstring)."""
     numerics = build_numerics(pcfg.mixed_precision, device)
+    check_model_source(base_path, "ppo.policy_base")  # a folder that is no model: named before its tokenizer is read
     tokenizer = load_tokenizer(base_path)
+    if tokenizer.eos_token_id is not None:  # a model brought as it is: pad with an unused special token
+        fit_pad_token(tokenizer, end_ids(tokenizer, _generation_config(base_path)), f"ppo.policy_base {base_path}")
     check_tokenizer(tokenizer, "ppo.policy_base")
     reward_adapter = _shared_reward_adapter(pcfg, base_path, reward_path)
     base = _load_base(base_path, pcfg.finetune == "qlora", device)
@@ -715,6 +734,16 @@ def build_roles(pcfg: PPOConfig, base_path: str, reward_path: str, device: torch
         critic_base=critic_base,
         detached_states=trunk and pcfg.critic == "head",
     )
+
+
+def _generation_config(path: str) -> Any:
+    """The model's generation_config (its end ids), or None where it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
 
 
 def reward_max_len(pcfg: PPOConfig, reward_path: str) -> int:
