@@ -1022,6 +1022,25 @@ def test_missing_upstream_and_bad_sizes_fail_in_one_line(tmp_path, upstream):
         load_config(None, ["ppo.critic=head", "ppo.critic_placement=separate"])
 
 
+def test_prompts_a_template_refuses_are_skipped_and_counted_before_any_update():
+    """Gemma 2's template refuses a system turn: as the policy's, or as the template of a reward model that reads
+    the prompts as text, the prompt is skipped and counted when the prompts are prepared, not met mid-run."""
+    from families import FAMILIES, build_tokenizer
+
+    from pipeline.ppo.rollout import prepare_prompts
+
+    qwen, gemma = build_tokenizer(FAMILIES["qwen2.5"]), build_tokenizer(FAMILIES["gemma2"])
+    plain = [{"role": "user", "content": "What is the capital of Veloria?"}]
+    records = [{"prompt": plain}, {"prompt": [{"role": "system", "content": "Be brief."}, *plain]}, {"prompt": plain}]
+    assert prepare_prompts(records, qwen, 256, "truncate", "test").unrenderable == 0  # Qwen's template takes both
+    for policy, reader in ((gemma, None), (qwen, gemma)):
+        prepared = prepare_prompts(records, policy, 256, "truncate", "test", reader)
+        assert prepared.unrenderable == 1 and [r["prompt"] for r in prepared.records] == [plain, plain]
+        assert len(prepared.ids) == 2 and prepared.ids[0] == prepared.ids[1]
+    with pytest.raises(UserError, match="refuses every prompt"):
+        prepare_prompts(records[1:2], qwen, 256, "truncate", "test", gemma)
+
+
 def test_long_prompts_are_truncated_or_refused_and_counted(tiny_tokenizer):
     from pipeline.ppo.rollout import prepare_prompts
 

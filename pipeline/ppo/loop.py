@@ -133,9 +133,12 @@ def _check_inputs(cfg: PipelineConfig, inputs: dict[str, str]) -> None:
         )
 
 
-def load_prompt_sets(cfg: PipelineConfig, tokenizer: Any) -> tuple[PromptSet, PromptSet, dict[str, Any]]:
+def load_prompt_sets(
+    cfg: PipelineConfig, tokenizer: Any, reader: Any = None
+) -> tuple[PromptSet, PromptSet, dict[str, Any]]:
     """(training prompts, evaluation prompts, what was read and skipped). The evaluation prompts are
-    `ppo.eval_dataset`, or else `ppo.eval_share` of the training prompts, held out by a seeded hash."""
+    `ppo.eval_dataset`, or else `ppo.eval_share` of the training prompts, held out by a seeded hash. `reader`: the
+    reward model's tokenizer where it reads the prompts as text with a template of its own."""
     pcfg = cfg.ppo
     files = demo.files(cfg) if demo.DEMO in (pcfg.dataset, pcfg.eval_dataset) else None
     source = files.ppo_train_prompts if pcfg.dataset == demo.DEMO else pcfg.dataset
@@ -158,7 +161,8 @@ def load_prompt_sets(cfg: PipelineConfig, tokenizer: Any) -> tuple[PromptSet, Pr
     if pcfg.eval_max_prompts > 0:
         heldout = heldout[: pcfg.eval_max_prompts]
     args = (tokenizer, pcfg.max_prompt_len, pcfg.long_prompts)
-    return prepare_prompts(train, *args, "ppo.dataset"), prepare_prompts(heldout, *args, "ppo.eval_dataset"), report
+    train_set = prepare_prompts(train, *args, "ppo.dataset", reader)
+    return train_set, prepare_prompts(heldout, *args, "ppo.eval_dataset", reader), report
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -403,7 +407,10 @@ def run(cfg: PipelineConfig, rerun: bool = False, round_no: int = 1) -> Path:
     seed = cfg.seed + pcfg.seed_offset
     torch.manual_seed(seed)  # the same fresh adapters on every process
     roles = build_roles(pcfg, inputs["base"], inputs["reward"], state.device)
-    train_prompts, eval_prompts, prompt_report = on_main(lambda: load_prompt_sets(cfg, roles.tokenizer))
+    reader = roles.reward.tokenizer if pcfg.reward_input == "text" else None  # it renders the prompts itself
+    if reader is not None and reader.chat_template == roles.tokenizer.chat_template:
+        reader = None
+    train_prompts, eval_prompts, prompt_report = on_main(lambda: load_prompt_sets(cfg, roles.tokenizer, reader))
     judge = load_judge(cfg)
     if judge is None:
         logger.info("ppo: %s", NO_JUDGE)

@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import PPOConfig
+from pipeline.data.records import BadRecord
 from pipeline.errors import UserError
 from pipeline.generation import SamplingArgs, decode_responses, renderable, sample_ids, tokenize_prompts
 from pipeline.modeling import cut_start, join_prompt_response, turn_end_id
@@ -57,12 +58,22 @@ class PromptSet:
 
 
 def prepare_prompts(
-    records: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, max_len: int, policy: str, what: str
+    records: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    policy: str,
+    what: str,
+    reader: PreTrainedTokenizerBase | None = None,
 ) -> PromptSet:
     """Tokenize prompts; longer than `max_len`: keep their last tokens (the generation prompt, after a leading BOS)
-    or drop them. A
-    prompt the chat template refuses is skipped and counted."""
+    or drop them. A prompt the chat template refuses is skipped and counted, and so is one the `reader`'s refuses
+    (a reward model of another family that reads the conversation as text), before any update, not mid-run."""
     refusals = [renderable(tokenizer, r["prompt"]) for r in records]
+    for i, record in enumerate(records if reader is not None else []):
+        refused = refusals[i] or renderable(reader, record["prompt"])
+        if refused is not None and refusals[i] is None:
+            refused = BadRecord(refused.kind, f"the reward model's template: {refused.detail}")
+        refusals[i] = refused
     unrenderable = sum(bad is not None for bad in refusals)
     if unrenderable:
         first = next(bad for bad in refusals if bad is not None)
