@@ -416,3 +416,12 @@ def metric(metrics: dict[str, Any], path: str) -> Any:
             return None
         metrics = metrics[part]
     return metrics
+
+
+def enclosing_run_dir(path: str | Path) -> Path | None:
+    """The run directory a stage folder lies in (`runs/demo` for `runs/demo/sft` or `runs/demo/sft/final/merged`),
+    for errors that were given the one where the other was meant; None when none of its parents is one."""
+    for parent in list(Path(path).resolve().parents)[:4]:
+        if (parent / "config.yaml").is_file():
+            return parent
+    return None

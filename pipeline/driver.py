@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from pipeline.checkpoints import (
+    enclosing_run_dir,
     final_dir,
     identity_withdrawn_on_error,
     is_finished,
@@ -361,6 +362,9 @@ def load_run_dir(run_dir: str | Path) -> PipelineConfig:
     """The resolved config of an existing run directory (for `rlhf status`)."""
     resolved = Path(run_dir) / "config.yaml"
     if not resolved.is_file():
+        above = enclosing_run_dir(run_dir)
+        if above is not None:
+            raise UserError(f"{run_dir} is not a run directory (no config.yaml) but lies in one: give {above}")
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); start one with `rlhf run RECIPE`")
     cfg = build_config(PipelineConfig, yaml.safe_load(resolved.read_text()))
     cfg.run_dir = str(run_dir)

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoints import stage_seconds
+from pipeline.checkpoints import enclosing_run_dir, stage_seconds
 from pipeline.data.prompts import prompt_text
 from pipeline.errors import UserError
 from pipeline.stages import pipeline_stages, split_stage
@@ -199,6 +199,9 @@ def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir} (give the run_dir of a recipe, e.g. runs/demo)")
+    above = None if (run_dir / "config.yaml").is_file() else enclosing_run_dir(run_dir)
+    if above is not None:
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml) but lies in one: give {above}")
     found = collect(run_dir)
     if not any(s["record"] or s["history"] for s in found.values()):
         raise UserError(f"{run_dir} has no stage results yet; run `rlhf run RECIPE` first")

@@ -258,6 +258,8 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "from-after-until": (lambda c: ["run", str(c.recipe), "--from", "ppo", "--until", "sft"], "comes after"),
     "only-with-from": (lambda c: ["run", str(c.recipe), "--only", "sft", "--from", "sft"], "cannot be combined"),
     "status-not-a-run": (lambda c: ["status", str(c.root)], "is not a run directory"),
+    "status-given-a-stage-folder": (lambda c: ["status", str(c.run / "reward" / "final")], "lies in one: give"),
+    "report-given-a-stage-folder": (lambda c: ["report", str(c.run / "reward")], "lies in one: give"),
     "accelerate-config-missing": (
         lambda c: ["run", str(c.recipe), "--only", "ppo", "--accelerate-config", "nope.yaml", "ppo.dataset=demo"],
         "accelerate config not found",
